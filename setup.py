@@ -1,0 +1,41 @@
+"""ocbank: online cluster memory bank on FAISS for industrial visual anomaly detection."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version: dict[str, str] = {}
+exec(Path("ocbank/_version.py").read_text(), version)  # noqa: S102  (a literal assignment)
+
+setup(
+    name="ocbank",
+    version=version["__version__"],
+    description="Online cluster memory bank on FAISS for visual anomaly detection",
+    long_description=Path("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ocbank", "ocbank.*"]),
+    package_data={"ocbank": ["configs/*.yaml"]},
+    install_requires=[
+        "numpy>=1.24",
+        "numba>=0.59",
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "h5py>=3.8",
+        "tqdm>=4.60",
+        "pyyaml>=6.0",
+        "scikit-learn>=1.3",
+        "scipy>=1.10",
+        "pillow>=9.0",
+        "matplotlib>=3.7",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        # Mutually exclusive: both wheels install the same `faiss` module.
+        "cpu": ["faiss-cpu>=1.8"],
+        "gpu": ["faiss-gpu>=1.15.1"],
+        "ray": ["ray>=2.9"],
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.2"],
+    },
+    entry_points={"console_scripts": ["ocbank=ocbank.cli:main"]},
+)

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def clustered(n: int, dim: int, n_clusters: int, spread: float, noise: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((n_clusters, dim)) * spread
+    return (centers[rng.integers(0, n_clusters, n)] + rng.standard_normal((n, dim)) * noise).astype(np.float32)
+
+
+def _duplicates(seed: int) -> np.ndarray:
+    base = clustered(120, 24, 6, 3.0, 0.6, seed)
+    rng = np.random.default_rng(seed)
+    return base[rng.integers(0, len(base), 400)]  # many exact repeats
+
+
+def _exact_radius() -> np.ndarray:
+    # Integer coordinates: squared distances are exact in float32 and float64.
+    # Row 1 lies at distance exactly r=5 (3-4-5) from row 0; row 3 exactly r
+    # from row 2's centroid; the zero vector is equidistant (a tie) from two.
+    rows = [[0, 0, 0, 0], [3, 4, 0, 0], [20, 0, 0, 0], [20, 0, 5, 0], [40, 0, 0, 0], [50, 0, 0, 0], [45, 0, 0, 0]]
+    return np.array(rows * 3, dtype=np.float32)
+
+
+STREAMS = {
+    "clustered": (lambda: clustered(1500, 32, 20, 3.0, 0.7, 1), 4.0),
+    "sparse": (lambda: clustered(600, 16, 200, 5.0, 0.3, 2), 1.5),
+    "one_cluster": (lambda: clustered(800, 8, 1, 1.0, 1.0, 3), 2.5),
+    "duplicates": (lambda: _duplicates(4), 2.0),
+    "exact_radius_and_ties": (_exact_radius, 5.0),
+}
+
+
+@pytest.fixture(params=sorted(STREAMS))
+def stream(request: pytest.FixtureRequest) -> tuple[np.ndarray, float]:
+    make, radius = STREAMS[request.param]
+    return make(), radius
