@@ -37,3 +37,34 @@ STREAMS = {
 def stream(request: pytest.FixtureRequest) -> tuple[np.ndarray, float]:
     make, radius = STREAMS[request.param]
     return make(), radius
+
+
+# ---------------------------------------------------------------------- end to end
+@pytest.fixture(scope="session")
+def tiny_mvtec(tmp_path_factory: pytest.TempPathFactory):
+    from ocbank.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("mvtec")
+    return make_dataset(root, n_train=6, n_good_test=3, n_defect_test=2, size=80)
+
+
+def tiny_config(root, **overrides) -> dict:
+    cfg = {
+        "data": {"format": "mvtec", "root": str(root), "resize": 72, "crop": 64, "batch_size": 4},
+        "backbone": {"weights": "none"},
+        "bank": {"radius": "auto", "radius_images": 3},
+        "device": "cpu",
+    }
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            cfg.setdefault(section, {}).update(values)
+        else:
+            cfg[section] = values
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def extractor():
+    from ocbank.features import FeatureExtractor
+
+    return FeatureExtractor(weights="none")

@@ -1,0 +1,237 @@
+"""Detector: the feature extractor and the bank behind one object, for pipelines."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import config as config_mod
+from .bank import ClusterBank, resolve_device
+from .checkpoint import read_bank
+from .data import DataError, Sample, make_loader
+from .features import FEATURE_DIM, FEATURE_STRIDE, FeatureExtractor
+from .radius import radius_statistics
+from .scoring import anomaly_maps, image_scores
+
+ImageLike = Any  # a path, a PIL image, or a uint8 array [H, W(, 3)]
+
+
+@dataclass
+class ScoredBatch:
+    """Results for the readable images of one loader batch."""
+
+    indices: list[int]  # positions in the input sequence
+    skipped: list[int]
+    scores: np.ndarray  # [B]
+    maps: np.ndarray  # [B, S, S]
+    rgb: np.ndarray  # [B, S, S, 3] uint8, the cropped input
+    masks: np.ndarray | None  # [B, S, S] uint8
+
+
+def _as_samples(images: Iterable[ImageLike] | Sequence[Sample]) -> list[Sample]:
+    return [im if isinstance(im, Sample) else Sample(im) for im in images]
+
+
+class Detector:
+    """WideResNet-50 patch features streamed into a :class:`ClusterBank`.
+
+    ``Detector(config).fit(images)`` builds the bank; ``predict(images)`` returns
+    image scores [n] and anomaly maps [n, S, S] (S = crop size). ``save`` writes
+    one HDF5 file holding the bank and what is needed to rebuild the extractor.
+    ``predict`` may be called from several threads at once.
+    """
+
+    def __init__(
+        self,
+        config: config_mod.Config | dict[str, Any] | str | os.PathLike[str] | None = None,
+        progress: bool = False,
+        extractor: FeatureExtractor | None = None,
+    ) -> None:
+        if config is None:
+            config = {}
+        if isinstance(config, dict):
+            config = config_mod.from_dict(config, require_root=False)
+        elif not isinstance(config, config_mod.Config):
+            config = config_mod.load(config, require_root=False)
+        self.config = config
+        self.progress = progress
+        self._extractor = extractor
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ parts
+    @property
+    def extractor(self) -> FeatureExtractor:
+        with self._lock:
+            if self._extractor is None:
+                bb = self.config.backbone
+                self._extractor = FeatureExtractor(
+                    weights=bb["weights"],
+                    pool=bb["pool"],
+                    device=resolve_device(self.config.device),
+                    autocast=bb["autocast"],
+                )
+            return self._extractor
+
+    @property
+    def bank(self) -> ClusterBank:
+        bank = self.__dict__.get("bank_")
+        if bank is None:
+            msg = "this Detector has no bank yet: call fit(images) or Detector.load(path) first."
+            raise RuntimeError(msg)
+        return bank
+
+    def _batches(self, samples: Sequence[Sample], desc: str, with_masks: bool = False) -> Iterator[dict[str, Any]]:
+        loader = make_loader(samples, self.config, with_masks=with_masks)
+        for batch in tqdm(loader, desc=desc, unit="batch", disable=not self.progress, leave=False):
+            yield batch
+
+    def _features(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Batch images -> features [B, h, w, 1536] on the extractor's device."""
+        return self.extractor(batch["image"])
+
+    # ------------------------------------------------------------------ build
+    def choose_radius(self, samples: Sequence[Sample]) -> tuple[float, dict[str, float]]:
+        """The configured radius, or the p99 rule on up to ``bank.radius_images`` images."""
+        radius = self.config.bank["radius"]
+        if radius != "auto":
+            return float(radius), {"suggested": float(radius), "source": "config"}
+        rng = np.random.default_rng(self.config.bank["seed"])
+        n = min(len(samples), int(self.config.bank["radius_images"]))
+        chosen = sorted(rng.choice(len(samples), size=n, replace=False).tolist())
+        feats = [
+            self._features(b).reshape(-1, FEATURE_DIM).cpu().numpy()
+            for b in self._batches([samples[i] for i in chosen], "radius")
+            if b["index"]
+        ]
+        if not feats:
+            msg = "no readable image to estimate the radius from. Check the training images."
+            raise DataError(msg)
+        stats = radius_statistics(np.concatenate(feats))
+        if not stats["suggested"] > 0:
+            msg = f"the radius rule gave {stats['suggested']} (identical patches?). Set bank.radius explicitly."
+            raise DataError(msg)
+        stats["n_images"] = n
+        return stats["suggested"], stats
+
+    def fit(self, images: Iterable[ImageLike] | Sequence[Sample], bank: ClusterBank | None = None) -> Detector:
+        """Stream the training images' patch features into a bank; return self."""
+        samples = _as_samples(images)
+        if not samples:
+            msg = "fit() got no images. Pass at least one normal training image."
+            raise DataError(msg)
+        start = time.perf_counter()
+        if bank is None:
+            radius, stats = self.choose_radius(samples)
+            bank = ClusterBank(FEATURE_DIM, radius, device=resolve_device(self.config.device))
+        else:
+            stats = {"suggested": bank.radius, "source": "given bank"}
+        skipped: list[str] = []
+        used = 0
+        for batch in self._batches(samples, "build"):
+            skipped += [str(samples[i].path) for i in batch["skipped"]]
+            if batch["index"]:
+                bank.add(self._features(batch).reshape(-1, FEATURE_DIM))
+                used += len(batch["index"])
+        if used == 0:
+            msg = f"none of the {len(samples)} training images could be read. Check the files."
+            raise DataError(msg)
+        self.bank_ = bank
+        self.radius_stats_ = stats
+        self.fit_summary_ = {
+            "images_used": used,
+            "images_skipped": len(skipped),
+            "skipped_files": skipped,
+            "seconds": time.perf_counter() - start,
+        }
+        return self
+
+    # ------------------------------------------------------------------ score
+    def score_batches(self, images: Iterable[ImageLike] | Sequence[Sample], with_masks: bool = False) -> Iterator[ScoredBatch]:
+        """Stream results batch by batch (keeps memory flat on large test sets)."""
+        bank = self.bank
+        sigma = float(self.config.raw["scoring"]["sigma"])
+        size = self.config.image_size
+        for batch in self._batches(_as_samples(images), "score", with_masks=with_masks):
+            if not batch["index"]:
+                yield ScoredBatch([], batch["skipped"], np.zeros(0), np.zeros((0, size, size)), np.zeros((0, size, size, 3), np.uint8), None)
+                continue
+            feats = self._features(batch)
+            b, h, w, _ = feats.shape
+            dist, _ = bank.search(feats.reshape(-1, FEATURE_DIM), k=1)
+            grid = dist.reshape(b, h, w)
+            yield ScoredBatch(
+                batch["index"],
+                batch["skipped"],
+                image_scores(grid),
+                anomaly_maps(grid, size, sigma),
+                batch["rgb"],
+                batch.get("mask"),
+            )
+
+    def predict(self, images: Iterable[ImageLike]) -> tuple[np.ndarray, np.ndarray]:
+        """Images -> (scores float32 [n], maps float32 [n, S, S]); NaN for unreadable images."""
+        samples = _as_samples(images)
+        size = self.config.image_size
+        scores = np.full(len(samples), np.nan, dtype=np.float32)
+        maps = np.full((len(samples), size, size), np.nan, dtype=np.float32)
+        for res in self.score_batches(samples):
+            scores[res.indices] = res.scores
+            maps[res.indices] = res.maps
+        return scores, maps
+
+    # ------------------------------------------------------------------ files
+    def metadata(self) -> dict[str, Any]:
+        size = self.config.image_size
+        return {
+            "config": self.config.raw,
+            "backbone": self.extractor.describe(),
+            "feature_grid": [size // FEATURE_STRIDE, size // FEATURE_STRIDE],
+            "image_size": size,
+            "radius": self.bank.radius,
+            "radius_stats": getattr(self, "radius_stats_", {}),
+        }
+
+    def save(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
+        """One HDF5 file: the bank plus config and backbone description in its metadata."""
+        meta = self.metadata()
+        meta.update(extra or {})
+        self.bank.save(path, metadata=meta)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        device: str | None = None,
+        progress: bool = False,
+        extractor: FeatureExtractor | None = None,
+    ) -> Detector:
+        """Rebuild a Detector from a file written by :meth:`save` (or ``ocbank build``)."""
+        meta = read_bank(path).metadata
+        if "config" not in meta:
+            msg = f"{path}: this bank file has no detector config in its metadata. Build it with ocbank or Detector.save."
+            raise DataError(msg)
+        raw = meta["config"]
+        if device is not None:
+            raw = {**raw, "device": device}
+        det = cls(config_mod.from_dict(raw, source=str(path), require_root=False), progress, extractor)
+        det.bank_ = ClusterBank.load(path, device=resolve_device(det.config.device))
+        det.radius_stats_ = meta.get("radius_stats", {})
+        det.metadata_ = meta
+        sha = meta.get("backbone", {}).get("weights_sha256")
+        if extractor is None and sha is not None:
+            from .features import file_sha256  # noqa: PLC0415
+
+            weights = Path(det.config.backbone["weights"])
+            if weights.is_file() and file_sha256(weights) != sha:
+                msg = f"{weights} differs from the weights this bank was built with (sha256 {sha[:12]}...). Rebuild the bank."
+                raise DataError(msg)
+        return det

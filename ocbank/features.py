@@ -1,0 +1,135 @@
+"""WideResNet-50 patch features: layer2 and upsampled layer3, concatenated (1536-d)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FEATURE_DIM = 1536  # 512 (layer2) + 1024 (layer3)
+FEATURE_STRIDE = 8  # layer2's stride: 224 -> 28, 512 -> 64
+RANDOM_INIT_SEED = 0
+POOLS = ("none", "avg3")
+AUTOCAST = ("none", "fp16", "bf16")
+
+
+class WeightsError(FileNotFoundError):
+    """Backbone weights that cannot be found or loaded; the message says how to supply them."""
+
+
+def imagenet_weights_file() -> tuple[Path, str]:
+    """Where torchvision caches wide_resnet50_2's IMAGENET1K_V1 weights, and their URL."""
+    from torchvision.models import Wide_ResNet50_2_Weights  # noqa: PLC0415
+
+    url = Wide_ResNet50_2_Weights.IMAGENET1K_V1.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url), url
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_backbone(weights: str) -> nn.Module:
+    """Build wide_resnet50_2 with ``weights`` = "imagenet", "none" or a .pth path."""
+    from torchvision.models import wide_resnet50_2  # noqa: PLC0415
+
+    if weights == "none":
+        log.warning(
+            "backbone.weights is 'none': using a randomly initialised WideResNet-50 (seed %d). "
+            "Fine for tests and the demo; use ImageNet weights for real inspection.",
+            RANDOM_INIT_SEED,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            return wide_resnet50_2(weights=None)
+    model = wide_resnet50_2(weights=None)
+    if weights == "imagenet":
+        path, url = imagenet_weights_file()
+        if not path.is_file():
+            msg = (
+                f"ImageNet weights for wide_resnet50_2 were not found at {path}. "
+                f"Download {url} on a machine with internet access and copy it to that path "
+                "(or point TORCH_HOME at a folder holding hub/checkpoints/), or set "
+                "backbone.weights to a .pth state dict. ocbank never falls back to random weights."
+            )
+            raise WeightsError(msg)
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            msg = f"backbone.weights file {path} does not exist. Give a .pth state dict, 'imagenet' or 'none'."
+            raise WeightsError(msg)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        model.load_state_dict(state, strict=True)
+    except Exception as exc:  # a corrupt or foreign file: say which and why
+        msg = f"could not load wide_resnet50_2 weights from {path}: {exc}. Give a torchvision state dict."
+        raise WeightsError(msg) from exc
+    return model
+
+
+class FeatureExtractor(nn.Module):
+    """Images [B, 3, H, W] (ImageNet-normalised) -> patch features [B, H/8, W/8, 1536].
+
+    layer2 (512 ch, stride 8) and layer3 (1024 ch, stride 16) of wide_resnet50_2;
+    layer3 is bilinearly upsampled to layer2's grid before concatenation. With
+    ``pool="avg3"`` each layer is 3x3 average pooled first (PatchCore's setting).
+    """
+
+    def __init__(self, weights: str = "imagenet", pool: str = "none", device: str = "cpu", autocast: str = "none"):
+        super().__init__()
+        if pool not in POOLS:
+            msg = f"backbone.pool must be one of {POOLS}, got {pool!r}."
+            raise ValueError(msg)
+        if autocast not in AUTOCAST:
+            msg = f"backbone.autocast must be one of {AUTOCAST}, got {autocast!r}."
+            raise ValueError(msg)
+        net = _load_backbone(weights)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
+        self.layer2 = net.layer2
+        self.layer3 = net.layer3
+        self.weights = weights
+        self.pool = pool
+        self.autocast = autocast
+        self.device = torch.device(device)
+        self.eval().to(self.device)
+        if self.device.type == "cuda":
+            self.to(memory_format=torch.channels_last)
+
+    def describe(self) -> dict[str, Any]:
+        """What is needed to rebuild this extractor (stored in bank metadata)."""
+        info: dict[str, Any] = {"name": "wide_resnet50_2", "weights": self.weights, "pool": self.pool}
+        if self.weights == "none":
+            info["random_init_seed"] = RANDOM_INIT_SEED
+        elif self.weights != "imagenet":
+            info["weights_sha256"] = file_sha256(Path(self.weights))
+        return info
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.autocast)
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            f2 = self.layer2(self.stem(images))
+            f3 = self.layer3(f2)
+        f2, f3 = f2.float(), f3.float()
+        if self.pool == "avg3":
+            f2 = F.avg_pool2d(f2, 3, stride=1, padding=1)
+            f3 = F.avg_pool2d(f3, 3, stride=1, padding=1)
+        f3 = F.interpolate(f3, size=f2.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.cat([f2, f3], dim=1).permute(0, 2, 3, 1).contiguous()

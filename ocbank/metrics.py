@@ -1,0 +1,77 @@
+"""Image AUROC, pixel AUROC and AUPRO (the MVTec AD definition)."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    labels = np.asarray(labels).ravel()
+    if labels.size == 0 or np.unique(labels).size < 2:
+        return float("nan")  # undefined with a single class
+    return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64).ravel()))
+
+
+def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """labels [N] (0 normal / 1 anomalous), scores [N] -> AUROC (nan if one class only)."""
+    return _auroc(np.asarray(labels) > 0, scores)
+
+
+def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
+    """masks [N, H, W] binary, maps [N, H, W] -> pixel-level AUROC."""
+    masks, maps = np.asarray(masks), np.asarray(maps)
+    if masks.shape != maps.shape:
+        msg = f"masks and maps must have the same shape, got {masks.shape} and {maps.shape}."
+        raise ValueError(msg)
+    return _auroc(masks > 0, maps)
+
+
+def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
+    """Area under the per-region-overlap curve up to ``fpr_limit``, divided by it.
+
+    Each 8-connected region of each ground-truth mask contributes its overlap
+    (fraction of its pixels above the threshold); PRO is their mean over all
+    regions. The FPR is counted over the normal pixels of all images. Every
+    distinct threshold is a curve point (an exact sweep, by sorting).
+    """
+    masks, maps = np.asarray(masks) > 0, np.asarray(maps, dtype=np.float64)
+    if masks.shape != maps.shape:
+        msg = f"masks and maps must have the same shape, got {masks.shape} and {maps.shape}."
+        raise ValueError(msg)
+    if not 0 < fpr_limit <= 1:
+        msg = f"fpr_limit must be in (0, 1], got {fpr_limit}."
+        raise ValueError(msg)
+    pro_weight = np.zeros(maps.shape, dtype=np.float64)
+    n_regions = 0
+    for i in range(masks.shape[0]):
+        labels, n = ndimage.label(masks[i], structure=_EIGHT_CONNECTED)
+        if n == 0:
+            continue
+        sizes = np.bincount(labels.ravel())
+        region_weight = np.zeros_like(sizes, dtype=np.float64)
+        region_weight[1:] = 1.0 / sizes[1:]
+        pro_weight[i] = region_weight[labels]
+        n_regions += n
+    normal = ~masks
+    n_normal = int(normal.sum())
+    if n_regions == 0 or n_normal == 0:
+        return float("nan")
+    order = np.argsort(-maps.ravel(), kind="stable")
+    scores = maps.ravel()[order]
+    fpr = np.cumsum(normal.ravel()[order]) / n_normal
+    pro = np.cumsum(pro_weight.ravel()[order]) / n_regions
+    # Keep the last point of each run of equal scores: one point per threshold.
+    last = np.r_[scores[1:] != scores[:-1], True]
+    fpr = np.r_[0.0, fpr[last]]
+    pro = np.r_[0.0, pro[last]]
+    stop = np.searchsorted(fpr, fpr_limit, side="right")
+    x, y = fpr[:stop], pro[:stop]
+    if stop < fpr.size and x[-1] < fpr_limit:  # interpolate the curve at the limit
+        x1, x0, y1, y0 = fpr[stop], fpr[stop - 1], pro[stop], pro[stop - 1]
+        y_lim = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
+        x, y = np.r_[x, fpr_limit], np.r_[y, y_lim]
+    return float(np.trapezoid(y, x) / fpr_limit)

@@ -1,0 +1,234 @@
+"""Dataset-level jobs behind the CLI: build, evaluate, predict, suggest-radius."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import metrics
+from .config import Config
+from .data import DataError, Sample, class_names, load_split
+from .detector import Detector
+from .features import FeatureExtractor
+from .visualize import save_overlay
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro")
+
+
+def _shared_extractor(det: Detector, cache: dict[str, FeatureExtractor]) -> None:
+    """Reuse one loaded backbone across classes (loading weights once)."""
+    if "x" in cache:
+        det._extractor = cache["x"]
+    else:
+        cache["x"] = det.extractor
+
+
+def build(cfg: Config, out_dir: str | Path, classes: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Build ``out_dir/<class>.h5`` for each class; return a per-class summary."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = classes or class_names(cfg)
+    cache: dict[str, FeatureExtractor] = {}
+    summary: dict[str, Any] = {}
+    for name in names:
+        split = load_split(cfg, name)
+        if not split.train:
+            msg = f"class {name!r} has no training images under {cfg.data['root']}. Check data.root and the layout."
+            raise DataError(msg)
+        det = Detector(cfg, progress=progress)
+        _shared_extractor(det, cache)
+        start = time.perf_counter()
+        det.fit(split.train)
+        seconds = time.perf_counter() - start
+        bank = det.bank
+        fit = det.fit_summary_
+        extra = {
+            "class": name,
+            "dataset": {"format": cfg.data["format"], "root": str(cfg.data["root"])},
+            "images_used": fit["images_used"],
+            "images_skipped": fit["images_skipped"],
+            "stream_position": len(split.train),
+        }
+        det.save(out / f"{name}.h5", extra=extra)
+        summary[name] = {
+            "n_centroids": len(bank),
+            "bank_bytes": bank.nbytes,
+            "radius": bank.radius,
+            "images_used": fit["images_used"],
+            "images_skipped": fit["images_skipped"],
+            "seconds": seconds,
+            "images_per_s": fit["images_used"] / seconds,
+        }
+        for f in fit["skipped_files"]:
+            log.warning("class %s: skipped unreadable image %s", name, f)
+    return summary
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    vals = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def evaluate(
+    cfg: Config,
+    banks_dir: str | Path,
+    out_dir: str | Path,
+    classes: list[str] | None = None,
+    heatmaps: int = 4,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score every class's test split with its bank; write metrics.json, scores.csv, heatmaps."""
+    banks, out = Path(banks_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = classes or class_names(cfg)
+    cache: dict[str, FeatureExtractor] = {}
+    results: dict[str, Any] = {}
+    score_rows: list[list[Any]] = []
+    for name in names:
+        bank_file = banks / f"{name}.h5"
+        if not bank_file.is_file():
+            msg = f"no bank for class {name!r} at {bank_file}. Run ocbank build first, or fix --banks."
+            raise DataError(msg)
+        split = load_split(cfg, name)
+        if not split.test:
+            msg = f"class {name!r} has no test images to evaluate under {cfg.data['root']}."
+            raise DataError(msg)
+        det = Detector.load(bank_file, device=cfg.device, progress=progress)
+        det.config = cfg  # the evaluation's data settings; the bank keeps its own metadata
+        _shared_extractor(det, cache)
+        labels, scores, maps, masks, skipped = [], [], [], [], []
+        shown = 0
+        start = time.perf_counter()
+        for res in det.score_batches(split.test, with_masks=True):
+            skipped += res.skipped
+            for j, idx in enumerate(res.indices):
+                sample: Sample = split.test[idx]
+                labels.append(sample.label)
+                scores.append(float(res.scores[j]))
+                score_rows.append([name, sample.path, sample.label, sample.defect, f"{res.scores[j]:.6f}"])
+            maps.append(res.maps.astype(np.float16))
+            masks.append(res.masks)
+            if shown < heatmaps:
+                order = [j for j in range(len(res.indices)) if split.test[res.indices[j]].label == 1]
+                for j in order[: heatmaps - shown]:
+                    stem = Path(str(split.test[res.indices[j]].path)).stem
+                    defect = split.test[res.indices[j]].defect
+                    save_overlay(
+                        out / "heatmaps" / name / f"{defect}_{stem}.png",
+                        res.rgb[j], res.maps[j], *_map_range(det), res.masks[j],
+                    )
+                    shown += 1
+        seconds = time.perf_counter() - start
+        all_maps = np.concatenate(maps).astype(np.float32)
+        all_masks = np.concatenate(masks)
+        results[name] = {
+            "image_auroc": metrics.image_auroc(np.array(labels), np.array(scores)),
+            "pixel_auroc": metrics.pixel_auroc(all_masks, all_maps),
+            "aupro": metrics.aupro(all_masks, all_maps),
+            "n_centroids": len(det.bank),
+            "bank_bytes": det.bank.nbytes,
+            "radius": det.bank.radius,
+            "n_test": len(labels),
+            "n_skipped": len(skipped),
+            "seconds": seconds,
+            "images_per_s": len(labels) / seconds,
+        }
+    rows = list(results.values())
+    mean = {k: _mean(rows, k) for k in (*METRIC_KEYS, "n_centroids", "bank_bytes", "images_per_s")}
+    report = {"classes": results, "mean": mean}
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    with open(out / "scores.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["class", "path", "label", "defect", "score"])
+        writer.writerows(score_rows)
+    return report
+
+
+def _map_range(det: Detector) -> tuple[float, float]:
+    """Colour scale for overlays: 0 .. 2 r (r = the bank's radius)."""
+    return 0.0, 2.0 * det.bank.radius
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The per-class table (like the paper's Table 2) with a mean row."""
+    head = f"{'class':<16}{'img AUROC':>10}{'pix AUROC':>10}{'AUPRO':>8}{'K':>8}{'bank MB':>9}{'img/s':>8}"
+    lines = [head, "-" * len(head)]
+
+    def pct(v: float) -> str:
+        return "   n/a" if v is None or math.isnan(v) else f"{100 * v:6.1f}"
+
+    for name, r in [*report["classes"].items(), ("mean", report["mean"])]:
+        lines.append(
+            f"{name:<16}{pct(r['image_auroc']):>10}{pct(r['pixel_auroc']):>10}{pct(r['aupro']):>8}"
+            f"{r['n_centroids']:>8.0f}{r['bank_bytes'] / 1e6:>9.2f}{r['images_per_s']:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def predict(
+    bank_file: str | Path, inputs: list[str], out_dir: str | Path, save_maps: bool = False, progress: bool = True,
+    device: str | None = None,
+) -> list[dict[str, Any]]:
+    """Score images (files or folders) with one bank; write scores.csv and overlay PNGs."""
+    from .data import IMAGE_SUFFIXES  # noqa: PLC0415
+
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            files.append(p)
+        else:
+            msg = f"input {p} does not exist. Pass image files or folders."
+            raise DataError(msg)
+    if not files:
+        msg = f"no images found in {inputs}. Supported suffixes: {sorted(IMAGE_SUFFIXES)}."
+        raise DataError(msg)
+    det = Detector.load(bank_file, device=device, progress=progress)
+    out = Path(out_dir)
+    (out / "maps" if save_maps else out).mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    vmin, vmax = _map_range(det)
+    for res in det.score_batches([Sample(str(f)) for f in files]):
+        for idx in res.skipped:
+            rows.append({"path": str(files[idx]), "score": float("nan"), "status": "unreadable"})
+        for j, idx in enumerate(res.indices):
+            f = files[idx]
+            name = f"{idx:05d}_{f.stem}"
+            save_overlay(out / "heatmaps" / f"{name}.png", res.rgb[j], res.maps[j], vmin, vmax)
+            if save_maps:
+                np.save(out / "maps" / f"{name}.npy", res.maps[j])
+            rows.append({"path": str(f), "score": float(res.scores[j]), "status": "ok"})
+    with open(out / "scores.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "score", "status"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def suggest_radius(cfg: Config, classes: list[str] | None = None, progress: bool = True) -> dict[str, dict[str, float]]:
+    """The radius rule's percentiles per class."""
+    out: dict[str, dict[str, float]] = {}
+    cache: dict[str, FeatureExtractor] = {}
+    for name in classes or class_names(cfg):
+        split = load_split(cfg, name)
+        if not split.train:
+            msg = f"class {name!r} has no training images under {cfg.data['root']}."
+            raise DataError(msg)
+        det = Detector(cfg, progress=progress)
+        _shared_extractor(det, cache)
+        cfg_auto = Config({**cfg.raw, "bank": {**cfg.bank, "radius": "auto"}}, cfg.source)
+        det.config = cfg_auto
+        _, stats = det.choose_radius(split.train)
+        out[name] = stats
+    return out

@@ -1,0 +1,35 @@
+"""The README's Quick start stays true: CI runs its test command, and the demo runs."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ocbank import demo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quick_start_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Quick start\s+```bash\n(.*?)```", text, re.S)
+    assert block, "README needs a '## Quick start' section with a bash block"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_quick_start_has_two_commands_and_ci_runs_the_test_one():
+    commands = quick_start_commands()
+    assert len(commands) == 2
+    assert "ocbank.demo" in commands[0] and "pytest" in commands[1]
+    assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert demo.main(["--out", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "weights 'none'" in out and "img AUROC" in out
+    report = json.loads((tmp_path / "results" / "metrics.json").read_text())
+    assert set(report["classes"]) == {"dots", "weave"}
+    assert report["mean"]["pixel_auroc"] > 0.6  # random features still localise the synthetic defects
+    assert len(list((tmp_path / "results" / "heatmaps").rglob("*.png"))) == 6

@@ -1,0 +1,50 @@
+"""Anomaly maps, image scores and the radius rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
+from ocbank.radius import nearest_other_distances, radius_statistics
+from ocbank.scoring import anomaly_maps, image_scores
+
+
+def test_image_score_is_grid_max():
+    grid = np.random.default_rng(0).random((3, 7, 7)).astype(np.float32)
+    np.testing.assert_array_equal(image_scores(grid), grid.max(axis=(1, 2)))
+
+
+def test_maps_are_bilinear_upsample_then_gaussian_sigma_4():
+    grid = np.zeros((1, 8, 8), dtype=np.float32)
+    grid[0, 2, 5] = 10.0
+    maps = anomaly_maps(grid, 64, sigma=4.0)
+    assert maps.shape == (1, 64, 64) and maps.dtype == np.float32
+    up = F.interpolate(torch.from_numpy(grid)[:, None], size=(64, 64), mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(maps[0], gaussian_filter(up[0, 0].numpy(), sigma=4.0), rtol=1e-5, atol=1e-6)
+    y, x = np.unravel_index(maps[0].argmax(), maps[0].shape)
+    assert abs(y - 2.5 * 8) <= 2 and abs(x - 5.5 * 8) <= 2  # the peak stays where the patch was
+    assert np.allclose(anomaly_maps(grid, 64, sigma=0)[0], up[0, 0].numpy())
+
+
+def test_nearest_other_distance_brute_force_with_duplicates():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 16)).astype(np.float32)
+    x[10] = x[11]  # an exact duplicate: its nearest other is at distance 0
+    d = nearest_other_distances(x)
+    full = np.sqrt(((x[:, None].astype(np.float64) - x[None]) ** 2).sum(-1))
+    np.fill_diagonal(full, np.inf)
+    np.testing.assert_allclose(d, full.min(1), rtol=1e-3, atol=1e-3)
+    assert d[10] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_radius_statistics_percentiles():
+    x = np.random.default_rng(2).normal(size=(500, 8)).astype(np.float32)
+    stats = radius_statistics(x)
+    d = nearest_other_distances(x)
+    assert stats["p99"] == pytest.approx(np.percentile(d, 99))
+    assert stats["suggested"] == stats["p99"] and stats["p50"] < stats["p90"] < stats["p95"] < stats["p99"]
+    with pytest.raises(ValueError, match="at least 2"):
+        radius_statistics(x[:1])
