@@ -28,18 +28,29 @@ def _load_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from . import pipeline  # noqa: PLC0415
+    from . import jobs  # noqa: PLC0415
 
     cfg = _load_config(args)
-    summary = pipeline.build(cfg, args.out, _classes(args.classes), progress=not args.quiet)
-    print(f"{'class':<16}{'K':>8}{'bank MB':>9}{'radius':>8}{'images':>8}{'skipped':>8}{'img/s':>8}")
-    for name, s in summary.items():
-        print(
-            f"{name:<16}{s['n_centroids']:>8}{s['bank_bytes'] / 1e6:>9.2f}{s['radius']:>8.2f}"
-            f"{s['images_used']:>8}{s['images_skipped']:>8}{s['images_per_s']:>8.1f}"
-        )
-    print(f"banks written to {args.out}/<class>.h5")
-    return 0
+    report = jobs.build_all(
+        cfg,
+        args.out,
+        _classes(args.classes),
+        backend=args.backend,
+        address=args.address,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        single_bank=args.single_bank,
+        shards=args.shards,
+        retries=args.retries,
+        ray_cpus=args.ray_cpus,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    print(jobs.format_summary(report))
+    print(f"banks in {args.out}; summary: {Path(args.out) / jobs.SUMMARY_NAME}")
+    for name in report["failed"]:
+        print(f"ocbank: error: class {name!r} failed: {report['classes'][name]['error']}", file=sys.stderr)
+    return 1 if report["failed"] else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -87,11 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("build", help="build one bank per class")
+    p = sub.add_parser("build", help="build one bank per class (checkpointed, resumable)")
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True, help="output folder for <class>.h5")
     p.add_argument("--classes", help="comma-separated subset of classes")
     p.add_argument("--device", help="override the config's device")
+    p.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
+                   help="rewrite <class>.partial.h5 every N images (default 100)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip complete classes and continue partial ones from their checkpoint")
+    p.add_argument("--single-bank", action="store_true",
+                   help="one bank over every class's images, interleaved (writes _all_classes.h5)")
+    p.add_argument("--backend", choices=["local", "ray"], default="local")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--shards", type=int, default=1, help="build each class in N shards and merge them")
+    p.add_argument("--retries", type=int, default=2, help="Ray retries per class or shard (default 2)")
+    p.add_argument("--ray-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads for torch and faiss (default: torch's; Ray workers get the driver's)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("evaluate", help="score test splits, write metrics.json and scores.csv")

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import config, pipeline
+from . import config, jobs, pipeline
 from .synthetic import make_dataset
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config.load(args.config, overrides={"data": {"root": str(data_root)}})
     print("ocbank demo: synthetic textures, backbone weights 'none' (random init, seeded; no download).")
     t0 = time.perf_counter()
-    summary = pipeline.build(cfg, out / "banks", progress=not args.quiet)
+    summary = jobs.build_all(cfg, out / "banks", progress=not args.quiet)["classes"]
     t1 = time.perf_counter()
     report = pipeline.evaluate(cfg, out / "banks", out / "results", heatmaps=3, progress=not args.quiet)
     t2 = time.perf_counter()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from .bank import ClusterBank, resolve_device
 from .checkpoint import read_bank
 from .data import DataError, Sample, make_loader
 from .features import FEATURE_DIM, FEATURE_STRIDE, FeatureExtractor
-from .radius import radius_statistics
+from .radius import radius_statistics, sample_images
 from .scoring import anomaly_maps, image_scores
 
 ImageLike = Any  # a path, a PIL image, or a uint8 array [H, W(, 3)]
@@ -94,9 +94,20 @@ class Detector:
         for batch in tqdm(loader, desc=desc, unit="batch", disable=not self.progress, leave=False):
             yield batch
 
-    def _features(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Batch images -> features [B, h, w, 1536] on the extractor's device."""
-        return self.extractor(batch["image"])
+    def features(
+        self, images: Iterable[ImageLike] | Sequence[Sample], desc: str = "features", with_masks: bool = False
+    ) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+        """Yield (loader batch, features [B, h, w, 1536]) for each batch with readable images.
+
+        The batch dict holds ``index`` (input positions), ``skipped``, ``rgb`` and,
+        with ``with_masks``, ``mask``. Batches whose images were all unreadable
+        are yielded with an empty feature tensor.
+        """
+        for batch in self._batches(_as_samples(images), desc, with_masks):
+            if not batch["index"]:
+                yield batch, torch.zeros((0, 0, 0, FEATURE_DIM))
+                continue
+            yield batch, self.extractor(batch["image"])
 
     # ------------------------------------------------------------------ build
     def choose_radius(self, samples: Sequence[Sample]) -> tuple[float, dict[str, float]]:
@@ -104,13 +115,10 @@ class Detector:
         radius = self.config.bank["radius"]
         if radius != "auto":
             return float(radius), {"suggested": float(radius), "source": "config"}
-        rng = np.random.default_rng(self.config.bank["seed"])
-        n = min(len(samples), int(self.config.bank["radius_images"]))
-        chosen = sorted(rng.choice(len(samples), size=n, replace=False).tolist())
+        chosen = sample_images(len(samples), int(self.config.bank["radius_images"]), int(self.config.bank["seed"]))
         feats = [
-            self._features(b).reshape(-1, FEATURE_DIM).cpu().numpy()
-            for b in self._batches([samples[i] for i in chosen], "radius")
-            if b["index"]
+            feats.reshape(-1, FEATURE_DIM).cpu().numpy()
+            for _, feats in self.features([samples[i] for i in chosen], "radius")
         ]
         if not feats:
             msg = "no readable image to estimate the radius from. Check the training images."
@@ -119,38 +127,60 @@ class Detector:
         if not stats["suggested"] > 0:
             msg = f"the radius rule gave {stats['suggested']} (identical patches?). Set bank.radius explicitly."
             raise DataError(msg)
-        stats["n_images"] = n
+        stats["n_images"] = len(chosen)
         return stats["suggested"], stats
 
-    def fit(self, images: Iterable[ImageLike] | Sequence[Sample], bank: ClusterBank | None = None) -> Detector:
-        """Stream the training images' patch features into a bank; return self."""
+    def fit(
+        self,
+        images: Iterable[ImageLike] | Sequence[Sample],
+        bank: ClusterBank | None = None,
+        start: int = 0,
+        on_batch: Callable[[Detector, int, int, list[str]], None] | None = None,
+    ) -> Detector:
+        """Stream the training images' patch features into a bank; return self.
+
+        ``bank`` continues an existing bank (its radius is kept) from image
+        ``start`` on, which is how a checkpointed build resumes. ``on_batch`` is
+        called after each loader batch with (self, images consumed so far,
+        images used in this call, unreadable files in this call).
+        """
         samples = _as_samples(images)
         if not samples:
             msg = "fit() got no images. Pass at least one normal training image."
             raise DataError(msg)
-        start = time.perf_counter()
+        began = time.perf_counter()
         if bank is None:
             radius, stats = self.choose_radius(samples)
             bank = ClusterBank(FEATURE_DIM, radius, device=resolve_device(self.config.device))
         else:
-            stats = {"suggested": bank.radius, "source": "given bank"}
+            stats = getattr(self, "radius_stats_", None) or {"suggested": bank.radius, "source": "given bank"}
+        previous = {k: self.__dict__[k] for k in ("bank_", "radius_stats_") if k in self.__dict__}
+        self.bank_ = bank  # on_batch may save the detector mid-stream
+        self.radius_stats_ = stats
         skipped: list[str] = []
         used = 0
-        for batch in self._batches(samples, "build"):
-            skipped += [str(samples[i].path) for i in batch["skipped"]]
-            if batch["index"]:
-                bank.add(self._features(batch).reshape(-1, FEATURE_DIM))
-                used += len(batch["index"])
-        if used == 0:
-            msg = f"none of the {len(samples)} training images could be read. Check the files."
-            raise DataError(msg)
-        self.bank_ = bank
-        self.radius_stats_ = stats
+        try:
+            for batch, feats in self.features(samples[start:], "build"):
+                skipped += [str(samples[start + i].path) for i in batch["skipped"]]
+                if batch["index"]:
+                    bank.add(feats.reshape(-1, FEATURE_DIM))
+                    used += len(batch["index"])
+                if on_batch is not None:
+                    position = start + max(batch["index"] + batch["skipped"]) + 1
+                    on_batch(self, position, used, skipped)
+            if used == 0 and bank.n_seen == 0:
+                msg = f"none of the {len(samples)} training images could be read. Check the files."
+                raise DataError(msg)
+        except BaseException:
+            for key in ("bank_", "radius_stats_"):
+                self.__dict__.pop(key, None)
+            self.__dict__.update(previous)
+            raise
         self.fit_summary_ = {
             "images_used": used,
             "images_skipped": len(skipped),
             "skipped_files": skipped,
-            "seconds": time.perf_counter() - start,
+            "seconds": time.perf_counter() - began,
         }
         return self
 
@@ -160,11 +190,11 @@ class Detector:
         bank = self.bank
         sigma = float(self.config.raw["scoring"]["sigma"])
         size = self.config.image_size
-        for batch in self._batches(_as_samples(images), "score", with_masks=with_masks):
+        for batch, feats in self.features(images, "score", with_masks=with_masks):
             if not batch["index"]:
-                yield ScoredBatch([], batch["skipped"], np.zeros(0), np.zeros((0, size, size)), np.zeros((0, size, size, 3), np.uint8), None)
+                empty_maps = np.zeros((0, size, size), np.float32)
+                yield ScoredBatch([], batch["skipped"], np.zeros(0), empty_maps, np.zeros((0, size, size, 3), np.uint8), None)
                 continue
-            feats = self._features(batch)
             b, h, w, _ = feats.shape
             dist, _ = bank.search(feats.reshape(-1, FEATURE_DIM), k=1)
             grid = dist.reshape(b, h, w)

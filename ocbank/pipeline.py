@@ -1,4 +1,4 @@
-"""Dataset-level jobs behind the CLI: build, evaluate, predict, suggest-radius."""
+"""Dataset-level jobs behind the CLI: evaluate, predict, suggest-radius (build: jobs.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from .config import Config
 from .data import DataError, Sample, class_names, load_split
 from .detector import Detector
 from .features import FeatureExtractor
+from .jobs import SINGLE_BANK
 from .visualize import save_overlay
 
 log = logging.getLogger(__name__)
@@ -30,47 +31,6 @@ def _shared_extractor(det: Detector, cache: dict[str, FeatureExtractor]) -> None
         det._extractor = cache["x"]
     else:
         cache["x"] = det.extractor
-
-
-def build(cfg: Config, out_dir: str | Path, classes: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Build ``out_dir/<class>.h5`` for each class; return a per-class summary."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    names = classes or class_names(cfg)
-    cache: dict[str, FeatureExtractor] = {}
-    summary: dict[str, Any] = {}
-    for name in names:
-        split = load_split(cfg, name)
-        if not split.train:
-            msg = f"class {name!r} has no training images under {cfg.data['root']}. Check data.root and the layout."
-            raise DataError(msg)
-        det = Detector(cfg, progress=progress)
-        _shared_extractor(det, cache)
-        start = time.perf_counter()
-        det.fit(split.train)
-        seconds = time.perf_counter() - start
-        bank = det.bank
-        fit = det.fit_summary_
-        extra = {
-            "class": name,
-            "dataset": {"format": cfg.data["format"], "root": str(cfg.data["root"])},
-            "images_used": fit["images_used"],
-            "images_skipped": fit["images_skipped"],
-            "stream_position": len(split.train),
-        }
-        det.save(out / f"{name}.h5", extra=extra)
-        summary[name] = {
-            "n_centroids": len(bank),
-            "bank_bytes": bank.nbytes,
-            "radius": bank.radius,
-            "images_used": fit["images_used"],
-            "images_skipped": fit["images_skipped"],
-            "seconds": seconds,
-            "images_per_s": fit["images_used"] / seconds,
-        }
-        for f in fit["skipped_files"]:
-            log.warning("class %s: skipped unreadable image %s", name, f)
-    return summary
 
 
 def _mean(rows: list[dict[str, Any]], key: str) -> float:
@@ -95,6 +55,8 @@ def evaluate(
     score_rows: list[list[Any]] = []
     for name in names:
         bank_file = banks / f"{name}.h5"
+        if not bank_file.is_file() and (banks / f"{SINGLE_BANK}.h5").is_file():
+            bank_file = banks / f"{SINGLE_BANK}.h5"  # one bank built over every class
         if not bank_file.is_file():
             msg = f"no bank for class {name!r} at {bank_file}. Run ocbank build first, or fix --banks."
             raise DataError(msg)

@@ -9,6 +9,13 @@ from ._faiss import faiss
 PERCENTILES = (50, 90, 95, 99)
 
 
+def sample_images(n_images: int, max_images: int, seed: int) -> list[int]:
+    """The seeded, sorted choice of up to ``max_images`` of ``n_images`` images for the rule."""
+    rng = np.random.default_rng(seed)
+    n = min(n_images, max_images)
+    return sorted(rng.choice(n_images, size=n, replace=False).tolist())
+
+
 def nearest_other_distances(features: np.ndarray) -> np.ndarray:
     """features [n, dim] -> [n] plain L2 distance of each row to its nearest *other* row."""
     x = np.ascontiguousarray(features, dtype=np.float32)

@@ -1,0 +1,439 @@
+"""ocbank against PatchCore on identical features: memory, speed and accuracy.
+
+python -m benchmarks.run --config CFG --out DIR [--classes a,b] [--radii 20,24,28 | auto] [--smoke] [--shards N]
+
+Features are extracted once per class; every method then runs on exactly those
+features and the same split:
+
+- ``ocbank``: ClusterBank at the config's radius (``auto``: the p99 rule), or
+  each radius of ``--radii`` (a sweep like the method's Table 3);
+- ``patchcore_full``: every training patch in a flat index;
+- ``patchcore_coreset``: PatchCore's approximate greedy coreset at 10% and 1%;
+- ``ocbank_sharded`` (with ``--shards N``): N contiguous shards merged with
+  ClusterBank.merge, reported against the sequential bank (K and AUROC deltas).
+
+All banks are searched by the same flat 1-NN code (faiss.knn / faiss.knn_gpu).
+Writes DIR/results.json (a list of rows, one per method, setting and class),
+DIR/results.md, DIR/r_sweep.png, DIR/memory_growth.png and DIR/run_info.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import psutil
+import torch
+
+from ocbank import ClusterBank, config, metrics
+from ocbank.bank import resolve_device
+from ocbank.data import class_names, load_split
+from ocbank.detector import Detector
+from ocbank.features import FEATURE_DIM
+from ocbank.radius import radius_statistics, sample_images
+from ocbank.scoring import anomaly_maps, image_scores
+
+from .bench_build import gemm_gflops
+from .patchcore import greedy_coreset
+
+SEARCH_BATCH_IMAGES = 32
+SMOKE_TRAIN, SMOKE_TEST = 12, 10
+
+
+@dataclass
+class ClassFeatures:
+    name: str
+    train: np.ndarray  # [n_train, h, w, C] float32
+    test: np.ndarray  # [n_test, h, w, C] float32
+    labels: np.ndarray  # [n_test]
+    masks: np.ndarray  # [n_test, S, S] uint8
+    feature_seconds_per_image: float
+
+
+class PeakRSS:
+    """Samples this process's RSS in a thread; ``peak`` is the maximum seen."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._proc = psutil.Process()
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def nvml_process_bytes() -> int | None:
+    """GPU memory used by this process according to NVML, when available."""
+    try:
+        import pynvml  # noqa: PLC0415
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        pid = psutil.Process().pid
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == pid:
+                return int(proc.usedGpuMemory)
+    except Exception:  # noqa: BLE001  (NVML is optional)
+        return None
+    return None
+
+
+def extract(det: Detector, split: Any, smoke: bool) -> ClassFeatures:
+    train_samples = split.train[:SMOKE_TRAIN] if smoke else split.train
+    test_samples = split.test
+    if smoke:  # keep both labels
+        good = [s for s in test_samples if s.label == 0][: SMOKE_TEST // 2]
+        bad = [s for s in test_samples if s.label == 1][: SMOKE_TEST // 2]
+        test_samples = good + bad
+    train = [f.cpu().numpy() for b, f in det.features(train_samples, "train features") if b["index"]]
+    test, labels, masks = [], [], []
+    t = time.perf_counter()
+    for batch, feats in det.features(test_samples, "test features", with_masks=True):
+        if not batch["index"]:
+            continue
+        test.append(feats.cpu().numpy())
+        labels += [test_samples[i].label for i in batch["index"]]
+        masks.append(batch["mask"])
+    n_test = sum(len(x) for x in test)
+    return ClassFeatures(
+        split.name,
+        np.concatenate(train),
+        np.concatenate(test),
+        np.array(labels),
+        np.concatenate(masks),
+        (time.perf_counter() - t) / max(n_test, 1),
+    )
+
+
+class FlatSearch:
+    """1-NN over a fixed [K, C] array with the same FAISS calls for every method."""
+
+    def __init__(self, vectors: np.ndarray, device: str) -> None:
+        from ocbank._faiss import faiss  # noqa: PLC0415
+
+        self.faiss = faiss
+        self.device = device
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if device.startswith("cuda"):
+            import faiss.contrib.torch_utils  # noqa: F401, PLC0415
+
+            self.res = faiss.StandardGpuResources()
+            self.gpu_vectors = torch.from_numpy(self.vectors).to(device)
+
+    def __call__(self, queries: np.ndarray) -> np.ndarray:
+        """[n, C] -> [n] plain L2 distances to the nearest vector."""
+        if self.device.startswith("cuda"):
+            q = torch.from_numpy(queries).to(self.device)
+            sq, _ = self.faiss.knn_gpu(self.res, q, self.gpu_vectors, 1)
+            torch.cuda.synchronize()
+            sq = sq.cpu().numpy()
+        else:
+            sq, _ = self.faiss.knn(queries, self.vectors, 1)
+        return np.sqrt(np.maximum(sq[:, 0], 0.0))
+
+
+def evaluate_bank(vectors: np.ndarray, cf: ClassFeatures, cfg: config.Config, device: str) -> dict[str, Any]:
+    """Search, maps and metrics for one bank on one class's test features."""
+    search = FlatSearch(vectors, device)
+    n, h, w, c = cf.test.shape
+    size = cfg.image_size
+    sigma = float(cfg.raw["scoring"]["sigma"])
+    batches = [np.ascontiguousarray(cf.test[lo : lo + SEARCH_BATCH_IMAGES].reshape(-1, c))
+               for lo in range(0, n, SEARCH_BATCH_IMAGES)]
+    search(batches[0])  # warm up
+    # Search alone: repeat whole passes (at least 3, about a second) and keep the median.
+    passes: list[float] = []
+    while len(passes) < 3 or (sum(passes) < 1.0 and len(passes) < 50):
+        t = time.perf_counter()
+        grids = [search(q).reshape(-1, h, w) for q in batches]
+        passes.append(time.perf_counter() - t)
+    t_search = float(np.median(passes))
+    t = time.perf_counter()
+    maps = [anomaly_maps(g, size, sigma) for g in grids]
+    t_maps = time.perf_counter() - t
+    grid = np.concatenate(grids)
+    all_maps = np.concatenate(maps)
+    return {
+        "search_fps": n / t_search,
+        "e2e_fps": n / (cf.feature_seconds_per_image * n + t_search + t_maps),
+        "image_auroc": metrics.image_auroc(cf.labels, image_scores(grid)),
+        "pixel_auroc": metrics.pixel_auroc(cf.masks, all_maps),
+        "aupro": metrics.aupro(cf.masks, all_maps),
+    }
+
+
+def measure_build(build: Callable[[], np.ndarray], device: str) -> tuple[np.ndarray, dict[str, Any]]:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with PeakRSS() as rss:
+        t = time.perf_counter()
+        vectors = build()
+        seconds = time.perf_counter() - t
+    info: dict[str, Any] = {"build_seconds": seconds, "peak_memory_bytes": rss.peak}
+    if device.startswith("cuda"):
+        info["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated())
+        info["nvml_process_bytes"] = nvml_process_bytes()
+    return vectors, info
+
+
+def ocbank_vectors(patches: np.ndarray, radius: float, device: str) -> np.ndarray:
+    bank = ClusterBank(FEATURE_DIM, radius, device=device)
+    per_image = patches.shape[1] * patches.shape[2]
+    flat = patches.reshape(-1, FEATURE_DIM)
+    for lo in range(0, flat.shape[0], per_image):
+        bank.add(flat[lo : lo + per_image])
+    return np.array(bank.means)
+
+
+def sharded_vectors(patches: np.ndarray, radius: float, shards: int, device: str) -> np.ndarray:
+    """Contiguous shards of the training images, each built alone, merged in order."""
+    merged = ClusterBank(FEATURE_DIM, radius, device=device)
+    for part in np.array_split(np.arange(len(patches)), shards):
+        shard = ClusterBank(FEATURE_DIM, radius)
+        for i in part:
+            shard.add(patches[i].reshape(-1, FEATURE_DIM))
+        merged.merge(shard)
+    return np.array(merged.means)
+
+
+def auto_radius(cf: ClassFeatures, cfg: config.Config) -> float:
+    chosen = sample_images(len(cf.train), int(cfg.bank["radius_images"]), int(cfg.bank["seed"]))
+    return radius_statistics(cf.train[chosen].reshape(-1, FEATURE_DIM))["suggested"]
+
+
+def memory_growth(cf: ClassFeatures, radius: float) -> dict[str, list[float]]:
+    bank = ClusterBank(FEATURE_DIM, radius)
+    per_image = cf.train.shape[1] * cf.train.shape[2]
+    images, ocb, full = [], [], []
+    for i, img in enumerate(cf.train, start=1):
+        bank.add(img.reshape(-1, FEATURE_DIM))
+        images.append(i)
+        ocb.append(bank.nbytes)
+        full.append(i * per_image * FEATURE_DIM * 4)
+    return {"images": images, "ocbank_bytes": ocb, "full_bytes": full}
+
+
+def run_class(
+    cf: ClassFeatures, cfg: config.Config, radii: list[Any], device: str, smoke: bool, shards: int = 1
+) -> list[dict[str, Any]]:
+    rows = []
+    flat = cf.train.reshape(-1, FEATURE_DIM)
+    settings: list[tuple[str, dict[str, Any], Callable[[], np.ndarray]]] = []
+    for r in radii:
+        radius = auto_radius(cf, cfg) if r == "auto" else float(r)
+        settings.append(("ocbank", {"radius": radius, "radius_setting": r}, lambda radius=radius: ocbank_vectors(cf.train, radius, device)))
+    if shards > 1:
+        radius, r = settings[0][1]["radius"], settings[0][1]["radius_setting"]
+        settings.append(("ocbank_sharded", {"radius": radius, "radius_setting": r, "shards": shards},
+                         lambda: sharded_vectors(cf.train, radius, shards, device)))
+    settings.append(("patchcore_full", {}, lambda: flat))
+    for ratio in (0.1,) if smoke else (0.1, 0.01):
+        settings.append(("patchcore_coreset", {"coreset_ratio": ratio},
+                         lambda ratio=ratio: flat[greedy_coreset(flat, ratio, device=device)]))
+    for method, setting, build in settings:
+        vectors, info = measure_build(build, device)
+        row = {"method": method, "class": cf.name, **setting, "bank_vectors": int(vectors.shape[0]),
+               "bank_bytes": int(vectors.shape[0] * (FEATURE_DIM * 4 + (8 if method.startswith("ocbank") else 0))),
+               **info, **evaluate_bank(vectors, cf, cfg, device), "device": device,
+               "n_train": int(cf.train.shape[0]), "n_test": int(cf.test.shape[0])}
+        if method == "ocbank_sharded":  # against the sequential bank at the same radius
+            seq = rows[0]
+            row["k_minus_sequential"] = row["bank_vectors"] - seq["bank_vectors"]
+            row["image_auroc_minus_sequential"] = row["image_auroc"] - seq["image_auroc"]
+        rows.append(row)
+    return rows
+
+
+def write_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
+    def label(r: dict[str, Any], per_class: bool = True) -> str:
+        if r["method"].startswith("ocbank"):
+            name = r["method"].replace("_", " ")
+            if r["radius_setting"] == "auto":
+                return f"{name} r=auto ({r['radius']:.2f})" if per_class else f"{name} r=auto (p99 rule)"
+            return f"{name} r={r['radius']:.2f}"
+        if r["method"] == "patchcore_coreset":
+            return f"patchcore coreset {100 * r['coreset_ratio']:g}%"
+        return r["method"].replace("_", " ")
+
+    def pct(v: float) -> str:
+        return "n/a" if v is None or math.isnan(v) else f"{100 * v:.1f}"
+
+    lines = [f"# Benchmark results ({meta['device']}, {meta['machine']})", "",
+             f"fp32 GEMM: {meta['gemm_gflops']:.1f} GFLOP/s, measured in the same run.", ""]
+    head = "| method | vectors | bank MB | build s | search img/s | e2e img/s | img AUROC | pix AUROC | AUPRO |"
+    sep = "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    for name in [*dict.fromkeys(r["class"] for r in rows), "mean"]:
+        sub = [r for r in rows if r["class"] == name] if name != "mean" else None
+        if sub is None:
+            groups: dict[str, list[dict[str, Any]]] = {}
+            for r in rows:
+                groups.setdefault(label(r, per_class=False), []).append(r)
+            sub = [{"label": k, **{key: float(np.nanmean([g[key] for g in v])) for key in
+                    ("bank_vectors", "bank_bytes", "build_seconds", "search_fps", "e2e_fps", "image_auroc", "pixel_auroc", "aupro")}}
+                   for k, v in groups.items()]
+        lines += [f"## {name}", "", head, sep]
+        for r in sub:
+            lines.append(
+                f"| {r.get('label') or label(r)} | {r['bank_vectors']:.0f} | {r['bank_bytes'] / 1e6:.2f} | "
+                f"{r['build_seconds']:.2f} | {r['search_fps']:.1f} | {r['e2e_fps']:.1f} | {pct(r['image_auroc'])} | "
+                f"{pct(r['pixel_auroc'])} | {pct(r['aupro'])} |"
+            )
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def plot_r_sweep(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    oc = [r for r in rows if r["method"] == "ocbank"]
+    radii = sorted({r["radius"] for r in oc})
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for ax, key, title in zip(axes, ("bank_vectors", "image_auroc", "search_fps"), ("centroids K", "image AUROC", "search img/s")):
+        for name in dict.fromkeys(r["class"] for r in oc):
+            pts = sorted((r["radius"], r[key]) for r in oc if r["class"] == name)
+            (line,) = ax.plot(*zip(*pts), marker="o", label=f"{name}: ocbank")
+            full = [r[key] for r in rows if r["method"] == "patchcore_full" and r["class"] == name]
+            if full:
+                ax.axhline(full[0], color=line.get_color(), ls="--", label=f"{name}: patchcore full")
+        ax.set_xlabel("radius r")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[-1].legend(fontsize=7)
+    if len(radii) == 1:
+        fig.suptitle(f"single radius {radii[0]:.2f}: pass --radii for a sweep")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_memory_growth(growth: dict[str, list[float]], name: str, path: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(growth["images"], np.array(growth["full_bytes"]) / 1e6, label="PatchCore full bank")
+    ax.plot(growth["images"], np.array(growth["ocbank_bytes"]) / 1e6, label="ocbank")
+    ax.set_xlabel(f"training images streamed ({name})")
+    ax.set_ylabel("bank MB")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def gemm_rate(device: str) -> float:
+    if not device.startswith("cuda"):
+        return gemm_gflops(8192)
+    a = torch.randn(8192, 8192, device=device)
+    for _ in range(2):
+        a @ a
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - t) / 1e9
+
+
+def parse_radii(text: str | None, cfg: config.Config) -> list[Any]:
+    """``None`` -> the config's radius; else comma-separated numbers and/or 'auto'."""
+    if not text:
+        return [cfg.bank["radius"]]
+    radii: list[Any] = []
+    for token in (t.strip() for t in text.split(",")):
+        if token == "auto":
+            radii.append("auto")
+            continue
+        try:
+            value = float(token)
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            msg = f"--radii takes 'auto' and/or positive numbers separated by commas, got {token!r}."
+            raise SystemExit(msg)
+        radii.append(value)
+    return radii
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--classes", help="comma-separated subset")
+    ap.add_argument("--radii", help="comma-separated radii and/or 'auto' (default: the config's bank.radius)")
+    ap.add_argument("--smoke", action="store_true", help="one class, few images: about a minute on 2 CPU cores")
+    ap.add_argument("--make-data", action="store_true", help="generate the synthetic demo data at data.root if missing")
+    ap.add_argument("--device", help="override the config's device")
+    ap.add_argument("--shards", type=int, default=1, help="also build ocbank in N merged shards (row ocbank_sharded)")
+    args = ap.parse_args(argv)
+
+    overrides: dict[str, Any] = {"device": args.device} if args.device else {}
+    cfg = config.load(args.config, overrides=overrides, require_root=False)
+    root = Path(cfg.data["root"])
+    if args.make_data and not root.is_dir():
+        from ocbank.synthetic import make_dataset  # noqa: PLC0415
+
+        make_dataset(root)
+    cfg = config.from_dict(cfg.raw, source=cfg.source)  # now require the root
+    device = resolve_device(cfg.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = args.classes.split(",") if args.classes else class_names(cfg)
+    if args.smoke:
+        names = names[:1]
+    radii = parse_radii(args.radii, cfg)
+    det = Detector(cfg, progress=not args.smoke)
+    meta = {"device": device if not device.startswith("cuda") else torch.cuda.get_device_name(),
+            "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs",
+            "gemm_gflops": gemm_rate(device), "config": str(args.config), "smoke": args.smoke}
+    rows: list[dict[str, Any]] = []
+    growth = None
+    for name in names:
+        cf = extract(det, load_split(cfg, name), args.smoke)
+        rows += run_class(cf, cfg, radii, device, args.smoke, args.shards)
+        if growth is None:
+            first_radius = next(r["radius"] for r in rows if r["method"] == "ocbank")
+            growth = (name, memory_growth(cf, first_radius))
+        del cf
+    for r in rows:
+        r["gemm_gflops"] = meta["gemm_gflops"]
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    (out / "run_info.json").write_text(json.dumps({**meta, "memory_growth_class": growth[0], "memory_growth": growth[1]}, indent=2))
+    write_markdown(rows, meta, out / "results.md")
+    plot_r_sweep(rows, out / "r_sweep.png")
+    plot_memory_growth(growth[1], growth[0], out / "memory_growth.png")
+    print((out / "results.md").read_text())
+    return rows
+
+
+if __name__ == "__main__":
+    main()

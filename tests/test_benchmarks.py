@@ -1,0 +1,75 @@
+"""The benchmark harness's smoke run, and the PatchCore coreset it compares with."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import run as harness
+from benchmarks.patchcore import greedy_coreset
+
+from .conftest import tiny_config
+
+
+def test_greedy_coreset_is_farthest_point_sampling():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 6)).astype(np.float32)
+    idx = greedy_coreset(x, 0.05, proj_dim=128, seed=3)  # dim 6 < 128: no projection
+    assert len(idx) == 20 and len(set(idx.tolist())) == 20
+    # Reference: plain farthest-point iterations from the same start.
+    ref = [int(idx[0])]
+    d = np.linalg.norm(x - x[ref[0]], axis=1)
+    for _ in range(19):
+        ref.append(int(np.argmax(d)))
+        d = np.minimum(d, np.linalg.norm(x - x[ref[-1]], axis=1))
+    assert idx.tolist() == ref
+
+
+def test_coreset_projects_high_dimensional_features():
+    x = torch.randn(300, 1536)
+    idx = greedy_coreset(x, 0.1)
+    assert len(idx) == 30 and idx.max() < 300
+
+
+def test_harness_smoke_run(tmp_path, tiny_mvtec):
+    import yaml
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(tiny_mvtec)))
+    rows = harness.main(["--config", str(cfg), "--out", str(tmp_path / "out"), "--smoke", "--radii", "auto,20",
+                         "--shards", "2"])
+    methods = [(r["method"], r.get("radius_setting"), r.get("coreset_ratio")) for r in rows]
+    assert methods == [("ocbank", "auto", None), ("ocbank", 20.0, None), ("ocbank_sharded", "auto", None),
+                       ("patchcore_full", None, None), ("patchcore_coreset", None, 0.1)]
+    sharded = rows[2]
+    assert sharded["k_minus_sequential"] == sharded["bank_vectors"] - rows[0]["bank_vectors"]
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(saved) == 5
+    needed = {"method", "class", "bank_vectors", "bank_bytes", "build_seconds", "peak_memory_bytes", "search_fps",
+              "e2e_fps", "image_auroc", "pixel_auroc", "aupro", "device", "gemm_gflops"}
+    for row in saved:
+        assert needed <= set(row), needed - set(row)
+        assert row["search_fps"] > 0 and row["e2e_fps"] > 0 and row["peak_memory_bytes"] > 0
+    full = next(r for r in saved if r["method"] == "patchcore_full")
+    assert full["bank_vectors"] == full["n_train"] * 8 * 8
+    coreset = next(r for r in saved if r["method"] == "patchcore_coreset")
+    assert coreset["bank_vectors"] == pytest.approx(0.1 * full["bank_vectors"], abs=1)
+    for name in ("results.md", "r_sweep.png", "memory_growth.png", "run_info.json"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    growth = json.loads((tmp_path / "out" / "run_info.json").read_text())["memory_growth"]
+    assert growth["full_bytes"][-1] == full["bank_vectors"] * 1536 * 4
+
+
+def test_search_and_e2e_benchmarks_run_small(tmp_path):
+    from benchmarks import bench_e2e, bench_search
+
+    res = bench_search.main(["--out", str(tmp_path), "--device", "cpu", "--images", "6", "--clusters", "50",
+                             "--query-images", "2"])
+    assert res["full_vectors"] == 6 * 784 and res["ocbank_centroids"] < res["full_vectors"]
+    assert res["speedup"] > 1
+    e2e = bench_e2e.main(["--out", str(tmp_path), "--device", "cpu", "--size", "64", "--batch", "2",
+                          "--batches", "2", "--centroids", "100"])
+    assert e2e["e2e_fps"] > 0 and (tmp_path / "e2e.json").is_file() and (tmp_path / "search.json").is_file()

@@ -1,0 +1,189 @@
+"""Batch builds: resume after SIGKILL, locks, the single bank, shards, failures, Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from ocbank import ClusterBank, config
+from ocbank import jobs
+from ocbank.cli import main
+
+from .conftest import tiny_config
+
+
+def banks_of(folder: Path) -> dict[str, ClusterBank]:
+    return {p.stem: ClusterBank.load(p) for p in sorted(folder.glob("*.h5")) if ".partial" not in p.name}
+
+
+def assert_same_banks(a: dict[str, ClusterBank], b: dict[str, ClusterBank]) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name].counts, b[name].counts, err_msg=name)
+        np.testing.assert_array_equal(a[name].means, b[name].means, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def cfg_file(tmp_path_factory, tiny_mvtec) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tiny_mvtec, data={"batch_size": 2})))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cfg_file) -> Path:
+    out = tmp_path_factory.mktemp("ref")
+    assert main(["-q", "build", "--config", str(cfg_file), "--out", str(out)]) == 0
+    return out
+
+
+def test_build_writes_summary_and_resume_skips_complete(tmp_path, cfg_file, reference, capsys):
+    summary = json.loads((reference / jobs.SUMMARY_NAME).read_text())
+    assert summary["failed"] == [] and set(summary["classes"]) == {"dots", "weave"}
+    row = summary["classes"]["weave"]
+    assert row["status"] == "built" and row["images_used"] == 6 and row["n_centroids"] > 0
+    assert row["vectors_per_s"] > 0 and row["bank_bytes"] == row["n_centroids"] * (1536 * 4 + 8)
+    before = {p.name: p.stat().st_mtime_ns for p in reference.glob("*.h5")}
+    assert main(["-q", "build", "--config", str(cfg_file), "--out", str(reference), "--resume"]) == 0
+    assert "complete" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in reference.glob("*.h5")} == before
+    assert not list(reference.glob("*.partial.h5")) and not (reference / jobs.LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, cfg_file, reference, trial):
+    out = tmp_path / "banks"
+    cmd = [sys.executable, "-m", "ocbank.cli", "-q", "build", "--config", str(cfg_file), "--out", str(out),
+           "--checkpoint-every", "1"]
+    rng = random.Random(trial)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(rng.uniform(3.0, 9.0))  # start-up is ~4 s; the build itself a few seconds
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert_same_banks(banks_of(out), banks_of(reference))
+    assert not list(out.glob("*.partial.h5")) and not (out / jobs.LOCK_NAME).exists()
+
+
+def test_resume_from_a_partial_checkpoint_equals_uninterrupted(tmp_path, cfg_file, reference):
+    """Deterministic twin of the SIGKILL test: stop after the first checkpoint."""
+    cfg = config.load(cfg_file)
+    out = tmp_path / "b"
+    out.mkdir()
+    real_save = jobs.Detector.save
+
+    def crash_after_checkpoint(self, path, extra=None):
+        real_save(self, path, extra)
+        if str(path).endswith(".partial.h5"):
+            raise KeyboardInterrupt
+
+    jobs.Detector.save = crash_after_checkpoint
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            jobs.build_class(cfg.raw, "weave", str(out), checkpoint_every=2)
+    finally:
+        jobs.Detector.save = real_save
+    meta = ClusterBank.load(out / "weave.partial.h5").metadata_
+    assert meta["stream_position"] == 2 and meta["complete"] is False
+    row = jobs.build_class(cfg.raw, "weave", str(out), checkpoint_every=2, resume=True)
+    assert row["status"] == "resumed" and row["resumed_at"] == 2 and row["images_used"] == 6
+    assert_same_banks({"weave": ClusterBank.load(out / "weave.h5")}, {"weave": ClusterBank.load(reference / "weave.h5")})
+
+
+def test_second_build_on_the_same_folder_is_refused(tmp_path, cfg_file):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / jobs.LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
+    res = subprocess.run([sys.executable, "-m", "ocbank.cli", "-q", "build", "--config", str(cfg_file), "--out", str(out)],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "another ocbank build" in res.stderr and str(os.getpid()) in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_stale_lock_is_taken_over(tmp_path, caplog):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / jobs.LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename}))
+    with jobs.build_lock(out):
+        assert json.loads((out / jobs.LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert "stale" in caplog.text and not (out / jobs.LOCK_NAME).exists()
+
+
+def test_single_bank_over_all_classes(tmp_path, cfg_file, tiny_mvtec):
+    cfg = config.load(cfg_file)
+    order = jobs.interleaved_samples(cfg, ["dots", "weave"])
+    assert [Path(s.path).parts[-4] for s in order[:4]] == ["dots", "weave", "dots", "weave"]
+    out = tmp_path / "single"
+    assert main(["-q", "build", "--config", str(cfg_file), "--out", str(out), "--single-bank"]) == 0
+    bank = ClusterBank.load(out / f"{jobs.SINGLE_BANK}.h5")
+    assert bank.n_seen == 12 * 8 * 8
+    assert main(["-q", "evaluate", "--config", str(cfg_file), "--banks", str(out), "--out", str(tmp_path / "e")]) == 0
+    report = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert {r["n_centroids"] for r in report["classes"].values()} == {len(bank)}
+
+
+def test_failing_class_is_reported_and_others_finish(tmp_path, tiny_mvtec):
+    root = tmp_path / "data"
+    root.mkdir()
+    for name in ("dots", "weave"):
+        (root / name).symlink_to(Path(tiny_mvtec) / name)
+    (root / "empty" / "train" / "good").mkdir(parents=True)
+    cfg = config.from_dict(tiny_config(root))
+    report = jobs.build_all(cfg, tmp_path / "o", progress=False)
+    assert report["failed"] == ["empty"] and "no training images" in report["classes"]["empty"]["error"]
+    assert report["classes"]["weave"]["status"] == "built" and (tmp_path / "o" / "weave.h5").is_file()
+    assert "failed" in jobs.format_summary(report)
+
+
+def test_local_shards_merge_into_one_bank(tmp_path, cfg_file):
+    cfg = config.load(cfg_file)
+    report = jobs.build_all(cfg, tmp_path / "s", ["weave"], shards=3, progress=False)
+    row = report["classes"]["weave"]
+    bank = ClusterBank.load(tmp_path / "s" / "weave.h5")
+    assert row["shards"] == 3 and bank.n_seen == 6 * 8 * 8 == int(bank.counts.sum())
+    assert [len(p) for p in jobs.split_shards(list(range(10)), 3)] == [3, 4, 3]
+
+
+ray = pytest.importorskip("ray", reason="Ray backend tests need pip install '.[ray]'")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_backend_matches_local(tmp_path, cfg_file, reference, local_ray):
+    cfg = config.load(cfg_file)
+    report = jobs.build_all(cfg, tmp_path / "r", backend="ray", progress=False)
+    assert report["failed"] == [] and report["backend"] == "ray"
+    assert_same_banks(banks_of(tmp_path / "r"), banks_of(reference))
+    local = jobs.build_all(cfg, tmp_path / "ls", ["weave"], shards=2, progress=False)
+    remote = jobs.build_all(cfg, tmp_path / "rs", ["weave"], shards=2, backend="ray", progress=False)
+    assert remote["classes"]["weave"]["n_centroids"] == local["classes"]["weave"]["n_centroids"]
+    assert_same_banks(banks_of(tmp_path / "rs"), banks_of(tmp_path / "ls"))
+
+
+def test_ray_reports_a_class_that_keeps_failing(tmp_path, tiny_mvtec, local_ray):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "weave").symlink_to(Path(tiny_mvtec) / "weave")
+    (root / "empty" / "train" / "good").mkdir(parents=True)
+    cfg = config.from_dict(tiny_config(root))
+    report = jobs.build_all(cfg, tmp_path / "o", backend="ray", retries=1, progress=False)
+    assert report["failed"] == ["empty"] and "no training images" in report["classes"]["empty"]["error"]
+    assert report["classes"]["weave"]["status"] == "built"
