@@ -65,6 +65,7 @@ def evaluate(
             msg = f"class {name!r} has no test images to evaluate under {cfg.data['root']}."
             raise DataError(msg)
         det = Detector.load(bank_file, device=cfg.device, progress=progress)
+        _check_compatible(det.config, cfg, bank_file)
         det.config = cfg  # the evaluation's data settings; the bank keeps its own metadata
         _shared_extractor(det, cache)
         labels, scores, maps, masks, skipped = [], [], [], [], []
@@ -113,6 +114,17 @@ def evaluate(
         writer.writerow(["class", "path", "label", "defect", "score"])
         writer.writerows(score_rows)
     return report
+
+
+def _check_compatible(built: Config, now: Config, bank_file: Path) -> None:
+    """Features must be made the same way at build and evaluation time."""
+    pairs = [("backbone.weights", built.backbone["weights"], now.backbone["weights"]),
+             ("backbone.pool", built.backbone["pool"], now.backbone["pool"]),
+             ("image size (data.crop or data.resize)", built.image_size, now.image_size)]
+    for key, then, here in pairs:
+        if then != here:
+            msg = f"{bank_file} was built with {key} = {then!r}, but this config has {here!r}. Use the build's config."
+            raise DataError(msg)
 
 
 def _map_range(det: Detector) -> tuple[float, float]:

@@ -103,3 +103,12 @@ def test_class_without_training_images_is_an_error(tmp_path, capsys):
     assert main(["-q", "build", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "class 'empty' failed" in err and "no training images" in err
+
+
+def test_evaluate_refuses_a_bank_built_with_other_features(tmp_path, tiny_mvtec, capsys):
+    cfg = write_cfg(tmp_path, tiny_config(tiny_mvtec, data={"classes": ["weave"]}))
+    assert main(["-q", "build", "--config", str(cfg), "--out", str(tmp_path / "b")]) == 0
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(tiny_config(tiny_mvtec, data={"classes": ["weave"], "crop": 56})))
+    assert main(["-q", "evaluate", "--config", str(other), "--banks", str(tmp_path / "b"), "--out", str(tmp_path / "e")]) == 2
+    assert "image size" in capsys.readouterr().err

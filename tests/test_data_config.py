@@ -134,3 +134,11 @@ def test_shipped_configs_are_valid():
         assert cfg.backbone["name"] == "wide_resnet50_2"
     real = config_mod.load(Path(__file__).resolve().parents[1] / "configs" / "realiad_512.yaml", require_root=False)
     assert real.image_size == 512
+
+
+def test_loader_with_spawned_workers(tiny_mvtec):
+    cfg = config_mod.from_dict(tiny_config(tiny_mvtec, data={"num_workers": 1, "batch_size": 3}))
+    split = load_split(cfg, "weave")
+    batches = list(make_loader(split.train, cfg))
+    assert [b["index"] for b in batches] == [[0, 1, 2], [3, 4, 5]]
+    assert batches[0]["image"].shape == (3, 3, 64, 64)
