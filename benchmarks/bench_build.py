@@ -50,6 +50,16 @@ class ClusteredStream:
         return x.astype(np.float32, copy=False)
 
 
+def write_result(out_dir: str | Path, filename: str, result: dict) -> Path:
+    """Write a benchmark's JSON result under out_dir and print it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / filename
+    path.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
+    return path
+
+
 def gemm_gflops(k: int, dim: int = DIM, batch: int = BATCH, repeats: int = 5) -> float:
     rng = np.random.default_rng(1)
     a = rng.standard_normal((batch, dim), dtype=np.float32)
@@ -198,9 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
             "4n": large,
             "ratio_4n_to_n": large["peak_rss_bytes"] / small["peak_rss_bytes"],
         }
-    (out / "build.json").write_text(json.dumps(result, indent=2))
+    write_result(out, "build.json", result)
     plot(main_run["trace"], out / "build_k_growth.png")
-    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
     return result
 
 

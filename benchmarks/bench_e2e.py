@@ -10,9 +10,7 @@ python -m benchmarks.bench_e2e --out DIR [--device cuda] [--autocast fp16] [--si
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +19,8 @@ from ocbank import ClusterBank
 from ocbank.bank import resolve_device
 from ocbank.features import FEATURE_DIM, FeatureExtractor
 from ocbank.scoring import anomaly_maps, image_scores
+
+from .bench_build import write_result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -64,10 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
         "centroids": len(bank),
         "e2e_fps": args.batch * args.batches / seconds,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "e2e.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_result(args.out, "e2e.json", result)
     return result
 
 

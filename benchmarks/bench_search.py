@@ -11,16 +11,14 @@ python -m benchmarks.bench_search --out DIR [--device cuda] [--images 1200]
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 
 from ocbank import ClusterBank
 from ocbank.bank import resolve_device
 
-from .bench_build import BATCH, DIM, ClusteredStream
+from .bench_build import BATCH, DIM, ClusteredStream, write_result
 from .run import FlatSearch, gemm_rate
 
 
@@ -73,10 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ocbank_search_gemm_fraction": fps_oc * flops_per_image * len(bank) / 1e9 / gemm,
         "full_search_gemm_fraction": fps_full * flops_per_image * full.shape[0] / 1e9 / gemm,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "search.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_result(args.out, "search.json", result)
     return result
 
 

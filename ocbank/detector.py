@@ -91,8 +91,7 @@ class Detector:
 
     def _batches(self, samples: Sequence[Sample], desc: str, with_masks: bool = False) -> Iterator[dict[str, Any]]:
         loader = make_loader(samples, self.config, with_masks=with_masks)
-        for batch in tqdm(loader, desc=desc, unit="batch", disable=not self.progress, leave=False):
-            yield batch
+        yield from tqdm(loader, desc=desc, unit="batch", disable=not self.progress, leave=False)
 
     def features(
         self, images: Iterable[ImageLike] | Sequence[Sample], desc: str = "features", with_masks: bool = False

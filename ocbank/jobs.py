@@ -379,7 +379,7 @@ def _run_ray(cfg: config_mod.Config, jobs: list[tuple[str, list[Sample] | None]]
                 cfg.raw, name, str(out), opts["checkpoint_every"], opts["resume"], False, samples, None, threads
             )
     results: dict[str, Any] = {}
-    for name, samples in jobs:
+    for name, _ in jobs:
         try:
             if opts["shards"] > 1:
                 results[name] = build_class_sharded(

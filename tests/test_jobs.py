@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from ocbank import ClusterBank, config
-from ocbank import jobs
+from ocbank import ClusterBank, config, jobs
 from ocbank.cli import main
 
 from .conftest import tiny_config
