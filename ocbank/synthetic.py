@@ -96,3 +96,23 @@ def make_dataset(
                 out.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(mask.astype(np.uint8) * 255).save(out)
     return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m ocbank.synthetic --out DIR [--n-train N] [--n-good-test N] [--n-defect-test N]``."""
+    import argparse  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser(description="Write the synthetic MVTec-layout dataset.")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--n-train", type=int, default=40)
+    ap.add_argument("--n-good-test", type=int, default=10)
+    ap.add_argument("--n-defect-test", type=int, default=5, help="per defect type")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    root = make_dataset(args.out, n_train=args.n_train, n_good_test=args.n_good_test,
+                        n_defect_test=args.n_defect_test, seed=args.seed)
+    print(f"wrote {root}")
+
+
+if __name__ == "__main__":
+    main()

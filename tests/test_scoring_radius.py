@@ -48,3 +48,11 @@ def test_radius_statistics_percentiles():
     assert stats["suggested"] == stats["p99"] and stats["p50"] < stats["p90"] < stats["p95"] < stats["p99"]
     with pytest.raises(ValueError, match="at least 2"):
         radius_statistics(x[:1])
+
+
+def test_synthetic_dataset_cli(tmp_path):
+    from ocbank.synthetic import main
+
+    main(["--out", str(tmp_path), "--n-train", "2", "--n-good-test", "1", "--n-defect-test", "1"])
+    assert len(list((tmp_path / "weave" / "train" / "good").glob("*.png"))) == 2
+    assert len(list((tmp_path / "dots" / "ground_truth" / "blob").glob("*_mask.png"))) == 1
