@@ -215,7 +215,7 @@ class TorchStore:
         no_means = np.zeros((0, self.dim), dtype=np.float32)
         while start < n:
             k0 = self.size
-            chunk = X[start : start + min(chunk_rows(k0), 1024)]
+            chunk = X[start : start + chunk_rows(k0)]
             b = chunk.shape[0]
             self._reserve(k0 + b)
             xn = (chunk.double() ** 2).sum(1)

@@ -25,14 +25,6 @@ log = logging.getLogger(__name__)
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro")
 
 
-def _shared_extractor(det: Detector, cache: dict[str, FeatureExtractor]) -> None:
-    """Reuse one loaded backbone across classes (loading weights once)."""
-    if "x" in cache:
-        det._extractor = cache["x"]
-    else:
-        cache["x"] = det.extractor
-
-
 def _mean(rows: list[dict[str, Any]], key: str) -> float:
     vals = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
     return float(np.mean(vals)) if vals else float("nan")
@@ -50,7 +42,7 @@ def evaluate(
     banks, out = Path(banks_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = classes or class_names(cfg)
-    cache: dict[str, FeatureExtractor] = {}
+    extractor: FeatureExtractor | None = None  # one backbone for all classes
     results: dict[str, Any] = {}
     score_rows: list[list[Any]] = []
     for name in names:
@@ -64,10 +56,10 @@ def evaluate(
         if not split.test:
             msg = f"class {name!r} has no test images to evaluate under {cfg.data['root']}."
             raise DataError(msg)
-        det = Detector.load(bank_file, device=cfg.device, progress=progress)
+        det = Detector.load(bank_file, device=cfg.device, progress=progress, extractor=extractor)
         _check_compatible(det.config, cfg, bank_file)
         det.config = cfg  # the evaluation's data settings; the bank keeps its own metadata
-        _shared_extractor(det, cache)
+        extractor = det.extractor
         labels, scores, maps, masks, skipped = [], [], [], [], []
         shown = 0
         start = time.perf_counter()
@@ -193,16 +185,15 @@ def predict(
 def suggest_radius(cfg: Config, classes: list[str] | None = None, progress: bool = True) -> dict[str, dict[str, float]]:
     """The radius rule's percentiles per class."""
     out: dict[str, dict[str, float]] = {}
-    cache: dict[str, FeatureExtractor] = {}
+    cfg_auto = Config({**cfg.raw, "bank": {**cfg.bank, "radius": "auto"}}, cfg.source)
+    extractor: FeatureExtractor | None = None  # one backbone for all classes
     for name in classes or class_names(cfg):
         split = load_split(cfg, name)
         if not split.train:
             msg = f"class {name!r} has no training images under {cfg.data['root']}."
             raise DataError(msg)
-        det = Detector(cfg, progress=progress)
-        _shared_extractor(det, cache)
-        cfg_auto = Config({**cfg.raw, "bank": {**cfg.bank, "radius": "auto"}}, cfg.source)
-        det.config = cfg_auto
+        det = Detector(cfg_auto, progress=progress, extractor=extractor)
+        extractor = det.extractor
         _, stats = det.choose_radius(split.train)
         out[name] = stats
     return out
