@@ -131,6 +131,16 @@ def _completed(final: Path, name: str, key: str) -> dict[str, Any] | None:
     return None
 
 
+def _training_samples(cfg: config_mod.Config, name: str, samples: list[Sample] | None = None) -> list[Sample]:
+    """The class's training list (or the given one); an error when it is empty."""
+    if samples is None:
+        samples = load_split(cfg, name).train
+    if not samples:
+        msg = f"class {name!r} has no training images under {cfg.data['root']}. Check data.root and the layout."
+        raise DataError(msg)
+    return samples
+
+
 def _resume_state(partial: Path, name: str, key: str, n_images: int, device: str) -> tuple[ClusterBank, dict] | None:
     if not partial.is_file():
         return None
@@ -170,11 +180,7 @@ def build_class(
         done = _completed(final, name, key)
         if done is not None:
             return {**done, "status": "complete"}
-    if samples is None:
-        samples = load_split(cfg, name).train
-    if not samples:
-        msg = f"class {name!r} has no training images under {cfg.data['root']}. Check data.root and the layout."
-        raise DataError(msg)
+    samples = _training_samples(cfg, name, samples)
     det = Detector(cfg, progress=progress, extractor=extractor)
     device = resolve_device(cfg.device)
     bank, start, before = None, 0, {"images_used": 0, "skipped_files": [], "seconds": 0.0}
@@ -283,10 +289,7 @@ def build_class_sharded(
         done = _completed(final, name, key)
         if done is not None:
             return {**done, "status": "complete"}
-    samples = load_split(cfg, name).train
-    if not samples:
-        msg = f"class {name!r} has no training images under {cfg.data['root']}."
-        raise DataError(msg)
+    samples = _training_samples(cfg, name)
     began = time.perf_counter()
     det = Detector(cfg)
     radius, stats = det.choose_radius(samples)
