@@ -281,7 +281,11 @@ class ClusterBank:
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str = "cpu") -> ClusterBank:
         """Read and validate a bank file; raise :class:`CheckpointError` if it is unusable."""
-        state = checkpoint.read_bank(path)
+        return cls.from_state(checkpoint.read_bank(path), device=device)
+
+    @classmethod
+    def from_state(cls, state: checkpoint.BankState, device: str = "cpu") -> ClusterBank:
+        """A bank holding ``state``'s centroids, counts, n_seen and metadata."""
         bank = cls(dim=state.dim, radius=state.radius, device=device)
         if state.means.shape[0]:
             bank._bank_store.set_state(state.means, state.counts)

@@ -244,7 +244,8 @@ class Detector:
         extractor: FeatureExtractor | None = None,
     ) -> Detector:
         """Rebuild a Detector from a file written by :meth:`save` (or ``ocbank build``)."""
-        meta = read_bank(path).metadata
+        state = read_bank(path)
+        meta = state.metadata
         if "config" not in meta:
             msg = f"{path}: this bank file has no detector config in its metadata. Build it with ocbank or Detector.save."
             raise DataError(msg)
@@ -252,7 +253,7 @@ class Detector:
         if device is not None:
             raw = {**raw, "device": device}
         det = cls(config_mod.from_dict(raw, source=str(path), require_root=False), progress, extractor)
-        det.bank_ = ClusterBank.load(path, device=resolve_device(det.config.device))
+        det.bank_ = ClusterBank.from_state(state, device=resolve_device(det.config.device))
         det.radius_stats_ = meta.get("radius_stats", {})
         det.metadata_ = meta
         sha = meta.get("backbone", {}).get("weights_sha256")

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import config as config_mod
 from .bank import ClusterBank, resolve_device
-from .checkpoint import CheckpointError, atomic_write, read_bank
+from .checkpoint import BankState, CheckpointError, atomic_write, read_bank
 from .data import DataError, Sample, class_names, load_split
 from .detector import Detector
 from .features import FEATURE_DIM, FeatureExtractor
@@ -267,11 +267,8 @@ def merge_shards(parts: list[dict[str, Any]], radius: float, device: str) -> Clu
     """Fold shard banks together in shard order with :meth:`ClusterBank.merge`."""
     merged = ClusterBank(FEATURE_DIM, radius, device=device)
     for part in parts:
-        shard = ClusterBank(FEATURE_DIM, radius)
-        if len(part["counts"]):
-            shard._bank_store.set_state(part["means"], part["counts"])
-        shard.n_seen_ = int(part["n_seen"])
-        merged.merge(shard)
+        state = BankState(part["means"], part["counts"], radius, FEATURE_DIM, int(part["n_seen"]))
+        merged.merge(ClusterBank.from_state(state))
     return merged
 
 

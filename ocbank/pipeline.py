@@ -43,6 +43,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     names = classes or class_names(cfg)
     extractor: FeatureExtractor | None = None  # one backbone for all classes
+    last: tuple[Path, Detector] | None = None  # a single bank serves every class: read it once
     results: dict[str, Any] = {}
     score_rows: list[list[Any]] = []
     for name in names:
@@ -56,10 +57,14 @@ def evaluate(
         if not split.test:
             msg = f"class {name!r} has no test images to evaluate under {cfg.data['root']}."
             raise DataError(msg)
-        det = Detector.load(bank_file, device=cfg.device, progress=progress, extractor=extractor)
-        _check_compatible(det.config, cfg, bank_file)
-        det.config = cfg  # the evaluation's data settings; the bank keeps its own metadata
-        extractor = det.extractor
+        if last is not None and last[0] == bank_file:
+            det = last[1]
+        else:
+            det = Detector.load(bank_file, device=cfg.device, progress=progress, extractor=extractor)
+            _check_compatible(det.config, cfg, bank_file)
+            det.config = cfg  # the evaluation's data settings; the bank keeps its own metadata
+            extractor = det.extractor
+            last = (bank_file, det)
         labels, scores, maps, masks, skipped = [], [], [], [], []
         shown = 0
         start = time.perf_counter()
