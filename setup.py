@@ -35,7 +35,17 @@ setup(
         "cpu": ["faiss-cpu>=1.8"],
         "gpu": ["faiss-gpu>=1.15.1"],
         "ray": ["ray>=2.9"],
-        "dev": ["pytest>=7.4", "pytest-timeout>=2.2"],
+        "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
+        "openvino": ["openvino>=2024.0"],
+        "dev": [
+            "pytest>=7.4",
+            "pytest-timeout>=2.2",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            "onnx>=1.16",
+            "onnxruntime>=1.18",
+            "onnxscript>=0.1",
+        ],
     },
     entry_points={"console_scripts": ["ocbank=ocbank.cli:main"]},
 )

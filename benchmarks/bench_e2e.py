@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from ocbank import ClusterBank
-from ocbank.bank import resolve_device
-from ocbank.features import FEATURE_DIM, FeatureExtractor
-from ocbank.scoring import anomaly_maps, image_scores
+from ocbank.engine.bank import resolve_device
+from ocbank.model.features import FEATURE_DIM, FeatureExtractor
+from ocbank.model.scoring import anomaly_maps, image_scores
 
 from .bench_build import write_result
 

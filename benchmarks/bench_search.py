@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from ocbank import ClusterBank
-from ocbank.bank import resolve_device
+from ocbank.engine.bank import resolve_device
 
 from .bench_build import BATCH, DIM, ClusteredStream, write_result
 from .run import FlatSearch, gemm_rate

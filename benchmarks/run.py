@@ -34,13 +34,14 @@ import numpy as np
 import psutil
 import torch
 
-from ocbank import ClusterBank, config, metrics
-from ocbank.bank import resolve_device
+from ocbank import ClusterBank, config
+from ocbank.model import metrics
+from ocbank.engine.bank import resolve_device
 from ocbank.data import class_names, load_split
-from ocbank.detector import Detector
-from ocbank.features import FEATURE_DIM
-from ocbank.radius import radius_statistics, sample_images
-from ocbank.scoring import anomaly_maps, image_scores
+from ocbank.model.detector import Detector
+from ocbank.model.features import FEATURE_DIM
+from ocbank.model.radius import radius_statistics, sample_images
+from ocbank.model.scoring import anomaly_maps, image_scores
 
 from .bench_build import gemm_gflops
 from .patchcore import greedy_coreset
@@ -132,7 +133,7 @@ class FlatSearch:
     """1-NN over a fixed [K, C] array with the same FAISS calls for every method."""
 
     def __init__(self, vectors: np.ndarray, device: str) -> None:
-        from ocbank._faiss import faiss  # noqa: PLC0415
+        from ocbank.engine._faiss import faiss  # noqa: PLC0415
 
         self.faiss = faiss
         self.device = device

@@ -28,7 +28,7 @@ def _load_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from . import jobs  # noqa: PLC0415
+    from .jobs import build as jobs  # noqa: PLC0415
 
     cfg = _load_config(args)
     report = jobs.build_all(
@@ -54,21 +54,21 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from . import pipeline  # noqa: PLC0415
+    from .jobs import evaluate  # noqa: PLC0415
 
     cfg = _load_config(args)
-    report = pipeline.evaluate(
+    report = evaluate.evaluate(
         cfg, args.banks, args.out, _classes(args.classes), heatmaps=args.heatmaps, progress=not args.quiet
     )
-    print(pipeline.format_table(report))
+    print(evaluate.format_table(report))
     print(f"metrics: {Path(args.out) / 'metrics.json'}  scores: {Path(args.out) / 'scores.csv'}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from . import pipeline  # noqa: PLC0415
+    from .jobs import predict  # noqa: PLC0415
 
-    rows = pipeline.predict(args.bank, args.input, args.out, args.save_maps, progress=not args.quiet, device=args.device)
+    rows = predict.predict(args.bank, args.input, args.out, args.save_maps, progress=not args.quiet, device=args.device)
     for row in rows:
         print(f"{row['score']:10.4f}  {row['path']}" if row["status"] == "ok" else f"{'unreadable':>10}  {row['path']}")
     print(f"scores: {Path(args.out) / 'scores.csv'}  heatmaps: {Path(args.out) / 'heatmaps'}")
@@ -76,10 +76,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_suggest_radius(args: argparse.Namespace) -> int:
-    from . import pipeline  # noqa: PLC0415
+    from .jobs import evaluate  # noqa: PLC0415
 
     cfg = _load_config(args)
-    stats = pipeline.suggest_radius(cfg, _classes(args.classes), progress=not args.quiet)
+    stats = evaluate.suggest_radius(cfg, _classes(args.classes), progress=not args.quiet)
     print(f"{'class':<16}{'p50':>8}{'p90':>8}{'p95':>8}{'p99':>8}{'suggested':>10}{'patches':>9}")
     for name, s in stats.items():
         print(

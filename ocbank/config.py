@@ -9,9 +9,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the key and the fix."""
+from .errors import ConfigError
 
 
 DEFAULTS: dict[str, Any] = {

@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import config, jobs, pipeline
+from . import config
+from .jobs import build, evaluate
 from .synthetic import make_dataset
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -33,13 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config.load(args.config, overrides={"data": {"root": str(data_root)}})
     print("ocbank demo: synthetic textures, backbone weights 'none' (random init, seeded; no download).")
     t0 = time.perf_counter()
-    summary = jobs.build_all(cfg, out / "banks", progress=not args.quiet)["classes"]
+    summary = build.build_all(cfg, out / "banks", progress=not args.quiet)["classes"]
     t1 = time.perf_counter()
-    report = pipeline.evaluate(cfg, out / "banks", out / "results", heatmaps=3, progress=not args.quiet)
+    report = evaluate.evaluate(cfg, out / "banks", out / "results", heatmaps=3, progress=not args.quiet)
     t2 = time.perf_counter()
     n_train = sum(s["images_used"] for s in summary.values())
     n_test = sum(r["n_test"] for r in report["classes"].values())
-    print(pipeline.format_table(report))
+    print(evaluate.format_table(report))
     print(
         f"build: {n_train} images in {t1 - t0:.1f} s ({n_train / (t1 - t0):.1f} img/s incl. radius); "
         f"evaluate: {n_test} images in {t2 - t1:.1f} s ({n_test / (t2 - t1):.1f} img/s)"

@@ -65,6 +65,6 @@ def tiny_config(root, **overrides) -> dict:
 
 @pytest.fixture(scope="session")
 def extractor():
-    from ocbank.features import FeatureExtractor
+    from ocbank.model.features import FeatureExtractor
 
     return FeatureExtractor(weights="none")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ocbank import ClusterBank
-from ocbank._store import TorchStore
+from ocbank.engine.store import TorchStore
 
 from .conftest import clustered
 from .reference import reference_stream

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ocbank import CheckpointError, ClusterBank
-from ocbank import checkpoint as ckpt
+from ocbank.engine import checkpoint as ckpt
 
 from .conftest import clustered
 

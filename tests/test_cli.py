@@ -44,7 +44,7 @@ def test_build_evaluate_predict_mvtec(tmp_path, tiny_mvtec, capsys):
     assert len(rows) == 14 and {r["class"] for r in rows} == {"dots", "weave"}
     assert len(list((tmp_path / "eval" / "heatmaps").rglob("*.png"))) == 4
 
-    from ocbank.checkpoint import read_metadata
+    from ocbank.engine.checkpoint import read_metadata
 
     meta = read_metadata(tmp_path / "banks" / "weave.h5")
     assert meta["backbone"]["weights"] == "none" and meta["feature_grid"] == [8, 8]

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from ocbank.features import FEATURE_DIM, FeatureExtractor, WeightsError, imagenet_weights_file
+from ocbank.model.features import FEATURE_DIM, FeatureExtractor, WeightsError, imagenet_weights_file
 
 
 @pytest.mark.parametrize(("size", "grid"), [(224, 28), (512, 64), (64, 8)])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ocbank import ClusterBank
-from ocbank.bank import cuda_available
+from ocbank.engine.bank import cuda_available
 
 from .conftest import clustered
 

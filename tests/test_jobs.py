@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
-from ocbank import ClusterBank, config, jobs
+from ocbank import ClusterBank, config
+from ocbank.jobs import build as jobs
 from ocbank.cli import main
 
 from .conftest import tiny_config

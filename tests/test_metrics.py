@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from ocbank import metrics
+from ocbank.model import metrics
 
 
 def brute_auroc(labels, scores) -> float:

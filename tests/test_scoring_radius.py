@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from ocbank.radius import nearest_other_distances, radius_statistics
-from ocbank.scoring import anomaly_maps, image_scores
+from ocbank.model.radius import nearest_other_distances, radius_statistics
+from ocbank.model.scoring import anomaly_maps, image_scores
 
 
 def test_image_score_is_grid_max():

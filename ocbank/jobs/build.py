@@ -12,85 +12,26 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import config as config_mod
-from .bank import ClusterBank, resolve_device
-from .checkpoint import BankState, CheckpointError, atomic_write, read_bank
-from .data import DataError, Sample, class_names, load_split
-from .detector import Detector
-from .features import FEATURE_DIM, FeatureExtractor
+from .. import config as config_mod
+from ..data import Sample, class_names, load_split
+from ..engine import BankState, ClusterBank, resolve_device
+from ..engine.checkpoint import atomic_write, read_bank
+from ..errors import CheckpointError, DataError
+from ..model.detector import Detector
+from ..model.features import FEATURE_DIM, FeatureExtractor
+from .lock import LOCK_NAME, build_lock
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = ".ocbank-build.lock"
 SINGLE_BANK = "_all_classes"  # --single-bank writes DIR/_all_classes.h5
 SUMMARY_NAME = "build_summary.json"
 DEFAULT_CHECKPOINT_EVERY = 100
-
-
-class BuildLockError(RuntimeError):
-    """Another build holds the output directory."""
-
-
-# ---------------------------------------------------------------------- lock
-def _lock_is_stale(holder: dict[str, Any], path: Path) -> bool:
-    if not holder:  # unreadable: a writer may be mid-way; stale once old
-        return time.time() - path.stat().st_mtime > 30
-    if holder.get("host") != socket.gethostname():
-        return False  # cannot see other machines' processes
-    try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, KeyError, ValueError, TypeError):
-        return False
-    return False
-
-
-@contextlib.contextmanager
-def build_lock(out_dir: Path) -> Iterator[None]:
-    """Hold ``out_dir/.ocbank-build.lock``; a lock left by a dead process is taken over."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / LOCK_NAME
-    mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text() or "{}")
-            except (OSError, ValueError):
-                holder = {}
-            if _lock_is_stale(holder, path):
-                log.warning("removing a stale build lock %s left by pid %s (process gone)", path, holder.get("pid"))
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                continue
-            msg = (
-                f"another ocbank build (pid {holder.get('pid')} on {holder.get('host')}) is writing to {out_dir}. "
-                f"Wait for it to finish, or use another --out; if no build is running, delete {path}."
-            )
-            raise BuildLockError(msg) from None
-        with os.fdopen(fd, "w") as fh:
-            json.dump(mine, fh)
-        break
-    else:
-        msg = f"could not take the build lock {path}. Delete it if no build is running."
-        raise BuildLockError(msg)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads(path.read_text()).get("pid") == os.getpid():
-                path.unlink()
 
 
 # ---------------------------------------------------------------------- one class
@@ -103,7 +44,7 @@ def set_threads(threads: int | None) -> None:
     if threads:
         import torch  # noqa: PLC0415
 
-        from ._faiss import faiss  # noqa: PLC0415
+        from ..engine._faiss import faiss  # noqa: PLC0415
 
         torch.set_num_threads(threads)
         faiss.omp_set_num_threads(threads)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import WeightsError
+
 log = logging.getLogger(__name__)
 
 FEATURE_DIM = 1536  # 512 (layer2) + 1024 (layer3)
@@ -19,10 +21,6 @@ FEATURE_STRIDE = 8  # layer2's stride: 224 -> 28, 512 -> 64
 RANDOM_INIT_SEED = 0
 POOLS = ("none", "avg3")
 AUTOCAST = ("none", "fp16", "bf16")
-
-
-class WeightsError(FileNotFoundError):
-    """Backbone weights that cannot be found or loaded; the message says how to supply them."""
 
 
 def imagenet_weights_file() -> tuple[Path, str]:

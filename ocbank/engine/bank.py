@@ -10,7 +10,7 @@ import numpy as np
 
 from . import checkpoint
 from ._faiss import faiss_has_gpu
-from ._store import CpuStore, TorchStore
+from .store import CpuStore, TorchStore
 
 _DEVICES = ("cpu", "cuda", "auto")
 

@@ -20,7 +20,7 @@ import threading
 import numpy as np
 
 from ._faiss import faiss
-from ._kernel import resolve_chunk
+from .kernel import resolve_chunk
 
 # Upper bound on floats in one chunk's distance block (b x K): 128 MiB.
 _MAX_BLOCK_FLOATS = 1 << 25

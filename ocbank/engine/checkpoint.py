@@ -25,14 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from ._version import __version__
+from .._version import __version__
+from ..errors import CheckpointError
 
 FORMAT_NAME = "ocbank.ClusterBank"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A bank file that cannot be used; the message names the file and the problem."""
 
 
 @dataclass

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import config as config_mod
-from .bank import ClusterBank, resolve_device
-from .checkpoint import read_bank
-from .data import DataError, Sample, make_loader
+from .. import config as config_mod
+from ..data import Sample, make_loader
+from ..engine import ClusterBank, resolve_device
+from ..engine.checkpoint import read_bank
+from ..errors import DataError
 from .features import FEATURE_DIM, FEATURE_STRIDE, FeatureExtractor
 from .radius import radius_statistics, sample_images
 from .scoring import anomaly_maps, image_scores

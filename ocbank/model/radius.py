@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._faiss import faiss
+from ..engine._faiss import faiss
 
 PERCENTILES = (50, 90, 95, 99)
 

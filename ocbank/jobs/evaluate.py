@@ -1,4 +1,4 @@
-"""Dataset-level jobs behind the CLI: evaluate, predict, suggest-radius (build: jobs.py)."""
+"""Evaluate banks on labelled test splits; suggest a radius per class."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from . import metrics
-from .config import Config
-from .data import DataError, Sample, class_names, load_split
-from .detector import Detector
-from .features import FeatureExtractor
-from .jobs import SINGLE_BANK
+from ..config import Config
+from ..data import Sample, class_names, load_split
+from ..errors import DataError
+from ..model import metrics
+from ..model.detector import Detector
+from ..model.features import FeatureExtractor
+from .build import SINGLE_BANK
 from .visualize import save_overlay
 
 log = logging.getLogger(__name__)
@@ -143,48 +144,6 @@ def format_table(report: dict[str, Any]) -> str:
             f"{r['n_centroids']:>8.0f}{r['bank_bytes'] / 1e6:>9.2f}{r['images_per_s']:>8.1f}"
         )
     return "\n".join(lines)
-
-
-def predict(
-    bank_file: str | Path, inputs: list[str], out_dir: str | Path, save_maps: bool = False, progress: bool = True,
-    device: str | None = None,
-) -> list[dict[str, Any]]:
-    """Score images (files or folders) with one bank; write scores.csv and overlay PNGs."""
-    from .data import IMAGE_SUFFIXES  # noqa: PLC0415
-
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.is_file():
-            files.append(p)
-        else:
-            msg = f"input {p} does not exist. Pass image files or folders."
-            raise DataError(msg)
-    if not files:
-        msg = f"no images found in {inputs}. Supported suffixes: {sorted(IMAGE_SUFFIXES)}."
-        raise DataError(msg)
-    det = Detector.load(bank_file, device=device, progress=progress)
-    out = Path(out_dir)
-    (out / "maps" if save_maps else out).mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    vmin, vmax = _map_range(det)
-    for res in det.score_batches([Sample(str(f)) for f in files]):
-        for idx in res.skipped:
-            rows.append({"path": str(files[idx]), "score": float("nan"), "status": "unreadable"})
-        for j, idx in enumerate(res.indices):
-            f = files[idx]
-            name = f"{idx:05d}_{f.stem}"
-            save_overlay(out / "heatmaps" / f"{name}.png", res.rgb[j], res.maps[j], vmin, vmax)
-            if save_maps:
-                np.save(out / "maps" / f"{name}.npy", res.maps[j])
-            rows.append({"path": str(f), "score": float(res.scores[j]), "status": "ok"})
-    with open(out / "scores.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["path", "score", "status"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return rows
 
 
 def suggest_radius(cfg: Config, classes: list[str] | None = None, progress: bool = True) -> dict[str, dict[str, float]]:

@@ -1,0 +1,133 @@
+"""Dataset layouts: MVTec AD, Real-IAD and plain folders, as lists of samples."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..errors import DataError
+from .images import IMAGE_SUFFIXES
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a split. ``label`` is 0 (normal), 1 (anomalous) or -1 (unknown)."""
+
+    path: str
+    label: int = 0
+    mask: str | None = None
+    defect: str = "good"
+
+
+@dataclass
+class ClassSplit:
+    name: str
+    train: list[Sample]
+    test: list[Sample] = field(default_factory=list)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+# ---------------------------------------------------------------------- layouts
+def mvtec_classes(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+
+
+def mvtec_split(root: Path, name: str) -> ClassSplit:
+    """``<root>/<class>/{train/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png}``."""
+    base = root / name
+    if not base.is_dir():
+        msg = f"MVTec class folder {base} does not exist. Check data.root and data.classes."
+        raise DataError(msg)
+    train = [Sample(str(p)) for p in _images_in(base / "train" / "good")]
+    test: list[Sample] = []
+    test_dir = base / "test"
+    if test_dir.is_dir():
+        for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+            defect = defect_dir.name
+            for img in _images_in(defect_dir):
+                if defect == "good":
+                    test.append(Sample(str(img)))
+                    continue
+                mask = base / "ground_truth" / defect / f"{img.stem}_mask.png"
+                test.append(Sample(str(img), 1, str(mask) if mask.is_file() else None, defect))
+    return ClassSplit(name, train, test)
+
+
+def realiad_classes(root: Path, json_dir: str) -> list[str]:
+    folder = root / json_dir
+    if not folder.is_dir():
+        msg = f"Real-IAD split folder {folder} does not exist. Set data.json_dir (relative to data.root)."
+        raise DataError(msg)
+    return sorted(p.stem for p in folder.glob("*.json"))
+
+
+def realiad_split(root: Path, name: str, json_dir: str, image_dir: str) -> ClassSplit:
+    """Splits from ``<root>/<json_dir>/<class>.json``; images under ``<root>/<image_dir>/<class>/``."""
+    split_file = root / json_dir / f"{name}.json"
+    if not split_file.is_file():
+        msg = f"Real-IAD split file {split_file} does not exist. Check data.classes and data.json_dir."
+        raise DataError(msg)
+    try:
+        spec = json.loads(split_file.read_text(encoding="utf-8"))
+        entries = {part: list(spec[part]) for part in ("train", "test")}
+    except (ValueError, KeyError, TypeError) as exc:
+        msg = f"{split_file} is not a Real-IAD split (a JSON object with 'train' and 'test' lists): {exc}."
+        raise DataError(msg) from exc
+    base = root / image_dir / name
+
+    def sample(entry: dict[str, Any]) -> Sample:
+        try:
+            label = 0 if entry["anomaly_class"] == "OK" else 1
+            mask = entry.get("mask_path")
+            return Sample(
+                str(base / entry["image_path"]), label, str(base / mask) if mask else None, str(entry["anomaly_class"])
+            )
+        except (KeyError, TypeError) as exc:
+            msg = f"{split_file}: an entry lacks image_path/anomaly_class ({entry!r})."
+            raise DataError(msg) from exc
+
+    train = [sample(e) for e in entries["train"]]
+    test = [sample(e) for e in entries["test"]]
+    return ClassSplit(name, [s for s in train if s.label == 0], test)
+
+
+def folder_split(root: Path) -> ClassSplit:
+    """A folder of normal images to build from (recursively); nothing to evaluate."""
+    return ClassSplit(root.name, [Sample(str(p)) for p in _images_in(root)], [])
+
+
+def class_names(cfg: Config) -> list[str]:
+    root = Path(cfg.data["root"])
+    fmt = cfg.data["format"]
+    if fmt == "folder":
+        return [root.name]
+    available = mvtec_classes(root) if fmt == "mvtec" else realiad_classes(root, cfg.data["json_dir"])
+    wanted = cfg.data["classes"]
+    if wanted == "all":
+        if not available:
+            msg = f"no classes found under {root} for data.format={fmt!r}. Check data.root and data.format."
+            raise DataError(msg)
+        return available
+    missing = [c for c in wanted if c not in available]
+    if missing:
+        msg = f"class(es) {missing} not found under {root}; available: {available}. Fix data.classes or --classes."
+        raise DataError(msg)
+    return list(wanted)
+
+
+def load_split(cfg: Config, name: str) -> ClassSplit:
+    root = Path(cfg.data["root"])
+    fmt = cfg.data["format"]
+    if fmt == "mvtec":
+        split = mvtec_split(root, name)
+    elif fmt == "realiad":
+        split = realiad_split(root, name, cfg.data["json_dir"], cfg.data["image_dir"])
+    else:
+        split = folder_split(root)
+    return split

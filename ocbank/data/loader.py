@@ -1,0 +1,86 @@
+"""The ordered DataLoader over samples: unreadable images are skipped and reported."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import Config
+from .datasets import Sample
+from .images import Transform, open_image
+
+
+class ImageDataset(Dataset):
+    """Samples -> dicts with ``image``, ``rgb``, ``mask``, ``index``; ``None`` for unreadable images."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Transform, with_masks: bool = False):
+        self.samples = list(samples)
+        self.transform = transform
+        self.with_masks = with_masks
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        sample = self.samples[index]
+        try:
+            img = open_image(sample.path)
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            warnings.warn(f"skipping unreadable image {sample.path}: {exc}", stacklevel=1)
+            return {"index": index, "skipped": True}
+        tensor, rgb = self.transform.image(img)
+        item: dict[str, Any] = {"index": index, "skipped": False, "image": tensor, "rgb": rgb}
+        if self.with_masks:
+            size = self.transform.size
+            mask = np.zeros((size, size), dtype=np.uint8)
+            if sample.mask:
+                try:
+                    mask = self.transform.mask(open_image(sample.mask), img.size, sample.mask)
+                except (OSError, UnidentifiedImageError) as exc:
+                    warnings.warn(f"unreadable mask {sample.mask} for {sample.path}: {exc}; image skipped", stacklevel=1)
+                    return {"index": index, "skipped": True}
+            elif sample.label == 1:
+                warnings.warn(f"anomalous image {sample.path} has no mask: counted as all-normal pixels", stacklevel=1)
+            item["mask"] = mask
+        return item
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    good = [it for it in items if not it["skipped"]]
+    batch: dict[str, Any] = {
+        "index": [it["index"] for it in good],
+        "skipped": [it["index"] for it in items if it["skipped"]],
+    }
+    if good:
+        batch["image"] = torch.stack([it["image"] for it in good])
+        batch["rgb"] = np.stack([it["rgb"] for it in good])
+        if "mask" in good[0]:
+            batch["mask"] = np.stack([it["mask"] for it in good])
+    return batch
+
+
+def _worker_init(_: int) -> None:
+    # The notes' fork-after-faiss deadlock: keep workers single-threaded.
+    torch.set_num_threads(1)
+
+
+def make_loader(samples: Sequence[Sample], cfg: Config, with_masks: bool = False) -> DataLoader:
+    """Ordered loader (no shuffling: the stream order is part of the bank's identity)."""
+    workers = int(cfg.data["num_workers"])
+    return DataLoader(
+        ImageDataset(samples, Transform(cfg.data["resize"], cfg.data["crop"]), with_masks),
+        batch_size=int(cfg.data["batch_size"]),
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init if workers else None,
+        # spawn, not fork: forking after faiss/OpenMP use can deadlock.
+        multiprocessing_context="spawn" if workers else None,
+        persistent_workers=False,
+    )

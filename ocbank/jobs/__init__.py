@@ -1,0 +1,1 @@
+"""Jobs over datasets: batch builds (local or Ray), evaluation, prediction and reports."""
