@@ -15,7 +15,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ocbank", "ocbank.*"]),
-    package_data={"ocbank": ["configs/*.yaml"]},
+    package_data={"ocbank": ["configs/*.yaml"]},  # ocbank/configs/, read with importlib.resources
+    include_package_data=False,
     install_requires=[
         "numpy>=1.24",
         "numba>=0.59",

@@ -109,10 +109,10 @@ def extract(det: Detector, split: Any, smoke: bool) -> ClassFeatures:
         good = [s for s in test_samples if s.label == 0][: SMOKE_TEST // 2]
         bad = [s for s in test_samples if s.label == 1][: SMOKE_TEST // 2]
         test_samples = good + bad
-    train = [f.cpu().numpy() for b, f in det.features(train_samples, "train features") if b["index"]]
+    train = [f.cpu().numpy() for b, f in det.features(train_samples) if b["index"]]
     test, labels, masks = [], [], []
     t = time.perf_counter()
-    for batch, feats in det.features(test_samples, "test features", with_masks=True):
+    for batch, feats in det.features(test_samples, with_masks=True):
         if not batch["index"]:
             continue
         test.append(feats.cpu().numpy())
@@ -161,7 +161,7 @@ def evaluate_bank(vectors: np.ndarray, cf: ClassFeatures, cfg: config.Config, de
     search = FlatSearch(vectors, device)
     n, h, w, c = cf.test.shape
     size = cfg.image_size
-    sigma = float(cfg.raw["scoring"]["sigma"])
+    sigma = cfg.scoring.sigma
     batches = [np.ascontiguousarray(cf.test[lo : lo + SEARCH_BATCH_IMAGES].reshape(-1, c))
                for lo in range(0, n, SEARCH_BATCH_IMAGES)]
     search(batches[0])  # warm up
@@ -221,7 +221,7 @@ def sharded_vectors(patches: np.ndarray, radius: float, shards: int, device: str
 
 
 def auto_radius(cf: ClassFeatures, cfg: config.Config) -> float:
-    chosen = sample_images(len(cf.train), int(cfg.bank["radius_images"]), int(cfg.bank["seed"]))
+    chosen = sample_images(len(cf.train), cfg.bank.radius_images, cfg.bank.seed)
     return radius_statistics(cf.train[chosen].reshape(-1, FEATURE_DIM))["suggested"]
 
 
@@ -369,7 +369,7 @@ def gemm_rate(device: str) -> float:
 def parse_radii(text: str | None, cfg: config.Config) -> list[Any]:
     """``None`` -> the config's radius; else comma-separated numbers and/or 'auto'."""
     if not text:
-        return [cfg.bank["radius"]]
+        return [cfg.bank.radius]
     radii: list[Any] = []
     for token in (t.strip() for t in text.split(",")):
         if token == "auto":
@@ -400,12 +400,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     overrides: dict[str, Any] = {"device": args.device} if args.device else {}
     cfg = config.load(args.config, overrides=overrides, require_root=False)
-    root = Path(cfg.data["root"])
+    root = Path(cfg.data.root)
     if args.make_data and not root.is_dir():
         from ocbank.synthetic import make_dataset  # noqa: PLC0415
 
         make_dataset(root)
-    cfg = config.from_dict(cfg.raw, source=cfg.source)  # now require the root
+    cfg = config.from_dict(cfg.to_dict(), source=cfg.source)  # now require the root
     device = resolve_device(cfg.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.smoke:
         names = names[:1]
     radii = parse_radii(args.radii, cfg)
-    det = Detector(cfg, progress=not args.smoke)
+    det = Detector.from_config(cfg)
     meta = {"device": device if not device.startswith("cuda") else torch.cuda.get_device_name(),
             "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs",
             "gemm_gflops": gemm_rate(device), "config": str(args.config), "smoke": args.smoke}

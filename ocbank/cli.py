@@ -1,4 +1,4 @@
-"""The ``ocbank`` command line: build, evaluate, predict, suggest-radius."""
+"""The ``ocbank`` command line: build, update, evaluate, predict, suggest-radius."""
 
 from __future__ import annotations
 
@@ -30,27 +30,40 @@ def _load_config(args: argparse.Namespace) -> Any:
 def cmd_build(args: argparse.Namespace) -> int:
     from .jobs import build as jobs  # noqa: PLC0415
 
-    cfg = _load_config(args)
-    report = jobs.build_all(
-        cfg,
-        args.out,
-        _classes(args.classes),
-        backend=args.backend,
-        address=args.address,
+    plan = jobs.BuildPlan(
+        config=_load_config(args),
+        out_dir=args.out,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
-        single_bank=args.single_bank,
         shards=args.shards,
-        retries=args.retries,
-        ray_cpus=args.ray_cpus,
         threads=args.threads,
         progress=not args.quiet,
+        calibration=args.calibration,
+    )
+    ray_opts = jobs.RayOptions(address=args.address, cpus=args.ray_cpus, retries=args.retries)
+    report = jobs.build_all(
+        plan, _classes(args.classes), single_bank=args.single_bank, backend=args.backend, ray_opts=ray_opts
     )
     print(jobs.format_summary(report))
     print(f"banks in {args.out}; summary: {Path(args.out) / jobs.SUMMARY_NAME}")
     for name in report["failed"]:
         print(f"ocbank: error: class {name!r} failed: {report['classes'][name]['error']}", file=sys.stderr)
     return 1 if report["failed"] else 0
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    from .jobs.update import UpdateJob, update_bank  # noqa: PLC0415
+
+    job = UpdateJob(bank=args.bank, inputs=tuple(args.input), out=args.out, calibration=args.calibration, device=args.device)
+    row = update_bank(job)
+    print(
+        f"added {row['images_added']} images ({row['images_skipped']} unreadable): "
+        f"K {row['n_centroids_before']} -> {row['n_centroids']}; wrote {args.out}"
+    )
+    if row["thresholds_predate_update"]:
+        print("ocbank: warning: the OK/NG thresholds predate this update; pass --calibration to refresh them.",
+              file=sys.stderr)
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -68,9 +81,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .jobs import predict  # noqa: PLC0415
 
-    rows = predict.predict(args.bank, args.input, args.out, args.save_maps, progress=not args.quiet, device=args.device)
+    rows = predict.predict(
+        args.bank, args.input, args.out, args.save_maps, progress=not args.quiet, device=args.device,
+        save_masks=args.save_masks,
+    )
     for row in rows:
-        print(f"{row['score']:10.4f}  {row['path']}" if row["status"] == "ok" else f"{'unreadable':>10}  {row['path']}")
+        if row["status"] != "ok":
+            print(f"{'unreadable':>10}  {row['path']}")
+        else:
+            print(f"{row['score']:10.4f} {row.get('label') or '':>3}  {row['path']}")
     print(f"scores: {Path(args.out) / 'scores.csv'}  heatmaps: {Path(args.out) / 'heatmaps'}")
     return 0
 
@@ -116,7 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-cpus", type=int, help="CPUs for a local Ray (default: all)")
     p.add_argument("--threads", type=int,
                    help="CPU threads for torch and faiss (default: torch's; Ray workers get the driver's)")
+    p.add_argument("--calibration", metavar="DIR",
+                   help="normal images for the OK/NG thresholds (default: a seeded hold-out of the training images)")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("update", help="stream new normal images into a bank (keeps learning on the line)")
+    p.add_argument("--bank", required=True, help="the bank to update")
+    p.add_argument("--input", required=True, nargs="+", help="new normal images: files or folders")
+    p.add_argument("--out", required=True, help="the new bank file (atomic; may be the same path)")
+    p.add_argument("--calibration", metavar="DIR", help="normal images to recalibrate the thresholds on")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_update)
 
     p = sub.add_parser("evaluate", help="score test splits, write metrics.json and scores.csv")
     p.add_argument("--config", required=True)
@@ -132,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, nargs="+", help="image files or folders")
     p.add_argument("--out", required=True)
     p.add_argument("--save-maps", action="store_true", help="also write raw maps as .npy")
+    p.add_argument("--save-masks", action="store_true", help="also write binary defect masks as PNG (calibrated banks)")
     p.add_argument("--device")
     p.set_defaults(func=cmd_predict)
 

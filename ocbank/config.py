@@ -1,9 +1,21 @@
-"""YAML run configuration: defaults, strict key checking and validation."""
+"""Typed run configuration: one frozen dataclass per section, each default written once.
+
+A YAML file (or a nested dict) maps onto :class:`Config`; unknown keys are errors that
+name the key, and every value is validated when its section is constructed. A config
+serialises back to a plain dict (:meth:`Config.to_dict`) for bank metadata.
+
+    cfg = load("configs/mvtec.yaml")            # or a bundled config by name: load("mvtec")
+    cfg.scoring.sigma, cfg.data.resize, cfg.bank.radius
+"""
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -11,164 +23,318 @@ import yaml
 
 from .errors import ConfigError
 
-
-DEFAULTS: dict[str, Any] = {
-    "data": {
-        "format": "mvtec",  # mvtec | realiad | folder
-        "root": None,
-        "classes": "all",  # "all" or a list of class names
-        "resize": 256,
-        "crop": 224,  # null: no crop (the 512 setting)
-        "json_dir": "realiad_jsons/realiad_jsons",  # realiad: split files, relative to root
-        "image_dir": "realiad_256",  # realiad: resolution folder, relative to root
-        "batch_size": 16,
-        "num_workers": 0,
-    },
-    "backbone": {
-        "name": "wide_resnet50_2",
-        "weights": "imagenet",  # imagenet | none | path/to/state_dict.pth
-        "pool": "none",  # none | avg3
-        "autocast": "none",  # none | fp16 | bf16 (CUDA only)
-    },
-    "bank": {
-        "radius": "auto",  # "auto" (p99 of nearest-other-patch distances) or a number
-        "radius_images": 50,  # images sampled for radius: auto
-        "seed": 0,
-    },
-    "scoring": {"sigma": 4.0},
-    "device": "auto",
-}
-
 FORMATS = ("mvtec", "realiad", "folder")
+POOLS = ("none", "avg3")
+AUTOCAST = ("none", "fp16", "bf16")
+BACKBONES = ("wide_resnet50_2",)
+MAX_NUM_WORKERS = 64
+MAX_IMAGE_SIDE = 8192
+MAX_BATCH_SIZE = 4096
+MAX_SIGMA = 64.0
+# A radius whose square overflows float64 cannot be compared with squared distances.
+MAX_RADIUS = 1e150
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
-def _merge(defaults: dict[str, Any], given: dict[str, Any], where: str) -> dict[str, Any]:
-    out = copy.deepcopy(defaults)
-    for key, value in given.items():
-        name = f"{where}.{key}" if where else key
-        if key not in defaults:
-            known = ", ".join(sorted(defaults))
-            msg = f"unknown config key {name!r}. Known keys here: {known}."
-            raise ConfigError(msg)
-        if isinstance(defaults[key], dict):
-            if not isinstance(value, dict):
-                msg = f"config key {name!r} must be a mapping, got {value!r}."
-                raise ConfigError(msg)
-            out[key] = _merge(defaults[key], value, name)
-        else:
-            out[key] = value
-    return out
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _positive_int(cfg: dict[str, Any], section: str, key: str, allow_zero: bool = False) -> None:
-    value = cfg[section][key]
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        msg = f"{section}.{key} must be an integer >= {low}, got {value!r}."
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int_in(where: str, value: Any, low: int, high: int | None = None) -> None:
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        msg = f"{where} must be an integer {bound}, got {value!r}. Fix it in the config."
         raise ConfigError(msg)
 
 
-@dataclass
-class Config:
-    """A validated configuration; ``raw`` is the full nested dict with defaults."""
+def _choice(where: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        msg = f"{where} must be one of {choices}, got {value!r}."
+        raise ConfigError(msg)
 
-    raw: dict[str, Any]
-    source: str = "<dict>"
 
-    @property
-    def data(self) -> dict[str, Any]:
-        return self.raw["data"]
+def check_class_name(name: Any, where: str = "class name") -> str:
+    """A class name is a plain file name: letters, digits, ``_ . -``; no separators, no ``..``."""
+    if not isinstance(name, str) or not _PLAIN_NAME.match(name) or ".." in name:
+        msg = (
+            f"{where} must be a plain name (letters, digits, '_', '.', '-'; no '/', '\\' or '..'), "
+            f"got {name!r}. Use the class folder's name."
+        )
+        raise ConfigError(msg)
+    return name
 
-    @property
-    def backbone(self) -> dict[str, Any]:
-        return self.raw["backbone"]
 
-    @property
-    def bank(self) -> dict[str, Any]:
-        return self.raw["bank"]
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images are and how they are resized and cropped."""
 
-    @property
-    def device(self) -> str:
-        return self.raw["device"]
+    format: str = "mvtec"  # mvtec | realiad | folder
+    root: str | None = None
+    classes: str | tuple[str, ...] = "all"  # "all" or class names
+    resize: int = 256  # resize to a square ...
+    crop: int | None = 224  # ... then center crop (None: no crop, the 512 setting)
+    json_dir: str = "realiad_jsons/realiad_jsons"  # realiad: split files, relative to root
+    image_dir: str = "realiad_256"  # realiad: resolution folder, relative to root
+    batch_size: int = 16
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("data.format", self.format, FORMATS)
+        if self.root is not None and not isinstance(self.root, (str, Path)):
+            msg = f"data.root must be a folder path (a string), got {self.root!r}. Quote it in the YAML."
+            raise ConfigError(msg)
+        if self.root is not None:
+            object.__setattr__(self, "root", str(self.root))
+        classes = self.classes
+        if isinstance(classes, list):
+            classes = tuple(classes)
+            object.__setattr__(self, "classes", classes)
+        if classes != "all":
+            if not isinstance(classes, tuple) or not classes:
+                msg = f"data.classes must be 'all' or a non-empty list of class names, got {classes!r}."
+                raise ConfigError(msg)
+            for name in classes:
+                check_class_name(name, "each entry of data.classes")
+        _int_in("data.resize", self.resize, 1, MAX_IMAGE_SIDE)
+        if self.crop is not None:
+            _int_in("data.crop", self.crop, 1, MAX_IMAGE_SIDE)
+            if self.crop > self.resize:
+                msg = f"data.crop ({self.crop}) must not exceed data.resize ({self.resize}). Lower crop or raise resize."
+                raise ConfigError(msg)
+        for key in ("json_dir", "image_dir"):
+            if not isinstance(getattr(self, key), str):
+                msg = f"data.{key} must be a relative folder path, got {getattr(self, key)!r}."
+                raise ConfigError(msg)
+        _int_in("data.batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        _int_in("data.num_workers", self.num_workers, 0, MAX_NUM_WORKERS)
 
     @property
     def image_size(self) -> int:
-        return int(self.data["crop"] or self.data["resize"])
+        """Side S of the square model input (the crop, or the resize when there is none)."""
+        return int(self.crop or self.resize)
 
 
-def from_dict(given: dict[str, Any], source: str = "<dict>", require_root: bool = True) -> Config:
-    """Merge ``given`` over the defaults and validate it."""
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The feature extractor: WideResNet-50 layer2 + upsampled layer3 (1536-d)."""
+
+    name: str = "wide_resnet50_2"
+    weights: str = "imagenet"  # imagenet | none (random, seeded; tests and demo only) | path/to/state_dict.pth
+    pool: str = "none"  # none | avg3 (PatchCore's 3x3 local averaging)
+    autocast: str = "none"  # none | fp16 | bf16 (CUDA only)
+
+    def __post_init__(self) -> None:
+        _choice("backbone.name", self.name, BACKBONES)
+        if not isinstance(self.weights, str) or not self.weights:
+            msg = f"backbone.weights must be 'imagenet', 'none' or a .pth path, got {self.weights!r}."
+            raise ConfigError(msg)
+        _choice("backbone.pool", self.pool, POOLS)
+        _choice("backbone.autocast", self.autocast, AUTOCAST)
+
+
+def check_radius(value: Any, where: str = "bank.radius") -> float | str:
+    """'auto' or a positive finite number whose square is finite."""
+    if value == "auto":
+        return "auto"
+    if not _is_number(value) or not (0 < float(value) <= MAX_RADIUS) or math.isnan(float(value)):
+        msg = f"{where} must be 'auto' or a positive finite number (at most {MAX_RADIUS:g}), got {value!r}."
+        raise ConfigError(msg)
+    return float(value)
+
+
+@dataclass(frozen=True)
+class BankConfig:
+    """The cluster bank: absorption radius and the radius rule's sample."""
+
+    radius: float | str = "auto"  # "auto" (p99 of nearest-other-patch distances) or a number
+    radius_images: int = 50  # images sampled for radius: auto
+    seed: int = 0
+    max_centroids: int | None = None  # a hard cap on the bank's size (None: unbounded)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "radius", check_radius(self.radius))
+        _int_in("bank.radius_images", self.radius_images, 1)
+        _int_in("bank.seed", self.seed, 0)
+        if self.max_centroids is not None:
+            _int_in("bank.max_centroids", self.max_centroids, 1)
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """Patch distances -> image score (max) and map (upsampled, Gaussian-smoothed)."""
+
+    sigma: float = 4.0  # Gaussian blur of the maps in pixels (PatchCore's 4); 0 = none
+
+    def __post_init__(self) -> None:
+        s = self.sigma
+        if not _is_number(s) or not math.isfinite(float(s)) or not 0 <= float(s) <= MAX_SIGMA:
+            msg = f"scoring.sigma must be a number in [0, {MAX_SIGMA:g}] (pixels), got {s!r}. PatchCore uses 4."
+            raise ConfigError(msg)
+        object.__setattr__(self, "sigma", float(s))
+
+
+@dataclass(frozen=True)
+class DecisionConfig:
+    """How OK/NG thresholds are calibrated from normal images only."""
+
+    false_alarm_rate: float = 0.01  # target share of normal images flagged NG
+    holdout: float = 0.1  # share of training images held out for calibration when no folder is given
+
+    def __post_init__(self) -> None:
+        for key, low, high in (("false_alarm_rate", 0.0, 0.5), ("holdout", 0.0, 0.5)):
+            v = getattr(self, key)
+            if not _is_number(v) or not low < float(v) <= high:
+                msg = f"decision.{key} must be a number in ({low}, {high}], got {v!r}."
+                raise ConfigError(msg)
+            object.__setattr__(self, key, float(v))
+
+
+def check_device(value: Any, where: str = "device") -> str:
+    if not isinstance(value, str) or not (value in ("cpu", "cuda", "auto") or re.fullmatch(r"cuda:\d+", value)):
+        msg = f"{where} must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {value!r}."
+        raise ConfigError(msg)
+    return value
+
+
+_SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "backbone": BackboneConfig,
+    "bank": BankConfig,
+    "scoring": ScoringConfig,
+    "decision": DecisionConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated run configuration."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    decision: DecisionConfig = field(default_factory=DecisionConfig)
+    device: str = "auto"
+    source: str = field(default="<dict>", compare=False)
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+        if self.device == "cpu" and self.backbone.autocast != "none":
+            msg = (
+                f"backbone.autocast {self.backbone.autocast!r} needs a CUDA device, got device 'cpu'. "
+                "Set backbone.autocast: none for CPU runs."
+            )
+            raise ConfigError(msg)
+
+    @property
+    def image_size(self) -> int:
+        return self.data.image_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain nested dict (YAML/JSON-ready) that :func:`from_dict` reads back."""
+        out: dict[str, Any] = {}
+        for name in _SECTIONS:
+            section = dataclasses.asdict(getattr(self, name))
+            if isinstance(section.get("classes"), tuple):
+                section["classes"] = list(section["classes"])
+            out[name] = section
+        out["device"] = self.device
+        return out
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with sections or fields replaced: ``cfg.replace(device="cpu", data={"root": "x"})``."""
+        given = self.to_dict()
+        for key, value in changes.items():
+            if isinstance(value, dict) and isinstance(given.get(key), dict):
+                given[key] = {**given[key], **value}
+            else:
+                given[key] = value
+        return from_dict(given, source=self.source, require_root=False)
+
+
+def _section(name: str, cls: type, given: Any) -> Any:
+    if not isinstance(given, dict):
+        msg = f"config key {name!r} must be a mapping, got {given!r}."
+        raise ConfigError(msg)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in given:
+        if key not in known:
+            msg = f"unknown config key '{name}.{key}'. Known keys here: {', '.join(sorted(known))}."
+            raise ConfigError(msg)
+    return cls(**given)
+
+
+def from_dict(given: Any, source: str = "<dict>", require_root: bool = True) -> Config:
+    """Build and validate a :class:`Config` from a nested dict (missing keys take their defaults)."""
     if not isinstance(given, dict):
         msg = f"{source}: a config must be a YAML mapping, got {type(given).__name__}."
         raise ConfigError(msg)
-    cfg = _merge(DEFAULTS, given, "")
-    data, backbone, bank = cfg["data"], cfg["backbone"], cfg["bank"]
-    if data["format"] not in FORMATS:
-        msg = f"data.format must be one of {FORMATS}, got {data['format']!r}."
-        raise ConfigError(msg)
+    for key in given:
+        if key not in (*_SECTIONS, "device"):
+            msg = f"unknown config key {key!r}. Known keys here: {', '.join(sorted([*_SECTIONS, 'device']))}."
+            raise ConfigError(msg)
+    sections = {name: _section(name, cls, given.get(name, {})) for name, cls in _SECTIONS.items()}
+    cfg = Config(**sections, device=check_device(given.get("device", "auto")), source=source)
     if require_root:
-        if not data["root"]:
-            msg = f"{source}: data.root is not set. Point it at the dataset folder."
-            raise ConfigError(msg)
-        if not Path(data["root"]).is_dir():
-            msg = f"data.root {data['root']!r} does not exist or is not a folder. Fix the path in {source}."
-            raise ConfigError(msg)
-    classes = data["classes"]
-    if classes != "all" and not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
-        msg = f"data.classes must be 'all' or a list of class names, got {classes!r}."
+        check_root(cfg)
+    return cfg
+
+
+def check_root(cfg: Config) -> None:
+    """data.root must be set and be an existing folder."""
+    root = cfg.data.root
+    if not root:
+        msg = f"{cfg.source}: data.root is not set. Point it at the dataset folder."
         raise ConfigError(msg)
-    for key in ("resize", "batch_size"):
-        _positive_int(cfg, "data", key)
-    _positive_int(cfg, "data", "num_workers", allow_zero=True)
-    if data["crop"] is not None:
-        _positive_int(cfg, "data", "crop")
-        if data["crop"] > data["resize"]:
-            msg = f"data.crop ({data['crop']}) must not exceed data.resize ({data['resize']})."
-            raise ConfigError(msg)
-    if backbone["name"] != "wide_resnet50_2":
-        msg = f"backbone.name must be 'wide_resnet50_2', got {backbone['name']!r}."
+    if not Path(root).is_dir():
+        msg = f"data.root {root!r} does not exist or is not a folder. Fix the path in {cfg.source}."
         raise ConfigError(msg)
-    if not isinstance(backbone["weights"], str) or not backbone["weights"]:
-        msg = f"backbone.weights must be 'imagenet', 'none' or a .pth path, got {backbone['weights']!r}."
-        raise ConfigError(msg)
-    for key, choices in (("pool", ("none", "avg3")), ("autocast", ("none", "fp16", "bf16"))):
-        if backbone[key] not in choices:
-            msg = f"backbone.{key} must be one of {choices}, got {backbone[key]!r}."
-            raise ConfigError(msg)
-    radius = bank["radius"]
-    if radius != "auto" and (
-        isinstance(radius, bool) or not isinstance(radius, (int, float)) or not 0 < float(radius) < float("inf")
-    ):
-        msg = f"bank.radius must be 'auto' or a positive number, got {radius!r}."
-        raise ConfigError(msg)
-    _positive_int(cfg, "bank", "radius_images")
-    _positive_int(cfg, "bank", "seed", allow_zero=True)
-    sigma = cfg["scoring"]["sigma"]
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or sigma < 0:
-        msg = f"scoring.sigma must be a number >= 0, got {sigma!r}."
-        raise ConfigError(msg)
-    if cfg["device"] not in ("cpu", "cuda", "auto") and not str(cfg["device"]).startswith("cuda:"):
-        msg = f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {cfg['device']!r}."
-        raise ConfigError(msg)
-    return Config(raw=cfg, source=source)
+
+
+def bundled_configs() -> list[str]:
+    """Names of the configs shipped with the package (``mvtec``, ``realiad``, ...)."""
+    folder = resources.files("ocbank") / "configs"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(path: str | Path) -> tuple[Any, str]:
+    """The YAML text of a config file, or of a bundled config given by name."""
+    p = Path(path)
+    if p.is_file():
+        return p.read_text(encoding="utf-8"), str(p)
+    name = str(path)
+    if "/" not in name and "\\" not in name and not p.suffix:
+        bundled = resources.files("ocbank") / "configs" / f"{name}.yaml"
+        if bundled.is_file():
+            return bundled.read_text(encoding="utf-8"), f"<bundled {name}.yaml>"
+    msg = (
+        f"config file {path} does not exist. Pass --config with a YAML file, or a bundled config by name "
+        f"({', '.join(bundled_configs())})."
+    )
+    raise ConfigError(msg)
 
 
 def load(path: str | Path, overrides: dict[str, Any] | None = None, require_root: bool = True) -> Config:
-    """Read a YAML config file and validate it (``overrides`` are merged on top)."""
-    p = Path(path)
-    if not p.is_file():
-        msg = f"config file {p} does not exist. Pass --config with a YAML file, e.g. configs/mvtec.yaml."
-        raise ConfigError(msg)
+    """Read a YAML config file (or a bundled one by name) and validate it; ``overrides`` merge on top."""
+    text, source = _read_yaml(path)
     try:
-        given = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        given = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        msg = f"{p} is not valid YAML: {exc}".replace("\n", " ")
+        msg = f"{source} is not valid YAML: {exc}".replace("\n", " ")
         raise ConfigError(msg) from exc
     if overrides:
+        if not isinstance(given, dict):
+            msg = f"{source}: a config must be a YAML mapping, got {type(given).__name__}."
+            raise ConfigError(msg)
         given = copy.deepcopy(given)
         for section, values in overrides.items():
             if isinstance(values, dict):
-                given.setdefault(section, {}).update(values)
+                current = given.get(section) or {}
+                given[section] = {**current, **values} if isinstance(current, dict) else values
             else:
                 given[section] = values
-    return from_dict(given, source=str(p), require_root=require_root)
+    return from_dict(given, source=source, require_root=require_root)

@@ -17,13 +17,13 @@ from . import config
 from .jobs import build, evaluate
 from .synthetic import make_dataset
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEMO_CONFIG = "demo"  # the bundled configs/demo.yaml, found by name inside the installed package
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="demo_out", help="output folder (data, banks, results)")
-    ap.add_argument("--config", default=str(DEMO_CONFIG))
+    ap.add_argument("--config", default=DEMO_CONFIG, help="a YAML path or a bundled config name")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="ocbank: %(levelname)s: %(message)s")
@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config.load(args.config, overrides={"data": {"root": str(data_root)}})
     print("ocbank demo: synthetic textures, backbone weights 'none' (random init, seeded; no download).")
     t0 = time.perf_counter()
-    summary = build.build_all(cfg, out / "banks", progress=not args.quiet)["classes"]
+    plan = build.BuildPlan(cfg, str(out / "banks"), progress=not args.quiet)
+    summary = build.build_all(plan)["classes"]
     t1 = time.perf_counter()
     report = evaluate.evaluate(cfg, out / "banks", out / "results", heatmaps=3, progress=not args.quiet)
     t2 = time.perf_counter()

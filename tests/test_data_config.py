@@ -131,7 +131,7 @@ def test_missing_root_and_bad_values(tmp_path):
 def test_shipped_configs_are_valid():
     for path in sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml")):
         cfg = config_mod.load(path, require_root=False)
-        assert cfg.backbone["name"] == "wide_resnet50_2"
+        assert cfg.backbone.name == "wide_resnet50_2"
     real = config_mod.load(Path(__file__).resolve().parents[1] / "configs" / "realiad_512.yaml", require_root=False)
     assert real.image_size == 512
 

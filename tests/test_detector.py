@@ -1,4 +1,4 @@
-"""The Detector API: fit/predict on paths, PIL images and arrays; save/load; threads."""
+"""The Detector API: keyword parameters, fit/predict on every input kind, calibration, save/load, threads."""
 
 from __future__ import annotations
 
@@ -7,23 +7,58 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ocbank import Detector
-from ocbank.data import DataError
+from ocbank.config import ConfigError
+from ocbank.data import DataError, Transform, open_image
+from ocbank.errors import InputError, InputTypeError, NotFittedError
+from ocbank.model.calibration import conservative_quantile
+from ocbank.model.features import FEATURE_DIM
 
 from .conftest import tiny_config
 
 
+def _train(root) -> list[str]:
+    return [str(p) for p in sorted((Path(root) / "weave" / "train" / "good").glob("*.png"))]
+
+
+def _test_images(root) -> list[Path]:
+    return sorted((Path(root) / "weave" / "test").rglob("*.png"))
+
+
 @pytest.fixture(scope="module")
 def fitted(tiny_mvtec, extractor):
-    train = sorted((Path(tiny_mvtec) / "weave" / "train" / "good").glob("*.png"))
-    det = Detector(tiny_config(tiny_mvtec), extractor=extractor)
-    return det.fit([str(p) for p in train])
+    det = Detector.from_config(tiny_config(tiny_mvtec), extractor=extractor)
+    return det.fit(_train(tiny_mvtec))
 
 
-def _test_images(root):
-    return sorted((Path(root) / "weave" / "test").rglob("*.png"))
+def _as_batch(paths: list[Path], size: int = 64, resize: int = 72) -> torch.Tensor:
+    """The documented tensor input: resized and cropped RGB in [0, 1], [N, 3, S, S]."""
+    rgb = [Transform(resize, size).image(open_image(str(p)))[1] for p in paths]
+    return torch.from_numpy(np.stack(rgb)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def test_keyword_parameters_equal_the_config_route(tiny_mvtec, extractor):
+    det = Detector(weights="none", radius=5.0, image_size=64, resize=72, batch_size=4, device="cpu", extractor=extractor)
+    cfg = tiny_config(tiny_mvtec, bank={"radius": 5.0})
+    other = Detector.from_config(cfg, extractor=extractor)
+    assert det.config.backbone == other.config.backbone and det.config.bank.radius == other.config.bank.radius
+    assert det.config.image_size == 64 and det.config.data.resize == 72
+    assert Detector().config.image_size == 224 and Detector().config.data.resize == 256
+    assert Detector(image_size=512).config.data.resize == 585
+
+
+def test_init_validates_and_does_nothing_else():
+    det = Detector(weights="none")
+    assert det._extractor is None and "bank_" not in det.__dict__  # nothing loaded or built
+    for bad in ({"sigma": -1.0}, {"sigma": float("nan")}, {"radius": float("inf")}, {"radius": 1e200},
+                {"pool": "max"}, {"image_size": 300, "resize": 256}, {"device": "tpu"}, {"num_workers": 10_000}):
+        with pytest.raises(ConfigError):
+            Detector(**bad)
+    with pytest.raises(NotFittedError, match="no bank"):
+        det.predict(np.zeros((8, 8, 3), np.uint8))
 
 
 def test_fit_records_radius_and_summary(fitted):
@@ -32,33 +67,112 @@ def test_fit_records_radius_and_summary(fitted):
     assert fitted.bank.n_seen == 6 * 8 * 8
 
 
-def test_predict_accepts_paths_pil_and_arrays(fitted, tiny_mvtec):
+def test_fit_resets_fitted_state(tiny_mvtec, extractor):
+    paths = _train(tiny_mvtec)
+    det = Detector.from_config(tiny_config(tiny_mvtec), extractor=extractor)
+    det.fit(paths[:3])
+    det.decision_ = "stale"  # any fitted attribute must go
+    det.fit(paths)
+    fresh = Detector.from_config(tiny_config(tiny_mvtec), extractor=extractor).fit(paths)
+    assert "decision_" not in det.__dict__
+    np.testing.assert_array_equal(det.bank.counts, fresh.bank.counts)
+    np.testing.assert_array_equal(det.bank.means, fresh.bank.means)
+
+
+def test_scores_are_the_max_patch_distance(fitted, tiny_mvtec):
+    """Independent reference: features -> bank.search -> max, and the smoothed map never exceeds it."""
     paths = _test_images(tiny_mvtec)[:3]
-    s1, m1 = fitted.predict([str(p) for p in paths])
+    pred = fitted.predict([str(p) for p in paths])
+    feats = fitted.extractor(_normalised(paths)).reshape(-1, FEATURE_DIM)
+    dist, _ = fitted.bank.search(feats, k=1)
+    np.testing.assert_allclose(pred.scores, dist.reshape(3, -1).max(axis=1), rtol=1e-5)
+    assert (pred.maps.reshape(3, -1).max(axis=1) <= pred.scores * (1 + 1e-5)).all()
+    assert (pred.maps.reshape(3, -1).max(axis=1) >= dist.reshape(3, -1).min(axis=1)).all()
+
+
+def _normalised(paths: list[Path]) -> torch.Tensor:
+    return torch.stack([Transform(72, 64).image(open_image(str(p)))[0] for p in paths])
+
+
+def test_predict_accepts_every_input_kind(fitted, tiny_mvtec):
+    paths = _test_images(tiny_mvtec)[:3]
+    ref = fitted.predict([str(p) for p in paths])
     pils = [Image.open(p).convert("RGB") for p in paths]
-    s2, m2 = fitted.predict(pils)
-    s3, m3 = fitted.predict([np.asarray(p) for p in pils])
-    assert m1.shape == (3, 64, 64) and s1.shape == (3,)
-    for s, m in ((s2, m2), (s3, m3)):
-        np.testing.assert_allclose(s, s1, rtol=1e-5)
-        np.testing.assert_allclose(m, m1, rtol=1e-5, atol=1e-5)
-    assert np.allclose(s1, m1.max(axis=(1, 2)), rtol=0.5)  # smoothed maps stay near the scores
+    for other in (fitted.predict(pils), fitted.predict([np.asarray(p) for p in pils])):
+        np.testing.assert_allclose(other.scores, ref.scores, rtol=1e-5)
+        np.testing.assert_allclose(other.maps, ref.maps, rtol=1e-5, atol=1e-5)
+    tensor = fitted.predict(_as_batch(paths))
+    np.testing.assert_allclose(tensor.scores, ref.scores, rtol=1e-5)
+    np.testing.assert_allclose(tensor.maps, ref.maps, rtol=1e-5, atol=1e-5)
+    one = fitted.predict(str(paths[0]))  # one path, not a sequence of characters
+    assert one.scores.shape == (1,) and one.scores[0] == pytest.approx(ref.scores[0], rel=1e-5)
+    assert fitted.predict(paths[0]).scores.shape == (1,) and fitted.predict(pils[0]).scores.shape == (1,)
+    assert fitted.predict(np.asarray(pils[0])).scores.shape == (1,)
+    with pytest.raises(InputTypeError, match="images\\[1\\]"):
+        fitted.predict([str(paths[0]), 42])
+    with pytest.raises(InputTypeError):
+        fitted.predict(42)
+    with pytest.raises(InputError, match="64, 64"):
+        fitted.predict(torch.zeros(2, 3, 32, 32))
 
 
 def test_defects_score_higher_than_normal_on_average(fitted, tiny_mvtec):
     paths = _test_images(tiny_mvtec)
-    scores, _ = fitted.predict([str(p) for p in paths])
+    scores = fitted.predict([str(p) for p in paths]).scores
     bad = np.array(["good" not in str(p) for p in paths])
     assert scores[bad].mean() > scores[~bad].mean()
+
+
+def test_calibrated_decisions(tiny_mvtec, extractor):
+    paths = _train(tiny_mvtec)
+    det = Detector.from_config(tiny_config(tiny_mvtec, decision={"false_alarm_rate": 0.2}), extractor=extractor)
+    det.fit(paths[:4]).calibrate(paths[4:])
+    normal = det.predict(paths[4:])
+    assert det.decision.image_threshold == pytest.approx(conservative_quantile(normal.scores, 0.2))
+    assert det.decision.n_images == 2 and det.decision.false_alarm_rate == 0.2
+    pred = det.predict([str(p) for p in _test_images(tiny_mvtec)])
+    np.testing.assert_array_equal(pred.labels, (pred.scores > det.decision.image_threshold).astype(np.int8))
+    np.testing.assert_allclose(pred.normalized, pred.scores / det.decision.image_threshold, rtol=1e-6)
+    np.testing.assert_array_equal(pred.masks, pred.maps > det.decision.pixel_threshold)
+    assert Detector.from_config(tiny_config(tiny_mvtec), extractor=extractor).fit(paths).predict(paths[0]).labels is None
+
+
+def test_conservative_quantile_is_the_conformal_order_statistic():
+    v = np.arange(1, 101, dtype=float)  # 100 values
+    assert conservative_quantile(v, 0.05) == 96.0  # ceil(0.95 * 101) = 96th smallest
+    assert conservative_quantile(v[:10], 0.01) == 10.0  # too few values: the maximum
+    rng = np.random.default_rng(0)
+    exceed = [np.mean(rng.random(2000) > conservative_quantile(rng.random(200), 0.1)) for _ in range(200)]
+    assert np.mean(exceed) <= 0.1 + 0.01  # the bound holds on average
+
+
+def test_partial_fit_equals_one_fit_over_both(tiny_mvtec, extractor):
+    paths = _train(tiny_mvtec)
+    cfg = tiny_config(tiny_mvtec, bank={"radius": 5.0})
+    step = Detector.from_config(cfg, extractor=extractor).fit(paths[:3]).partial_fit(paths[3:])
+    once = Detector.from_config(cfg, extractor=extractor).fit(paths)
+    np.testing.assert_array_equal(step.bank.counts, once.bank.counts)
+    np.testing.assert_allclose(step.bank.means, once.bank.means, rtol=1e-5, atol=1e-5)
+    assert step.fit_summary_["images_used"] == 6 and step.last_partial_fit_["images_added"] == 3
+
+
+def test_tensor_fit_equals_path_fit(tiny_mvtec, extractor):
+    paths = [Path(p) for p in _train(tiny_mvtec)]
+    cfg = tiny_config(tiny_mvtec, bank={"radius": 5.0})
+    a = Detector.from_config(cfg, extractor=extractor).fit([str(p) for p in paths])
+    b = Detector.from_config(cfg, extractor=extractor).fit(_as_batch(paths))
+    np.testing.assert_array_equal(a.bank.counts, b.bank.counts)
+    np.testing.assert_allclose(a.bank.means, b.bank.means, rtol=1e-5, atol=1e-5)
 
 
 def test_save_load_round_trip(fitted, tiny_mvtec, tmp_path):
     fitted.save(tmp_path / "det.h5")
     again = Detector.load(tmp_path / "det.h5")
     paths = [str(p) for p in _test_images(tiny_mvtec)[:4]]
-    np.testing.assert_allclose(again.predict(paths)[0], fitted.predict(paths)[0], rtol=1e-5)
+    np.testing.assert_allclose(again.predict(paths).scores, fitted.predict(paths).scores, rtol=1e-5)
     assert again.metadata_["backbone"]["weights"] == "none"
     assert again.metadata_["feature_grid"] == [8, 8]
+    assert again.config == fitted.config
 
 
 def test_concurrent_predict_matches_serial(fitted, tiny_mvtec):
@@ -67,26 +181,27 @@ def test_concurrent_predict_matches_serial(fitted, tiny_mvtec):
     serial = [fitted.predict(g) for g in groups]
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
         parallel = list(pool.map(fitted.predict, groups))
-    for (s_a, m_a), (s_b, m_b) in zip(serial, parallel):
-        np.testing.assert_allclose(s_b, s_a, rtol=1e-5)
-        np.testing.assert_allclose(m_b, m_a, rtol=1e-5, atol=1e-5)
+    for a, b in zip(serial, parallel):
+        np.testing.assert_allclose(b.scores, a.scores, rtol=1e-5)
+        np.testing.assert_allclose(b.maps, a.maps, rtol=1e-5, atol=1e-5)
 
 
 def test_unreadable_image_gets_nan(fitted, tmp_path, tiny_mvtec):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG garbage")
     with pytest.warns(UserWarning, match="broken.png"):
-        scores, maps = fitted.predict([str(broken), str(_test_images(tiny_mvtec)[0])])
-    assert np.isnan(scores[0]) and np.isnan(maps[0]).all() and np.isfinite(scores[1])
+        pred = fitted.predict([str(broken), str(_test_images(tiny_mvtec)[0])])
+    assert np.isnan(pred.scores[0]) and np.isnan(pred.maps[0]).all() and np.isfinite(pred.scores[1])
+    assert pred.skipped == (0,)
 
 
 def test_fit_without_usable_images_is_an_error(tmp_path, tiny_mvtec, extractor):
-    det = Detector(tiny_config(tiny_mvtec, bank={"radius": 5.0}), extractor=extractor)
+    det = Detector.from_config(tiny_config(tiny_mvtec, bank={"radius": 5.0}), extractor=extractor)
     with pytest.raises(DataError, match="no images"):
         det.fit([])
     broken = tmp_path / "b.png"
     broken.write_bytes(b"nope")
     with pytest.warns(UserWarning), pytest.raises(DataError, match="could be read"):
         det.fit([str(broken)])
-    with pytest.raises(RuntimeError, match="no bank"):
+    with pytest.raises(NotFittedError, match="no bank"):
         det.predict([str(broken)])

@@ -103,12 +103,12 @@ def folder_split(root: Path) -> ClassSplit:
 
 
 def class_names(cfg: Config) -> list[str]:
-    root = Path(cfg.data["root"])
-    fmt = cfg.data["format"]
+    root = Path(cfg.data.root)
+    fmt = cfg.data.format
     if fmt == "folder":
         return [root.name]
-    available = mvtec_classes(root) if fmt == "mvtec" else realiad_classes(root, cfg.data["json_dir"])
-    wanted = cfg.data["classes"]
+    available = mvtec_classes(root) if fmt == "mvtec" else realiad_classes(root, cfg.data.json_dir)
+    wanted = cfg.data.classes
     if wanted == "all":
         if not available:
             msg = f"no classes found under {root} for data.format={fmt!r}. Check data.root and data.format."
@@ -122,12 +122,12 @@ def class_names(cfg: Config) -> list[str]:
 
 
 def load_split(cfg: Config, name: str) -> ClassSplit:
-    root = Path(cfg.data["root"])
-    fmt = cfg.data["format"]
+    root = Path(cfg.data.root)
+    fmt = cfg.data.format
     if fmt == "mvtec":
         split = mvtec_split(root, name)
     elif fmt == "realiad":
-        split = realiad_split(root, name, cfg.data["json_dir"], cfg.data["image_dir"])
+        split = realiad_split(root, name, cfg.data.json_dir, cfg.data.image_dir)
     else:
         split = folder_split(root)
     return split

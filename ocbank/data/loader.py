@@ -72,10 +72,10 @@ def _worker_init(_: int) -> None:
 
 def make_loader(samples: Sequence[Sample], cfg: Config, with_masks: bool = False) -> DataLoader:
     """Ordered loader (no shuffling: the stream order is part of the bank's identity)."""
-    workers = int(cfg.data["num_workers"])
+    workers = cfg.data.num_workers
     return DataLoader(
-        ImageDataset(samples, Transform(cfg.data["resize"], cfg.data["crop"]), with_masks),
-        batch_size=int(cfg.data["batch_size"]),
+        ImageDataset(samples, Transform(cfg.data.resize, cfg.data.crop), with_masks),
+        batch_size=cfg.data.batch_size,
         shuffle=False,
         num_workers=workers,
         collate_fn=_collate,

@@ -2,8 +2,13 @@
 
 Per class, ``DIR/<class>.partial.h5`` is rewritten (atomically) every
 ``checkpoint_every`` images with the stream position in its metadata;
-``DIR/<class>.h5`` appears only when the class is complete. Because the image
-order is fixed, a resumed build ends with the same bank as an uninterrupted one.
+``DIR/<class>.h5`` appears only when the class is complete. Both record a hash of
+the config and of the ordered training list (paths, sizes, modification times), so
+``--resume`` never continues or keeps a bank built from other input. Because the
+image order is fixed, a resumed build ends with the same bank as an uninterrupted one.
+
+Local and Ray backends run the same :func:`build_class` / :func:`build_shard`, and
+every class ends in :func:`finish_class`.
 """
 
 from __future__ import annotations
@@ -12,17 +17,22 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
+import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from .. import config as config_mod
-from ..data import Sample, class_names, load_split
+from ..config import Config, check_class_name
+from ..data import IMAGE_SUFFIXES, Sample, class_names, load_split
 from ..engine import BankState, ClusterBank, resolve_device
 from ..engine.checkpoint import atomic_write, read_bank
-from ..errors import CheckpointError, DataError
+from ..errors import CheckpointError, ConfigError, DataError, DependencyError
 from ..model.detector import Detector
 from ..model.features import FEATURE_DIM, FeatureExtractor
 from .lock import LOCK_NAME, build_lock
@@ -33,8 +43,74 @@ SINGLE_BANK = "_all_classes"  # --single-bank writes DIR/_all_classes.h5
 SUMMARY_NAME = "build_summary.json"
 DEFAULT_CHECKPOINT_EVERY = 100
 
+__all__ = [
+    "LOCK_NAME",
+    "SINGLE_BANK",
+    "SUMMARY_NAME",
+    "BuildPlan",
+    "ClassJob",
+    "RayOptions",
+    "build_all",
+    "build_class",
+    "build_lock",
+]
 
-# ---------------------------------------------------------------------- one class
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """How every class of one build is made (picklable: it travels to Ray workers)."""
+
+    config: Config
+    out_dir: str
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
+    resume: bool = False
+    shards: int = 1
+    threads: int | None = None  # CPU threads for torch and faiss; None: torch's default
+    progress: bool = False
+    calibration: str | None = None  # a folder of normal images for the OK/NG thresholds
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 1 or self.shards < 1 or (self.threads is not None and self.threads < 1):
+            msg = (
+                f"checkpoint_every, shards and threads must be >= 1, got {self.checkpoint_every}, {self.shards}, "
+                f"{self.threads}."
+            )
+            raise ConfigError(msg)
+        object.__setattr__(self, "out_dir", str(self.out_dir))
+
+    @property
+    def out(self) -> Path:
+        return Path(self.out_dir)
+
+
+@dataclass(frozen=True)
+class ClassJob:
+    """One bank to build: a class, or the single bank over all classes (``samples`` given)."""
+
+    name: str
+    samples: tuple[Sample, ...] | None = None  # None: the class's training list from the dataset
+
+    def __post_init__(self) -> None:
+        if self.name != SINGLE_BANK:
+            check_class_name(self.name)
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str | None = None  # None: start a local Ray
+    cpus: int | None = None  # CPUs of a local Ray (None: all)
+    retries: int = 2  # retries per class or shard
+
+    def __post_init__(self) -> None:
+        if self.cpus is not None and self.cpus < 1:
+            msg = f"--ray-cpus must be >= 1, got {self.cpus}. Omit it to use every CPU."
+            raise ConfigError(msg)
+        if self.retries < 0:
+            msg = f"--retries must be >= 0, got {self.retries}."
+            raise ConfigError(msg)
+
+
+# ---------------------------------------------------------------------- identity
 def set_threads(threads: int | None) -> None:
     """Pin torch's and faiss's CPU thread counts.
 
@@ -50,15 +126,72 @@ def set_threads(threads: int | None) -> None:
         faiss.omp_set_num_threads(threads)
 
 
-def config_key(cfg: config_mod.Config) -> str:
-    """Hash of the settings that determine a bank (loader workers excluded)."""
-    raw = json.loads(json.dumps(cfg.raw))
+def config_key(cfg: Config) -> str:
+    """Hash of the settings that determine a bank (loader workers and device excluded)."""
+    raw = cfg.to_dict()
     raw["data"].pop("num_workers", None)
+    raw["data"].pop("batch_size", None)
+    raw.pop("device", None)
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _completed(final: Path, name: str, key: str) -> dict[str, Any] | None:
-    """The stored summary of a complete, valid bank for this class and config, else None."""
+def input_key(samples: list[Sample], calibration: list[Sample] | None = None) -> str:
+    """Hash of the ordered training (and calibration) list: path, size and mtime of each file."""
+    h = hashlib.sha256()
+    for group in (samples, calibration or []):
+        for s in group:
+            try:
+                st = os.stat(s.path)
+                h.update(f"{s.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{s.path}\0missing\n".encode())
+        h.update(b"--\n")
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class ClassInputs:
+    """The images one class is built and calibrated from."""
+
+    train: list[Sample]
+    calibration: list[Sample] = field(default_factory=list)
+    calibration_source: str = "none"  # "holdout", "folder" or "none"
+
+
+def images_in(folder: str | Path) -> list[Sample]:
+    p = Path(folder)
+    if not p.is_dir():
+        msg = f"calibration folder {p} does not exist. Pass a folder of normal images of this product."
+        raise DataError(msg)
+    files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    if not files:
+        msg = f"no images found in the calibration folder {p}. Supported suffixes: {sorted(IMAGE_SUFFIXES)}."
+        raise DataError(msg)
+    return [Sample(str(f)) for f in files]
+
+
+def class_inputs(plan: BuildPlan, job: ClassJob) -> ClassInputs:
+    """The class's training list, minus a seeded hold-out for calibration when no folder is given."""
+    cfg = plan.config
+    samples = list(job.samples) if job.samples is not None else load_split(cfg, job.name).train
+    if not samples:
+        msg = f"class {job.name!r} has no training images under {cfg.data.root}. Check data.root and the layout."
+        raise DataError(msg)
+    if plan.calibration:
+        return ClassInputs(samples, images_in(plan.calibration), "folder")
+    n_hold = math.ceil(cfg.decision.holdout * len(samples))
+    if len(samples) - n_hold < 1 or n_hold < 1:
+        return ClassInputs(samples)
+    rng = np.random.default_rng(cfg.bank.seed)
+    held = set(rng.choice(len(samples), size=n_hold, replace=False).tolist())
+    train = [s for i, s in enumerate(samples) if i not in held]
+    return ClassInputs(train, [samples[i] for i in sorted(held)], "holdout")
+
+
+# ---------------------------------------------------------------------- one class
+def _completed(final: Path, name: str, key: str, inputs: str) -> dict[str, Any] | None:
+    """The stored summary of a complete, valid bank for this class, config and input, else None."""
     if not final.is_file():
         return None
     try:
@@ -67,128 +200,130 @@ def _completed(final: Path, name: str, key: str) -> dict[str, Any] | None:
         log.warning("rebuilding %s: the existing bank is unusable (%s)", name, exc)
         return None
     if meta.get("complete") and meta.get("class") == name and meta.get("config_key") == key:
-        return meta.get("summary")
+        if meta.get("input_key") == inputs:
+            return meta.get("summary")
+        log.warning("rebuilding %s: its training images changed since %s was built", name, final)
+        return None
     log.warning("rebuilding %s: %s was built with another config or is incomplete", name, final)
     return None
 
 
-def _training_samples(cfg: config_mod.Config, name: str, samples: list[Sample] | None = None) -> list[Sample]:
-    """The class's training list (or the given one); an error when it is empty."""
-    if samples is None:
-        samples = load_split(cfg, name).train
-    if not samples:
-        msg = f"class {name!r} has no training images under {cfg.data['root']}. Check data.root and the layout."
-        raise DataError(msg)
-    return samples
-
-
-def _resume_state(partial: Path, name: str, key: str, n_images: int, device: str) -> tuple[ClusterBank, dict] | None:
+def _resume_state(
+    partial: Path, name: str, key: str, inputs: str, device: str, extractor: FeatureExtractor | None
+) -> Detector | None:
     if not partial.is_file():
         return None
     try:
-        bank = ClusterBank.load(partial, device=device)
-    except CheckpointError as exc:
+        det = Detector.load(partial, device=device, extractor=extractor)
+    except (CheckpointError, DataError) as exc:
         log.warning("class %s: ignoring unusable checkpoint (%s); starting over", name, exc)
         return None
-    meta = bank.metadata_
-    if meta.get("class") != name or meta.get("config_key") != key or meta.get("n_images") != n_images:
+    meta = det.metadata_
+    if meta.get("class") != name or meta.get("config_key") != key or meta.get("input_key") != inputs:
         log.warning("class %s: checkpoint %s is from another config or image list; starting over", name, partial)
         return None
-    return bank, meta
+    return det
 
 
-def build_class(
-    cfg_raw: dict[str, Any],
-    name: str,
-    out_dir: str,
-    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-    resume: bool = False,
-    progress: bool = False,
-    samples: list[Sample] | None = None,
-    extractor: FeatureExtractor | None = None,
-    threads: int | None = None,
-) -> dict[str, Any]:
-    """Build (or resume) ``out_dir/<name>.h5``; return the class's summary row.
+@dataclass
+class _Progress:
+    """What a class's build has done so far (carried across resumes in the checkpoint)."""
 
-    ``samples`` overrides the class's training list (the single-bank job).
-    """
-    set_threads(threads)
-    cfg = config_mod.from_dict(cfg_raw)
-    out = Path(out_dir)
-    final, partial = out / f"{name}.h5", out / f"{name}.partial.h5"
-    key = config_key(cfg)
-    if resume:
-        done = _completed(final, name, key)
-        if done is not None:
-            return {**done, "status": "complete"}
-    samples = _training_samples(cfg, name, samples)
-    det = Detector(cfg, progress=progress, extractor=extractor)
+    images_used: int = 0
+    skipped_files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"images_used": self.images_used, "skipped_files": self.skipped_files, "seconds": self.seconds}
+
+
+def _identity(plan: BuildPlan, job: ClassJob, inputs: ClassInputs) -> dict[str, Any]:
+    cfg = plan.config
+    return {
+        "class": job.name,
+        "config_key": config_key(cfg),
+        "input_key": input_key(inputs.train, inputs.calibration),
+        "dataset": {"format": cfg.data.format, "root": str(cfg.data.root)},
+        "n_images": len(inputs.train),
+    }
+
+
+def finish_class(plan: BuildPlan, job: ClassJob, det: Detector, inputs: ClassInputs, done: _Progress) -> dict[str, Any]:
+    """Calibrate, write ``<class>.h5`` atomically, remove the checkpoint; return the summary row."""
+    if inputs.calibration:
+        det.calibrate(inputs.calibration, source=inputs.calibration_source)
+    bank = det.bank
+    summary = {
+        "n_centroids": len(bank),
+        "bank_bytes": bank.nbytes,
+        "radius": bank.radius,
+        "images_used": done.images_used,
+        "images_skipped": len(done.skipped_files),
+        "seconds": done.seconds,
+        "vectors_per_s": bank.n_seen / max(done.seconds, 1e-9),
+        "calibration": {"source": inputs.calibration_source, "n_images": len(inputs.calibration)},
+    }
+    if det.decision is not None:
+        summary["image_threshold"] = det.decision.image_threshold
+    info = {**_identity(plan, job, inputs), "stream_position": len(inputs.train), "complete": True}
+    det.save(plan.out / f"{job.name}.h5", extra={**info, "progress": done.to_dict(), "summary": summary})
+    with contextlib.suppress(FileNotFoundError):
+        (plan.out / f"{job.name}.partial.h5").unlink()
+    for f in done.skipped_files:
+        log.warning("class %s: skipped unreadable image %s", job.name, f)
+    return summary
+
+
+def build_class(plan: BuildPlan, job: ClassJob, extractor: FeatureExtractor | None = None) -> dict[str, Any]:
+    """Build (or resume) ``out_dir/<name>.h5``; return the class's summary row."""
+    set_threads(plan.threads)
+    cfg = plan.config
+    final, partial = plan.out / f"{job.name}.h5", plan.out / f"{job.name}.partial.h5"
+    inputs = class_inputs(plan, job)
+    identity = _identity(plan, job, inputs)
+    if plan.resume:
+        stored = _completed(final, job.name, identity["config_key"], identity["input_key"])
+        if stored is not None:
+            return {**stored, "status": "complete"}
     device = resolve_device(cfg.device)
-    bank, start, before = None, 0, {"images_used": 0, "skipped_files": [], "seconds": 0.0}
-    state = _resume_state(partial, name, key, len(samples), device) if resume else None
-    if state is None:
+    det = _resume_state(partial, job.name, identity["config_key"], identity["input_key"], device, extractor) if plan.resume else None
+    before, start = _Progress(), 0
+    if det is None:
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()  # an old run's checkpoint must not outlive a fresh start
-    if state is not None:
-        bank, meta = state
-        start = int(meta["stream_position"])
-        before = meta["progress"]
-        det.radius_stats_ = meta.get("radius_stats", {})
-        log.info("class %s: resuming at image %d of %d", name, start, len(samples))
+        det = Detector.from_config(cfg, extractor=extractor)
+    else:
+        start = int(det.metadata_["stream_position"])
+        before = _Progress(**det.metadata_["progress"])
+        log.info("class %s: resuming at image %d of %d", job.name, start, len(inputs.train))
     began = time.perf_counter()
+
+    def progress_now(used: int, skipped: tuple[str, ...]) -> _Progress:
+        return _Progress(
+            before.images_used + used, before.skipped_files + list(skipped), before.seconds + time.perf_counter() - began
+        )
+
     last = start
-
-    def extra(position: int, used: int, skipped: list[str], complete: bool) -> dict[str, Any]:
-        return {
-            "class": name,
-            "config_key": key,
-            "dataset": {"format": cfg.data["format"], "root": str(cfg.data["root"])},
-            "n_images": len(samples),
-            "stream_position": position,
-            "complete": complete,
-            "progress": {
-                "images_used": before["images_used"] + used,
-                "skipped_files": before["skipped_files"] + skipped,
-                "seconds": before["seconds"] + time.perf_counter() - began,
-            },
-        }
-
-    def checkpoint(d: Detector, position: int, used: int, skipped: list[str]) -> None:
-        nonlocal last
-        if position - last >= checkpoint_every and position < len(samples):
-            d.save(partial, extra=extra(position, used, skipped, complete=False))
-            last = position
-
-    det.fit(samples, bank=bank, start=start, on_batch=checkpoint)
+    bar = tqdm(total=len(inputs.train), initial=start, desc=job.name, unit="img", disable=not plan.progress, leave=False)
+    with bar:
+        for step in det.fit_steps(inputs.train, start=start):
+            bar.update(step.position - bar.n)
+            if step.phase == "bank" and step.position - last >= plan.checkpoint_every and step.position < step.n_images:
+                extra = {**identity, "stream_position": step.position, "complete": False}
+                det.save(partial, extra={**extra, "progress": progress_now(step.used, step.skipped).to_dict()})
+                last = step.position
     fit = det.fit_summary_
-    info = extra(len(samples), fit["images_used"], fit["skipped_files"], complete=True)
-    prog = info["progress"]
-    summary = {
-        "n_centroids": len(det.bank),
-        "bank_bytes": det.bank.nbytes,
-        "radius": det.bank.radius,
-        "images_used": prog["images_used"],
-        "images_skipped": len(prog["skipped_files"]),
-        "seconds": prog["seconds"],
-        "vectors_per_s": det.bank.n_seen / max(prog["seconds"], 1e-9),
-        "resumed_at": start,
-    }
-    det.save(final, extra={**info, "summary": summary})
-    with contextlib.suppress(FileNotFoundError):
-        partial.unlink()
-    for f in fit["skipped_files"]:
-        log.warning("class %s: skipped unreadable image %s", name, f)
-    return {**summary, "status": "resumed" if start else "built"}
+    row = finish_class(plan, job, det, inputs, progress_now(fit["images_used"], tuple(fit["skipped_files"])))
+    return {**row, "resumed_at": start, "status": "resumed" if start else "built"}
 
 
 # ---------------------------------------------------------------------- shards
-def shard_bank(cfg_raw: dict[str, Any], samples: list[Sample], radius: float, threads: int | None = None) -> dict[str, Any]:
+def build_shard(plan: BuildPlan, samples: list[Sample], radius: float) -> dict[str, Any]:
     """Build one shard's bank at a fixed radius; return its arrays (small, picklable)."""
-    set_threads(threads)
-    cfg = config_mod.from_dict(cfg_raw)
-    det = Detector(cfg)
-    bank = ClusterBank(FEATURE_DIM, radius, device=resolve_device(cfg.device))
-    det.fit(samples, bank=bank)
+    set_threads(plan.threads)
+    det = Detector.from_config(plan.config.replace(bank={"radius": radius}))
+    det.fit(samples)
+    bank = det.bank
     return {
         "means": np.array(bank.means),
         "counts": np.array(bank.counts),
@@ -198,7 +333,7 @@ def shard_bank(cfg_raw: dict[str, Any], samples: list[Sample], radius: float, th
     }
 
 
-def split_shards(samples: list[Sample], shards: int) -> list[list[Sample]]:
+def split_shards(samples: list[Any], shards: int) -> list[list[Any]]:
     """Contiguous, nearly equal shards in stream order."""
     bounds = np.linspace(0, len(samples), shards + 1).round().astype(int)
     return [samples[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
@@ -213,47 +348,40 @@ def merge_shards(parts: list[dict[str, Any]], radius: float, device: str) -> Clu
     return merged
 
 
-def build_class_sharded(
-    cfg_raw: dict[str, Any], name: str, out_dir: str, shards: int, run_shards: Any, resume: bool = False,
-    threads: int | None = None,
-) -> dict[str, Any]:
-    """Radius once for the class, shards built by ``run_shards(jobs)``, merged in order."""
-    set_threads(threads)
-    cfg = config_mod.from_dict(cfg_raw)
-    out = Path(out_dir)
-    final = out / f"{name}.h5"
-    key = config_key(cfg)
-    if resume:
-        done = _completed(final, name, key)
-        if done is not None:
-            return {**done, "status": "complete"}
-    samples = _training_samples(cfg, name)
+ShardRunner = Callable[[list[tuple[BuildPlan, list[Sample], float]]], list[dict[str, Any]]]
+
+
+def build_class_sharded(plan: BuildPlan, job: ClassJob, run_shards: ShardRunner) -> dict[str, Any]:
+    """Radius once for the class, shards built by ``run_shards``, merged in order, then finished."""
+    set_threads(plan.threads)
+    inputs = class_inputs(plan, job)
+    identity = _identity(plan, job, inputs)
+    if plan.resume:
+        stored = _completed(plan.out / f"{job.name}.h5", job.name, identity["config_key"], identity["input_key"])
+        if stored is not None:
+            return {**stored, "status": "complete"}
     began = time.perf_counter()
-    det = Detector(cfg)
-    radius, stats = det.choose_radius(samples)
-    parts = run_shards([(cfg_raw, part, radius, threads) for part in split_shards(samples, shards)])
-    bank = merge_shards(parts, radius, resolve_device(cfg.device))
-    seconds = time.perf_counter() - began
-    skipped = [f for p in parts for f in p["skipped_files"]]
-    summary = {
-        "n_centroids": len(bank),
-        "bank_bytes": bank.nbytes,
-        "radius": radius,
-        "images_used": sum(p["images_used"] for p in parts),
-        "images_skipped": len(skipped),
-        "seconds": seconds,
-        "vectors_per_s": bank.n_seen / seconds,
-        "shards": shards,
-    }
-    det.bank_ = bank
+    det = Detector.from_config(plan.config)
+    order = det.training_order(len(inputs.train))
+    if plan.config.bank.radius == "auto":
+        # The shards need r before they start: fit the radius sample alone for it.
+        probe = Detector.from_config(plan.config).fit([inputs.train[i] for i in order[: det.n_radius_images(len(order))]])
+        radius, stats = probe.bank.radius, probe.radius_stats_
+    else:
+        radius, stats = float(plan.config.bank.radius), {"suggested": float(plan.config.bank.radius), "source": "config"}
+    ordered = [inputs.train[i] for i in order]
+    parts = run_shards([(plan, part, radius) for part in split_shards(ordered, plan.shards)])
+    det.bank_ = merge_shards(parts, radius, resolve_device(plan.config.device))
     det.radius_stats_ = stats
-    det.save(final, extra={"class": name, "config_key": key, "complete": True, "n_images": len(samples),
-                           "stream_position": len(samples), "summary": summary, "shards": shards})
-    return {**summary, "status": "built"}
+    done = _Progress(
+        sum(p["images_used"] for p in parts), [f for p in parts for f in p["skipped_files"]], time.perf_counter() - began
+    )
+    row = finish_class(plan, job, det, inputs, done)
+    return {**row, "shards": plan.shards, "status": "built"}
 
 
 # ---------------------------------------------------------------------- all classes
-def interleaved_samples(cfg: config_mod.Config, names: list[str]) -> list[Sample]:
+def interleaved_samples(cfg: Config, names: list[str]) -> list[Sample]:
     """Every class's training images, round-robin by position: a fixed, mixed order."""
     lists = [load_split(cfg, n).train for n in names]
     out: list[Sample] = []
@@ -266,111 +394,92 @@ def _failure(exc: BaseException) -> dict[str, Any]:
     return {"status": "failed", "error": f"{type(exc).__name__}: {exc}".replace("\n", " ")}
 
 
-def _run_local(cfg: config_mod.Config, jobs: list[tuple[str, list[Sample] | None]], out: Path, opts: dict[str, Any]) -> dict[str, Any]:
+def run_local(plan: BuildPlan, jobs: list[ClassJob]) -> dict[str, Any]:
     results: dict[str, Any] = {}
     extractor: FeatureExtractor | None = None
-    for name, samples in jobs:
+    for job in jobs:
         try:
-            if opts["shards"] > 1:
-                results[name] = build_class_sharded(
-                    cfg.raw, name, str(out), opts["shards"], lambda js: [shard_bank(*j) for j in js], opts["resume"],
-                    opts["threads"],
-                )
+            if plan.shards > 1:
+                results[job.name] = build_class_sharded(plan, job, lambda js: [build_shard(*j) for j in js])
                 continue
             if extractor is None:
-                set_threads(opts["threads"])
-                extractor = Detector(cfg).extractor
-            results[name] = build_class(
-                cfg.raw, name, str(out), opts["checkpoint_every"], opts["resume"], opts["progress"], samples, extractor,
-                opts["threads"],
-            )
+                set_threads(plan.threads)
+                extractor = Detector.from_config(plan.config).extractor
+            results[job.name] = build_class(plan, job, extractor)
         except Exception as exc:  # noqa: BLE001  (one class failing must not stop the others)
-            log.debug("class %s failed", name, exc_info=True)
-            results[name] = _failure(exc)
+            log.debug("class %s failed", job.name, exc_info=True)
+            results[job.name] = _failure(exc)
     return results
 
 
-def _run_ray(cfg: config_mod.Config, jobs: list[tuple[str, list[Sample] | None]], out: Path, opts: dict[str, Any]) -> dict[str, Any]:
+def run_ray(plan: BuildPlan, jobs: list[ClassJob], ray_opts: RayOptions) -> dict[str, Any]:
     try:
         import ray  # noqa: PLC0415
     except ImportError as exc:
         msg = "--backend ray needs Ray: pip install '.[ray]' (with .[cpu] or .[gpu])."
-        raise ImportError(msg) from exc
+        raise DependencyError(msg) from exc
     if not ray.is_initialized():
-        if opts["address"]:
-            ray.init(address=opts["address"], include_dashboard=False, log_to_driver=False)
+        if ray_opts.address:
+            ray.init(address=ray_opts.address, include_dashboard=False, log_to_driver=False)
         else:
-            ray.init(num_cpus=opts["ray_cpus"], include_dashboard=False, log_to_driver=False)
-    gpus = 1 if resolve_device(cfg.device).startswith("cuda") else 0
-    retry = {"max_retries": opts["retries"], "retry_exceptions": True, "num_gpus": gpus}
+            ray.init(num_cpus=ray_opts.cpus, include_dashboard=False, log_to_driver=False)
+    gpus = 1 if resolve_device(plan.config.device).startswith("cuda") else 0
+    retry = {"max_retries": ray_opts.retries, "retry_exceptions": True, "num_gpus": gpus}
     whole = ray.remote(build_class).options(**retry)
-    shard = ray.remote(shard_bank).options(**retry)
+    shard = ray.remote(build_shard).options(**retry)
 
-    def run_shards(js: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    def run_shards(js: list[tuple[BuildPlan, list[Sample], float]]) -> list[dict[str, Any]]:
         return ray.get([shard.remote(*j) for j in js])
 
     # Workers get the driver's thread count, so their banks equal the local backend's.
     import torch  # noqa: PLC0415
 
-    threads = opts["threads"] or torch.get_num_threads()
-    refs = {}
-    for name, samples in jobs:
-        if opts["shards"] == 1:
-            refs[name] = whole.remote(
-                cfg.raw, name, str(out), opts["checkpoint_every"], opts["resume"], False, samples, None, threads
-            )
+    plan = replace(plan, threads=plan.threads or torch.get_num_threads(), progress=False)
+    refs = {job.name: whole.remote(plan, job) for job in jobs} if plan.shards == 1 else {}
     results: dict[str, Any] = {}
-    for name, _ in jobs:
+    for job in jobs:
         try:
-            if opts["shards"] > 1:
-                results[name] = build_class_sharded(
-                    cfg.raw, name, str(out), opts["shards"], run_shards, opts["resume"], threads
-                )
-            else:
-                results[name] = ray.get(refs[name])
+            results[job.name] = ray.get(refs[job.name]) if refs else build_class_sharded(plan, job, run_shards)
         except Exception as exc:  # noqa: BLE001  (reported per class after Ray's retries)
-            results[name] = _failure(getattr(exc, "cause", None) or exc)
+            results[job.name] = _failure(getattr(exc, "cause", None) or exc)
     return results
 
 
 def build_all(
-    cfg: config_mod.Config,
-    out_dir: str | Path,
+    plan: BuildPlan,
     classes: list[str] | None = None,
     *,
-    backend: str = "local",
-    address: str | None = None,
-    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-    resume: bool = False,
     single_bank: bool = False,
-    shards: int = 1,
-    retries: int = 2,
-    ray_cpus: int | None = None,
-    threads: int | None = None,
-    progress: bool = True,
+    backend: str = "local",
+    ray_opts: RayOptions | None = None,
 ) -> dict[str, Any]:
     """Build every class (or one bank over all of them); write and return the summary."""
     if backend not in ("local", "ray"):
         msg = f"backend must be 'local' or 'ray', got {backend!r}."
-        raise ValueError(msg)
-    if checkpoint_every < 1 or shards < 1 or retries < 0:
-        msg = f"--checkpoint-every and --shards must be >= 1 and --retries >= 0, got {checkpoint_every}, {shards}, {retries}."
-        raise ValueError(msg)
-    if single_bank and shards > 1:
+        raise ConfigError(msg)
+    if single_bank and plan.shards > 1:
         msg = "--single-bank and --shards cannot be combined. Pick one."
-        raise ValueError(msg)
-    out = Path(out_dir)
-    names = classes or class_names(cfg)
-    jobs: list[tuple[str, list[Sample] | None]]
-    jobs = [(SINGLE_BANK, interleaved_samples(cfg, names))] if single_bank else [(n, None) for n in names]
-    opts = {"checkpoint_every": checkpoint_every, "resume": resume, "shards": shards, "retries": retries,
-            "address": address, "ray_cpus": ray_cpus, "threads": threads, "progress": progress}
-    with build_lock(out):
+        raise ConfigError(msg)
+    for name in classes or []:
+        check_class_name(name, "--classes entry")
+    names = classes or class_names(plan.config)
+    jobs = [ClassJob(SINGLE_BANK, tuple(interleaved_samples(plan.config, names)))] if single_bank else [
+        ClassJob(n) for n in names
+    ]
+    with build_lock(plan.out):
         began = time.perf_counter()
-        results = (_run_ray if backend == "ray" else _run_local)(cfg, jobs, out, opts)
-        report = {"classes": results, "backend": backend, "seconds": time.perf_counter() - began,
-                  "failed": sorted(n for n, r in results.items() if r["status"] == "failed")}
-        atomic_write(out / SUMMARY_NAME, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+        if backend == "ray":
+            results = run_ray(plan, jobs, ray_opts or RayOptions())
+        else:
+            results = run_local(plan, jobs)
+        report = {
+            "classes": results,
+            "backend": backend,
+            "seconds": time.perf_counter() - began,
+            "failed": sorted(n for n, r in results.items() if r["status"] == "failed"),
+        }
+        text = json.dumps(report, indent=2, allow_nan=False)
+        atomic_write(plan.out / SUMMARY_NAME, lambda tmp: Path(tmp).write_text(text))
     return report
 
 

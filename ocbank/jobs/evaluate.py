@@ -16,6 +16,7 @@ from ..config import Config
 from ..data import Sample, class_names, load_split
 from ..errors import DataError
 from ..model import metrics
+from ..model.calibration import decision_metrics, f1_optimal_threshold
 from ..model.detector import Detector
 from ..model.features import FeatureExtractor
 from .build import SINGLE_BANK
@@ -56,12 +57,12 @@ def evaluate(
             raise DataError(msg)
         split = load_split(cfg, name)
         if not split.test:
-            msg = f"class {name!r} has no test images to evaluate under {cfg.data['root']}."
+            msg = f"class {name!r} has no test images to evaluate under {cfg.data.root}."
             raise DataError(msg)
         if last is not None and last[0] == bank_file:
             det = last[1]
         else:
-            det = Detector.load(bank_file, device=cfg.device, progress=progress, extractor=extractor)
+            det = Detector.load(bank_file, device=cfg.device, extractor=extractor)
             _check_compatible(det.config, cfg, bank_file)
             det.config = cfg  # the evaluation's data settings; the bank keeps its own metadata
             extractor = det.extractor
@@ -102,9 +103,12 @@ def evaluate(
             "n_skipped": len(skipped),
             "seconds": seconds,
             "images_per_s": len(labels) / seconds,
+            **_decision_columns(det, np.array(labels), np.array(scores)),
         }
     rows = list(results.values())
     mean = {k: _mean(rows, k) for k in (*METRIC_KEYS, "n_centroids", "bank_bytes", "images_per_s")}
+    for key in ("false_alarm_rate", "recall"):
+        mean[key] = _mean([r["calibrated"] for r in rows if r.get("calibrated")], key)
     report = {"classes": results, "mean": mean}
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     with open(out / "scores.csv", "w", newline="") as fh:
@@ -116,13 +120,29 @@ def evaluate(
 
 def _check_compatible(built: Config, now: Config, bank_file: Path) -> None:
     """Features must be made the same way at build and evaluation time."""
-    pairs = [("backbone.weights", built.backbone["weights"], now.backbone["weights"]),
-             ("backbone.pool", built.backbone["pool"], now.backbone["pool"]),
+    pairs = [("backbone.weights", built.backbone.weights, now.backbone.weights),
+             ("backbone.pool", built.backbone.pool, now.backbone.pool),
              ("image size (data.crop or data.resize)", built.image_size, now.image_size)]
     for key, then, here in pairs:
         if then != here:
             msg = f"{bank_file} was built with {key} = {then!r}, but this config has {here!r}. Use the build's config."
             raise DataError(msg)
+
+
+def _decision_columns(det: Detector, labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    """How the calibrated threshold does on the labelled test set, and the F1-optimal threshold."""
+    out: dict[str, Any] = {"f1_optimal": f1_optimal_threshold(labels, scores)}
+    if det.decision is None:
+        out["calibrated"] = None
+        out["calibrated_note"] = "the bank has no calibrated threshold (build with a hold-out or --calibration)"
+    else:
+        out["calibrated"] = {
+            **decision_metrics(labels, scores, det.decision.image_threshold),
+            "target_false_alarm_rate": det.decision.false_alarm_rate,
+            "calibration_images": det.decision.n_images,
+            "source": det.decision.source,
+        }
+    return out
 
 
 def _map_range(det: Detector) -> tuple[float, float]:
@@ -132,16 +152,23 @@ def _map_range(det: Detector) -> tuple[float, float]:
 
 def format_table(report: dict[str, Any]) -> str:
     """The per-class table (like the paper's Table 2) with a mean row."""
-    head = f"{'class':<16}{'img AUROC':>10}{'pix AUROC':>10}{'AUPRO':>8}{'K':>8}{'bank MB':>9}{'img/s':>8}"
+    head = (
+        f"{'class':<16}{'img AUROC':>10}{'pix AUROC':>10}{'AUPRO':>8}{'K':>8}{'bank MB':>9}{'img/s':>8}"
+        f"{'NG thr':>9}{'FAR %':>7}{'recall %':>9}"
+    )
     lines = [head, "-" * len(head)]
 
-    def pct(v: float) -> str:
+    def pct(v: float | None) -> str:
         return "   n/a" if v is None or math.isnan(v) else f"{100 * v:6.1f}"
 
     for name, r in [*report["classes"].items(), ("mean", report["mean"])]:
+        cal = r.get("calibrated") or {}
+        thr = f"{cal['threshold']:9.2f}" if "threshold" in cal else f"{'-':>9}"
         lines.append(
             f"{name:<16}{pct(r['image_auroc']):>10}{pct(r['pixel_auroc']):>10}{pct(r['aupro']):>8}"
             f"{r['n_centroids']:>8.0f}{r['bank_bytes'] / 1e6:>9.2f}{r['images_per_s']:>8.1f}"
+            f"{thr}{pct(r.get('false_alarm_rate', cal.get('false_alarm_rate'))):>7}"
+            f"{pct(r.get('recall', cal.get('recall'))):>9}"
         )
     return "\n".join(lines)
 
@@ -149,15 +176,14 @@ def format_table(report: dict[str, Any]) -> str:
 def suggest_radius(cfg: Config, classes: list[str] | None = None, progress: bool = True) -> dict[str, dict[str, float]]:
     """The radius rule's percentiles per class."""
     out: dict[str, dict[str, float]] = {}
-    cfg_auto = Config({**cfg.raw, "bank": {**cfg.bank, "radius": "auto"}}, cfg.source)
+    cfg_auto = cfg.replace(bank={"radius": "auto"})
     extractor: FeatureExtractor | None = None  # one backbone for all classes
     for name in classes or class_names(cfg):
         split = load_split(cfg, name)
         if not split.train:
-            msg = f"class {name!r} has no training images under {cfg.data['root']}."
+            msg = f"class {name!r} has no training images under {cfg.data.root}."
             raise DataError(msg)
-        det = Detector(cfg_auto, progress=progress, extractor=extractor)
+        det = Detector.from_config(cfg_auto, extractor=extractor)
         extractor = det.extractor
-        _, stats = det.choose_radius(split.train)
-        out[name] = stats
+        out[name] = det.radius_statistics(split.train)
     return out

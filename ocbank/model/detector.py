@@ -1,29 +1,78 @@
-"""Detector: the feature extractor and the bank behind one object, for pipelines."""
+"""Detector: the feature extractor and the bank behind one scikit-learn-style object.
+
+    det = Detector(weights="imagenet", radius="auto").fit(train_images)
+    pred = det.predict(images)          # pred.scores [N], pred.maps [N, S, S]
+    det.calibrate(normal_images)        # OK/NG thresholds from normal images only
+    det.save("bottle.h5"); det = Detector.load("bottle.h5")
+
+``__init__`` stores and validates parameters; ``fit`` resets every fitted attribute
+(names ending in ``_``) and returns self. Progress bars, checkpoints and resume are
+the job layer's (:mod:`ocbank.jobs.build`), which drives :meth:`Detector.fit_steps`.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from PIL import Image
 
-from .. import config as config_mod
-from ..data import Sample, make_loader
+from ..config import (
+    BackboneConfig,
+    BankConfig,
+    Config,
+    DataConfig,
+    DecisionConfig,
+    ScoringConfig,
+    from_dict,
+    load,
+)
+from ..data import IMAGENET_MEAN, IMAGENET_STD, Sample, make_loader
 from ..engine import ClusterBank, resolve_device
 from ..engine.checkpoint import read_bank
-from ..errors import DataError
-from .features import FEATURE_DIM, FEATURE_STRIDE, FeatureExtractor
+from ..errors import DataError, InputError, InputTypeError, NotFittedError
+from .calibration import Decision, conservative_quantile
+from .features import FEATURE_DIM, FEATURE_STRIDE, FeatureExtractor, file_sha256
 from .radius import radius_statistics, sample_images
 from .scoring import anomaly_maps, image_scores
 
-ImageLike = Any  # a path, a PIL image, or a uint8 array [H, W(, 3)]
+log = logging.getLogger(__name__)
+
+ImageLike = Any  # a path, a PIL image, or an image array [H, W(, C)]
+
+# Resize-to-crop ratio of the MVTec convention (256 -> 224), used when only image_size is given.
+_RESIZE_RATIO = DataConfig.resize / DataConfig.crop
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What :meth:`Detector.predict` returns for N inputs (NaN / -1 where an input was unreadable)."""
+
+    scores: np.ndarray  # [N] float32 raw image scores: the max patch distance to the bank
+    maps: np.ndarray  # [N, S, S] float32 anomaly maps in the same units
+    labels: np.ndarray | None = None  # [N] int8: 1 = NG, 0 = OK, -1 = unreadable; None if not calibrated
+    normalized: np.ndarray | None = None  # [N] float32 score / image_threshold; None if not calibrated
+    masks: np.ndarray | None = None  # [N, S, S] bool defect masks (map > pixel threshold); None if not calibrated
+    skipped: tuple[int, ...] = ()  # input positions that could not be read
+
+
+@dataclass(frozen=True)
+class FitStep:
+    """Progress of :meth:`Detector.fit_steps` after one loader batch."""
+
+    phase: str  # "radius" (the radius sample is being read) or "bank" (images stream into the bank)
+    position: int  # images consumed so far, in the detector's training order
+    n_images: int  # images in the training list
+    used: int  # images streamed into the bank so far (this call)
+    skipped: tuple[str, ...]  # unreadable files so far (this call)
 
 
 @dataclass
@@ -35,38 +84,115 @@ class ScoredBatch:
     scores: np.ndarray  # [B]
     maps: np.ndarray  # [B, S, S]
     rgb: np.ndarray  # [B, S, S, 3] uint8, the cropped input
-    masks: np.ndarray | None  # [B, S, S] uint8
+    masks: np.ndarray | None  # [B, S, S] uint8 ground truth, when asked for
 
 
-def _as_samples(images: Iterable[ImageLike] | Sequence[Sample]) -> list[Sample]:
-    return [im if isinstance(im, Sample) else Sample(im) for im in images]
+def _is_single_image(images: Any) -> bool:
+    return isinstance(images, (str, os.PathLike, Image.Image, Sample)) or (
+        isinstance(images, np.ndarray) and images.dtype != object and images.ndim in (2, 3)
+    )
+
+
+def as_samples(images: Any) -> list[Sample]:
+    """One image or a sequence of images (paths, PIL images, arrays, Samples) -> samples."""
+    if _is_single_image(images):
+        images = [images]
+    if isinstance(images, (bytes, dict)) or not isinstance(images, (Sequence, np.ndarray)):
+        msg = (
+            f"images must be an image (path, PIL image, array) or a sequence of them, got {type(images).__name__}. "
+            "Pass a list, or a float tensor [N, 3, S, S]."
+        )
+        raise InputTypeError(msg)
+    out = []
+    for i, im in enumerate(images):
+        if isinstance(im, Sample):
+            out.append(im)
+        elif isinstance(im, (str, os.PathLike, Image.Image, np.ndarray)):
+            out.append(Sample(im))
+        else:
+            msg = f"images[{i}] is a {type(im).__name__}; each image must be a path, a PIL image or an array."
+            raise InputTypeError(msg)
+    return out
+
+
+def normalize(batch: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1] [N, 3, S, S] -> ImageNet-normalised [N, 3, S, S]."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=batch.dtype, device=batch.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=batch.dtype, device=batch.device)[:, None, None]
+    return (batch - mean) / std
 
 
 class Detector:
     """WideResNet-50 patch features streamed into a :class:`ClusterBank`.
 
-    ``Detector(config).fit(images)`` builds the bank; ``predict(images)`` returns
-    image scores [n] and anomaly maps [n, S, S] (S = crop size). ``save`` writes
-    one HDF5 file holding the bank and what is needed to rebuild the extractor.
-    ``predict`` may be called from several threads at once.
+    Parameters (defaults are the method's; each is a field of :class:`ocbank.config.Config`)
+    ----------
+    weights : "imagenet", "none" (random, seeded: tests and demos only) or a ``.pth`` state dict.
+    radius : "auto" (p99 of nearest-other-patch distances) or a number.
+    pool : "none" (the method) or "avg3" (PatchCore's 3x3 averaging).
+    sigma : Gaussian blur of the maps in pixels.
+    image_size : side S of the model input (the center crop).
+    resize : side of the square resize before the crop (None: image_size * 256 / 224).
+    device : "cpu", "cuda", "cuda:N" or "auto".
     """
 
     def __init__(
         self,
-        config: config_mod.Config | dict[str, Any] | str | os.PathLike[str] | None = None,
-        progress: bool = False,
+        *,
+        weights: str = BackboneConfig.weights,
+        radius: float | str = BankConfig.radius,
+        pool: str = BackboneConfig.pool,
+        sigma: float = ScoringConfig.sigma,
+        image_size: int = DataConfig.crop,
+        resize: int | None = None,
+        device: str = "auto",
+        autocast: str = BackboneConfig.autocast,
+        radius_images: int = BankConfig.radius_images,
+        seed: int = BankConfig.seed,
+        max_centroids: int | None = BankConfig.max_centroids,
+        false_alarm_rate: float = DecisionConfig.false_alarm_rate,
+        batch_size: int = DataConfig.batch_size,
+        num_workers: int = DataConfig.num_workers,
         extractor: FeatureExtractor | None = None,
     ) -> None:
-        if config is None:
-            config = {}
-        if isinstance(config, dict):
-            config = config_mod.from_dict(config, require_root=False)
-        elif not isinstance(config, config_mod.Config):
-            config = config_mod.load(config, require_root=False)
+        if resize is None:
+            resize = round(image_size * _RESIZE_RATIO) if isinstance(image_size, int) else image_size
+        config = Config(
+            data=DataConfig(resize=resize, crop=image_size, batch_size=batch_size, num_workers=num_workers),
+            backbone=BackboneConfig(weights=weights, pool=pool, autocast=autocast),
+            bank=BankConfig(radius=radius, radius_images=radius_images, seed=seed, max_centroids=max_centroids),
+            scoring=ScoringConfig(sigma=sigma),
+            decision=DecisionConfig(false_alarm_rate=false_alarm_rate),
+            device=device,
+            source="<Detector>",
+        )
+        self._setup(config, extractor)
+
+    def _setup(self, config: Config, extractor: FeatureExtractor | None) -> None:
         self.config = config
-        self.progress = progress
         self._extractor = extractor
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(
+        cls, config: Config | dict[str, Any] | str | os.PathLike[str], extractor: FeatureExtractor | None = None
+    ) -> Detector:
+        """A Detector for a :class:`Config`, a config dict, a YAML path or a bundled config name."""
+        if isinstance(config, dict):
+            config = from_dict(config, require_root=False)
+        elif not isinstance(config, Config):
+            config = load(config, require_root=False)
+        det = cls.__new__(cls)
+        det._setup(config, extractor)
+        return det
+
+    def __repr__(self) -> str:
+        c = self.config
+        state = f"{len(self.bank_)} centroids" if "bank_" in self.__dict__ else "not fitted"
+        return (
+            f"Detector(weights={c.backbone.weights!r}, radius={c.bank.radius!r}, pool={c.backbone.pool!r}, "
+            f"sigma={c.scoring.sigma}, image_size={c.image_size}, device={c.device!r}) [{state}]"
+        )
 
     # ------------------------------------------------------------------ parts
     @property
@@ -74,12 +200,12 @@ class Detector:
         with self._lock:
             if self._extractor is None:
                 bb = self.config.backbone
-                self._extractor = FeatureExtractor(
-                    weights=bb["weights"],
-                    pool=bb["pool"],
-                    device=resolve_device(self.config.device),
-                    autocast=bb["autocast"],
-                )
+                device = resolve_device(self.config.device)
+                autocast = bb.autocast
+                if autocast != "none" and not device.startswith("cuda"):
+                    log.warning("backbone.autocast %r is CUDA only; device 'auto' resolved to CPU, so it is off.", autocast)
+                    autocast = "none"
+                self._extractor = FeatureExtractor(weights=bb.weights, pool=bb.pool, device=device, autocast=autocast)
             return self._extractor
 
     @property
@@ -87,113 +213,218 @@ class Detector:
         bank = self.__dict__.get("bank_")
         if bank is None:
             msg = "this Detector has no bank yet: call fit(images) or Detector.load(path) first."
-            raise RuntimeError(msg)
+            raise NotFittedError(msg)
         return bank
 
-    def _batches(self, samples: Sequence[Sample], desc: str, with_masks: bool = False) -> Iterator[dict[str, Any]]:
-        loader = make_loader(samples, self.config, with_masks=with_masks)
-        yield from tqdm(loader, desc=desc, unit="batch", disable=not self.progress, leave=False)
+    @property
+    def decision(self) -> Decision | None:
+        """The calibrated OK/NG thresholds, or None."""
+        return self.__dict__.get("decision_")
+
+    def _tensor_batches(self, batch: torch.Tensor) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+        """A preprocessed float tensor [N, 3, S, S] (RGB in [0, 1]) in loader-sized pieces."""
+        size = self.config.image_size
+        if batch.ndim != 4 or batch.shape[1] != 3 or tuple(batch.shape[2:]) != (size, size):
+            msg = f"a tensor batch must be [N, 3, {size}, {size}] (RGB in [0, 1], resized and cropped), got {tuple(batch.shape)}."
+            raise InputError(msg)
+        if not batch.is_floating_point():
+            msg = f"a tensor batch must be floating point RGB in [0, 1], got dtype {batch.dtype}. Divide uint8 by 255."
+            raise InputTypeError(msg)
+        step = self.config.data.batch_size
+        for lo in range(0, batch.shape[0], step):
+            part = batch[lo : lo + step].float().contiguous()  # one memory layout, one conv kernel
+            rgb = (part.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            yield {"index": list(range(lo, lo + part.shape[0])), "skipped": [], "rgb": rgb}, normalize(part)
 
     def features(
-        self, images: Iterable[ImageLike] | Sequence[Sample], desc: str = "features", with_masks: bool = False
+        self, images: Any, with_masks: bool = False
     ) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
-        """Yield (loader batch, features [B, h, w, 1536]) for each batch with readable images.
+        """Yield (batch info, patch features [B, h, w, 1536]) per loader batch.
 
         The batch dict holds ``index`` (input positions), ``skipped``, ``rgb`` and,
-        with ``with_masks``, ``mask``. Batches whose images were all unreadable
-        are yielded with an empty feature tensor.
+        with ``with_masks``, ``mask``. A batch whose images were all unreadable comes
+        with an empty feature tensor.
         """
-        for batch in self._batches(_as_samples(images), desc, with_masks):
+        if isinstance(images, torch.Tensor):
+            batches: Iterator[tuple[dict[str, Any], torch.Tensor]] = self._tensor_batches(images)
+        else:
+            loader = make_loader(as_samples(images), self.config, with_masks=with_masks)
+            batches = ((b, b.get("image")) for b in loader)
+        for batch, pixels in batches:
             if not batch["index"]:
                 yield batch, torch.zeros((0, 0, 0, FEATURE_DIM))
                 continue
-            yield batch, self.extractor(batch["image"])
+            yield batch, self.extractor(pixels)
 
     # ------------------------------------------------------------------ build
-    def choose_radius(self, samples: Sequence[Sample]) -> tuple[float, dict[str, float]]:
-        """The configured radius, or the p99 rule on up to ``bank.radius_images`` images."""
-        radius = self.config.bank["radius"]
-        if radius != "auto":
-            return float(radius), {"suggested": float(radius), "source": "config"}
-        chosen = sample_images(len(samples), int(self.config.bank["radius_images"]), int(self.config.bank["seed"]))
-        feats = [
-            feats.reshape(-1, FEATURE_DIM).cpu().numpy()
-            for _, feats in self.features([samples[i] for i in chosen], "radius")
-        ]
+    def _reset(self) -> None:
+        for key in [k for k in self.__dict__ if k.endswith("_") and not k.startswith("_")]:
+            del self.__dict__[key]
+
+    def training_order(self, n_images: int) -> list[int]:
+        """The order images stream into the bank: with ``radius: auto``, the radius sample first.
+
+        The sample's features are buffered while they stream, the radius is chosen from
+        them, and they enter the bank before the rest, so no image is read twice.
+        """
+        if self.config.bank.radius != "auto":
+            return list(range(n_images))
+        first = sample_images(n_images, self.config.bank.radius_images, self.config.bank.seed)
+        chosen = set(first)
+        return first + [i for i in range(n_images) if i not in chosen]
+
+    def n_radius_images(self, n_images: int) -> int:
+        return 0 if self.config.bank.radius != "auto" else min(n_images, self.config.bank.radius_images)
+
+    def radius_statistics(self, images: Any) -> dict[str, float]:
+        """The radius rule's percentiles on this detector's radius sample of ``images``."""
+        samples = as_samples(images)
+        chosen = sample_images(len(samples), self.config.bank.radius_images, self.config.bank.seed)
+        feats, n_read = [], 0
+        for batch, f in self.features([samples[i] for i in chosen]):
+            if batch["index"]:
+                feats.append(f.reshape(-1, FEATURE_DIM).cpu().numpy())
+                n_read += len(batch["index"])
         if not feats:
-            msg = "no readable image to estimate the radius from. Check the training images."
+            msg = f"none of the {len(chosen)} radius-sample images could be read. Check the training images."
             raise DataError(msg)
         stats = radius_statistics(np.concatenate(feats))
-        if not stats["suggested"] > 0:
-            msg = f"the radius rule gave {stats['suggested']} (identical patches?). Set bank.radius explicitly."
-            raise DataError(msg)
-        stats["n_images"] = len(chosen)
-        return stats["suggested"], stats
+        stats["n_images"] = n_read
+        return stats
 
-    def fit(
-        self,
-        images: Iterable[ImageLike] | Sequence[Sample],
-        bank: ClusterBank | None = None,
-        start: int = 0,
-        on_batch: Callable[[Detector, int, int, list[str]], None] | None = None,
-    ) -> Detector:
-        """Stream the training images' patch features into a bank; return self.
+    def _new_bank(self, radius: float) -> ClusterBank:
+        return ClusterBank(FEATURE_DIM, radius, device=resolve_device(self.config.device))
 
-        ``bank`` continues an existing bank (its radius is kept) from image
-        ``start`` on, which is how a checkpointed build resumes. ``on_batch`` is
-        called after each loader batch with (self, images consumed so far,
-        images used in this call, unreadable files in this call).
+    def fit_steps(self, images: Any, start: int = 0) -> Iterator[FitStep]:
+        """Stream training images into the bank, yielding after each loader batch.
+
+        ``start`` > 0 continues a loaded checkpoint (its bank and radius) from that
+        position of :meth:`training_order`; ``start`` = 0 resets the fitted state first.
+        A fit that fails leaves no half-built state behind.
         """
-        samples = _as_samples(images)
+        try:
+            yield from self._fit_steps(images, start)
+        except BaseException:
+            self._reset()
+            raise
+
+    def _fit_steps(self, images: Any, start: int) -> Iterator[FitStep]:
+        samples = as_samples(images)
         if not samples:
             msg = "fit() got no images. Pass at least one normal training image."
             raise DataError(msg)
+        n = len(samples)
+        order = self.training_order(n)
+        n_sample = self.n_radius_images(n)
         began = time.perf_counter()
-        if bank is None:
-            radius, stats = self.choose_radius(samples)
-            bank = ClusterBank(FEATURE_DIM, radius, device=resolve_device(self.config.device))
-        else:
-            stats = getattr(self, "radius_stats_", None) or {"suggested": bank.radius, "source": "given bank"}
-        previous = {k: self.__dict__[k] for k in ("bank_", "radius_stats_") if k in self.__dict__}
-        self.bank_ = bank  # on_batch may save the detector mid-stream
-        self.radius_stats_ = stats
         skipped: list[str] = []
         used = 0
-        try:
-            for batch, feats in self.features(samples[start:], "build"):
-                skipped += [str(samples[start + i].path) for i in batch["skipped"]]
-                if batch["index"]:
-                    bank.add(feats.reshape(-1, FEATURE_DIM))
-                    used += len(batch["index"])
-                if on_batch is not None:
-                    position = start + max(batch["index"] + batch["skipped"]) + 1
-                    on_batch(self, position, used, skipped)
-            if used == 0 and bank.n_seen == 0:
-                msg = f"none of the {len(samples)} training images could be read. Check the files."
-                raise DataError(msg)
-        except BaseException:
-            for key in ("bank_", "radius_stats_"):
-                self.__dict__.pop(key, None)
-            self.__dict__.update(previous)
-            raise
+        if start == 0:
+            self._reset()
+            if n_sample:
+                feats: list[np.ndarray] = []
+                for batch, f in self.features([samples[i] for i in order[:n_sample]]):
+                    skipped += [str(samples[order[i]].path) for i in batch["skipped"]]
+                    if batch["index"]:
+                        feats.append(f.reshape(-1, FEATURE_DIM).cpu().numpy())
+                    position = max(batch["index"] + batch["skipped"]) + 1
+                    yield FitStep("radius", position, n, 0, tuple(skipped))
+                if not feats:
+                    msg = f"none of the {n_sample} radius-sample images could be read. Check the training images."
+                    raise DataError(msg)
+                sample = np.concatenate(feats)
+                stats = radius_statistics(sample)
+                if not stats["suggested"] > 0:
+                    msg = f"the radius rule gave {stats['suggested']} (identical patches?). Set bank.radius explicitly."
+                    raise DataError(msg)
+                stats["n_images"] = n_sample - len(skipped)
+                self.radius_stats_ = stats
+                self.bank_ = self._new_bank(stats["suggested"])
+                self.bank_.add(sample)
+                used = n_sample - len(skipped)
+                del feats, sample
+            else:
+                radius = float(self.config.bank.radius)
+                self.radius_stats_ = {"suggested": radius, "source": "config"}
+                self.bank_ = self._new_bank(radius)
+            start = n_sample
+            yield FitStep("bank", start, n, used, tuple(skipped))
+        elif "bank_" not in self.__dict__:
+            msg = f"fit_steps(start={start}) continues a checkpoint, but this Detector has no bank. Load it first."
+            raise NotFittedError(msg)
+        rest = order[start:]
+        for batch, f in self.features([samples[i] for i in rest]):
+            skipped += [str(samples[rest[i]].path) for i in batch["skipped"]]
+            if batch["index"]:
+                self.bank_.add(f.reshape(-1, FEATURE_DIM))
+                used += len(batch["index"])
+            yield FitStep("bank", start + max(batch["index"] + batch["skipped"]) + 1, n, used, tuple(skipped))
+        if self.bank_.n_seen == 0:
+            msg = f"none of the {n} training images could be read. Check the files."
+            raise DataError(msg)
         self.fit_summary_ = {
             "images_used": used,
             "images_skipped": len(skipped),
             "skipped_files": skipped,
             "seconds": time.perf_counter() - began,
         }
+
+    def fit(self, images: Any) -> Detector:
+        """Reset, then build the bank from normal training images; return self.
+
+        ``images``: paths, PIL images, arrays, or a float tensor [N, 3, S, S] (RGB in [0, 1]).
+        """
+        if isinstance(images, torch.Tensor):
+            self._reset()
+            radius = self.config.bank.radius
+            if radius == "auto":
+                radius = self._radius_from_tensor(images)
+            self.bank_ = self._new_bank(float(radius))
+            return self.partial_fit(images)
+        for _ in self.fit_steps(images):
+            pass
+        return self
+
+    def _radius_from_tensor(self, images: torch.Tensor) -> float:
+        chosen = sample_images(images.shape[0], self.config.bank.radius_images, self.config.bank.seed)
+        feats = [f.reshape(-1, FEATURE_DIM).cpu().numpy() for _, f in self.features(images[chosen])]
+        stats = radius_statistics(np.concatenate(feats))
+        stats["n_images"] = len(chosen)
+        self.radius_stats_ = stats
+        return stats["suggested"]
+
+    def partial_fit(self, images: Any) -> Detector:
+        """Stream more normal images into the bank at its radius (fits first if there is no bank)."""
+        if "bank_" not in self.__dict__:
+            return self.fit(images)
+        used, skipped = 0, []
+        began = time.perf_counter()
+        for batch, f in self.features(images):
+            skipped += batch["skipped"]
+            if batch["index"]:
+                self.bank_.add(f.reshape(-1, FEATURE_DIM))
+                used += len(batch["index"])
+        summary = self.__dict__.get("fit_summary_", {"images_used": 0, "images_skipped": 0, "skipped_files": [], "seconds": 0.0})
+        self.fit_summary_ = {
+            "images_used": summary["images_used"] + used,
+            "images_skipped": summary["images_skipped"] + len(skipped),
+            "skipped_files": summary["skipped_files"],
+            "seconds": summary["seconds"] + time.perf_counter() - began,
+        }
+        self.last_partial_fit_ = {"images_added": used, "images_skipped": len(skipped)}
         return self
 
     # ------------------------------------------------------------------ score
-    def score_batches(self, images: Iterable[ImageLike] | Sequence[Sample], with_masks: bool = False) -> Iterator[ScoredBatch]:
+    def score_batches(self, images: Any, with_masks: bool = False) -> Iterator[ScoredBatch]:
         """Stream results batch by batch (keeps memory flat on large test sets)."""
         bank = self.bank
-        sigma = float(self.config.raw["scoring"]["sigma"])
+        sigma = self.config.scoring.sigma
         size = self.config.image_size
-        for batch, feats in self.features(images, "score", with_masks=with_masks):
+        for batch, feats in self.features(images, with_masks=with_masks):
             if not batch["index"]:
                 empty_maps = np.zeros((0, size, size), np.float32)
-                yield ScoredBatch([], batch["skipped"], np.zeros(0), empty_maps, np.zeros((0, size, size, 3), np.uint8), None)
+                rgb = np.zeros((0, size, size, 3), np.uint8)
+                yield ScoredBatch([], batch["skipped"], np.zeros(0, np.float32), empty_maps, rgb, None)
                 continue
             b, h, w, _ = feats.shape
             dist, _ = bank.search(feats.reshape(-1, FEATURE_DIM), k=1)
@@ -207,31 +438,73 @@ class Detector:
                 batch.get("mask"),
             )
 
-    def predict(self, images: Iterable[ImageLike]) -> tuple[np.ndarray, np.ndarray]:
-        """Images -> (scores float32 [n], maps float32 [n, S, S]); NaN for unreadable images."""
-        samples = _as_samples(images)
+    def predict(self, images: Any) -> Prediction:
+        """Score one image, a sequence of images, or a float tensor batch [N, 3, S, S] (RGB in [0, 1]).
+
+        Unreadable inputs get NaN scores and maps (and label -1) and are listed in ``skipped``.
+        """
+        n = images.shape[0] if isinstance(images, torch.Tensor) else len(as_samples(images))
         size = self.config.image_size
-        scores = np.full(len(samples), np.nan, dtype=np.float32)
-        maps = np.full((len(samples), size, size), np.nan, dtype=np.float32)
-        for res in self.score_batches(samples):
+        scores = np.full(n, np.nan, dtype=np.float32)
+        maps = np.full((n, size, size), np.nan, dtype=np.float32)
+        skipped: list[int] = []
+        for res in self.score_batches(images if isinstance(images, torch.Tensor) else as_samples(images)):
             scores[res.indices] = res.scores
             maps[res.indices] = res.maps
-        return scores, maps
+            skipped += res.skipped
+        return self._decide(scores, maps, tuple(sorted(skipped)))
+
+    def _decide(self, scores: np.ndarray, maps: np.ndarray, skipped: tuple[int, ...]) -> Prediction:
+        decision = self.decision
+        if decision is None:
+            return Prediction(scores, maps, skipped=skipped)
+        readable = np.isfinite(scores)
+        labels = np.where(readable, (scores > decision.image_threshold).astype(np.int8), np.int8(-1)).astype(np.int8)
+        normalized = (scores / np.float32(decision.image_threshold)).astype(np.float32)
+        masks = maps > np.float32(decision.pixel_threshold)
+        return Prediction(scores, maps, labels, normalized, masks, skipped)
+
+    # ------------------------------------------------------------------ decide
+    def calibrate(self, normal_images: Any, source: str = "folder") -> Detector:
+        """Set OK/NG thresholds from normal images the bank never saw; return self.
+
+        The image threshold is the empirical (1 - false_alarm_rate) quantile of their
+        scores (the conservative order statistic: with n images, the ceil((1 - a)(n + 1))-th
+        smallest, capped at the largest); the pixel threshold is the same quantile of
+        the per-image maxima of their maps, so that about the same share of normal
+        images shows any NG pixel.
+        """
+        pred = self.predict(normal_images)
+        ok = np.isfinite(pred.scores)
+        if not ok.any():
+            msg = "none of the calibration images could be read. Pass normal images of this product."
+            raise DataError(msg)
+        rate = self.config.decision.false_alarm_rate
+        image_t = conservative_quantile(pred.scores[ok], rate)
+        pixel_t = conservative_quantile(pred.maps[ok].reshape(int(ok.sum()), -1).max(axis=1), rate)
+        self.decision_ = Decision(float(image_t), float(pixel_t), rate, int(ok.sum()), source)
+        return self
 
     # ------------------------------------------------------------------ files
     def metadata(self) -> dict[str, Any]:
+        """What a bank file needs to rebuild this Detector, and how the bank was made."""
         size = self.config.image_size
-        return {
-            "config": self.config.raw,
+        meta = {
+            "config": self.config.to_dict(),
             "backbone": self.extractor.describe(),
             "feature_grid": [size // FEATURE_STRIDE, size // FEATURE_STRIDE],
             "image_size": size,
             "radius": self.bank.radius,
-            "radius_stats": getattr(self, "radius_stats_", {}),
+            "radius_stats": self.__dict__.get("radius_stats_", {}),
         }
+        if self.decision is not None:
+            meta["decision"] = self.decision.to_dict()
+        if "lineage_" in self.__dict__:
+            meta["lineage"] = self.lineage_
+        return meta
 
     def save(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
-        """One HDF5 file: the bank plus config and backbone description in its metadata."""
+        """One HDF5 file: the bank plus config, backbone and thresholds in its metadata (atomic)."""
         meta = self.metadata()
         meta.update(extra or {})
         self.bank.save(path, metadata=meta)
@@ -241,7 +514,6 @@ class Detector:
         cls,
         path: str | os.PathLike[str],
         device: str | None = None,
-        progress: bool = False,
         extractor: FeatureExtractor | None = None,
     ) -> Detector:
         """Rebuild a Detector from a file written by :meth:`save` (or ``ocbank build``)."""
@@ -250,19 +522,24 @@ class Detector:
         if "config" not in meta:
             msg = f"{path}: this bank file has no detector config in its metadata. Build it with ocbank or Detector.save."
             raise DataError(msg)
-        raw = meta["config"]
+        raw = dict(meta["config"])
         if device is not None:
-            raw = {**raw, "device": device}
-        det = cls(config_mod.from_dict(raw, source=str(path), require_root=False), progress, extractor)
+            raw["device"] = device
+        det = cls.from_config(from_dict(raw, source=str(path), require_root=False), extractor=extractor)
         det.bank_ = ClusterBank.from_state(state, device=resolve_device(det.config.device))
         det.radius_stats_ = meta.get("radius_stats", {})
         det.metadata_ = meta
+        if "decision" in meta:
+            det.decision_ = Decision.from_dict(meta["decision"])
+        if "lineage" in meta:
+            det.lineage_ = list(meta["lineage"])
         sha = meta.get("backbone", {}).get("weights_sha256")
         if extractor is None and sha is not None:
-            from .features import file_sha256  # noqa: PLC0415
-
-            weights = Path(det.config.backbone["weights"])
+            weights = Path(det.config.backbone.weights)
             if weights.is_file() and file_sha256(weights) != sha:
                 msg = f"{weights} differs from the weights this bank was built with (sha256 {sha[:12]}...). Rebuild the bank."
                 raise DataError(msg)
         return det
+
+
+__all__ = ["Decision", "Detector", "FitStep", "Prediction", "ScoredBatch", "as_samples", "conservative_quantile"]
