@@ -35,9 +35,9 @@ import psutil
 import torch
 
 from ocbank import ClusterBank, config
-from ocbank.model import metrics
-from ocbank.engine.bank import resolve_device
 from ocbank.data import class_names, load_split
+from ocbank.engine.bank import resolve_device
+from ocbank.model import metrics
 from ocbank.model.detector import Detector
 from ocbank.model.features import FEATURE_DIM
 from ocbank.model.radius import radius_statistics, sample_images

@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from . import config
 from .jobs import build, evaluate
@@ -20,18 +21,29 @@ from .synthetic import make_dataset
 DEMO_CONFIG = "demo"  # the bundled configs/demo.yaml, found by name inside the installed package
 
 
+SMOKE: dict[str, dict[str, Any]] = {
+    "dataset": {"n_train": 6, "n_good_test": 3, "n_defect_test": 2, "size": 80},
+    "data": {"resize": 72, "crop": 64, "batch_size": 4},
+    "bank": {"radius_images": 3},
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="demo_out", help="output folder (data, banks, results)")
     ap.add_argument("--config", default=DEMO_CONFIG, help="a YAML path or a bundled config name")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="the smallest setting: 6 training images per class at 64x64")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="ocbank: %(levelname)s: %(message)s")
     out = Path(args.out)
     data_root = out / "data"
+    overrides: dict[str, Any] = {"data": {"root": str(data_root)}}
+    if args.smoke:
+        overrides = {"data": {**overrides["data"], **SMOKE["data"]}, "bank": SMOKE["bank"]}
     if not data_root.is_dir():
-        make_dataset(data_root)
-    cfg = config.load(args.config, overrides={"data": {"root": str(data_root)}})
+        make_dataset(data_root, **(SMOKE["dataset"] if args.smoke else {}))
+    cfg = config.load(args.config, overrides=overrides)
     print("ocbank demo: synthetic textures, backbone weights 'none' (random init, seeded; no download).")
     t0 = time.perf_counter()
     plan = build.BuildPlan(cfg, str(out / "banks"), progress=not args.quiet)

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from ocbank import ClusterBank, config
-from ocbank.jobs import build as jobs
 from ocbank.cli import main
+from ocbank.jobs import build as jobs
 
 from .conftest import tiny_config
 

@@ -1,9 +1,16 @@
-"""Import-time behaviour when FAISS is missing."""
+"""Packaging: import-time behaviour without FAISS, and the built wheel running the demo outside the checkout."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_import_without_faiss_names_the_extras():
@@ -13,3 +20,45 @@ def test_import_without_faiss_names_the_extras():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "ocbank[cpu]" in out and "ocbank[gpu]" in out
+
+
+@pytest.mark.timeout(600)
+def test_wheel_runs_the_demo_outside_the_checkout(tmp_path):
+    """Build the wheel, install it into a fresh venv, run the demo's smallest setting from elsewhere.
+
+    The fresh venv borrows this environment's dependencies (torch, faiss, ...) through a .pth
+    file, so nothing is downloaded; ocbank itself comes only from the wheel.
+    """
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
+        check=True,
+        cwd=tmp_path,
+    )
+    wheel = next(wheels.glob("ocbank-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    site = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    (Path(site) / "borrowed_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", site, str(wheel)],
+        check=True,
+    )
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    where = subprocess.run(
+        [str(py), "-c", "import ocbank, ocbank.config as c; print(ocbank.__file__); print(c.bundled_configs())"],
+        capture_output=True, text=True, check=True, cwd=work, env=env,
+    ).stdout
+    assert where.startswith(site) and "mvtec" in where
+    run = subprocess.run(
+        [str(py), "-m", "ocbank.demo", "--smoke", "--quiet", "--out", "demo"],
+        capture_output=True, text=True, cwd=work, env=env, timeout=540,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "img AUROC" in run.stdout and (work / "demo" / "results" / "metrics.json").is_file()
