@@ -13,8 +13,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config
-from .datasets import Sample
 from ..errors import OcbankError
+from .datasets import Sample
 from .images import Transform, open_image, open_mask
 from .workers import worker_init
 
@@ -47,7 +47,7 @@ class ImageDataset(Dataset):
                 try:
                     mask = self.transform.mask(open_mask(sample.mask), img.size, str(sample.mask))
                 except (OcbankError, OSError) as exc:
-                    warnings.warn(f"unreadable mask {sample.mask} for {sample.path}: {exc}; image skipped", stacklevel=1)
+                    warnings.warn(f"skipping {_name(sample.path)}: unreadable mask: {exc}", stacklevel=1)
                     return {"index": index, "skipped": True}
             elif sample.label == 1:
                 warnings.warn(f"anomalous image {sample.path} has no mask: counted as all-normal pixels", stacklevel=1)
