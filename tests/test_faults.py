@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -127,6 +127,12 @@ def _save(mode: str, suffix: str, arr: np.ndarray, path: Path) -> None:
 
 @FAULT_SETTINGS
 @given(pics=st.lists(pictures(), min_size=1, max_size=5), cut=st.integers(0, 4))
+@example(  # always run: a float TIFF outside [0, 1] is refused, a 16-bit PNG and a 1x1 image score
+    pics=[("F", ".tif", np.full((5, 7), 1.5, np.float32), False),
+          ("I;16", ".png", np.full((9, 4), 40000, np.uint16), True),
+          ("L", ".png", np.zeros((1, 1), np.uint8), True)],
+    cut=0,
+)
 def test_random_arrays_in_random_modes_score_finite(detector, pics, cut):
     with tempfile.TemporaryDirectory() as tmp:
         files, readable = [], []
