@@ -126,9 +126,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"scores: {Path(args.out) / 'scores.csv'}  heatmaps: {Path(args.out) / 'heatmaps'}")
     failed = sum(row["status"] != "ok" for row in rows)
     if failed:
-        what = "none of the" if failed == len(rows) else f"{failed} of the"
-        print(f"ocbank: error: {what} {len(rows)} input image(s) could not be scored (see the warnings above)",
-              file=sys.stderr)
+        what = f"none of the {len(rows)} input image(s) could" if failed == len(rows) else (
+            f"{failed} of the {len(rows)} input image(s) could not")
+        print(f"ocbank: error: {what} be scored (see the warnings above)", file=sys.stderr)
         return EXIT_PARTIAL
     return EXIT_OK
 

@@ -151,3 +151,26 @@ def test_random_arrays_in_random_modes_score_finite(detector, pics, cut):
             if cut and files[i] == files[cut % len(files)]:
                 continue
             assert (i in scored) == ok, (files[i].name, messages)
+
+
+def test_sixteen_bit_and_float_files_score_like_their_8bit_twin(detector, tiny_mvtec, tmp_path):
+    source = sorted((Path(tiny_mvtec) / "weave" / "test" / "good").glob("*.png"))[0]
+    gray8 = np.asarray(Image.open(source).convert("L"))
+    Image.fromarray(gray8).save(tmp_path / "g8.png")
+    Image.fromarray(gray8.astype(np.uint16) * 257).save(tmp_path / "g16.png")  # exactly the same picture
+    Image.fromarray(gray8.astype(np.float32) / 255).save(tmp_path / "gf.tif")
+    files = [tmp_path / "g8.png", tmp_path / "g16.png", tmp_path / "gf.tif"]
+    scored, skipped, _ = _score(detector, files)
+    assert not skipped
+    assert scored[1] == pytest.approx(scored[0], rel=1e-5) and scored[2] == pytest.approx(scored[0], rel=1e-5)
+
+
+def test_a_decompression_bomb_is_skipped_named_and_counted(detector, tiny_mvtec, tmp_path):
+    from .test_images import _bomb_png
+
+    good = sorted((Path(tiny_mvtec) / "weave" / "test" / "good").glob("*.png"))[0]
+    files = [_bomb_png(tmp_path / "bomb.png", 30000), good, _bomb_png(tmp_path / "big.png", 9000)]
+    scored, skipped, messages = _score(detector, files)
+    _check_accounting(files, scored, skipped, messages)
+    assert sorted(skipped) == [0, 2] and list(scored) == [1]
+    assert all("MAX_IMAGE_PIXELS" in m for m in messages if "skipping" in m)

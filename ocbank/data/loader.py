@@ -37,7 +37,9 @@ class ImageDataset(Dataset):
             tensor, rgb = self.transform.image(img)
         except (OcbankError, OSError) as exc:
             # One line naming the file; the caller counts the skipped index.
-            warnings.warn(f"skipping unreadable image {_name(sample.path)}: {exc}", stacklevel=1)
+            name = _name(sample.path)
+            text = f"skipping image: {exc}" if name in str(exc) else f"skipping unreadable image {name}: {exc}"
+            warnings.warn(text, stacklevel=1)
             return {"index": index, "skipped": True}
         item: dict[str, Any] = {"index": index, "skipped": False, "image": tensor, "rgb": rgb}
         if self.with_masks:
