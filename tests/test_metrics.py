@@ -21,7 +21,7 @@ def brute_pro(masks, maps, fpr_limit=0.3) -> float:
     regions = []
     for i, m in enumerate(masks):
         seen = np.zeros_like(m, dtype=bool)
-        for y, x in zip(*np.nonzero(m)):
+        for y, x in zip(*np.nonzero(m), strict=True):
             if seen[y, x]:
                 continue
             stack, pix = [(y, x)], []
