@@ -252,3 +252,27 @@ def test_any_nonzero_mask_pixel_is_anomalous(tmp_path, kind):
     got = t.mask(open_mask(files[kind]), (W, H), kind)
     assert got.dtype == np.uint8 and set(np.unique(got)) <= {0, 1}
     np.testing.assert_array_equal(got.astype(bool), square)
+
+
+@pytest.mark.parametrize(
+    ("suffix", "options"),
+    [(".png", {}), (".jpg", {}), (".jpg", {"progressive": True}), (".tif", {}), (".tif", {"compression": "tiff_lzw"}),
+     (".bmp", {}), (".webp", {"lossless": True})],
+)
+def test_every_truncation_is_refused_or_decodes_whole(tmp_path, suffix, options):
+    whole = tmp_path / f"whole{suffix}"
+    Image.fromarray(_picture(6)).save(whole, **options)
+    full = np.asarray(open_image(whole))
+    data = whole.read_bytes()
+    refused = 0
+    for cut in range(1, len(data), max(1, len(data) // 60)):
+        part = tmp_path / f"part{suffix}"
+        part.write_bytes(data[:cut])
+        try:
+            got = np.asarray(open_image(part))
+        except DataError as exc:
+            assert "part" in str(exc) and "\n" not in str(exc)
+            refused += 1
+            continue
+        np.testing.assert_array_equal(got, full, err_msg=f"{suffix} cut at {cut} of {len(data)}: half-decoded")
+    assert refused > 0
