@@ -21,7 +21,7 @@ from ocbank.data import Sample
 
 from .conftest import tiny_config
 
-FAULT_SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAULT_SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Real magic numbers, so random tails reach the decoders rather than the format sniffer.
 MAGIC = {

@@ -50,6 +50,7 @@ MAX_IMAGE_PIXELS = 8192 * 8192
 
 _FLOAT_SLACK = 0.5 / 255  # half an 8-bit level: rounding noise, clipped silently
 _DIRECT_MODES = {"L", "RGB"}
+_EXIF_ORIENTATION = 0x0112
 _COLOUR_MODES = {"CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBA", "RGBa"}
 
 
@@ -188,9 +189,11 @@ def _read_file(path: str | os.PathLike[str]) -> Image.Image:
             w, h = img.size
             if w * h > MAX_IMAGE_PIXELS:
                 raise too_large(f"{w}x{h}")
-            img.load()
+            img.load()  # decoded in memory: usable after the file is closed
+            if img.getexif().get(_EXIF_ORIENTATION, 1) in (None, 1):
+                return img
             upright = ImageOps.exif_transpose(img)
-            return img.copy() if upright is None or upright is img else upright
+            return img if upright is None else upright
     except DataError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -213,14 +216,22 @@ def open_image(source: Any) -> Image.Image:
     :class:`InputTypeError` (an array dtype or object type that is not an image).
     """
     if isinstance(source, Image.Image):
-        return Image.fromarray(pil_to_rgb8(source, "PIL image"))
+        return _rgb_image(source, "PIL image")
     if isinstance(source, np.ndarray):
         return Image.fromarray(array_to_rgb8(source))
     if not isinstance(source, (str, os.PathLike)):
         msg = f"an image must be a path, PIL image or numpy array, got {type(source).__name__}."
         raise InputTypeError(msg)
-    img = _read_file(source)
-    return Image.fromarray(pil_to_rgb8(img, os.fspath(source)))
+    return _rgb_image(_read_file(source), os.fspath(source))
+
+
+def _rgb_image(img: Image.Image, where: str) -> Image.Image:
+    """PIL image -> 8-bit RGB PIL image; PIL's own conversion where it is exact (the common modes)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("L", "1") or (img.mode == "P" and "transparency" not in img.info):
+        return img.convert("RGB")  # exact: 1 -> 0/255, L and palette colours copied
+    return Image.fromarray(pil_to_rgb8(img, where))
 
 
 def open_mask(source: Any) -> np.ndarray:
