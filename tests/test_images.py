@@ -276,3 +276,21 @@ def test_every_truncation_is_refused_or_decodes_whole(tmp_path, suffix, options)
             continue
         np.testing.assert_array_equal(got, full, err_msg=f"{suffix} cut at {cut} of {len(data)}: half-decoded")
     assert refused > 0
+
+
+@pytest.mark.parametrize("planar", [False, True])
+def test_half_float_tiff_reads_like_its_8bit_twin(tmp_path, planar):
+    tifffile = pytest.importorskip("tifffile")
+    rgb = _picture(7)
+    half = (rgb.astype(np.float32) / 255).astype(np.float16)  # PIL cannot open these
+    path = tmp_path / "half.tif"
+    if planar:
+        tifffile.imwrite(path, np.moveaxis(half, -1, 0), photometric="rgb", planarconfig="separate")
+    else:
+        tifffile.imwrite(path, half, photometric="rgb")
+    with pytest.raises(Exception):  # noqa: B017 - PIL's own failure, whichever type
+        Image.open(path).load()
+    assert np.abs(_read(path) - rgb.astype(int)).max() <= 1
+    gray = tmp_path / "gray.tif"
+    tifffile.imwrite(gray, half[..., 0])
+    assert np.abs(_read(gray) - _gray3(rgb[..., 0])).max() <= 1

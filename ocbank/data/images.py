@@ -13,7 +13,9 @@ PIL mode / array      to 8 bits
 ``I`` (32-bit int)    taken as 16-bit: value / 257; values outside 0..65535 refuse the file
 ``F``, float arrays   value x 255, rounded. Documented range [0, 1]: values within half a
                       level of it are clipped into it; anything further outside, or NaN/inf,
-                      refuses the file (its scale is unknown, so any guess would be silent)
+                      refuses the file (its scale is unknown, so any guess would be silent).
+                      16-bit float TIFFs, which PIL cannot open, are read the same way with
+                      tifffile when it is installed (``pip install ocbank[tiff]``)
 ``CMYK``, ``YCbCr``,  PIL's colour conversion to RGB
 ``LAB``, ``HSV``
 ====================  ==========================================================
@@ -33,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError, InputTypeError
 
@@ -170,25 +172,53 @@ def pil_to_mask(img: Image.Image, where: str = "mask") -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- files
-def _read_file(path: str | os.PathLike[str]) -> Image.Image:
-    """Decode a file fully, EXIF orientation applied; every failure is a DataError naming it."""
+def _too_large(where: str, size: str) -> DataError:
+    msg = (
+        f"image {where} declares {size} pixels, more than ocbank's limit of {MAX_IMAGE_PIXELS} "
+        "(ocbank.data.images.MAX_IMAGE_PIXELS). Downscale it, or raise the limit if it is genuine."
+    )
+    return DataError(msg)
+
+
+def _read_tiff(path: str | os.PathLike[str], where: str) -> np.ndarray | None:
+    """TIFFs PIL cannot open (16-bit float, ...) via tifffile, if installed: array [H, W(, C)]."""
+    try:
+        import tifffile  # noqa: PLC0415 - optional: pip install ocbank[tiff]
+    except ImportError:
+        return None
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        if page.imagelength * page.imagewidth > MAX_IMAGE_PIXELS:
+            raise _too_large(where, f"{page.imagewidth}x{page.imagelength}")
+        arr = page.asarray()
+        if page.axes.startswith("S"):  # planar: samples first
+            arr = np.moveaxis(arr, 0, -1)
+    return arr.astype(np.float32) if arr.dtype == np.float16 else arr
+
+
+def _read_file(path: str | os.PathLike[str]) -> Image.Image | np.ndarray:
+    """Decode a file fully, EXIF orientation applied; every failure is a DataError naming it.
+
+    Returns a PIL image, or an array for TIFFs only tifffile can read (16-bit float).
+    """
     where = os.fspath(path)
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Someone switched PIL to fill truncated files with grey: we never want that.
         log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set; ocbank resets it to refuse truncated files")
         ImageFile.LOAD_TRUNCATED_IMAGES = False
-    def too_large(size: str) -> DataError:
-        msg = (
-            f"image {where} declares {size} pixels, more than ocbank's limit of {MAX_IMAGE_PIXELS} "
-            "(ocbank.data.images.MAX_IMAGE_PIXELS). Downscale it, or raise the limit if it is genuine."
-        )
-        return DataError(msg)
-
     try:
-        with Image.open(path) as img:
+        try:
+            img = Image.open(path)
+        except UnidentifiedImageError:
+            if where.lower().endswith((".tif", ".tiff")):
+                arr = _read_tiff(path, where)
+                if arr is not None:
+                    return arr
+            raise
+        with img:
             w, h = img.size
             if w * h > MAX_IMAGE_PIXELS:
-                raise too_large(f"{w}x{h}")
+                raise _too_large(where, f"{w}x{h}")
             img.load()  # decoded in memory: usable after the file is closed
             if img.getexif().get(_EXIF_ORIENTATION, 1) in (None, 1):
                 return img
@@ -198,12 +228,12 @@ def _read_file(path: str | os.PathLike[str]) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # PIL's own check runs inside Image.open, before ours, for sizes past its limits.
-        raise too_large("a decompression-bomb number of") from exc
+        raise _too_large(where, "a decompression-bomb number of") from exc
     except FileNotFoundError as exc:
         msg = f"image {where} does not exist. Check the path."
         raise DataError(msg) from exc
-    except Exception as exc:  # noqa: BLE001 - PIL decoders raise any type on hostile bytes
-        detail = str(exc).replace("\n", " ") or type(exc).__name__
+    except Exception as exc:  # noqa: BLE001 - decoders raise any type on hostile bytes
+        detail = " ".join(str(exc).split()) or type(exc).__name__
         msg = f"cannot read image {where}: {detail}. Replace or remove the file."
         raise DataError(msg) from exc
 
@@ -222,7 +252,10 @@ def open_image(source: Any) -> Image.Image:
     if not isinstance(source, (str, os.PathLike)):
         msg = f"an image must be a path, PIL image or numpy array, got {type(source).__name__}."
         raise InputTypeError(msg)
-    return _rgb_image(_read_file(source), os.fspath(source))
+    decoded = _read_file(source)
+    if isinstance(decoded, np.ndarray):
+        return Image.fromarray(array_to_rgb8(decoded, os.fspath(source)))
+    return _rgb_image(decoded, os.fspath(source))
 
 
 def _rgb_image(img: Image.Image, where: str) -> Image.Image:
@@ -246,7 +279,10 @@ def open_mask(source: Any) -> np.ndarray:
         return np.asarray(arr != 0)
     if isinstance(source, Image.Image):
         return pil_to_mask(source)
-    return pil_to_mask(_read_file(source), os.fspath(source))
+    decoded = _read_file(source)
+    if isinstance(decoded, np.ndarray):
+        return open_mask(decoded)
+    return pil_to_mask(decoded, os.fspath(source))
 
 
 # ---------------------------------------------------------------------- transform
