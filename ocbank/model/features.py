@@ -43,19 +43,26 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def random_wide_resnet50_2(seed: int = RANDOM_INIT_SEED) -> nn.Module:
+def random_wide_resnet50_2(seed: int = RANDOM_INIT_SEED, upto: str | None = None) -> nn.Module:
     """wide_resnet50_2 with torchvision's initialisation drawn from a local generator.
 
     The global torch RNG is neither read nor advanced, so extractors built at the same
     time from several threads get identical weights. Built on the meta device (no
-    draws), then every parameter and buffer is set here: convolutions kaiming-normal
-    (fan_out, relu), batch norm weight 1 / bias 0 / running stats 0 and 1, the fc as
-    ``nn.Linear``'s default (kaiming-uniform a=sqrt(5), bias U(+-1/sqrt(fan_in))).
+    draws), then every parameter and buffer is set here, in ``net.modules()`` order:
+    convolutions kaiming-normal (fan_out, relu), batch norm weight 1 / bias 0 / running
+    stats 0 and 1, the fc as ``nn.Linear``'s default (kaiming-uniform a=sqrt(5), bias
+    U(+-1/sqrt(fan_in))). With ``upto="layer3"`` the later top-level parts (layer4, fc)
+    are replaced by ``nn.Identity`` and never drawn: the tensors that remain are
+    identical to the full net's, as the draws are sequential.
     """
     from torchvision.models import wide_resnet50_2  # noqa: PLC0415
 
     with torch.device("meta"):
         net = wide_resnet50_2(weights=None)
+    if upto is not None:
+        names = [name for name, _ in net.named_children()]
+        for name in names[names.index(upto) + 1:]:
+            setattr(net, name, nn.Identity())
     net = net.to_empty(device="cpu")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     done: set[int] = set()
@@ -95,7 +102,7 @@ def _load_backbone(weights: str) -> nn.Module:
             "Fine for tests and the demo; use ImageNet weights for real inspection.",
             RANDOM_INIT_SEED,
         )
-        return random_wide_resnet50_2(RANDOM_INIT_SEED)
+        return random_wide_resnet50_2(RANDOM_INIT_SEED, upto="layer3")  # the extractor stops at layer3
     with torch.device("meta"):  # no random init (which would advance the global RNG): all loaded below
         model = wide_resnet50_2(weights=None)
     model = model.to_empty(device="cpu")
