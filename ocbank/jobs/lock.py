@@ -85,7 +85,7 @@ def build_lock(out_dir: Path) -> Iterator[None]:
         mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, json.dumps(mine).encode("utf-8"))
+        os.write(fd, json.dumps(mine, allow_nan=False).encode("utf-8"))
         yield
     finally:
         # Unlink while still holding the lock, then release: a waiter that opened the old
