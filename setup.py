@@ -38,10 +38,12 @@ setup(
         "ray": ["ray>=2.9"],
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         "openvino": ["openvino>=2024.0"],
+        "tiff": ["tifffile>=2023.1"],  # 16-bit float TIFFs, which PIL cannot open
         "dev": [
             "pytest>=7.4",
             "pytest-timeout>=2.2",
             "hypothesis>=6.100",
+            "tifffile>=2023.1",
             "ruff>=0.6",
             "onnx>=1.16",
             "onnxruntime>=1.18",

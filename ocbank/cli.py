@@ -1,21 +1,67 @@
-"""The ``ocbank`` command line: build, update, evaluate, predict, suggest-radius."""
+"""The ``ocbank`` command line: build, update, evaluate, predict, suggest-radius, export.
+
+Exit status: 0 every input was processed; 1 the command ran but some inputs failed
+(a class that did not build, an image that could not be read: outputs are written for
+the rest and the failures named); 2 a usage, configuration, data or file error stopped
+it before any result (one line ``ocbank: error: ...``); 130 interrupted. Any other
+exception is a bug in ocbank and surfaces with its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .errors import OcbankError
+
+EXIT_OK, EXIT_PARTIAL, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+_FORBIDDEN_IN_NAMES = ("/", "\\", "\x00")
 
 
-def _classes(text: str | None) -> list[str] | None:
-    if not text:
-        return None
-    return [c.strip() for c in text.split(",") if c.strip()]
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        msg = f"must be an integer >= {low}, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def class_list(text: str) -> list[str]:
+    """argparse type: comma-separated plain class names (no '/', '\\', '..', empty names).
+
+    A class name becomes a file name under --out (``<class>.h5``), so it must not
+    reach outside that folder.
+    """
+    names = [c.strip() for c in text.split(",")]
+    for name in names:
+        if not name or name in (".", "..") or any(ch in name for ch in _FORBIDDEN_IN_NAMES):
+            msg = (
+                f"class names must be plain names (no '/', '\\', '..' or empty entries), "
+                f"got {name!r} in {text!r}"
+            )
+            raise argparse.ArgumentTypeError(msg)
+    return names
+
+
+def _classes(value: list[str] | None) -> list[str] | None:
+    return value or None
 
 
 def _load_config(args: argparse.Namespace) -> Any:
@@ -71,11 +117,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = _load_config(args)
     report = evaluate.evaluate(
-        cfg, args.banks, args.out, _classes(args.classes), heatmaps=args.heatmaps, progress=not args.quiet
+        cfg, args.banks, args.out, _classes(args.classes), heatmaps=args.heatmaps, progress=not args.quiet,
+        allow_partial=args.allow_partial,
     )
     print(evaluate.format_table(report))
     print(f"metrics: {Path(args.out) / 'metrics.json'}  scores: {Path(args.out) / 'scores.csv'}")
-    return 0
+    if report["n_skipped"]:
+        print(f"ocbank: error: {report['n_skipped']} test image(s) could not be read and were left out "
+              "(named in the warnings above)", file=sys.stderr)
+        return EXIT_PARTIAL
+    return EXIT_OK
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -83,7 +134,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     rows = predict.predict(
         args.bank, args.input, args.out, args.save_maps, progress=not args.quiet, device=args.device,
-        save_masks=args.save_masks,
+        allow_partial=args.allow_partial, save_masks=args.save_masks,
     )
     for row in rows:
         if row["status"] != "ok":
@@ -91,7 +142,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             print(f"{row['score']:10.4f} {row.get('label') or '':>3}  {row['path']}")
     print(f"scores: {Path(args.out) / 'scores.csv'}  heatmaps: {Path(args.out) / 'heatmaps'}")
-    return 0
+    failed = sum(row["status"] != "ok" for row in rows)
+    if failed:
+        what = f"none of the {len(rows)} input image(s) could" if failed == len(rows) else (
+            f"{failed} of the {len(rows)} input image(s) could not")
+        print(f"ocbank: error: {what} be scored (see the warnings above)", file=sys.stderr)
+        return EXIT_PARTIAL
+    return EXIT_OK
 
 
 def cmd_suggest_radius(args: argparse.Namespace) -> int:
@@ -106,12 +163,19 @@ def cmd_suggest_radius(args: argparse.Namespace) -> int:
             f"{s['suggested']:>10.2f}{s['n_patches']:>9}"
         )
     if args.json:
-        Path(args.json).write_text(json.dumps(stats, indent=2))
-    return 0
+        from .jsonio import write_json  # noqa: PLC0415
+
+        write_json(args.json, stats)
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ocbank", description="Online cluster memory bank anomaly detection.")
+    parser = argparse.ArgumentParser(
+        prog="ocbank",
+        description="Online cluster memory bank anomaly detection.",
+        epilog="exit status: 0 all inputs processed; 1 some inputs failed (the rest written); "
+        "2 usage, configuration, data or file error; 130 interrupted.",
+    )
     parser.add_argument("--version", action="version", version=f"ocbank {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -120,9 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="build one bank per class (checkpointed, resumable)")
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True, help="output folder for <class>.h5")
-    p.add_argument("--classes", help="comma-separated subset of classes")
+    p.add_argument("--classes", type=class_list, help="comma-separated subset of classes")
     p.add_argument("--device", help="override the config's device")
-    p.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
+    p.add_argument("--checkpoint-every", type=positive_int, default=100, metavar="N",
                    help="rewrite <class>.partial.h5 every N images (default 100)")
     p.add_argument("--resume", action="store_true",
                    help="skip complete classes and continue partial ones from their checkpoint")
@@ -130,10 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one bank over every class's images, interleaved (writes _all_classes.h5)")
     p.add_argument("--backend", choices=["local", "ray"], default="local")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    p.add_argument("--shards", type=int, default=1, help="build each class in N shards and merge them")
-    p.add_argument("--retries", type=int, default=2, help="Ray retries per class or shard (default 2)")
-    p.add_argument("--ray-cpus", type=int, help="CPUs for a local Ray (default: all)")
-    p.add_argument("--threads", type=int,
+    p.add_argument("--shards", type=positive_int, default=1, help="build each class in N shards and merge them")
+    p.add_argument("--retries", type=non_negative_int, default=2, help="Ray retries per class or shard (default 2)")
+    p.add_argument("--ray-cpus", type=positive_int, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--threads", type=positive_int,
                    help="CPU threads for torch and faiss (default: torch's; Ray workers get the driver's)")
     p.add_argument("--calibration", metavar="DIR",
                    help="normal images for the OK/NG thresholds (default: a seeded hold-out of the training images)")
@@ -151,9 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--banks", required=True, help="folder with <class>.h5 banks")
     p.add_argument("--out", required=True)
-    p.add_argument("--classes")
-    p.add_argument("--heatmaps", type=int, default=4, help="overlay PNGs per class (default 4)")
+    p.add_argument("--classes", type=class_list, help="comma-separated subset of classes")
+    p.add_argument("--heatmaps", type=non_negative_int, default=4, help="overlay PNGs per class (default 4)")
     p.add_argument("--device")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="accept unfinished build checkpoints (*.partial.h5)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="score images with one bank")
@@ -163,11 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-maps", action="store_true", help="also write raw maps as .npy")
     p.add_argument("--save-masks", action="store_true", help="also write binary defect masks as PNG (calibrated banks)")
     p.add_argument("--device")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="accept an unfinished build checkpoint (*.partial.h5)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("suggest-radius", help="print the radius rule's percentiles per class")
     p.add_argument("--config", required=True)
-    p.add_argument("--classes")
+    p.add_argument("--classes", type=class_list, help="comma-separated subset of classes")
     p.add_argument("--device")
     p.add_argument("--json", help="also write the statistics to this JSON file")
     p.set_defaults(func=cmd_suggest_radius)
@@ -175,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit status (argparse itself exits 2 on usage errors)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="ocbank: %(levelname)s: %(message)s")
     if args.debug:
@@ -183,11 +252,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         print("ocbank: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError, RuntimeError, ImportError) as exc:
-        message = str(exc).replace("\n", " ")
+        return EXIT_INTERRUPTED
+    except (OcbankError, OSError) as exc:
+        # Deliberate errors and file problems the user can fix: one line. Anything else
+        # is a bug in ocbank and surfaces with its traceback.
+        message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"ocbank: error: {message} (run with --debug for the traceback)", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -142,3 +142,68 @@ def test_loader_with_spawned_workers(tiny_mvtec):
     batches = list(make_loader(split.train, cfg))
     assert [b["index"] for b in batches] == [[0, 1, 2], [3, 4, 5]]
     assert batches[0]["image"].shape == (3, 3, 64, 64)
+
+
+def test_zero_one_masks_mark_anomalous_pixels(tmp_path):
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
+    mask = tmp_path / "a_mask.png"
+    truth = np.zeros((32, 32), np.uint8)
+    truth[8:20, 4:12] = 1
+    Image.fromarray(truth).save(mask)  # 0/1, not 0/255
+    from ocbank.data import Sample
+
+    item = ImageDataset([Sample(str(img), 1, str(mask), "x")], Transform(32, None), with_masks=True)[0]
+    np.testing.assert_array_equal(item["mask"], truth)
+
+
+def _alive(proc) -> bool:  # noqa: ANN001 - psutil.Process
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE  # a zombie holds no memory
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_loader_workers_die_with_their_sigkilled_parent(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    import psutil
+
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(img)
+    cfg = tiny_config(tmp_path, data={"format": "folder", "num_workers": 2, "batch_size": 1})
+    code = textwrap.dedent(f"""
+        import time
+        from ocbank import config
+        from ocbank.data import Sample, make_loader
+        loader = make_loader([Sample({str(img)!r})] * 10000, config.from_dict({cfg!r}))
+        batches = iter(loader)
+        next(batches)
+        print("ready", flush=True)
+        time.sleep(120)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        workers = [p for p in psutil.Process(parent.pid).children(recursive=True)
+                   if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 3.0  # torch's own check would take up to 5 s per worker
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(w) for w in workers)
+    finally:
+        parent.kill()
+        for w in workers:
+            if _alive(w):
+                w.kill()

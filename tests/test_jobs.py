@@ -109,9 +109,9 @@ def test_resume_from_a_partial_checkpoint_equals_uninterrupted(tmp_path, cfg_fil
 def test_second_build_on_the_same_folder_is_refused(tmp_path, cfg_file):
     out = tmp_path / "o"
     out.mkdir()
-    (out / jobs.LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
-    res = subprocess.run([sys.executable, "-m", "ocbank.cli", "-q", "build", "--config", str(cfg_file), "--out", str(out)],
-                         capture_output=True, text=True)
+    with jobs.build_lock(out):  # a live build holds the (flock) lock
+        res = subprocess.run([sys.executable, "-m", "ocbank.cli", "-q", "build", "--config", str(cfg_file),
+                              "--out", str(out)], capture_output=True, text=True)
     assert res.returncode == 2 and "another ocbank build" in res.stderr and str(os.getpid()) in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
 

@@ -21,7 +21,7 @@ def brute_pro(masks, maps, fpr_limit=0.3) -> float:
     regions = []
     for i, m in enumerate(masks):
         seen = np.zeros_like(m, dtype=bool)
-        for y, x in zip(*np.nonzero(m)):
+        for y, x in zip(*np.nonzero(m), strict=True):
             if seen[y, x]:
                 continue
             stack, pix = [(y, x)], []
@@ -96,3 +96,45 @@ def test_aupro_counts_regions_equally_and_limits():
     with pytest.raises(ValueError, match="fpr_limit"):
         metrics.aupro(masks, maps, fpr_limit=0)
     assert np.isnan(metrics.aupro(np.zeros((1, 4, 4)), np.zeros((1, 4, 4))))
+
+
+def test_metric_notes_say_why_a_metric_is_undefined():
+    assert metrics.image_metric_note(np.array([0, 1, 0])) is None
+    assert metrics.image_metric_note(np.zeros(4)) == "no anomalous test image (only normal ones)"
+    assert metrics.image_metric_note(np.ones(4)) == "no normal test image (only anomalous ones)"
+    assert metrics.image_metric_note(np.zeros(0)) == "no test image could be scored"
+    masks = np.zeros((2, 4, 4), np.uint8)
+    assert metrics.pixel_metric_note(masks) == "no anomalous pixel in the masks"
+    masks[1, 2, 2] = 1  # a 0/1 mask is anomalous where it is 1
+    assert metrics.pixel_metric_note(masks) is None
+    assert metrics.pixel_metric_note(np.full((1, 2, 2), 255, np.uint8)) == "no normal pixel in the masks"
+    # The notes agree with the metrics: defined exactly when no note is given.
+    assert np.isnan(metrics.pixel_auroc(np.zeros((1, 3, 3)), np.ones((1, 3, 3))))
+
+
+def test_shape_errors_are_ocbank_errors():
+    from ocbank.errors import InputError
+
+    with pytest.raises(InputError, match=r"\(1, 3, 3\) and \(1, 4, 4\)"):
+        metrics.pixel_auroc(np.zeros((1, 3, 3)), np.zeros((1, 4, 4)))
+    with pytest.raises(InputError, match="fpr_limit"):
+        metrics.aupro(np.zeros((1, 3, 3)), np.zeros((1, 3, 3)), fpr_limit=1.5)
+
+
+# ---------------------------------------------------------------------- strict JSON
+def test_write_json_is_strict_atomic_and_converts_numpy(tmp_path):
+    import json
+
+    from ocbank.jsonio import write_json
+
+    path = tmp_path / "sub" / "m.json"
+    write_json(path, {"a": np.float32(0.5), "n": np.int64(3), "v": np.arange(3), "none": None})
+    assert json.loads(path.read_text()) == {"a": 0.5, "n": 3, "v": [0, 1, 2], "none": None}
+    before = path.read_bytes()
+    for bad in ({"x": float("nan")}, {"x": np.float64("inf")}, {"x": [1.0, -float("inf")]}):
+        with pytest.raises(ValueError, match="JSON compliant"):
+            write_json(path, bad)
+    with pytest.raises(TypeError, match="object"):
+        write_json(path, {"x": object()})
+    assert path.read_bytes() == before  # a refused write leaves the old file whole
+    assert sorted(p.name for p in path.parent.iterdir()) == ["m.json"]  # no temp files left

@@ -2,13 +2,14 @@
 
 from ..errors import DataError
 from .datasets import ClassSplit, Sample, class_names, load_split
-from .images import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, Transform, open_image
+from .images import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, MAX_IMAGE_PIXELS, Transform, open_image, open_mask
 from .loader import ImageDataset, make_loader
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_SUFFIXES",
+    "MAX_IMAGE_PIXELS",
     "ClassSplit",
     "DataError",
     "ImageDataset",
@@ -18,4 +19,5 @@ __all__ = [
     "load_split",
     "make_loader",
     "open_image",
+    "open_mask",
 ]

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config
+from ..errors import OcbankError
 from .datasets import Sample
-from .images import Transform, open_image
+from .images import Transform, open_image, open_mask
+from .workers import worker_init
 
 
 class ImageDataset(Dataset):
@@ -31,24 +34,32 @@ class ImageDataset(Dataset):
         sample = self.samples[index]
         try:
             img = open_image(sample.path)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            warnings.warn(f"skipping unreadable image {sample.path}: {exc}", stacklevel=1)
+            tensor, rgb = self.transform.image(img)
+        except (OcbankError, OSError) as exc:
+            # One line naming the file; the caller counts the skipped index.
+            name = _name(sample.path)
+            text = f"skipping image: {exc}" if name in str(exc) else f"skipping unreadable image {name}: {exc}"
+            warnings.warn(text, stacklevel=1)
             return {"index": index, "skipped": True}
-        tensor, rgb = self.transform.image(img)
         item: dict[str, Any] = {"index": index, "skipped": False, "image": tensor, "rgb": rgb}
         if self.with_masks:
             size = self.transform.size
             mask = np.zeros((size, size), dtype=np.uint8)
             if sample.mask:
                 try:
-                    mask = self.transform.mask(open_image(sample.mask), img.size, sample.mask)
-                except (OSError, UnidentifiedImageError) as exc:
-                    warnings.warn(f"unreadable mask {sample.mask} for {sample.path}: {exc}; image skipped", stacklevel=1)
+                    mask = self.transform.mask(open_mask(sample.mask), img.size, str(sample.mask))
+                except (OcbankError, OSError) as exc:
+                    warnings.warn(f"skipping {_name(sample.path)}: unreadable mask: {exc}", stacklevel=1)
                     return {"index": index, "skipped": True}
             elif sample.label == 1:
                 warnings.warn(f"anomalous image {sample.path} has no mask: counted as all-normal pixels", stacklevel=1)
             item["mask"] = mask
         return item
+
+
+def _name(source: Any) -> str:
+    """A file path as given; an in-memory image by its type (the message stays one line)."""
+    return str(source) if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__") else type(source).__name__
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -65,11 +76,6 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def _worker_init(_: int) -> None:
-    # The notes' fork-after-faiss deadlock: keep workers single-threaded.
-    torch.set_num_threads(1)
-
-
 def make_loader(samples: Sequence[Sample], cfg: Config, with_masks: bool = False) -> DataLoader:
     """Ordered loader (no shuffling: the stream order is part of the bank's identity)."""
     workers = cfg.data.num_workers
@@ -79,7 +85,8 @@ def make_loader(samples: Sequence[Sample], cfg: Config, with_masks: bool = False
         shuffle=False,
         num_workers=workers,
         collate_fn=_collate,
-        worker_init_fn=_worker_init if workers else None,
+        # Single-threaded workers that die with their parent (see workers.py).
+        worker_init_fn=functools.partial(worker_init, parent_pid=os.getpid()) if workers else None,
         # spawn, not fork: forking after faiss/OpenMP use can deadlock.
         multiprocessing_context="spawn" if workers else None,
         persistent_workers=False,

@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 from ..config import Config, check_class_name
 from ..data import IMAGE_SUFFIXES, Sample, class_names, load_split
 from ..engine import BankState, ClusterBank, resolve_device
-from ..engine.checkpoint import atomic_write, read_bank
+from ..engine.checkpoint import read_bank
 from ..errors import CheckpointError, ConfigError, DataError, DependencyError
+from ..jsonio import write_json
 from ..model.detector import Detector
 from ..model.features import FEATURE_DIM, FeatureExtractor
 from .lock import LOCK_NAME, build_lock
@@ -478,8 +479,7 @@ def build_all(
             "seconds": time.perf_counter() - began,
             "failed": sorted(n for n, r in results.items() if r["status"] == "failed"),
         }
-        text = json.dumps(report, indent=2, allow_nan=False)
-        atomic_write(plan.out / SUMMARY_NAME, lambda tmp: Path(tmp).write_text(text))
+        write_json(plan.out / SUMMARY_NAME, report)
     return report
 
 

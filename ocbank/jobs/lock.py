@@ -1,8 +1,15 @@
-"""The build lock: one build per output folder; a lock left by a dead process is taken over."""
+"""The build lock: one build per output folder, held with ``fcntl.flock`` for the build's life.
+
+The kernel releases a flock when its holder dies (SIGKILL included), so a lock file
+left behind by a dead build is simply *not locked*: the next build takes it, and of
+several builds that find it at once exactly one wins. The file holds the holder's pid
+and host only so the refusal message can name them; it is never used to decide.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -19,53 +26,71 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".ocbank-build.lock"
 
 
-def _lock_is_stale(holder: dict[str, Any], path: Path) -> bool:
-    if not holder:  # unreadable: a writer may be mid-way; stale once old
-        return time.time() - path.stat().st_mtime > 30
-    if holder.get("host") != socket.gethostname():
-        return False  # cannot see other machines' processes
+def _read_holder(fd: int) -> dict[str, Any]:
+    """The JSON written by the holder, or {} while it is being written or if it is foreign."""
+    with contextlib.suppress(OSError, ValueError):
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = b""
+        while chunk := os.read(fd, 4096):
+            data += chunk
+        holder = json.loads(data.decode("utf-8") or "{}")
+        return holder if isinstance(holder, dict) else {}
+    return {}
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Is ``fd`` still the file at ``path``? (A releasing holder unlinks it.)"""
     try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, KeyError, ValueError, TypeError):
+        st = os.stat(path)
+    except FileNotFoundError:
         return False
-    return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 @contextlib.contextmanager
 def build_lock(out_dir: Path) -> Iterator[None]:
-    """Hold ``out_dir/.ocbank-build.lock``; a lock left by a dead process is taken over."""
+    """Hold ``out_dir/.ocbank-build.lock`` (flock, exclusive) while the block runs.
+
+    Raises :class:`BuildLockError` naming the holder if another live process holds it.
+    """
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / LOCK_NAME
-    mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-    for _ in range(3):
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text() or "{}")
-            except (OSError, ValueError):
-                holder = {}
-            if _lock_is_stale(holder, path):
-                log.warning("removing a stale build lock %s left by pid %s (process gone)", path, holder.get("pid"))
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
             msg = (
-                f"another ocbank build (pid {holder.get('pid')} on {holder.get('host')}) is writing to {out_dir}. "
-                f"Wait for it to finish, or use another --out; if no build is running, delete {path}."
+                f"another ocbank build (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) is writing to "
+                f"{out_dir}. Wait for it to finish, or use another --out."
             )
             raise BuildLockError(msg) from None
-        with os.fdopen(fd, "w") as fh:
-            json.dump(mine, fh)
-        break
-    else:
-        msg = f"could not take the build lock {path}. Delete it if no build is running."
-        raise BuildLockError(msg)
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # we locked a file its holder had just unlinked on release: take the new one
     try:
+        previous = _read_holder(fd)
+        if previous.get("pid") not in (None, os.getpid()):
+            log.warning(
+                "taking over the stale build lock %s left by pid %s on %s (that build is gone)",
+                path, previous.get("pid"), previous.get("host"),
+            )
+        mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps(mine, allow_nan=False).encode("utf-8"))
         yield
     finally:
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads(path.read_text()).get("pid") == os.getpid():
+        # Unlink while still holding the lock, then release: a waiter that opened the old
+        # file sees it is no longer at ``path`` and retries on a fresh one.
+        with contextlib.suppress(OSError):
+            if _same_file(fd, path):
                 path.unlink()
+        os.close(fd)

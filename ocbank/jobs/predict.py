@@ -12,52 +12,71 @@ from PIL import Image
 from ..data import IMAGE_SUFFIXES, Sample
 from ..errors import DataError
 from ..model.detector import Detector, ScoredBatch
-from .evaluate import _map_range
+from .evaluate import _map_range, check_complete
 from .visualize import save_overlay
 
 
-def predict(
-    bank_file: str | Path, inputs: list[str], out_dir: str | Path, save_maps: bool = False, progress: bool = True,
-    device: str | None = None, save_masks: bool = False,
-) -> list[dict[str, Any]]:
-    """Score images (files or folders) with one bank; write scores.csv and overlay PNGs."""
+def list_inputs(inputs: list[str]) -> list[Path]:
+    """Image files and folders (searched recursively, sorted) -> files, in the order given."""
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
         elif p.is_file():
             files.append(p)
         else:
-            msg = f"input {p} does not exist. Pass image files or folders."
+            msg = f"input {str(p)!r} does not exist. Pass image files or folders."
             raise DataError(msg)
     if not files:
-        msg = f"no images found in {inputs}. Supported suffixes: {sorted(IMAGE_SUFFIXES)}."
+        msg = f"no images found in {inputs!r}. Supported suffixes: {sorted(IMAGE_SUFFIXES)}."
         raise DataError(msg)
+    return files
+
+
+def predict(
+    bank_file: str | Path, inputs: list[str], out_dir: str | Path, save_maps: bool = False, progress: bool = True,
+    device: str | None = None, allow_partial: bool = False, save_masks: bool = False,
+) -> list[dict[str, Any]]:
+    """Score images (files or folders) with one bank; write scores.csv and overlay PNGs.
+
+    Returns one row per input file, in input order: ``path``, ``score`` (NaN when
+    unreadable), ``label`` (OK/NG) and ``normalized_score`` (score / calibrated threshold)
+    when the bank is calibrated, and ``status`` ("ok" or "unreadable"); scores.csv holds the same rows
+    (an empty score for unreadable files). A ``*.partial.h5`` checkpoint is refused
+    unless ``allow_partial``.
+    """
+    files = list_inputs(inputs)
+    check_complete(bank_file, allow_partial)
     det = Detector.load(bank_file, device=device)
     out = Path(out_dir)
     (out / "maps" if save_maps else out).mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any] | None] = [None] * len(files)
     vmin, vmax = _map_range(det)
     for res in det.score_batches([Sample(str(f)) for f in files]):
         for idx in res.skipped:
-            rows.append({"path": str(files[idx]), "score": float("nan"), "status": "unreadable"})
+            rows[idx] = {"path": str(files[idx]), "score": float("nan"), "status": "unreadable"}
         for j, idx in enumerate(res.indices):
             f = files[idx]
             name = f"{idx:05d}_{f.stem}"
             save_overlay(out / "heatmaps" / f"{name}.png", res.rgb[j], res.maps[j], vmin, vmax)
             if save_maps:
                 np.save(out / "maps" / f"{name}.npy", res.maps[j])
-            rows.append({"path": str(f), "score": float(res.scores[j]), "status": "ok", **_decision_row(det, res, j)})
+            rows[idx] = {"path": str(f), "score": float(res.scores[j]), "status": "ok", **_decision_row(det, res, j)}
             if save_masks and det.decision is not None:
                 mask = (res.maps[j] > det.decision.pixel_threshold).astype(np.uint8) * 255
                 (out / "masks").mkdir(parents=True, exist_ok=True)
                 Image.fromarray(mask).save(out / "masks" / f"{name}.png")
+    missing = [str(files[i]) for i, r in enumerate(rows) if r is None]
+    if missing:  # the loader reports every index as scored or skipped; anything else is a bug
+        msg = f"internal error: no result for {missing[:3]}"
+        raise RuntimeError(msg)
+    done: list[dict[str, Any]] = [r for r in rows if r is not None]
     with open(out / "scores.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["path", "score", "label", "normalized_score", "status"], restval="")
         writer.writeheader()
-        writer.writerows(rows)
-    return rows
+        writer.writerows({**r, "score": "" if r["status"] != "ok" else f"{r['score']:.6f}"} for r in done)
+    return done
 
 
 def _decision_row(det: Detector, res: ScoredBatch, j: int) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -12,13 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import WeightsError
+from ..errors import ConfigError, WeightsError
 
 log = logging.getLogger(__name__)
 
 FEATURE_DIM = 1536  # 512 (layer2) + 1024 (layer3)
 FEATURE_STRIDE = 8  # layer2's stride: 224 -> 28, 512 -> 64
 RANDOM_INIT_SEED = 0
+# How weights "none" are drawn (stored in bank metadata): torchvision's init scheme from a
+# local torch.Generator seeded with RANDOM_INIT_SEED, modules in ``net.modules()`` order.
+RANDOM_INIT_SCHEME = "torchvision-init/local-generator/v1"
 POOLS = ("none", "avg3")
 AUTOCAST = ("none", "fp16", "bf16")
 
@@ -39,6 +43,55 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def random_wide_resnet50_2(seed: int = RANDOM_INIT_SEED, upto: str | None = None) -> nn.Module:
+    """wide_resnet50_2 with torchvision's initialisation drawn from a local generator.
+
+    The global torch RNG is neither read nor advanced, so extractors built at the same
+    time from several threads get identical weights. Built on the meta device (no
+    draws), then every parameter and buffer is set here, in ``net.modules()`` order:
+    convolutions kaiming-normal (fan_out, relu), batch norm weight 1 / bias 0 / running
+    stats 0 and 1, the fc as ``nn.Linear``'s default (kaiming-uniform a=sqrt(5), bias
+    U(+-1/sqrt(fan_in))). With ``upto="layer3"`` the later top-level parts (layer4, fc)
+    are replaced by ``nn.Identity`` and never drawn: the tensors that remain are
+    identical to the full net's, as the draws are sequential.
+    """
+    from torchvision.models import wide_resnet50_2  # noqa: PLC0415
+
+    with torch.device("meta"):
+        net = wide_resnet50_2(weights=None)
+    if upto is not None:
+        names = [name for name, _ in net.named_children()]
+        for name in names[names.index(upto) + 1:]:
+            setattr(net, name, nn.Identity())
+    net = net.to_empty(device="cpu")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    done: set[int] = set()
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu", generator=gen)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.BatchNorm2d):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+                module.running_mean.zero_()
+                module.running_var.fill_(1.0)
+                module.num_batches_tracked.zero_()
+            elif isinstance(module, nn.Linear):
+                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=gen)
+                bound = 1.0 / math.sqrt(module.in_features)
+                nn.init.uniform_(module.bias, -bound, bound, generator=gen)
+            else:
+                continue
+            done.update(id(t) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
+    left = [n for n, t in (*net.named_parameters(), *net.named_buffers()) if id(t) not in done]
+    if left:  # to_empty leaves garbage in anything not set above
+        msg = f"random init left tensors uninitialised: {left[:5]}"
+        raise RuntimeError(msg)
+    return net
+
+
 def _load_backbone(weights: str) -> nn.Module:
     """Build wide_resnet50_2 with ``weights`` = "imagenet", "none" or a .pth path."""
     from torchvision.models import wide_resnet50_2  # noqa: PLC0415
@@ -49,10 +102,10 @@ def _load_backbone(weights: str) -> nn.Module:
             "Fine for tests and the demo; use ImageNet weights for real inspection.",
             RANDOM_INIT_SEED,
         )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
-            return wide_resnet50_2(weights=None)
-    model = wide_resnet50_2(weights=None)
+        return random_wide_resnet50_2(RANDOM_INIT_SEED, upto="layer3")  # the extractor stops at layer3
+    with torch.device("meta"):  # no random init (which would advance the global RNG): all loaded below
+        model = wide_resnet50_2(weights=None)
+    model = model.to_empty(device="cpu")
     if weights == "imagenet":
         path, url = imagenet_weights_file()
         if not path.is_file():
@@ -91,10 +144,17 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         if pool not in POOLS:
             msg = f"backbone.pool must be one of {POOLS}, got {pool!r}."
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if autocast not in AUTOCAST:
             msg = f"backbone.autocast must be one of {AUTOCAST}, got {autocast!r}."
-            raise ValueError(msg)
+            raise ConfigError(msg)
+        if autocast == "fp16" and torch.device(device).type == "cpu":
+            # CPU fp16 convolutions are slow or unsupported and change the scores: refuse, don't guess.
+            msg = (
+                f"backbone.autocast {autocast!r} needs a CUDA device, got device {device!r}. "
+                "Use 'bf16' or 'none' on CPU."
+            )
+            raise ConfigError(msg)
         net = _load_backbone(weights)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
         self.layer2 = net.layer2
@@ -112,6 +172,7 @@ class FeatureExtractor(nn.Module):
         info: dict[str, Any] = {"name": "wide_resnet50_2", "weights": self.weights, "pool": self.pool}
         if self.weights == "none":
             info["random_init_seed"] = RANDOM_INIT_SEED
+            info["random_init"] = RANDOM_INIT_SCHEME
         elif self.weights != "imagenet":
             info["weights_sha256"] = file_sha256(Path(self.weights))
         return info

@@ -6,6 +6,8 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
+from ..errors import InputError
+
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
@@ -25,8 +27,8 @@ def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
     """masks [N, H, W] binary, maps [N, H, W] -> pixel-level AUROC."""
     masks, maps = np.asarray(masks), np.asarray(maps)
     if masks.shape != maps.shape:
-        msg = f"masks and maps must have the same shape, got {masks.shape} and {maps.shape}."
-        raise ValueError(msg)
+        msg = f"masks and maps must have the same shape, got {masks.shape} and {maps.shape}. Pass one map per mask."
+        raise InputError(msg)
     return _auroc(masks > 0, maps)
 
 
@@ -40,11 +42,11 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
     """
     masks, maps = np.asarray(masks) > 0, np.asarray(maps, dtype=np.float64)
     if masks.shape != maps.shape:
-        msg = f"masks and maps must have the same shape, got {masks.shape} and {maps.shape}."
-        raise ValueError(msg)
+        msg = f"masks and maps must have the same shape, got {masks.shape} and {maps.shape}. Pass one map per mask."
+        raise InputError(msg)
     if not 0 < fpr_limit <= 1:
-        msg = f"fpr_limit must be in (0, 1], got {fpr_limit}."
-        raise ValueError(msg)
+        msg = f"fpr_limit must be in (0, 1], got {fpr_limit!r}. Use e.g. 0.3."
+        raise InputError(msg)
     pro_weight = np.zeros(maps.shape, dtype=np.float64)
     n_regions = 0
     for i in range(masks.shape[0]):
@@ -75,3 +77,27 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
         y_lim = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
         x, y = np.r_[x, fpr_limit], np.r_[y, y_lim]
     return float(np.trapezoid(y, x) / fpr_limit)
+
+
+def image_metric_note(labels: np.ndarray) -> str | None:
+    """Why image AUROC is undefined for labels [N] (0 normal / 1 anomalous), or None if it is defined."""
+    labels = np.asarray(labels).ravel() > 0
+    if labels.size == 0:
+        return "no test image could be scored"
+    if labels.all():
+        return "no normal test image (only anomalous ones)"
+    if not labels.any():
+        return "no anomalous test image (only normal ones)"
+    return None
+
+
+def pixel_metric_note(masks: np.ndarray) -> str | None:
+    """Why pixel AUROC and AUPRO are undefined for masks [N, H, W], or None if they are defined."""
+    masks = np.asarray(masks) > 0
+    if masks.size == 0:
+        return "no test image could be scored"
+    if not masks.any():
+        return "no anomalous pixel in the masks"
+    if masks.all():
+        return "no normal pixel in the masks"
+    return None
