@@ -165,7 +165,7 @@ def test_module_refuses_bad_settings(extractor):
     means = np.ones((2, 1536), np.float32)
     with pytest.raises(ConfigError, match="scoring.sigma"):
         AnomalyModel(extractor, means, MapSpec(8, 4.0))  # radius 16 > an 8 px map
-    with pytest.raises(ConfigError, match="multiple of 8"):
+    with pytest.raises(ConfigError, match="multiple of the stride 8"):
         AnomalyModel(extractor, means, MapSpec(60, 1.0))
     with pytest.raises(ConfigError, match="image_threshold"):
         Decision(float("nan"), 1.0)
