@@ -19,6 +19,7 @@ from ..model import metrics
 from ..model.detector import Detector
 from ..model.features import FeatureExtractor
 from .build import SINGLE_BANK
+from .report import ReportCollector, write_report
 from .visualize import save_overlay
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def evaluate(
     last: tuple[Path, Detector] | None = None  # a single bank serves every class: read it once
     results: dict[str, Any] = {}
     score_rows: list[list[Any]] = []
+    collected = ReportCollector()  # a few numbers per image and k overlays per class, for report.html
     for name in names:
         bank_file = banks / f"{name}.h5"
         if not bank_file.is_file() and (banks / f"{SINGLE_BANK}.h5").is_file():
@@ -76,6 +78,7 @@ def evaluate(
                 labels.append(sample.label)
                 scores.append(float(res.scores[j]))
                 score_rows.append([name, sample.path, sample.label, sample.defect, f"{res.scores[j]:.6f}"])
+            collected.add_batch(name, res, [split.test[i] for i in res.indices])
             maps.append(res.maps.astype(np.float16))
             masks.append(res.masks)
             if shown < heatmaps:
@@ -91,6 +94,7 @@ def evaluate(
         seconds = time.perf_counter() - start
         all_maps = np.concatenate(maps).astype(np.float32)
         all_masks = np.concatenate(masks)
+        collected.end_class(name, all_masks, all_maps, getattr(det, "metadata_", {}), _map_range(det))
         results[name] = {
             "image_auroc": metrics.image_auroc(np.array(labels), np.array(scores)),
             "pixel_auroc": metrics.pixel_auroc(all_masks, all_maps),
@@ -111,6 +115,7 @@ def evaluate(
         writer = csv.writer(fh)
         writer.writerow(["class", "path", "label", "defect", "score"])
         writer.writerows(score_rows)
+    write_report(out, report, collected)
     return report
 
 
