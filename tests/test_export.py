@@ -164,7 +164,7 @@ def test_module_distances_are_brute_force_nearest(extractor):
 def test_module_refuses_bad_settings(extractor):
     means = np.ones((2, 1536), np.float32)
     with pytest.raises(ConfigError, match="scoring.sigma"):
-        AnomalyModel(extractor, means, MapSpec(8, 4.0))  # radius 16 > an 8 px map
+        AnomalyModel(extractor, means, MapSpec(64, -4.0))
     with pytest.raises(ConfigError, match="multiple of the stride 8"):
         AnomalyModel(extractor, means, MapSpec(60, 1.0))
     with pytest.raises(ConfigError, match="image_threshold"):

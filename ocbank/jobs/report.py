@@ -247,8 +247,10 @@ def _gallery(data: ClassData, folder: Path, rel: str) -> dict[str, list[dict[str
     for group, items in groups.items():
         for i, (_, _, s) in enumerate(items):
             name = f"{group}_{i + 1}.png"
-            save_overlay(folder / name, s.rgb, s.amap.astype(np.float32), *data.map_range, s.mask)
-            out[group].append({"src": f"{rel}/{name}", "path": s.path, "defect": s.defect, "score": s.score})
+            mask = s.mask if s.label else None  # a normal image's mask is empty: no black panel
+            save_overlay(folder / name, s.rgb, s.amap.astype(np.float32), *data.map_range, mask)
+            out[group].append({"src": f"{rel}/{name}", "path": s.path, "defect": s.defect, "score": s.score,
+                                "label": s.label})
     return out
 
 
@@ -267,9 +269,10 @@ tr.mean td{font-weight:600;border-top:2px solid #c5ced8}
 .bar{display:inline-block;height:8px;border-radius:4px;background:#2a9d8f;vertical-align:middle;margin-left:6px}
 .cm td{width:70px;text-align:center;font-size:15px} .cm th{text-align:center}
 .cm .ok{background:#e3f4ea} .cm .bad{background:#fbe4e6}
-.row{display:flex;gap:22px;flex-wrap:wrap;align-items:flex-start}
-.gallery{display:flex;gap:12px;flex-wrap:wrap} figure{margin:0;font-size:12px;color:#445}
-figure img{display:block;border:1px solid #d7dde4;border-radius:4px;image-rendering:pixelated}
+.row{display:flex;gap:22px;flex-wrap:wrap;align-items:flex-start} .row>div{flex:1;min-width:300px}
+.gallery{display:flex;gap:14px;flex-wrap:wrap} figure{margin:0;font-size:12px;color:#445}
+figure img{display:block;height:124px;width:auto;border:1px solid #d7dde4;border-radius:4px}
+.ng{color:#b3261e;font-weight:600} .okf{color:#1e6b3f;font-weight:600}
 .note{color:#667;font-size:12px} .tag{display:inline-block;padding:1px 7px;border-radius:9px;font-size:12px}
 .tag.cal{background:#e3f4ea;color:#1e6b3f} .tag.f1{background:#fff2d6;color:#8a5a00}
 """
@@ -318,7 +321,13 @@ def _confusion(t: Threshold) -> str:
         f'<tr><th>defective</th><td class="ok" data-cm="tp">{t.tp}</td><td class="bad" data-cm="fn">{t.fn}</td></tr>'
         f'<tr><th>normal</th><td class="bad" data-cm="fp">{t.fp}</td><td class="ok" data-cm="tn">{t.tn}</td></tr>'
         "</table>"
+        f"<p class='note'>false-alarm rate {_rate(t.fp, t.fp + t.tn)} of normal images &middot; "
+        f"miss rate {_rate(t.fn, t.fn + t.tp)} of defective images</p>"
     )
+
+
+def _rate(k: int, n: int) -> str:
+    return "n/a" if n == 0 else f"{k}/{n} = {100 * k / n:.1f} %"
 
 
 def _figures(items: list[dict[str, Any]], threshold: Threshold) -> str:
@@ -328,11 +337,14 @@ def _figures(items: list[dict[str, Any]], threshold: Threshold) -> str:
     for it in items:
         flag = ""
         if threshold.source != "none":
-            flag = " &rarr; NG" if it["score"] >= np.float32(threshold.value) else " &rarr; OK"
+            ng = bool(it["score"] >= np.float32(threshold.value))
+            right = ng == bool(it["label"])
+            flag = f' &rarr; <span class="{"okf" if right else "ng"}">{"NG" if ng else "OK"}</span>'
+
         label = html.escape(Path(it["path"]).parent.name + "/" + Path(it["path"]).name)
         figs.append(
-            f'<figure><img src="{html.escape(it["src"])}" alt="{label}">'
-            f"<figcaption>{label} &middot; score <b>{it['score']:.3g}</b>{flag}</figcaption></figure>"
+            f'<figure><a href="{html.escape(it["src"])}"><img src="{html.escape(it["src"])}" alt="{label}"></a>'
+            f"<figcaption>{label} &middot; score <b>{it['score']:.4g}</b>{flag}</figcaption></figure>"
         )
     return '<div class="gallery">' + "".join(figs) + "</div>"
 
@@ -365,8 +377,9 @@ def write_report(out_dir: str | Path, report: dict[str, Any], collected: ReportC
             f"{_figures(gallery['normals'], threshold)}"
             "<h3>Lowest-scoring defective images (miss candidates)</h3>"
             f"{_figures(gallery['anomalies'], threshold)}"
-            "<p class='note'>Each: the input crop, the anomaly map over it (colour scale 0 to 2 r), "
-            "and the ground-truth mask where there is one.</p>"
+            "<p class='note'>Each: the input crop, the anomaly map over it (jet colour scale from 0 to 2 r; "
+            "red = far from every normal patch), and for defective images the ground-truth mask. "
+            "Click an image for full size.</p>"
             "</section>"
         )
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")  # noqa: UP017  (3.10 has no datetime.UTC)
