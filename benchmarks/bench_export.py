@@ -7,8 +7,8 @@ interleaved round by round so that machine load hits every path alike:
   ImageNet normalisation, FeatureExtractor, faiss 1-NN, image scores, maps;
 - ``torch_module``: :class:`ocbank.model.module.AnomalyModel` in torch;
 - ``onnxruntime``: the file ``ocbank export`` writes, in onnxruntime's CPU provider;
-- the map blur alone: the torch separable blur on a batch vs scipy's
-  ``gaussian_filter`` image by image.
+- the map blur alone on a batch of maps: the torch blur (two matrix products,
+  torch's threads and one thread) vs scipy's ``gaussian_filter`` image by image.
 
 Also the exported file's size beside the bank file's, and the export time.
 
@@ -93,13 +93,21 @@ def main(argv: list[str] | None = None) -> int:
     def blur_torch() -> None:
         blur_maps(maps, sigma)
 
+    def blur_torch_1_thread() -> None:  # small matmuls: one thread avoids barriers on a loaded machine
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            blur_maps(maps, sigma)
+        finally:
+            torch.set_num_threads(threads)
+
     def blur_scipy() -> None:
         from scipy.ndimage import gaussian_filter
 
         np.stack([gaussian_filter(m, sigma) for m in maps])
 
     paths = {"detector": detector_path, "torch_module": module_path, "onnxruntime": onnx_path}
-    blurs = {"torch_separable": blur_torch, "scipy_per_image": blur_scipy}
+    blurs = {"torch_matmul": blur_torch, "torch_matmul_1_thread": blur_torch_1_thread, "scipy_per_image": blur_scipy}
     for fn in [*paths.values(), *blurs.values()]:
         fn()  # warm-up: allocations, oneDNN/ORT kernel selection
     times: dict[str, list[float]] = {k: [] for k in [*paths, *blurs]}
@@ -123,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         "onnxruntime_vs_detector": img_s["onnxruntime"] / img_s["detector"],
         "onnxruntime_vs_torch_module": img_s["onnxruntime"] / img_s["torch_module"],
         "blur_ms_per_batch": blur_ms,
-        "blur_scipy_vs_torch": blur_ms["scipy_per_image"] / blur_ms["torch_separable"],
+        "blur_scipy_vs_torch": blur_ms["scipy_per_image"] / blur_ms["torch_matmul"],
+        "blur_scipy_vs_torch_1_thread": blur_ms["scipy_per_image"] / blur_ms["torch_matmul_1_thread"],
+        "load_average_1min": os.getloadavg()[0],
         "seconds_per_pass": times,
         "threads": {"torch": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
         "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
