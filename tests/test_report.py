@@ -67,7 +67,7 @@ def test_every_link_is_relative_and_every_image_a_png(evaluated):
     out, tags = evaluated["out"], evaluated["page"].tags
     assert not [t for t, _ in tags if t in ("script", "link", "iframe")]  # no JS, no external CSS
     images = [a["src"] for t, a in tags if t == "img"]
-    assert len(images) == 2 * (1 + 3 + 3)  # per class: curves, 3 normals, 2-3 anomalies (2 defects x 2)
+    assert len(images) == 2 * (1 + 3 + 3)  # per class: curves, 3 of 3 normals, 3 of 4 anomalies
     for src in images + [a["href"] for t, a in tags if t == "a"]:
         assert "://" not in src and not src.startswith("/"), src
         if src.startswith("#"):

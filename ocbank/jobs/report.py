@@ -187,8 +187,9 @@ def threshold_for(data: ClassData) -> Threshold:
     labels, scores = np.array(data.labels) > 0, np.array(data.scores, dtype=np.float64)
     if data.decision and "image_threshold" in data.decision:
         value, source = float(data.decision["image_threshold"]), "calibrated"
-        fa = data.decision.get("false_alarm_rate")
+        fa, pix = data.decision.get("false_alarm_rate"), data.decision.get("pixel_threshold")
         note = "calibrated on normal images (bank metadata)" + (f", target false-alarm rate {fa:g}" if fa else "")
+        note += f"; pixel threshold {pix:.4g}" if isinstance(pix, (int, float)) else ""
     else:
         value, source = f1_optimal_threshold(labels, scores), "f1_optimal"
         note = "F1-optimal on this test set: optimistic, chosen with the labels; calibrate before deployment"

@@ -185,8 +185,7 @@ class AnomalyModel(nn.Module):
         # Stored as [D, K], the MatMul's layout: the graph's initializer is then this buffer itself.
         self.register_buffer("means_t", mu.T.contiguous())
         self.register_buffer("means_sq", (mu.double() ** 2).sum(1).float())
-        self.to(mu.device)
-        self.eval()
+        self.eval()  # buffers on the CPU; the shared layers stay where the extractor put them
 
     @property
     def output_names(self) -> tuple[str, ...]:
