@@ -169,6 +169,14 @@ def cmd_suggest_radius(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .model import export  # noqa: PLC0415
+
+    path = export.export(args.bank, args.out, args.format)
+    print(f"exported {args.bank} as {args.format}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ocbank",
@@ -239,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--json", help="also write the statistics to this JSON file")
     p.set_defaults(func=cmd_suggest_radius)
+
+    p = sub.add_parser("export", help="export a bank as one ONNX / OpenVINO graph (backbone, 1-NN, score, map)")
+    p.add_argument("--bank", required=True, help="bank file (.h5)")
+    p.add_argument("--format", choices=["onnx", "openvino"], default="onnx")
+    p.add_argument("--out", required=True, help="model.onnx, or model.xml for openvino")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

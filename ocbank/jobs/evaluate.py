@@ -20,6 +20,7 @@ from ..model.calibration import decision_metrics, f1_optimal_threshold
 from ..model.detector import Detector
 from ..model.features import FeatureExtractor
 from .build import SINGLE_BANK
+from .report import ReportCollector, write_report
 from .visualize import save_overlay
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def evaluate(
     last: tuple[Path, Detector] | None = None  # a single bank serves every class: read it once
     results: dict[str, Any] = {}
     score_rows: list[list[Any]] = []
+    collected = ReportCollector()  # a few numbers per image and k overlays per class, for report.html
     for name in names:
         bank_file = banks / f"{name}.h5"
         if not bank_file.is_file() and (banks / f"{SINGLE_BANK}.h5").is_file():
@@ -112,6 +114,7 @@ def evaluate(
                 labels.append(sample.label)
                 scores.append(float(res.scores[j]))
                 score_rows.append([name, sample.path, sample.label, sample.defect, f"{res.scores[j]:.6f}"])
+            collected.add_batch(name, res, [split.test[i] for i in res.indices])
             maps.append(res.maps.astype(np.float16))
             if res.masks is not None:  # None for a batch of unreadable images only
                 masks.append(res.masks)
@@ -137,6 +140,7 @@ def evaluate(
                     nan if image_note else metrics.image_auroc(np.array(labels), np.array(scores)), image_note)
         _set_metric(row, "pixel_auroc", nan if pixel_note else metrics.pixel_auroc(all_masks, all_maps), pixel_note)
         _set_metric(row, "aupro", nan if pixel_note else metrics.aupro(all_masks, all_maps), pixel_note)
+        collected.end_class(name, all_masks, all_maps, getattr(det, "metadata_", {}), _map_range(det))
         results[name] = {
             **row,
             "n_centroids": len(det.bank),
@@ -165,6 +169,7 @@ def evaluate(
         writer = csv.writer(fh)
         writer.writerow(["class", "path", "label", "defect", "score"])
         writer.writerows(score_rows)
+    write_report(out, report, collected)
     return report
 
 
