@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         f"evaluate: {n_test} images in {t2 - t1:.1f} s ({n_test / (t2 - t1):.1f} img/s)"
     )
     print(f"results: {out / 'results'} (metrics.json, scores.csv, heatmaps/)")
+    print(f"report: {out / 'results' / 'report.html'} (open it in a browser; no server needed)")
     return 0
 
 

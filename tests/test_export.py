@@ -37,9 +37,10 @@ def _crops(paths: list[str]) -> np.ndarray:
 def banks(tiny_mvtec, extractor, tmp_path_factory):
     """A fitted Detector, its Python results on the test images, and its bank saved with a decision block."""
     train = sorted((Path(tiny_mvtec) / "weave" / "train" / "good").glob("*.png"))
-    det = Detector(tiny_config(tiny_mvtec), extractor=extractor).fit([str(p) for p in train])
+    det = Detector.from_config(tiny_config(tiny_mvtec), extractor=extractor).fit([str(p) for p in train])
     paths = _images(tiny_mvtec)
-    scores, maps = det.predict(paths)
+    pred = det.predict(paths)
+    scores, maps = pred.scores, pred.maps
     # Thresholds inside the observed range, so both labels and both mask values occur.
     decision = {"image_threshold": float(np.median(scores)), "pixel_threshold": float(np.median(maps)),
                 "false_alarm_rate": 0.01, "n_images": 3, "source": "test", "normalization": "score / image_threshold"}

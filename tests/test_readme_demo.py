@@ -28,7 +28,8 @@ def test_quick_start_has_two_commands_and_ci_runs_the_test_one():
 def test_demo_runs_end_to_end(tmp_path, capsys):
     assert demo.main(["--out", str(tmp_path), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "weights 'none'" in out and "img AUROC" in out
+    assert "weights 'none'" in out and "img AUROC" in out and "FAR %" in out
+    assert f"report: {tmp_path / 'results' / 'report.html'}" in out and (tmp_path / "results" / "report.html").is_file()
     report = json.loads((tmp_path / "results" / "metrics.json").read_text())
     assert set(report["classes"]) == {"dots", "weave"}
     assert report["mean"]["pixel_auroc"] > 0.6  # random features still localise the synthetic defects

@@ -47,7 +47,7 @@ def evaluated(tiny_mvtec, extractor, tmp_path_factory):
     banks = tmp_path_factory.mktemp("banks")
     for name in ("weave", "dots"):
         train = sorted((Path(tiny_mvtec) / name / "train" / "good").glob("*.png"))
-        det = Detector(cfg, extractor=extractor).fit([str(p) for p in train])
+        det = Detector.from_config(cfg, extractor=extractor).fit([str(p) for p in train])
         extra = {}
         if name == "weave":  # a stand-in calibration
             extra = {"decision": {"image_threshold": 1.5 * det.bank.radius, "pixel_threshold": det.bank.radius,
