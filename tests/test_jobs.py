@@ -198,3 +198,56 @@ def test_ray_reports_a_class_that_keeps_failing(tmp_path, tiny_mvtec, local_ray)
     report = jobs.build_all(jobs.BuildPlan(cfg, str(tmp_path / "o")), backend="ray", ray_opts=jobs.RayOptions(retries=1))
     assert report["failed"] == ["empty"] and "no training images" in report["classes"]["empty"]["error"]
     assert report["classes"]["weave"]["status"] == "built"
+
+
+def test_resume_rebuilds_when_the_training_list_changes(tmp_path, tiny_mvtec, caplog):
+    """A checkpoint or final bank is identified by the ordered training list, not by its length."""
+    root = tmp_path / "data"
+    good = root / "weave" / "train" / "good"
+    good.mkdir(parents=True)
+    src = sorted((Path(tiny_mvtec) / "weave" / "train" / "good").glob("*.png"))
+    for p in src:
+        (good / p.name).write_bytes(p.read_bytes())
+    cfg = config.from_dict(tiny_config(root, bank={"radius": 5.0}))
+    out = tmp_path / "o"
+    plan = jobs.BuildPlan(cfg, str(out), checkpoint_every=1)
+    first = jobs.build_class(plan, jobs.ClassJob("weave"))
+    assert first["status"] == "built"
+    again = jobs.build_class(replace(plan, resume=True), jobs.ClassJob("weave"))
+    assert again["status"] == "complete"  # same list: kept
+    # Same number of images, one replaced by another picture: the old bank must not be kept.
+    dots = sorted((Path(tiny_mvtec) / "dots" / "train" / "good").glob("*.png"))
+    (good / src[0].name).write_bytes(dots[0].read_bytes())
+    with caplog.at_level("WARNING"):
+        row = jobs.build_class(replace(plan, resume=True), jobs.ClassJob("weave"))
+    assert row["status"] == "built" and "training images changed" in caplog.text
+    fresh = jobs.build_class(jobs.BuildPlan(cfg, str(tmp_path / "fresh")), jobs.ClassJob("weave"))
+    assert fresh["n_centroids"] == row["n_centroids"]
+    np.testing.assert_array_equal(ClusterBank.load(out / "weave.h5").counts,
+                                  ClusterBank.load(tmp_path / "fresh" / "weave.h5").counts)
+
+
+def test_resume_never_continues_a_checkpoint_of_another_list(tmp_path, cfg_file, caplog):
+    cfg = config.load(cfg_file)
+    out = tmp_path / "b"
+    out.mkdir()
+    real_save = jobs.Detector.save
+
+    def crash_after_checkpoint(self, path, extra=None):
+        real_save(self, path, extra)
+        if str(path).endswith(".partial.h5"):
+            raise KeyboardInterrupt
+
+    plan = jobs.BuildPlan(cfg, str(out), checkpoint_every=1)
+    jobs.Detector.save = crash_after_checkpoint
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            jobs.build_class(plan, jobs.ClassJob("weave"))
+    finally:
+        jobs.Detector.save = real_save
+    assert (out / "weave.partial.h5").is_file()
+    # Resume with another training list (the calibration hold-out changes it): start over, say so.
+    other = replace(plan, resume=True, config=cfg.replace(decision={"holdout": 0.4}))
+    with caplog.at_level("WARNING"):
+        row = jobs.build_class(other, jobs.ClassJob("weave"))
+    assert row["status"] == "built" and row["resumed_at"] == 0 and "starting over" in caplog.text
