@@ -302,7 +302,7 @@ def _confusion(t: Threshold) -> str:
         '<span class="tag f1">F1-optimal (not calibrated)</span>'
     return (
         f"<p>Image threshold <b>{t.value:.4g}</b> {tag}<br><span class='note'>{html.escape(t.note)}; "
-        "NG when score &ge; threshold.</span></p>"
+        "NG when score &gt; threshold.</span></p>"
         f'<table class="cm" data-threshold="{t.value!r}" data-source="{t.source}">'
         "<tr><th></th><th>predicted NG</th><th>predicted OK</th></tr>"
         f'<tr><th>defective</th><td class="ok" data-cm="tp">{t.tp}</td><td class="bad" data-cm="fn">{t.fn}</td></tr>'
@@ -324,7 +324,7 @@ def _figures(items: list[dict[str, Any]], threshold: Threshold) -> str:
     for it in items:
         flag = ""
         if threshold.source != "none":
-            ng = bool(it["score"] >= np.float32(threshold.value))
+            ng = bool(it["score"] > threshold.value)
             right = ng == bool(it["label"])
             flag = f' &rarr; <span class="{"okf" if right else "ng"}">{"NG" if ng else "OK"}</span>'
 
