@@ -310,6 +310,68 @@ def stream_build(batches, radius: float, profile: bool = False) -> dict:
     return out
 
 
+def line_timed_build(batches, radius: float) -> dict:
+    """CpuStore.add's chunk loop, copied statement by statement with a timer on each (line timing).
+
+    Runs on a CpuStore's own buffers and is checked against ClusterBank.add on the
+    same stream (same K and counts, means to float rounding), so the split is
+    faithful to the engine's code at the time of the run.
+    """
+    from ocbank import ClusterBank
+    from ocbank.engine import store as store_mod
+    from ocbank.engine.kernel import resolve_chunk
+
+    st = store_mod.CpuStore(DIM, radius)
+    lines = {"check_rows (ascontiguous + isfinite)": 0.0, "reserve (buffer growth)": 0.0,
+             "faiss.pairwise_distances b x K": 0.0, "gram chunk @ chunk.T (b x b)": 0.0,
+             "sq_norms(chunk)": 0.0, "resolve_chunk (numba)": 0.0, "unique + norms of touched": 0.0}
+    flops = {"distances": 0.0, "gram": 0.0}
+    ref = ClusterBank(DIM, radius)
+    clock = time.perf_counter
+    for x in batches:
+        ref.add(x)
+        t = clock()
+        X = np.ascontiguousarray(x, dtype=np.float32)
+        np.isfinite(X).all(axis=1)
+        lines["check_rows (ascontiguous + isfinite)"] += clock() - t
+        weights = np.ones(len(X), dtype=np.int64)
+        start, n = 0, X.shape[0]
+        while start < n:
+            k0 = st.size
+            chunk = X[start : start + store_mod.chunk_rows(k0)]
+            b = chunk.shape[0]
+            t = clock()
+            st._reserve(k0 + b)
+            t1 = clock()
+            dist = store_mod.faiss.pairwise_distances(chunk, st._means[:k0]) if k0 else np.zeros((b, 0), np.float32)
+            t2 = clock()
+            gram = chunk @ chunk.T
+            t3 = clock()
+            xn = store_mod._sq_norms(chunk)
+            t4 = clock()
+            assign = np.empty(b, dtype=np.int64)
+            done, k_new = resolve_chunk(chunk, weights[start : start + b], xn, dist, np.arange(k0, dtype=np.int64),
+                                        st._norms[:k0], np.zeros((b, 0), dtype=np.int64), True, gram, st._means,
+                                        st._counts, k0, st._r2, True, assign)
+            t5 = clock()
+            touched = np.unique(assign[:done])
+            st._norms[touched] = store_mod._sq_norms(st._means[touched])
+            st.size = k_new
+            t6 = clock()
+            for key, dt in zip(list(lines)[1:], (t1 - t, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5), strict=True):
+                lines[key] += dt
+            flops["distances"] += 2.0 * DIM * b * k0
+            flops["gram"] += 2.0 * DIM * b * b
+            start += done
+    same = st.size == len(ref) and np.array_equal(st.counts, ref.counts)
+    total = sum(lines.values())
+    return {"seconds": lines, "total_seconds": total, "share": {k: v / total for k, v in lines.items()},
+            "gflop": {k: v / 1e9 for k, v in flops.items()},
+            "gflops_in_distances": flops["distances"] / lines["faiss.pairwise_distances b x K"] / 1e9,
+            "gflops_in_gram": flops["gram"] / max(lines["gram chunk @ chunk.T (b x b)"], 1e-12) / 1e9,
+            "matches_clusterbank": bool(same), "k": st.size}
+
+
 def summarize_stream(run: dict, gemm: float) -> dict:
     eff = run["flops"] / run["seconds"] / 1e9
     new = np.asarray(run["new_per_batch"])
@@ -350,6 +412,9 @@ def real_mode(args) -> dict:
         per_image = (size // 8) ** 2
         run = stream_build((x[i : i + per_image] for i in range(0, len(x), per_image)), est.radius, profile=True)
         result["runs"][f"real_{name}"] = {"radius": est.radius, **summarize_stream(run, gemm_gflops(run["k"]))}
+        lt = line_timed_build((x[i : i + per_image] for i in range(0, len(x), per_image)), est.radius)
+        result["runs"][f"real_{name}"]["line_timing"] = lt
+        print(name, "line timing", lt, flush=True)
         n_vectors = len(x)
         print(name, {k: v for k, v in result["runs"][f"real_{name}"].items()
                      if k not in ("k_trace", "new_centroids_per_784_batch")}, flush=True)
