@@ -21,9 +21,10 @@ from ._faiss import faiss
 
 # Below this many centroids flat search is fast enough and exact: use IVF above it.
 IVF_MIN_CENTROIDS = 50_000
-# k-means training points per list (FAISS warns below 39) and iterations: training costs
-# ~ 2 * d * nlist * (points per list * nlist) * iterations, the build's dominant term.
-TRAIN_POINTS_PER_LIST = 40
+# k-means training points per list (FAISS warns below 39; 20 keeps recall, see bench_search --ivf)
+# and iterations. Training costs ~ 2 * d * nlist^2 * points per list * iterations, the build's
+# dominant term: ~0.9 TFLOP at K = 117k (nlist 1372).
+TRAIN_POINTS_PER_LIST = 20
 KMEANS_ITERATIONS = 10
 
 
