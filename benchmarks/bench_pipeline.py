@@ -200,7 +200,9 @@ def instrumented_predict(det: Any, samples: list[Any], out: Path, overlays: int 
     return {"images": n, "seconds": total, "img_per_s": n / total, "stages_seconds": clock.seconds}
 
 
-def prefetched_predict(det: Any, samples: list[Any], out: Path, overlays: int | None) -> dict[str, Any]:
+def prefetched_predict(
+    det: Any, samples: list[Any], out: Path, overlays: int | None, search: Callable[[np.ndarray], Any] | None = None
+) -> dict[str, Any]:
     """The same loop with the loader (decode/resize) running one batch ahead in a thread, overlays top-N only."""
     import queue
     import threading
@@ -227,7 +229,10 @@ def prefetched_predict(det: Any, samples: list[Any], out: Path, overlays: int | 
     while (batch := q.get()) is not None:
         feats = det.extractor(batch["image"])
         b, h, w, _ = feats.shape
-        dist, _ = det.bank.search(feats.reshape(-1, DIM), k=1)
+        if search is None:
+            dist, _ = det.bank.search(feats.reshape(-1, DIM), k=1)
+        else:
+            dist = np.sqrt(np.maximum(search(feats.reshape(-1, DIM).numpy())[0][:, 0], 0.0))
         grid = dist.reshape(b, h, w)
         scores.append(image_scores(grid))
         maps = anomaly_maps(grid, size, sigma)
@@ -359,11 +364,160 @@ def part_pipeline(data: Path, cache: Path, out: Path, rounds: int = 2) -> dict[s
     return result
 
 
+# ---------------------------------------------------------------------- figures
+def time_features(root: Path, name: str, size: int, n_images: int, extractor: Any) -> float:
+    """Seconds to run ``n_images`` training images through the loader and the backbone (the build's feature pass)."""
+    from ocbank.data.datasets import mvtec_split
+    from ocbank.model.detector import Detector
+
+    det = Detector(detector_config(size), extractor=extractor)
+    samples = mvtec_split(root, name).train[:n_images]
+    t = time.perf_counter()
+    for _ in det.features(samples, "time"):
+        pass
+    return time.perf_counter() - t
+
+
+def figures_for(data: Path, cache: Path, name: str, size: int, extractor: Any, exact_limit: int) -> dict[str, Any]:
+    """One class's build breakdown (two-pass today vs one-pass projected), radius rule and bank GEMM ratio."""
+    from ocbank.model.radius import DEFAULT_MAX_QUERIES, estimate_radius, nearest_other_distances
+
+    from .bench_build import gemm_gflops, stream_build
+
+    root = data / f"d{size}"
+    x = np.ascontiguousarray(real_features(root, name, size, RADIUS_IMAGES, cache))
+    n = len(x)
+    features_s = time_features(root, name, size, RADIUS_IMAGES, extractor)
+    est, linear_s = timed(lambda: estimate_radius(x, max_queries=DEFAULT_MAX_QUERIES, seed=0))
+    row: dict[str, Any] = {"image_size": size, "images": RADIUS_IMAGES, "patches": n,
+                           "features_seconds_per_pass": features_s, "linear_rule_seconds": linear_s,
+                           "estimate": est.as_stats()}
+    if n <= exact_limit:
+        dist, exact_s = timed(lambda: nearest_other_distances(x))
+        exact = float(np.percentile(dist, 99))
+        row.update(exact_rule_seconds=exact_s, exact_rule_measured=True, exact_p99=exact,
+                   estimate_rel_error=abs(est.radius - exact) / exact,
+                   exact_inside_ci=bool(est.ci_low <= exact <= est.ci_high))
+    else:
+        # All-pairs is out of reach here: project it from the measured linear rule (same kernel, n / m times the work).
+        row.update(exact_rule_seconds=linear_s * n / est.n_queries, exact_rule_measured=False,
+                   exact_p99=None, note="exact rule projected as linear_rule_seconds * n / queries")
+    per_image = (size // 8) ** 2
+    run = stream_build((x[i : i + per_image] for i in range(0, n, per_image)), est.radius)
+    gemm = gemm_gflops(run["k"])
+    eff = run["flops"] / run["seconds"] / 1e9
+    row.update(bank_seconds=run["seconds"], bank_centroids=run["k"], bank_vectors_per_s=n / run["seconds"],
+               bank_effective_gflops=eff, gemm_gflops=gemm, bank_gemm_ratio=eff / gemm)
+    two_pass = 2 * features_s + row["exact_rule_seconds"] + run["seconds"]
+    one_pass = features_s + linear_s + run["seconds"]
+    row["build_two_pass_seconds"] = {"total": two_pass, "features (radius images)": features_s,
+                                     "exact rule": row["exact_rule_seconds"], "features (build pass)": features_s,
+                                     "bank": run["seconds"]}
+    row["build_one_pass_projected_seconds"] = {"total": one_pass, "features (once)": features_s,
+                                               "linear rule": linear_s, "bank": run["seconds"]}
+    row["one_pass_speedup"] = two_pass / one_pass
+    print(name, size, {k: v for k, v in row.items() if k != "estimate"}, flush=True)
+    return row
+
+
+def part_figures(data: Path, cache: Path, out: Path) -> dict[str, Any]:
+    import tempfile
+
+    from ocbank.data.loader import make_loader
+    from ocbank.model.features import FeatureExtractor
+
+    make_bench_data(data / "d512", ("grain",), 512, RADIUS_IMAGES, 4)
+    extractor = FeatureExtractor(weights="none", device="cpu")
+    result: dict[str, Any] = {"machine": machine(), "classes": {}}
+    for name in BENCH_CLASSES:
+        result["classes"][f"{name}_224"] = figures_for(data, cache, name, 224, extractor, exact_limit=50_000)
+    result["classes"]["grain_512"] = figures_for(data, cache, "grain", 512, extractor, exact_limit=50_000)
+    # End to end next to the backbone alone (224^2, weave's test set), interleaved twice.
+    det, _ = bank_for(data, cache, "weave", 224)
+    det._extractor = extractor
+    samples = test_samples(data / "d224", "weave")
+    batches = [b["image"] for b in make_loader(samples, det.config)]
+    backbone, e2e = [], []
+    for _ in range(2):
+        backbone.append(backbone_alone(extractor, batches))
+        with tempfile.TemporaryDirectory() as tmp:
+            e2e.append(instrumented_predict(det, samples, Path(tmp), overlays=None)["img_per_s"])
+    result["e2e_224"] = {"backbone_img_per_s": float(np.median(backbone)), "e2e_img_per_s": float(np.median(e2e)),
+                         "ratio": float(np.median(e2e)) / float(np.median(backbone)), "test_images": len(samples)}
+    write_result(out, "figures_cpu.json", result)
+    return result
+
+
+# ---------------------------------------------------------------------- loop variants (one process each)
+def loop_variant(bank_file: Path, samples_root: Path, name: str) -> dict[str, Any]:
+    """In this process: backbone alone, the loop as shipped, prefetch + top-8 overlays (flat, then IVF search)."""
+    import tempfile
+
+    from ocbank.data.loader import make_loader
+    from ocbank.engine.ivf import IvfSearch
+    from ocbank.model.detector import Detector
+
+    det = Detector.load(bank_file, device="cpu")
+    samples = test_samples(samples_root, name)
+    batches = [b["image"] for b in make_loader(samples, det.config)]
+    det.extractor(batches[0])
+    ivf = IvfSearch.from_means(np.ascontiguousarray(det.bank.means))
+    res: dict[str, Any] = {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+                           "ivf": {"nlist": ivf.params.nlist, "nprobe": ivf.params.nprobe}}
+    res["backbone_img_per_s"] = backbone_alone(det.extractor, batches)
+    with tempfile.TemporaryDirectory() as tmp:
+        shipped = instrumented_predict(det, samples, Path(tmp), overlays=None)
+    res["loop_as_shipped_img_per_s"] = shipped["img_per_s"]
+    res["loop_as_shipped_stages_seconds"] = shipped["stages_seconds"]
+    with tempfile.TemporaryDirectory() as tmp:
+        res["prefetch_top8_img_per_s"] = prefetched_predict(det, samples, Path(tmp), overlays=8)["img_per_s"]
+    with tempfile.TemporaryDirectory() as tmp:
+        res["prefetch_top8_ivf_img_per_s"] = prefetched_predict(det, samples, Path(tmp), overlays=8,
+                                                                 search=ivf.search)["img_per_s"]
+    res["backbone_img_per_s_again"] = backbone_alone(det.extractor, batches)
+    return res
+
+
+def part_threads(data: Path, out: Path) -> dict[str, Any]:
+    """The loop variants in fresh processes with OMP_WAIT_POLICY unset vs PASSIVE (torch and faiss each run an
+    OpenMP pool; with the default spin-wait, faiss's idle threads compete with the backbone on 2 cores)."""
+    import json
+    import subprocess
+    import sys
+
+    bank_file = data / "pipeline_weave.h5"
+    if not bank_file.is_file():
+        msg = f"{bank_file} is missing: run --part pipeline first (it saves the bank)."
+        raise SystemExit(msg)
+    runs = {}
+    for policy in (None, "PASSIVE", None, "PASSIVE"):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if policy:
+            env["OMP_WAIT_POLICY"] = policy
+        code = ("import json,sys; from pathlib import Path; from benchmarks.bench_pipeline import loop_variant; "
+                f"print('RESULT', json.dumps(loop_variant(Path({str(bank_file)!r}), Path({str(data / 'd224')!r}), "
+                "'weave')))")
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+        res = json.loads(line[len("RESULT "):])
+        runs.setdefault(policy or "default", []).append(res)
+        print(policy, {k: v for k, v in res.items() if "stages" not in k}, flush=True)
+    summary = {}
+    for policy, rs in runs.items():
+        bb = float(np.median([(r["backbone_img_per_s"] + r["backbone_img_per_s_again"]) / 2 for r in rs]))
+        summary[policy] = {"backbone_img_per_s": bb, **{
+            f"{k}_ratio_to_backbone": float(np.median([r[k] for r in rs])) / bb
+            for k in ("loop_as_shipped_img_per_s", "prefetch_top8_img_per_s", "prefetch_top8_ivf_img_per_s")}}
+    result = {"machine": machine(), "summary": summary, "runs": runs}
+    write_result(out, "pipeline_threads_224_cpu.json", result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--data", default="/tmp/ocb_bench", help="scratch folder for images and cached features")
-    ap.add_argument("--part", required=True, choices=["radius", "pipeline", "figures"])
+    ap.add_argument("--part", required=True, choices=["radius", "pipeline", "figures", "threads"])
     args = ap.parse_args(argv)
     data = Path(args.data)
     cache = data / "cache"
@@ -374,7 +528,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return part_radius(data, cache, out)
     if args.part == "pipeline":
         return part_pipeline(data, cache, out)
-    raise SystemExit(f"part {args.part!r} not written yet")
+    if args.part == "threads":
+        return part_threads(data, out)
+    return part_figures(data, cache, out)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,13 @@ def default_nlist(n_centroids: int) -> int:
 
 
 def default_nprobe(nlist: int) -> int:
-    """Lists scanned per query: ~nlist / 16, at least 8 (recall@1 >= 0.99 on clustered means, bench_search --ivf)."""
-    return max(1, min(nlist, max(8, nlist // 16)))
+    """Lists scanned per query: 16 (or all of them when nlist < 16).
+
+    On 117,600 real WRN50 patch features as centroids (nlist 1372) nprobe 16 gave
+    recall@1 0.997, max relative 1-NN distance error 2.3% and 3.5x the speed of
+    flat search on the 2-core CPU box; nprobe 8: 0.9915, 6%, 7.7x (bench_search --ivf).
+    """
+    return max(1, min(nlist, 16))
 
 
 def use_ivf(n_centroids: int, threshold: int = IVF_MIN_CENTROIDS) -> bool:
