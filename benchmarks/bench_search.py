@@ -6,12 +6,23 @@ into a ClusterBank; both banks then answer 1-NN queries for batches of 32 test
 images with the same FAISS call. Meant for a GPU; on CPU use small --images.
 
 python -m benchmarks.bench_search --out DIR [--device cuda] [--images 1200]
+
+--ivf (CPU, search only): ocbank.engine.ivf.IvfSearch against exact flat search
+(faiss.knn) on (a) real WRN50 (weights none) patch features of three texture
+classes used as a 117,600-centroid bank, queried with the test images' patches,
+and (b) 120k+ synthetic clustered centroids with held-out queries; recall@1, the
+max / mean relative error of the 1-NN distance and the speed-up per nprobe; and
+(c) the change in image AUROC on the demo data (ocbank.synthetic, demo config)
+when each class's bank is searched through IVF instead of flat -> ivf_cpu.json.
+
+python -m benchmarks.bench_search --out benchmarks/results --ivf [--data /tmp/ocb_bench]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -32,6 +43,120 @@ def search_fps(search: FlatSearch, queries: np.ndarray, images: int, repeats: in
     return images / float(np.median(times))
 
 
+def _ivf_sweep(means: np.ndarray, queries: np.ndarray, nprobes: tuple[int, ...], repeats: int = 2) -> dict:
+    """Flat vs IVF on one set of means: build time, and per nprobe recall@1, distance errors, time and speed-up."""
+    import faiss
+
+    from ocbank.engine.ivf import IvfSearch, default_nprobe
+
+    t = time.perf_counter()
+    flat_sq, flat_ids = faiss.knn(queries, means, 1)
+    flat_s = time.perf_counter() - t
+    t = time.perf_counter()
+    ivf = IvfSearch.from_means(means, seed=0)
+    build_s = time.perf_counter() - t
+    exact = np.sqrt(np.maximum(flat_sq[:, 0], 0.0)).astype(np.float64)
+    rows = []
+    for nprobe in nprobes:
+        if nprobe > ivf.params.nlist:
+            continue
+        ivf.with_nprobe(nprobe)
+        ivf.search(queries[:64])
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            sq, ids = ivf.search(queries)
+            times.append(time.perf_counter() - t)
+        got = np.sqrt(np.maximum(sq[:, 0], 0.0)).astype(np.float64)
+        rel = (got - exact) / np.maximum(exact, 1e-12)
+        rows.append({
+            "nprobe": nprobe,
+            "recall_at_1": float(np.mean(ids[:, 0] == flat_ids[:, 0])),
+            "distance_equal_fraction": float(np.mean(np.abs(rel) <= 1e-5)),  # ties: a different id at equal distance
+            "max_rel_distance_error": float(rel.max()),
+            "mean_rel_distance_error": float(rel.mean()),
+            "seconds": float(np.median(times)),
+            "speedup_vs_flat": flat_s / float(np.median(times)),
+        })
+        print(rows[-1], flush=True)
+    return {"n_centroids": int(len(means)), "n_queries": int(len(queries)), "nlist": ivf.params.nlist,
+            "default_nprobe": default_nprobe(ivf.params.nlist), "flat_seconds": flat_s,
+            "ivf_build_seconds": build_s, "sweep": rows}
+
+
+def _demo_auroc(data: Path) -> dict:
+    """Image AUROC per demo class with the bank searched flat vs through IVF (default nlist/nprobe)."""
+    import faiss
+
+    from ocbank import config as config_mod
+    from ocbank.data.datasets import mvtec_split
+    from ocbank.engine.ivf import IvfSearch
+    from ocbank.model import metrics
+    from ocbank.model.detector import Detector
+    from ocbank.model.features import FEATURE_DIM
+    from ocbank.synthetic import make_dataset
+
+    root = data / "demo_data"
+    if not root.is_dir():
+        make_dataset(root)
+    cfg = config_mod.load(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml",
+                          overrides={"data": {"root": str(root)}})
+    out = {}
+    extractor = None
+    for name in ("weave", "dots"):
+        split = mvtec_split(root, name)
+        det = Detector(cfg, extractor=extractor).fit(split.train)
+        extractor = det.extractor
+        means = np.ascontiguousarray(det.bank.means)
+        ivf = IvfSearch.from_means(means)
+        labels, flat_scores, ivf_scores = [], [], []
+        for batch, feats in det.features(split.test):
+            q = np.ascontiguousarray(feats.reshape(-1, FEATURE_DIM).numpy())
+            b = len(batch["index"])
+            flat = np.sqrt(np.maximum(faiss.knn(q, means, 1)[0][:, 0], 0)).reshape(b, -1).max(1)
+            approx = np.sqrt(np.maximum(ivf.search(q)[0][:, 0], 0)).reshape(b, -1).max(1)
+            flat_scores += flat.tolist()
+            ivf_scores += approx.tolist()
+            labels += [split.test[i].label for i in batch["index"]]
+        a_flat = metrics.image_auroc(np.array(labels), np.array(flat_scores))
+        a_ivf = metrics.image_auroc(np.array(labels), np.array(ivf_scores))
+        out[name] = {"centroids": len(means), "nlist": ivf.params.nlist, "nprobe": ivf.params.nprobe,
+                     "image_auroc_flat": a_flat, "image_auroc_ivf": a_ivf, "abs_change": abs(a_ivf - a_flat),
+                     "max_abs_score_change": float(np.max(np.abs(np.array(ivf_scores) - np.array(flat_scores))))}
+        print(name, out[name], flush=True)
+    return out
+
+
+def ivf_main(args: argparse.Namespace) -> dict:
+    import os
+    import platform
+
+    from .bench_build import BENCH_CLASSES, make_bench_data, real_features
+
+    data = Path(args.data)
+    rng = np.random.default_rng(0)
+    nprobes = (1, 2, 4, 8, 16, 32, 64, 128)
+    result: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                "load_avg_at_start": os.getloadavg(),
+                                "note": "2-core CPU box shared with other engineers (contended)"}}
+    root = make_bench_data(data / "d224", BENCH_CLASSES, 256, 60, 10)
+    means = np.ascontiguousarray(np.concatenate([real_features(root, c, 224, 50, data / "cache")
+                                                 for c in BENCH_CLASSES]))
+    test = np.concatenate([real_features(root, c, 224, 8, data / "cache", split="test") for c in BENCH_CLASSES])
+    queries = np.ascontiguousarray(test[np.sort(rng.choice(len(test), args.ivf_queries, replace=False))])
+    result["real_features_as_centroids"] = _ivf_sweep(means, queries, nprobes)
+    del means
+    stream = ClusteredStream(args.clusters)
+    n_batches = -(-args.ivf_centroids // BATCH)
+    syn = np.concatenate([stream.batch(i) for i in range(n_batches)])
+    syn_q = np.concatenate([stream.batch(10**6 + i) for i in range(-(-args.ivf_queries // BATCH))])[: args.ivf_queries]
+    result["synthetic_clustered"] = _ivf_sweep(syn, syn_q, nprobes)
+    del syn
+    result["demo_image_auroc"] = _demo_auroc(data)
+    write_result(args.out, "ivf_cpu.json", result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench_out")
@@ -40,7 +165,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--clusters", type=int, default=20000)
     ap.add_argument("--radius", type=float, default=26.0)
     ap.add_argument("--query-images", type=int, default=32)
+    ap.add_argument("--ivf", action="store_true", help="IVF vs flat search on CPU (see above)")
+    ap.add_argument("--ivf-centroids", type=int, default=120_000)
+    ap.add_argument("--ivf-queries", type=int, default=3000)
+    ap.add_argument("--data", default="/tmp/ocb_bench", help="scratch folder for images and cached features")
     args = ap.parse_args(argv)
+    if args.ivf:
+        return ivf_main(args)
     device = resolve_device(args.device)
     stream = ClusteredStream(args.clusters)
     bank = ClusterBank(DIM, args.radius, device=device)
