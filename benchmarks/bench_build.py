@@ -237,7 +237,7 @@ class ChunkProfiler:
 
     def __init__(self) -> None:
         self.seconds = {"pairwise_distances": 0.0, "resolve_chunk": 0.0, "sq_norms": 0.0}
-        self.calls = {k: 0 for k in self.seconds}
+        self.calls = dict.fromkeys(self.seconds, 0)
         self.chunk_sizes: list[int] = []
 
     def _wrap(self, key: str, fn):

@@ -16,6 +16,7 @@ from ocbank.data import DataError, Transform, open_image
 from ocbank.errors import InputError, InputTypeError, NotFittedError
 from ocbank.model.calibration import conservative_quantile
 from ocbank.model.features import FEATURE_DIM
+from ocbank.model.radius import nearest_other_distances
 
 from .conftest import tiny_config
 
@@ -61,8 +62,12 @@ def test_init_validates_and_does_nothing_else():
         det.predict(np.zeros((8, 8, 3), np.uint8))
 
 
-def test_fit_records_radius_and_summary(fitted):
+def test_fit_records_radius_and_summary(fitted, tiny_mvtec):
     assert fitted.bank.radius == pytest.approx(fitted.radius_stats_["p99"])
+    # One pass: the radius comes from the sampled images' features, exactly as the rule on them alone.
+    sample = [_train(tiny_mvtec)[i] for i in fitted.training_order(6)[:3]]
+    feats = fitted.extractor(_normalised([Path(p) for p in sample])).reshape(-1, FEATURE_DIM).numpy()
+    assert fitted.bank.radius == pytest.approx(float(np.percentile(nearest_other_distances(feats), 99)), rel=1e-5)
     assert fitted.fit_summary_["images_used"] == 6 and len(fitted.bank) > 0
     assert fitted.bank.n_seen == 6 * 8 * 8
 
@@ -205,3 +210,27 @@ def test_fit_without_usable_images_is_an_error(tmp_path, tiny_mvtec, extractor):
         det.fit([str(broken)])
     with pytest.raises(NotFittedError, match="no bank"):
         det.predict([str(broken)])
+
+
+def test_fit_reads_every_image_through_the_backbone_once(tiny_mvtec, extractor, monkeypatch):
+    seen: list[int] = []
+    real = type(extractor).forward
+
+    def counting(self, images):
+        seen.append(images.shape[0])
+        return real(self, images)
+
+    monkeypatch.setattr(type(extractor), "forward", counting)
+    det = Detector.from_config(tiny_config(tiny_mvtec), extractor=extractor).fit(_train(tiny_mvtec))
+    assert sum(seen) == 6 and det.bank.n_seen == 6 * 8 * 8  # radius: auto, and still one pass
+
+
+def test_radius_sample_spills_to_disk_and_gives_the_same_bank(tiny_mvtec, extractor, monkeypatch):
+    from ocbank.model import detector as detector_mod
+
+    ref = Detector.from_config(tiny_config(tiny_mvtec), extractor=extractor).fit(_train(tiny_mvtec))
+    monkeypatch.setattr(detector_mod, "SPOOL_MEMORY_BYTES", 4 * FEATURE_DIM * 70)  # 70 rows, then a memmap
+    spilled = Detector.from_config(tiny_config(tiny_mvtec), extractor=extractor).fit(_train(tiny_mvtec))
+    assert spilled.bank.radius == ref.bank.radius
+    np.testing.assert_array_equal(spilled.bank.counts, ref.bank.counts)
+    np.testing.assert_array_equal(spilled.bank.means, ref.bank.means)

@@ -41,12 +41,16 @@ from ..engine.checkpoint import read_bank
 from ..errors import DataError, InputError, InputTypeError, NotFittedError
 from .calibration import Decision, conservative_quantile
 from .features import FEATURE_DIM, FEATURE_STRIDE, FeatureExtractor, file_sha256
-from .radius import radius_statistics, sample_images
+from .radius import estimate_radius, sample_images
 from .scoring import anomaly_maps, image_scores
+from .spool import FeatureSpool
 
 log = logging.getLogger(__name__)
 
 ImageLike = Any  # a path, a PIL image, or an image array [H, W(, C)]
+
+# Radius-sample features held in memory before the spool spills to a memory-mapped file.
+SPOOL_MEMORY_BYTES = 2 << 30
 
 # Resize-to-crop ratio of the MVTec convention (256 -> 224), used when only image_size is given.
 _RESIZE_RATIO = DataConfig.resize / DataConfig.crop
@@ -276,21 +280,28 @@ class Detector:
     def n_radius_images(self, n_images: int) -> int:
         return 0 if self.config.bank.radius != "auto" else min(n_images, self.config.bank.radius_images)
 
-    def radius_statistics(self, images: Any) -> dict[str, float]:
-        """The radius rule's percentiles on this detector's radius sample of ``images``."""
+    def _radius_stats(self, features: Any, n_images: int) -> dict[str, Any]:
+        """The radius rule on features [n, 1536] (or a spool): linear-cost p99 with its interval."""
+        estimate = estimate_radius(features, seed=self.config.bank.seed)
+        if not estimate.radius > 0:
+            msg = f"the radius rule gave {estimate.radius} (identical patches?). Set bank.radius explicitly."
+            raise DataError(msg)
+        return {**estimate.as_stats(), "n_images": n_images}
+
+    def radius_statistics(self, images: Any) -> dict[str, Any]:
+        """The radius rule's percentiles (and interval) on this detector's radius sample of ``images``."""
         samples = as_samples(images)
         chosen = sample_images(len(samples), self.config.bank.radius_images, self.config.bank.seed)
-        feats, n_read = [], 0
-        for batch, f in self.features([samples[i] for i in chosen]):
-            if batch["index"]:
-                feats.append(f.reshape(-1, FEATURE_DIM).cpu().numpy())
-                n_read += len(batch["index"])
-        if not feats:
-            msg = f"none of the {len(chosen)} radius-sample images could be read. Check the training images."
-            raise DataError(msg)
-        stats = radius_statistics(np.concatenate(feats))
-        stats["n_images"] = n_read
-        return stats
+        with FeatureSpool(FEATURE_DIM, SPOOL_MEMORY_BYTES) as spool:
+            n_read = 0
+            for batch, f in self.features([samples[i] for i in chosen]):
+                if batch["index"]:
+                    spool.append(f.reshape(-1, FEATURE_DIM).cpu().numpy())
+                    n_read += len(batch["index"])
+            if not n_read:
+                msg = f"none of the {len(chosen)} radius-sample images could be read. Check the training images."
+                raise DataError(msg)
+            return self._radius_stats(spool, n_read)
 
     def _new_bank(self, radius: float) -> ClusterBank:
         return ClusterBank(FEATURE_DIM, radius, device=resolve_device(self.config.device))
@@ -322,27 +333,23 @@ class Detector:
         if start == 0:
             self._reset()
             if n_sample:
-                feats: list[np.ndarray] = []
-                for batch, f in self.features([samples[i] for i in order[:n_sample]]):
-                    skipped += [str(samples[order[i]].path) for i in batch["skipped"]]
-                    if batch["index"]:
-                        feats.append(f.reshape(-1, FEATURE_DIM).cpu().numpy())
-                    position = max(batch["index"] + batch["skipped"]) + 1
-                    yield FitStep("radius", position, n, 0, tuple(skipped))
-                if not feats:
-                    msg = f"none of the {n_sample} radius-sample images could be read. Check the training images."
-                    raise DataError(msg)
-                sample = np.concatenate(feats)
-                stats = radius_statistics(sample)
-                if not stats["suggested"] > 0:
-                    msg = f"the radius rule gave {stats['suggested']} (identical patches?). Set bank.radius explicitly."
-                    raise DataError(msg)
-                stats["n_images"] = n_sample - len(skipped)
-                self.radius_stats_ = stats
-                self.bank_ = self._new_bank(stats["suggested"])
-                self.bank_.add(sample)
+                # One pass: the radius sample's features are spooled (spilling to disk past
+                # SPOOL_MEMORY_BYTES), r is estimated on them, then they enter the bank first.
+                with FeatureSpool(FEATURE_DIM, SPOOL_MEMORY_BYTES) as spool:
+                    for batch, f in self.features([samples[i] for i in order[:n_sample]]):
+                        skipped += [str(samples[order[i]].path) for i in batch["skipped"]]
+                        if batch["index"]:
+                            spool.append(f.reshape(-1, FEATURE_DIM).cpu().numpy())
+                        position = max(batch["index"] + batch["skipped"]) + 1
+                        yield FitStep("radius", position, n, 0, tuple(skipped))
+                    if not len(spool):
+                        msg = f"none of the {n_sample} radius-sample images could be read. Check the training images."
+                        raise DataError(msg)
+                    self.radius_stats_ = self._radius_stats(spool, n_sample - len(skipped))
+                    self.bank_ = self._new_bank(self.radius_stats_["suggested"])
+                    for rows in spool.iter_chunks():
+                        self.bank_.add(rows)
                 used = n_sample - len(skipped)
-                del feats, sample
             else:
                 radius = float(self.config.bank.radius)
                 self.radius_stats_ = {"suggested": radius, "source": "config"}
@@ -387,11 +394,9 @@ class Detector:
 
     def _radius_from_tensor(self, images: torch.Tensor) -> float:
         chosen = sample_images(images.shape[0], self.config.bank.radius_images, self.config.bank.seed)
-        feats = [f.reshape(-1, FEATURE_DIM).cpu().numpy() for _, f in self.features(images[chosen])]
-        stats = radius_statistics(np.concatenate(feats))
-        stats["n_images"] = len(chosen)
-        self.radius_stats_ = stats
-        return stats["suggested"]
+        feats = np.concatenate([f.reshape(-1, FEATURE_DIM).cpu().numpy() for _, f in self.features(images[chosen])])
+        self.radius_stats_ = self._radius_stats(feats, len(chosen))
+        return self.radius_stats_["suggested"]
 
     def partial_fit(self, images: Any) -> Detector:
         """Stream more normal images into the bank at its radius (fits first if there is no bank)."""
