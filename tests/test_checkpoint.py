@@ -27,9 +27,11 @@ def test_round_trip_keeps_everything(tmp_path: Path, bank: ClusterBank):
     np.testing.assert_array_equal(loaded.means, bank.means)
     np.testing.assert_array_equal(loaded.counts, bank.counts)
     assert (loaded.radius, loaded.dim, loaded.n_seen) == (2.0, 16, 600)
+    np.testing.assert_array_equal(loaded.m2, bank.m2)
+    assert loaded.m2.shape == (len(bank),) and (bank.m2 > 0).any() and loaded.spread_known_
     assert loaded.metadata_ == {"backbone": "wide_resnet50_2", "position": 600}
     with h5py.File(path) as f:
-        assert f.attrs["format_version"] == 1 and f.attrs["ocbank_version"]
+        assert f.attrs["format_version"] == 2 and f.attrs["ocbank_version"]
         assert json.loads(f.attrs["metadata"])["position"] == 600
 
 
