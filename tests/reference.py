@@ -53,7 +53,7 @@ class RefBank:
             self.radius = old * self.growth
             self.M, self.C, self.S = [], [], []
             cap, self.max_centroids = self.max_centroids, None
-            for mu, c, s in zip(M, C, S):
+            for mu, c, s in zip(M, C, S, strict=True):
                 self.push(mu, c, s)
             self.max_centroids = cap
             self.history.append(
@@ -66,7 +66,7 @@ class RefBank:
         X = np.asarray(X, dtype=np.float64)
         w_all = np.ones(len(X), dtype=np.int64) if weights is None else np.asarray(weights)
         m2_all = np.zeros(len(X)) if m2 is None else np.asarray(m2, dtype=np.float64)
-        for x, w, s in zip(X, w_all, m2_all):
+        for x, w, s in zip(X, w_all, m2_all, strict=True):
             self.push(x, int(w), float(s))
             self.n_seen += int(w)
         return self

@@ -42,8 +42,9 @@ def test_cap_holds_after_every_add_and_bank_equals_capped_reference():
     np.testing.assert_allclose(bank.m2, ref.m2, rtol=1e-5, atol=1e-3)
     assert bank.radius == pytest.approx(ref.radius)
     assert len(bank.radius_history_) == len(ref.history)
-    for got, want in zip(bank.radius_history_, ref.history):
-        assert [got[k] for k in ("n_seen", "k_before", "k_after")] == [want[k] for k in ("n_seen", "k_before", "k_after")]
+    ints = ("n_seen", "k_before", "k_after")
+    for got, want in zip(bank.radius_history_, ref.history, strict=True):
+        assert [got[k] for k in ints] == [want[k] for k in ints]
         assert (got["old"], got["new"]) == pytest.approx((want["old"], want["new"]))
     for h in bank.radius_history_:
         assert h["new"] == pytest.approx(h["old"] * 1.25) and h["k_before"] == CAP and h["k_after"] <= CAP
