@@ -43,6 +43,8 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path: Path):
     resumed = ClusterBank.load(tmp_path / "half.h5").add(X[777:])
     np.testing.assert_array_equal(resumed.counts, whole.counts)
     np.testing.assert_allclose(resumed.means, whole.means, atol=1e-5)
+    np.testing.assert_allclose(resumed.m2, whole.m2, rtol=1e-6, atol=1e-4)
+    assert resumed.spread_known_
 
 
 def test_empty_bank_round_trips(tmp_path: Path):

@@ -153,3 +153,13 @@ def test_save_load_continue_equals_uninterrupted(tmp_path: Path):
 def test_invalid_cap_settings_are_refused(kwargs):
     with pytest.raises(ValueError, match="got"):
         ClusterBank(4, 1.0, **kwargs)
+
+
+def test_fit_restarts_a_capped_bank_from_its_first_radius():
+    X = distinct(4 * CAP, seed=6)
+    bank = ClusterBank(8, 0.5, max_centroids=CAP).add(X)
+    assert bank.radius > 0.5
+    refit = bank.fit(X)
+    fresh = ClusterBank(8, 0.5, max_centroids=CAP).add(X)
+    assert refit.radius == fresh.radius and refit.radius_history_ == fresh.radius_history_
+    np.testing.assert_array_equal(refit.counts, fresh.counts)

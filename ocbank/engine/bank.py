@@ -192,7 +192,11 @@ class ClusterBank:
 
     @property
     def means(self) -> np.ndarray:
-        """Centroids, float32 [K, dim] (read-only view on CPU, a copy from GPU)."""
+        """Centroids, float32 [K, dim] (read-only view on CPU, a copy from GPU).
+
+        The CPU view follows later adds; while other threads add, take
+        :meth:`state` for a consistent copy of means, counts and m2 together.
+        """
         if "store_" not in self.__dict__:
             return np.zeros((0, self.dim), dtype=np.float32)
         with self._lock.read():
@@ -352,8 +356,10 @@ class ClusterBank:
         return self.add(X)
 
     def fit(self, X: Any, y: None = None) -> ClusterBank:
-        """Reset the bank (not its current radius), then stream ``X`` [n, dim] into it."""
+        """Reset the bank (a capped bank goes back to its first radius), then stream ``X`` [n, dim] into it."""
         with self._writing("fit"):
+            if self.radius_history_:
+                self.radius = float(self.radius_history_[0]["old"])
             self.__dict__.pop("store_", None)
             self.__dict__.pop("n_seen_", None)
             self.spread_known_ = True

@@ -184,7 +184,6 @@ class CpuStore(_StoreBase):
         super().__init__(dim, radius)
         self._means = np.zeros((0, dim), dtype=np.float32)
         self._norms = np.zeros(0, dtype=np.float64)
-        self._no_cand = np.zeros((0, 0), dtype=np.int64)
 
     def _grow_buffers(self, capacity: int) -> None:
         self._means = _grow(self._means, capacity, self.size)
