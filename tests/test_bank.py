@@ -97,7 +97,7 @@ def test_means_is_read_only_and_counts_int64():
     assert bank.counts.dtype == np.int64
     with pytest.raises(ValueError):
         bank.means[0, 0] = 1.0
-    assert bank.nbytes == len(bank) * (8 * 4 + 8 + 8)  # means, counts, m2
+    assert bank.nbytes == len(bank) * (8 * 4 + 8)
 
 
 def test_buffer_grows_past_initial_capacity():

@@ -241,8 +241,11 @@ class ClusterBank:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by means, counts and m2 (K * (4 * dim + 16))."""
-        return len(self) * (4 * self.dim + 16)
+        """Bytes held by means and counts (K * (4 * dim + 8)); m2 adds K * 8 more, not counted here.
+
+        Kept as means + counts because build/evaluate summaries report it as ``bank_bytes``.
+        """
+        return len(self) * (4 * self.dim + 8)
 
     # ------------------------------------------------------------------ input
     def _check_rows(self, x: Any, name: str = "x") -> Any:
