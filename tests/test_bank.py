@@ -8,6 +8,7 @@ import torch
 
 from ocbank import ClusterBank
 from ocbank.engine.store import TorchStore
+from ocbank.errors import DeviceError
 
 from .conftest import clustered
 from .reference import reference_stream
@@ -177,7 +178,7 @@ def test_cuda_request_without_gpu_fails_clearly_on_cpu_machines():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     bank = ClusterBank(4, 1.0, device="cuda")
-    with pytest.raises(ValueError, match="device='cpu'"):
+    with pytest.raises(DeviceError, match="device='cpu'"):
         bank.add(np.zeros((1, 4), dtype=np.float32))
     assert ClusterBank(4, 1.0, device="auto").add(np.zeros((1, 4), np.float32)).device_ == "cpu"
 

@@ -36,3 +36,17 @@ def test_gpu_bank_saves_and_loads_on_cpu(tmp_path):
     gpu.save(tmp_path / "g.h5")
     cpu = ClusterBank.load(tmp_path / "g.h5", device="cpu")
     np.testing.assert_array_equal(cpu.counts, gpu.counts)
+
+
+def test_gpu_m2_and_cap_match_cpu():
+    X = clustered(5000, 32, 200, 3.0, 0.5, 3)
+    cpu = ClusterBank(32, 0.5, device="cpu", max_centroids=60)
+    gpu = ClusterBank(32, 0.5, device="cuda", max_centroids=60)
+    for start in range(0, len(X), 784):
+        cpu.add(X[start : start + 784])
+        gpu.add(torch.from_numpy(X[start : start + 784]).cuda())
+        assert len(gpu) <= 60
+    np.testing.assert_array_equal(gpu.counts, cpu.counts)
+    assert gpu.radius == cpu.radius and gpu.radius_history_ == cpu.radius_history_
+    scale = 1e-6 * cpu.counts * float((X.astype(np.float64) ** 2).sum(1).mean())
+    assert (np.abs(gpu.m2 - cpu.m2) <= scale).all()

@@ -3,7 +3,8 @@
 The engine knows nothing of images, models or jobs; its only I/O is the bank file.
 """
 
-from .bank import ClusterBank, cuda_available, resolve_device
+from .bank import MAX_K, ClusterBank, cuda_available, resolve_device
 from .checkpoint import BankState
+from .store import Store
 
-__all__ = ["BankState", "ClusterBank", "cuda_available", "resolve_device"]
+__all__ = ["MAX_K", "BankState", "ClusterBank", "Store", "cuda_available", "resolve_device"]

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
+from ..errors import DeviceError, InputError, InputTypeError
 from . import checkpoint
 from ._faiss import faiss_has_gpu
-from .store import CpuStore, TorchStore
+from ._rwlock import RWLock
+from .store import NO_LIMIT, CpuStore, Store, TorchStore
 
 _DEVICES = ("cpu", "cuda", "auto")
+# The largest k a search accepts: faiss's GPU k-selection limit, applied on every
+# device so that a bank behaves the same everywhere (and k=10**9 never allocates).
+MAX_K = 2048
 
 
 def _is_torch_tensor(x: Any) -> bool:
@@ -29,7 +37,7 @@ def cuda_available() -> bool:
 
 
 def resolve_device(device: str) -> str:
-    """Map ``"cpu" | "cuda" | "cuda:N" | "auto"`` to a concrete device string."""
+    """Map ``"cpu" | "cuda" | "cuda:N" | "auto"`` to a concrete device string; :class:`DeviceError` without CUDA."""
     if device == "cpu":
         return "cpu"
     if device == "auto":
@@ -39,8 +47,23 @@ def resolve_device(device: str) -> str:
             f"device={device!r} was requested, but no CUDA GPU is visible to both torch and "
             "faiss. Use device='cpu' (or 'auto'), or install the GPU build: pip install '.[gpu]'."
         )
-        raise ValueError(msg)
+        raise DeviceError(msg)
     return device
+
+
+def check_radius(radius: Any, name: str = "radius") -> float:
+    """``radius`` as a float that is finite, > 0 and has a finite, non-zero square."""
+    if isinstance(radius, bool) or not isinstance(radius, (int, float, np.floating, np.integer)):
+        msg = f"{name} must be a positive number, got {radius!r}. Pass e.g. {name}=26.0."
+        raise InputTypeError(msg)
+    r = float(radius)
+    if not math.isfinite(r) or r <= 0:
+        msg = f"{name} must be finite and > 0, got {radius!r}. Pass e.g. {name}=26.0."
+        raise InputError(msg)
+    if not (math.isfinite(r * r) and r * r > 0):
+        msg = f"{name}={radius!r} has a squared value that over- or underflows float64. Pass a radius in 1e-150..1e150."
+        raise InputError(msg)
+    return r
 
 
 class ClusterBank:
@@ -48,51 +71,107 @@ class ClusterBank:
 
     For each arriving vector x (in arrival order) the nearest centroid mu_k is
     found (ties: lowest index). If ``||x - mu_k|| <= radius`` it absorbs x with
-    a Welford update ``n_k += 1; mu_k += (x - mu_k) / n_k``; otherwise x becomes a
-    new centroid with count 1. Batches are searched at once with FAISS and the
-    dependencies inside a batch are resolved exactly, so ``add`` gives the same
-    bank as adding rows one at a time, whatever the batch split.
+    a Welford update ``n_k += 1; M2_k += n/(n+1) ||x - mu_k||^2; mu_k += (x - mu_k) / n_k``;
+    otherwise x becomes a new centroid with count 1 and M2 0. Batches are
+    searched at once with FAISS and the dependencies inside a batch are resolved
+    exactly, so ``add`` gives the same bank as adding rows one at a time,
+    whatever the batch split.
+
+    With ``max_centroids=N``, when the next vector would make centroid N + 1,
+    the radius is multiplied by ``radius_growth`` and the existing centroids are
+    re-clustered at the new radius (streamed as weighted points with their M2,
+    in index order: the merge path), repeatedly until fewer than N remain; then
+    streaming goes on from that same vector. The bank never holds more than N
+    centroids. Every raise is recorded in ``radius_history_``.
+
+    Thread safety: one readers-writer lock per bank. ``add``, ``fit``,
+    ``partial_fit``, ``merge``, ``save`` and ``load_state`` are writers and
+    run one at a time; ``search``, ``predict`` and the ``means``/``counts``/``m2``
+    snapshots are readers and may run together (a GPU store still serialises
+    its own searches, as faiss GPU resources require).
 
     Parameters
     ----------
     dim : int
         Feature dimension (1536 for WideResNet-50 layer2+layer3).
     radius : float
-        Absorption radius r, in plain (not squared) L2 units.
-    device : {"cpu", "cuda", "auto"}
-        Where means and counts live and where searches run.
+        Absorption radius r, in plain (not squared) L2 units; finite, > 0, with a finite square.
+    device : {"cpu", "cuda", "cuda:N", "auto"}
+        Where means live and where searches run.
+    max_centroids : int or None
+        Hard cap N >= 2 on the number of centroids; None for no cap.
+    radius_growth : float
+        Factor > 1 applied to the radius each time the cap is hit.
     """
 
-    def __init__(self, dim: int, radius: float, device: str = "cpu") -> None:
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
+    def __init__(
+        self,
+        dim: int,
+        radius: float,
+        device: str = "cpu",
+        max_centroids: int | None = None,
+        radius_growth: float = 1.25,
+    ) -> None:
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
             msg = f"dim must be a positive integer, got {dim!r}. Pass the feature size, e.g. dim=1536."
-            raise ValueError(msg)
-        if isinstance(radius, bool) or not isinstance(radius, (int, float, np.floating, np.integer)):
-            msg = f"radius must be a positive number, got {radius!r}. Pass e.g. radius=26.0."
-            raise ValueError(msg)
-        if not math.isfinite(float(radius)) or float(radius) <= 0:
-            msg = f"radius must be finite and > 0, got {radius!r}. Pass e.g. radius=26.0."
-            raise ValueError(msg)
+            raise InputTypeError(msg)
+        if dim <= 0:
+            msg = f"dim must be a positive integer, got {dim!r}. Pass the feature size, e.g. dim=1536."
+            raise InputError(msg)
+        r = check_radius(radius)
         if not isinstance(device, str) or not (device in _DEVICES or device.startswith("cuda:")):
             msg = f"device must be one of 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}."
-            raise ValueError(msg)
+            raise InputError(msg)
+        if max_centroids is not None and (
+            isinstance(max_centroids, bool) or not isinstance(max_centroids, (int, np.integer)) or max_centroids < 2
+        ):
+            msg = (
+                f"max_centroids must be None or an integer >= 2, got {max_centroids!r}. "
+                "Pass e.g. max_centroids=100_000."
+            )
+            raise InputError(msg)
+        growth = check_radius(radius_growth, "radius_growth")
+        if growth <= 1.0:
+            msg = f"radius_growth must be > 1, got {radius_growth!r}. Pass e.g. radius_growth=1.25."
+            raise InputError(msg)
         self.dim = int(dim)
-        self.radius = float(radius)
+        self.radius = r
         self.device = device
+        self.max_centroids = None if max_centroids is None else int(max_centroids)
+        self.radius_growth = growth
+        self.radius_history_: list[dict[str, Any]] = []
+        self.spread_known_ = True
+        self._lock = RWLock()
+        self._init_lock = threading.Lock()
+        # Test hook: called with the operation's name once a writer holds the lock.
+        self._on_write: Callable[[str], None] | None = None
 
     # ------------------------------------------------------------------ state
+    def _new_store(self) -> Store:
+        device = resolve_device(self.device)
+        if device == "cpu":
+            return CpuStore(self.dim, self.radius)
+        return TorchStore(self.dim, self.radius, device)
+
     @property
-    def _bank_store(self) -> CpuStore | TorchStore:
+    def _bank_store(self) -> Store:
         store = self.__dict__.get("store_")
         if store is None:
-            device = resolve_device(self.device)
-            if device == "cpu":
-                store = CpuStore(self.dim, self.radius)
-            else:
-                store = TorchStore(self.dim, self.radius, device)
-            self.store_ = store
-            self.n_seen_ = 0
+            with self._init_lock:
+                store = self.__dict__.get("store_")
+                if store is None:
+                    store = self._new_store()
+                    self.n_seen_ = 0
+                    self.store_ = store
         return store
+
+    @contextmanager
+    def _writing(self, op: str) -> Iterator[None]:
+        """Hold the write lock; tell the test hook which operation got it."""
+        with self._lock.write():
+            if self._on_write is not None:
+                self._on_write(op)
+            yield
 
     @property
     def device_(self) -> str:
@@ -105,24 +184,55 @@ class ClusterBank:
         return 0 if store is None else store.size
 
     def __repr__(self) -> str:
+        cap = "" if self.max_centroids is None else f", max_centroids={self.max_centroids}"
         return (
-            f"ClusterBank(dim={self.dim}, radius={self.radius}, device={self.device!r}) "
+            f"ClusterBank(dim={self.dim}, radius={self.radius}, device={self.device!r}{cap}) "
             f"with {len(self)} centroids from {self.n_seen} vectors"
         )
 
     @property
     def means(self) -> np.ndarray:
-        """Centroids, float32 [K, dim] (read-only view on CPU, a copy from GPU)."""
+        """Centroids, float32 [K, dim] (read-only view on CPU, a copy from GPU).
+
+        The CPU view follows later adds; while other threads add, take
+        :meth:`state` for a consistent copy of means, counts and m2 together.
+        """
         if "store_" not in self.__dict__:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return self._bank_store.means
+        with self._lock.read():
+            return self._bank_store.means
 
     @property
     def counts(self) -> np.ndarray:
-        """Vectors absorbed per centroid, int64 [K]."""
+        """Vectors absorbed per centroid, int64 [K] (read-only)."""
         if "store_" not in self.__dict__:
             return np.zeros(0, dtype=np.int64)
-        return self._bank_store.counts
+        with self._lock.read():
+            return self._bank_store.counts
+
+    @property
+    def m2(self) -> np.ndarray:
+        """Welford second moment per centroid, float64 [K]: sum of ||x - mu||^2 over its members (read-only).
+
+        Zeros for centroids loaded from a version-1 file (see ``spread_known_``).
+        """
+        if "store_" not in self.__dict__:
+            return np.zeros(0, dtype=np.float64)
+        with self._lock.read():
+            return self._bank_store.m2
+
+    @property
+    def spread(self) -> np.ndarray:
+        """RMS distance of each centroid's members to it, sqrt(m2 / n), float64 [K].
+
+        All NaN when the bank holds centroids whose m2 was never tracked
+        (``spread_known_`` is False, e.g. continued from a version-1 file).
+        """
+        with self._lock.read():
+            m2, counts = self.m2, self.counts
+            if not self.spread_known_:
+                return np.full(m2.shape, np.nan)
+            return np.sqrt(m2 / np.maximum(counts, 1))
 
     @property
     def n_seen(self) -> int:
@@ -131,44 +241,54 @@ class ClusterBank:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by means and counts (K * (4 * dim + 8))."""
+        """Bytes held by means and counts (K * (4 * dim + 8)); m2 adds K * 8 more, not counted here.
+
+        Kept as means + counts because build/evaluate summaries report it as ``bank_bytes``.
+        """
         return len(self) * (4 * self.dim + 8)
 
     # ------------------------------------------------------------------ input
     def _check_rows(self, x: Any, name: str = "x") -> Any:
-        """Validate [n, dim] numeric input; return it as float32 for the store."""
+        """Validate [n, dim] real input; return it as float32 rows for the store.
+
+        float16, bfloat16, float64 and integers (numpy or torch) are converted to float32.
+        """
         store = self._bank_store
         if _is_torch_tensor(x):
             import torch  # noqa: PLC0415
 
             if x.dtype == torch.bool or x.is_complex():
                 msg = f"{name} must be a real numeric tensor, got dtype {x.dtype}. Convert with x.float()."
-                raise TypeError(msg)
+                raise InputTypeError(msg)
             shape = tuple(x.shape)
         else:
             if not isinstance(x, np.ndarray):
                 x = np.asarray(x)
+            if x.dtype.name == "bfloat16":  # ml_dtypes' numpy bfloat16 (kind 'V')
+                x = x.astype(np.float32)
             if x.dtype.kind not in "fiu":
                 msg = (
                     f"{name} must be a real numeric array, got dtype {x.dtype}. "
                     "Convert with x.astype(np.float32)."
                 )
-                raise TypeError(msg)
+                raise InputTypeError(msg)
             shape = x.shape
         if len(shape) != 2 or shape[1] != self.dim:
             msg = f"{name} must have shape [n, {self.dim}], got {shape}. Reshape to (-1, {self.dim})."
-            raise ValueError(msg)
+            raise InputError(msg)
         if isinstance(store, CpuStore):
             if _is_torch_tensor(x):
-                x = x.detach().to("cpu").numpy()
+                import torch  # noqa: PLC0415
+
+                # Convert on the tensor's side: numpy has no bfloat16.
+                x = x.detach().to(device="cpu", dtype=torch.float32).numpy()
             rows = np.ascontiguousarray(x, dtype=np.float32)
-            finite = np.isfinite(rows).all(axis=1)
-            bad = np.flatnonzero(~finite)
+            bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
         else:
             import torch  # noqa: PLC0415
 
             if not _is_torch_tensor(x):
-                x = torch.from_numpy(np.ascontiguousarray(x))
+                x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
             rows = x.detach().to(device=store.device, dtype=torch.float32).contiguous()
             bad = torch.nonzero(~torch.isfinite(rows).all(dim=1)).flatten().cpu().numpy()
         if bad.size:
@@ -176,56 +296,113 @@ class ClusterBank:
                 f"{name} has {bad.size} row(s) with NaN or inf values (first at row {bad[0]}). "
                 "Drop or repair those rows before adding; the bank was not changed."
             )
-            raise ValueError(msg)
+            raise InputError(msg)
         return rows
 
     # ------------------------------------------------------------------ build
+    def _stream(self, rows: Any, weights: np.ndarray, pm2: np.ndarray | None) -> None:
+        """Feed weighted rows through the store, re-clustering whenever the cap is hit (write lock held)."""
+        n = rows.shape[0]
+        limit = NO_LIMIT if self.max_centroids is None else self.max_centroids
+        pos = 0
+        while True:
+            store = self._bank_store
+            part_m2 = None if pm2 is None else pm2[pos:]
+            pos += store.stream(rows[pos:], weights[pos:], part_m2, limit)
+            if pos >= n:
+                return
+            self._coarsen(self.n_seen_ + int(weights[:pos].sum()))
+
+    def _coarsen(self, seen: int) -> None:
+        """Raise the radius and re-cluster the centroids until fewer than max_centroids remain."""
+        store = self._bank_store
+        while True:
+            old = self.radius
+            new = old * self.radius_growth
+            if not math.isfinite(new * new):
+                msg = (
+                    f"max_centroids={self.max_centroids} cannot be kept: the radius would grow past {old!r}. "
+                    "Raise max_centroids or check the input for huge values."
+                )
+                raise InputError(msg)
+            means, counts, m2 = store.state()
+            k_before = store.size
+            store.r2 = new * new
+            store.size = 0
+            # The merge path: centroids as points of weight n carrying their M2.
+            store.stream(store.rows(means), counts, m2)
+            self.radius = new
+            self.radius_history_.append(
+                {"n_seen": int(seen), "old": old, "new": new, "k_before": int(k_before), "k_after": int(store.size)}
+            )
+            if store.size < self.max_centroids:
+                return
+
     def add(self, x: Any) -> ClusterBank:
-        """Stream rows of ``x`` [n, dim] (numpy or torch, float32/float64) into the bank.
+        """Stream rows of ``x`` [n, dim] (numpy or torch; float16/bfloat16/float32/float64/int) into the bank.
 
         A rejected call leaves the bank unchanged. An empty batch is a no-op.
         """
+        with self._writing("add"):
+            self._add_locked(x)
+        return self
+
+    def _add_locked(self, x: Any) -> None:
         rows = self._check_rows(x)
         n = rows.shape[0]
         if n:
-            self._bank_store.add(rows, np.ones(n, dtype=np.int64))
+            self._stream(rows, np.ones(n, dtype=np.int64), None)
             self.n_seen_ += n
-        return self
 
     def partial_fit(self, X: Any, y: None = None) -> ClusterBank:
         """scikit-learn alias of :meth:`add`."""
         return self.add(X)
 
     def fit(self, X: Any, y: None = None) -> ClusterBank:
-        """Reset the bank, then stream ``X`` [n, dim] into it."""
-        self.__dict__.pop("store_", None)
-        self.__dict__.pop("n_seen_", None)
-        return self.add(X)
+        """Reset the bank (a capped bank goes back to its first radius), then stream ``X`` [n, dim] into it."""
+        with self._writing("fit"):
+            if self.radius_history_:
+                self.radius = float(self.radius_history_[0]["old"])
+            self.__dict__.pop("store_", None)
+            self.__dict__.pop("n_seen_", None)
+            self.spread_known_ = True
+            self.radius_history_ = []
+            self._add_locked(X)
+        return self
 
     def merge(self, other: ClusterBank) -> ClusterBank:
         """Fold ``other``'s centroids into this bank, in ``other``'s index order.
 
-        Each centroid of ``other`` is streamed as a point of weight w = its count:
-        absorbed by the nearest centroid within r (``mu += w (mu_b - mu) / (n + w)``)
-        or appended with count w.
+        Each centroid of ``other`` (mu_b, n_b, M2_b) is streamed as a point of
+        weight n_b: absorbed by the nearest centroid within r
+        (``mu += n_b (mu_b - mu) / (n + n_b)``, ``M2 += M2_b + ||mu_b - mu||^2 n n_b / (n + n_b)``)
+        or appended as it is. The cap applies as in :meth:`add`.
         """
         if not isinstance(other, ClusterBank):
-            msg = f"merge expects a ClusterBank, got {type(other).__name__}."
-            raise TypeError(msg)
+            msg = f"merge expects a ClusterBank, got {type(other).__name__}. Pass a ClusterBank."
+            raise InputTypeError(msg)
         if other.dim != self.dim:
-            msg = f"cannot merge a bank of dim {other.dim} into one of dim {self.dim}. Build both with the same features."
-            raise ValueError(msg)
+            msg = (
+                f"cannot merge a bank of dim {other.dim} into one of dim {self.dim}. "
+                "Build both with the same features."
+            )
+            raise InputError(msg)
         if other.radius != self.radius:
             msg = (
                 f"cannot merge a bank of radius {other.radius} into one of radius {self.radius}. "
                 "Build both with the same radius."
             )
-            raise ValueError(msg)
-        if len(other) == 0:
-            return self
-        rows = self._check_rows(np.array(other.means, dtype=np.float32), name="other.means")
-        self._bank_store.add(rows, np.array(other.counts, dtype=np.int64))
-        self.n_seen_ += other.n_seen
+            raise InputError(msg)
+        # Snapshot other under its own read lock first: no lock-order deadlock, and merge(self) works.
+        snap = other.state()
+        means, counts, m2 = snap.means, snap.counts, snap.m2
+        with self._writing("merge"):
+            if len(counts) == 0:
+                return self
+            rows = self._check_rows(means, name="other.means")
+            self._stream(rows, counts, m2)
+            self.n_seen_ += snap.n_seen
+            self.spread_known_ = self.spread_known_ and snap.spread_known
         return self
 
     # ------------------------------------------------------------------ query
@@ -235,24 +412,25 @@ class ClusterBank:
         Parameters
         ----------
         q : array or tensor [n, dim]
-        k : int, number of neighbours.
+        k : int, number of neighbours, 1 <= k <= 2048 (:data:`MAX_K`).
 
         Returns
         -------
         distances : float32 [n, k], plain L2 (not squared); inf where K < k.
         ids : int64 [n, k]; -1 where K < k.
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            msg = f"k must be a positive integer, got {k!r}."
-            raise ValueError(msg)
-        if len(self) == 0:
-            msg = "the bank is empty: add training vectors before searching."
-            raise ValueError(msg)
-        rows = self._check_rows(q, name="q")
-        n = rows.shape[0]
-        if n == 0:
-            return np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64)
-        sq, ids = self._bank_store.search(rows, int(k))
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
+            msg = f"k must be an integer in 1..{MAX_K}, got {k!r}. Ask for fewer neighbours."
+            raise InputError(msg)
+        with self._lock.read():
+            if len(self) == 0:
+                msg = "the bank is empty: add training vectors before searching."
+                raise InputError(msg)
+            rows = self._check_rows(q, name="q")
+            n = rows.shape[0]
+            if n == 0:
+                return np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64)
+            sq, ids = self._bank_store.search(rows, int(k))
         ids = np.asarray(ids, dtype=np.int64)
         if ids.shape[1] < k:
             pad = k - ids.shape[1]
@@ -267,16 +445,36 @@ class ClusterBank:
         return self.search(X, k=1)[1][:, 0]
 
     # ------------------------------------------------------------------ files
+    def state(self, metadata: dict[str, Any] | None = None) -> checkpoint.BankState:
+        """A consistent snapshot (copies) of everything a bank file holds."""
+        with self._lock.read():
+            if "store_" in self.__dict__:
+                means, counts, m2 = self._bank_store.state()
+            else:
+                means = np.zeros((0, self.dim), np.float32)
+                counts, m2 = np.zeros(0, np.int64), np.zeros(0, np.float64)
+            return checkpoint.BankState(
+                means,
+                counts,
+                self.radius,
+                self.dim,
+                self.n_seen,
+                metadata if metadata is not None else getattr(self, "metadata_", {}),
+                m2,
+                self.spread_known_,
+                self.max_centroids,
+                self.radius_growth,
+                [dict(h) for h in self.radius_history_],
+            )
+
     def save(self, path: str | os.PathLike[str], metadata: dict[str, Any] | None = None) -> None:
-        """Write the bank atomically to an HDF5 file (see :mod:`ocbank.checkpoint`)."""
-        checkpoint.write_bank(
-            path,
-            means=np.asarray(self.means),
-            counts=np.asarray(self.counts),
-            radius=self.radius,
-            n_seen=self.n_seen,
-            metadata=metadata if metadata is not None else getattr(self, "metadata_", {}),
-        )
+        """Write the bank atomically to an HDF5 file (see :mod:`ocbank.engine.checkpoint`).
+
+        The state is checked before anything is written: an inconsistent bank
+        raises :class:`~ocbank.errors.CheckpointError` and leaves ``path`` as it was.
+        """
+        with self._writing("save"):
+            checkpoint.write_bank(path, self.state(metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str = "cpu") -> ClusterBank:
@@ -285,12 +483,33 @@ class ClusterBank:
 
     @classmethod
     def from_state(cls, state: checkpoint.BankState, device: str = "cpu") -> ClusterBank:
-        """A bank holding ``state``'s centroids, counts, n_seen and metadata."""
-        bank = cls(dim=state.dim, radius=state.radius, device=device)
-        if state.means.shape[0]:
-            bank._bank_store.set_state(state.means, state.counts)
-        else:
-            bank._bank_store  # noqa: B018  (creates the empty store)
-        bank.n_seen_ = state.n_seen
-        bank.metadata_ = state.metadata
-        return bank
+        """A bank holding ``state``'s centroids, counts, m2, n_seen, cap, radius history and metadata."""
+        bank = cls(
+            dim=state.dim,
+            radius=state.radius,
+            device=device,
+            max_centroids=state.max_centroids,
+            radius_growth=state.radius_growth,
+        )
+        return bank.load_state(state)
+
+    def load_state(self, state: checkpoint.BankState) -> ClusterBank:
+        """Replace this bank's contents with ``state`` (same dim); radius and cap follow the state."""
+        if state.dim != self.dim:
+            msg = f"state has dim {state.dim}, this bank dim {self.dim}. Load it into a bank of dim {state.dim}."
+            raise InputError(msg)
+        with self._writing("load_state"):
+            k = state.means.shape[0]
+            m2 = np.zeros(k, np.float64) if state.m2 is None else np.asarray(state.m2, dtype=np.float64)
+            self.radius = check_radius(state.radius)
+            self.max_centroids = state.max_centroids
+            self.radius_growth = float(state.radius_growth)
+            self.__dict__.pop("store_", None)
+            store = self._bank_store
+            if k:
+                store.set_state(state.means, np.asarray(state.counts, dtype=np.int64), m2)
+            self.n_seen_ = int(state.n_seen)
+            self.metadata_ = state.metadata
+            self.spread_known_ = bool(state.spread_known and state.m2 is not None)
+            self.radius_history_ = [dict(h) for h in state.radius_history]
+        return self

@@ -1,31 +1,41 @@
 """Centroid storage and FAISS search for :class:`ocbank.ClusterBank`.
 
-Two stores share one contract: ``add`` streams validated float32 rows through
-Algorithm 1, ``search`` answers k-NN queries, and the means/counts they hold
-are the single source of truth that every search reads. Neither keeps a copy
-of the vectors in a separate index, so the searched structure can never go
-stale.
+Both stores satisfy one contract, :class:`Store`: ``reserve`` grows the buffers,
+``stream`` feeds weighted rows through Algorithm 1 (stopping early when a
+centroid cap is reached), ``search`` answers k-NN queries, and ``state`` /
+``set_state`` move (means, counts, m2) in and out. The bookkeeping they share
+(size, capacity growth, the host-side counts and Welford second moments, the
+chunk loop around :func:`~ocbank.engine.kernel.resolve_chunk`) lives once, in
+:class:`_StoreBase`; a store only says how a chunk is searched and how its
+decisions are applied to the means. Neither keeps a copy of the vectors in a
+separate index, so the searched structure can never go stale.
 
 - :class:`CpuStore`: numpy buffers searched with ``faiss.pairwise_distances`` and
   ``faiss.knn`` (faiss-cpu); the kernel updates the means in place (Welford).
 - :class:`TorchStore`: torch buffers on a device (CUDA in production), searched
   with ``faiss.knn_gpu``; the kernel decides on the host from small per-chunk
   arrays and the means are updated on the device.
+
+A store is not thread-safe for mutation: :class:`~ocbank.engine.bank.ClusterBank`
+serialises writers. :class:`TorchStore` also serialises its own searches, because
+GPU faiss resources are not thread-safe even for reading.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from ._faiss import faiss
-from .kernel import resolve_chunk
+from .kernel import FULL, Book, Chunk, Search, resolve_chunk
 
 # Upper bound on floats in one chunk's distance block (b x K): 128 MiB.
 _MAX_BLOCK_FLOATS = 1 << 25
 _MAX_CHUNK_ROWS = 1024
 _MIN_CHUNK_ROWS = 64
+NO_LIMIT = int(np.iinfo(np.int64).max)
 
 
 def chunk_rows(n_centroids: int) -> int:
@@ -46,34 +56,71 @@ def _sq_norms(rows: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", rows, rows, dtype=np.float64)
 
 
-class CpuStore:
-    """Doubling numpy buffers of means [cap, dim] and counts [cap]."""
+def _grow(arr: np.ndarray, capacity: int, size: int) -> np.ndarray:
+    out = np.zeros((capacity, *arr.shape[1:]), dtype=arr.dtype)
+    out[:size] = arr[:size]
+    return out
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What :class:`~ocbank.engine.bank.ClusterBank` needs from a centroid store."""
+
+    dim: int
+    size: int
+
+    def reserve(self, needed: int) -> None:
+        """Make room for ``needed`` centroids."""
+
+    def rows(self, x: np.ndarray) -> Any:
+        """float32 [n, dim] numpy rows in this store's native form."""
+
+    def stream(self, X: Any, weights: np.ndarray, pm2: np.ndarray | None = None, limit: int = NO_LIMIT) -> int:
+        """Feed rows [n, dim] with weights [n] (and carried M2 [n]); return rows consumed (< n only at ``limit``)."""
+
+    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(squared distances float32 [n, k'], ids int64 [n, k']), k' = min(k, size)."""
+
+    def state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Copies of (means float32 [K, dim], counts int64 [K], m2 float64 [K])."""
+
+    def set_state(self, means: np.ndarray, counts: np.ndarray, m2: np.ndarray) -> None:
+        """Replace the contents with K centroids."""
+
+
+class _StoreBase:
+    """Shared bookkeeping: size, capacity, host counts [cap] and m2 [cap], the chunk loop."""
 
     def __init__(self, dim: int, radius: float) -> None:
         self.dim = dim
-        self._r2 = float(radius) ** 2
+        self.r2 = float(radius) * float(radius)
         self.size = 0
-        self._means = np.zeros((0, dim), dtype=np.float32)
+        self.capacity = 0
         self._counts = np.zeros(0, dtype=np.int64)
-        self._norms = np.zeros(0, dtype=np.float64)
+        self._m2 = np.zeros(0, dtype=np.float64)
 
-    def _reserve(self, needed: int) -> None:
-        if needed <= self._means.shape[0]:
+    # -- subclass hooks
+    def _grow_buffers(self, capacity: int) -> None:
+        raise NotImplementedError
+
+    def _set_means(self, means: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _prepare(self, chunk: Any, weights: np.ndarray, pm2: np.ndarray, k0: int) -> tuple[Chunk, Search, Book]:
+        raise NotImplementedError
+
+    def _apply(self, chunk: Any, weights: np.ndarray, assign: np.ndarray, k_new: int) -> None:
+        raise NotImplementedError
+
+    # -- shared
+    def reserve(self, needed: int) -> None:
+        if needed <= self.capacity:
             return
-        capacity = _grown_capacity(self._means.shape[0], needed)
-        means = np.zeros((capacity, self.dim), dtype=np.float32)
-        counts = np.zeros(capacity, dtype=np.int64)
-        norms = np.zeros(capacity, dtype=np.float64)
-        means[: self.size] = self._means[: self.size]
-        counts[: self.size] = self._counts[: self.size]
-        norms[: self.size] = self._norms[: self.size]
-        self._means, self._counts, self._norms = means, counts, norms
-
-    @property
-    def means(self) -> np.ndarray:
-        view = self._means[: self.size]
-        view.flags.writeable = False
-        return view
+        capacity = _grown_capacity(self.capacity, needed)
+        self._counts = _grow(self._counts, capacity, self.size)
+        self._m2 = _grow(self._m2, capacity, self.size)
+        self._grow_buffers(capacity)
+        self.capacity = capacity
 
     @property
     def counts(self) -> np.ndarray:
@@ -81,76 +128,121 @@ class CpuStore:
         view.flags.writeable = False
         return view
 
-    def set_state(self, means: np.ndarray, counts: np.ndarray) -> None:
-        self.size = 0
-        self._reserve(means.shape[0])
-        self._means[: means.shape[0]] = means
-        self._counts[: counts.shape[0]] = counts
-        self._norms[: means.shape[0]] = _sq_norms(self._means[: means.shape[0]])
-        self.size = means.shape[0]
+    @property
+    def m2(self) -> np.ndarray:
+        view = self._m2[: self.size]
+        view.flags.writeable = False
+        return view
 
-    def add(self, X: np.ndarray, weights: np.ndarray) -> None:
-        """Stream rows of X [n, dim] float32 (C-contiguous) with integer weights [n]."""
-        start, n = 0, X.shape[0]
+    def state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.array(self.means, dtype=np.float32), self.counts.copy(), self.m2.copy()
+
+    def set_state(self, means: np.ndarray, counts: np.ndarray, m2: np.ndarray) -> None:
+        k = means.shape[0]
+        self.size = 0
+        self.reserve(k)
+        self._counts[:k] = counts
+        self._m2[:k] = m2
+        self._set_means(np.ascontiguousarray(means, dtype=np.float32))
+        self.size = k
+
+    def add(self, X: Any, weights: np.ndarray) -> None:
+        """Stream every row of X [n, dim] with integer weights [n] (no cap)."""
+        self.stream(X, weights)
+
+    def stream(self, X: Any, weights: np.ndarray, pm2: np.ndarray | None = None, limit: int = NO_LIMIT) -> int:
+        """Stream rows of X [n, dim] with integer weights [n]; return how many were consumed.
+
+        Fewer than n are consumed only when row ``returned`` needs a new centroid
+        and the store already holds ``limit``: the rows before it are applied.
+        """
+        n = X.shape[0]
+        weights = np.ascontiguousarray(weights, dtype=np.int64)
+        pm2 = np.zeros(n, dtype=np.float64) if pm2 is None else np.ascontiguousarray(pm2, dtype=np.float64)
+        start = 0
         while start < n:
             k0 = self.size
-            chunk = X[start : start + chunk_rows(k0)]
-            b = chunk.shape[0]
-            self._reserve(k0 + b)
-            if k0:
-                dist = faiss.pairwise_distances(chunk, self._means[:k0])
-            else:
-                dist = np.zeros((b, 0), dtype=np.float32)
-            gram = chunk @ chunk.T
-            assign = np.empty(b, dtype=np.int64)
-            done, k_new = resolve_chunk(
-                chunk,
-                weights[start : start + b],
-                _sq_norms(chunk),
-                dist,
-                np.arange(k0, dtype=np.int64),
-                self._norms[:k0],
-                np.zeros((b, 0), dtype=np.int64),
-                True,
-                gram,
-                self._means,
-                self._counts,
-                k0,
-                self._r2,
-                True,
-                assign,
-            )
-            touched = np.unique(assign[:done])
-            self._norms[touched] = _sq_norms(self._means[touched])
+            stop = min(n, start + chunk_rows(k0))
+            self.reserve(k0 + stop - start)
+            chunk = X[start:stop]
+            w = weights[start:stop]
+            ch, se, book = self._prepare(chunk, w, pm2[start:stop], k0)
+            assign = np.empty(stop - start, dtype=np.int64)
+            done, k_new, why = resolve_chunk(ch, se, book, k0, self.r2, int(limit), assign)
+            self._apply(chunk[:done], w[:done], assign[:done], k_new)
             self.size = k_new
             start += done
+            if why == FULL:
+                break
+        return start
+
+
+class CpuStore(_StoreBase):
+    """Doubling numpy buffers of means [cap, dim], counts [cap], m2 [cap]."""
+
+    def __init__(self, dim: int, radius: float) -> None:
+        super().__init__(dim, radius)
+        self._means = np.zeros((0, dim), dtype=np.float32)
+        self._norms = np.zeros(0, dtype=np.float64)
+
+    def _grow_buffers(self, capacity: int) -> None:
+        self._means = _grow(self._means, capacity, self.size)
+        self._norms = _grow(self._norms, capacity, self.size)
+
+    @property
+    def means(self) -> np.ndarray:
+        view = self._means[: self.size]
+        view.flags.writeable = False
+        return view
+
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _set_means(self, means: np.ndarray) -> None:
+        k = means.shape[0]
+        self._means[:k] = means
+        self._norms[:k] = _sq_norms(self._means[:k])
+
+    def _prepare(self, chunk: np.ndarray, weights: np.ndarray, pm2: np.ndarray, k0: int) -> tuple[Chunk, Search, Book]:
+        b = chunk.shape[0]
+        if k0:
+            dist = faiss.pairwise_distances(chunk, self._means[:k0])
+        else:
+            dist = np.zeros((b, 0), dtype=np.float32)
+        ch = Chunk(chunk, weights, pm2, _sq_norms(chunk), chunk @ chunk.T)
+        cand = np.zeros((b, 0), dtype=np.int64)
+        se = Search(dist, np.arange(k0, dtype=np.int64), self._norms[:k0], cand, True, True)
+        return ch, se, Book(self._means, self._counts, self._m2)
+
+    def _apply(self, chunk: np.ndarray, weights: np.ndarray, assign: np.ndarray, k_new: int) -> None:
+        # The kernel moved the means in place; refresh the norms it touched.
+        touched = np.unique(assign)
+        self._norms[touched] = _sq_norms(self._means[touched])
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries [n, dim] float32 -> (squared distances [n, k] float32, ids [n, k] int64)."""
         return faiss.knn(queries, self._means[: self.size], k)
 
 
-class TorchStore:
+class TorchStore(_StoreBase):
     """Torch buffers on one device; CUDA searches go through ``faiss.knn_gpu``.
 
     Per chunk only small arrays cross to the host: the distances to the union of
     the chunk's top-``n_candidates`` centroids [b, u], the candidate lists
-    [b, m] and the Gram matrix [b, b]. The host decides, the device updates.
+    [b, m] and the Gram matrix [b, b]. The host decides (and keeps counts and
+    m2), the device updates the means.
     """
 
     def __init__(self, dim: int, radius: float, device: str, n_candidates: int = 16) -> None:
         import torch  # noqa: PLC0415
 
+        super().__init__(dim, radius)
         self._torch = torch
-        self.dim = dim
-        self._r2 = float(radius) ** 2
-        self.size = 0
         self.device = torch.device(device)
         self.n_candidates = n_candidates
         self._means = torch.zeros((0, dim), dtype=torch.float32, device=self.device)
-        self._counts = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._norms = torch.zeros(0, dtype=torch.float64, device=self.device)
-        self._host_counts = np.zeros(0, dtype=np.int64)
+        self._no_means = np.zeros((0, dim), dtype=np.float32)
         # GPU indexes and resources are not thread-safe even for search.
         self._lock = threading.Lock()
         self._resources = None
@@ -159,21 +251,13 @@ class TorchStore:
 
             self._resources = faiss.StandardGpuResources()
 
-    def _reserve(self, needed: int) -> None:
+    def _grow_buffers(self, capacity: int) -> None:
         torch = self._torch
-        if needed <= self._means.shape[0]:
-            return
-        capacity = _grown_capacity(self._means.shape[0], needed)
         means = torch.zeros((capacity, self.dim), dtype=torch.float32, device=self.device)
-        counts = torch.zeros(capacity, dtype=torch.int64, device=self.device)
         norms = torch.zeros(capacity, dtype=torch.float64, device=self.device)
-        host_counts = np.zeros(capacity, dtype=np.int64)
         means[: self.size] = self._means[: self.size]
-        counts[: self.size] = self._counts[: self.size]
         norms[: self.size] = self._norms[: self.size]
-        host_counts[: self.size] = self._host_counts[: self.size]
-        self._means, self._counts, self._norms = means, counts, norms
-        self._host_counts = host_counts
+        self._means, self._norms = means, norms
 
     @property
     def means(self) -> np.ndarray:
@@ -181,20 +265,21 @@ class TorchStore:
 
     @property
     def counts(self) -> np.ndarray:
-        return self._host_counts[: self.size].copy()
+        return self._counts[: self.size].copy()
 
-    def set_state(self, means: np.ndarray, counts: np.ndarray) -> None:
-        torch = self._torch
-        self.size = 0
-        self._reserve(means.shape[0])
+    def rows(self, x: np.ndarray) -> Any:
+        return self._torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+
+    def _set_means(self, means: np.ndarray) -> None:
         k = means.shape[0]
-        self._means[:k] = torch.from_numpy(np.ascontiguousarray(means)).to(self.device)
-        self._counts[:k] = torch.from_numpy(counts).to(self.device)
+        self._means[:k] = self._torch.from_numpy(means).to(self.device)
         self._norms[:k] = (self._means[:k].double() ** 2).sum(1)
-        self._host_counts[:k] = counts
-        self.size = k
 
-    def _candidates(self, chunk, k0: int, m: int):
+    def stream(self, X: Any, weights: np.ndarray, pm2: np.ndarray | None = None, limit: int = NO_LIMIT) -> int:
+        with self._lock:
+            return super().stream(X, weights, pm2, limit)
+
+    def _candidates(self, chunk: Any, k0: int, m: int) -> tuple[Any, Any]:
         """Top-m pre-chunk centroids per row: (squared dists [b, m], ids [b, m])."""
         torch = self._torch
         if self._resources is not None:
@@ -204,75 +289,53 @@ class TorchStore:
         dist, ids = torch.topk(full, m, dim=1, largest=False, sorted=True)
         return dist.float(), ids
 
-    def add(self, X, weights: np.ndarray) -> None:
-        """Stream rows of X [n, dim] (float32 tensor on this device) with weights [n]."""
-        with self._lock:
-            self._add_locked(X, weights)
-
-    def _add_locked(self, X, weights: np.ndarray) -> None:
+    def _prepare(self, chunk: Any, weights: np.ndarray, pm2: np.ndarray, k0: int) -> tuple[Chunk, Search, Book]:
         torch = self._torch
-        start, n = 0, X.shape[0]
-        no_means = np.zeros((0, self.dim), dtype=np.float32)
-        while start < n:
-            k0 = self.size
-            chunk = X[start : start + chunk_rows(k0)]
-            b = chunk.shape[0]
-            self._reserve(k0 + b)
-            xn = (chunk.double() ** 2).sum(1)
-            if k0:
-                m = min(self.n_candidates, k0)
-                _, ids = self._candidates(chunk, k0, m)
-                cols, cand = torch.unique(ids, sorted=True, return_inverse=True)
-                dist = xn[:, None] + self._norms[cols][None, :]
-                dist = dist - 2.0 * (chunk @ self._means[cols].T).double()
-                col_norm = self._norms[cols]
-            else:
-                cols = torch.zeros(0, dtype=torch.int64, device=self.device)
-                cand = torch.zeros((b, 0), dtype=torch.int64, device=self.device)
-                dist = torch.zeros((b, 0), dtype=torch.float32, device=self.device)
-                col_norm = torch.zeros(0, dtype=torch.float64, device=self.device)
-            gram = chunk @ chunk.T
-            assign = np.empty(b, dtype=np.int64)
-            w = weights[start : start + b]
-            done, k_new = resolve_chunk(
-                np.zeros((b, 0), dtype=np.float32),
-                w,
-                xn.cpu().numpy(),
-                dist.float().cpu().numpy(),
-                cols.cpu().numpy(),
-                col_norm.cpu().numpy(),
-                cand.cpu().numpy(),
-                False,
-                gram.cpu().numpy(),
-                no_means,
-                self._host_counts,
-                k0,
-                self._r2,
-                False,
-                assign,
-            )
-            self._apply(chunk[:done], w[:done], assign[:done])
-            self.size = k_new
-            start += done
+        b = chunk.shape[0]
+        xn = (chunk.double() ** 2).sum(1)
+        if k0:
+            m = min(self.n_candidates, k0)
+            _, ids = self._candidates(chunk, k0, m)
+            cols, cand = torch.unique(ids, sorted=True, return_inverse=True)
+            dist = xn[:, None] + self._norms[cols][None, :]
+            dist = (dist - 2.0 * (chunk @ self._means[cols].T).double()).float().cpu().numpy()
+            col_norm = self._norms[cols].cpu().numpy()
+            cols, cand = cols.cpu().numpy(), cand.cpu().numpy()
+        else:
+            cols = np.zeros(0, dtype=np.int64)
+            cand = np.zeros((b, 0), dtype=np.int64)
+            dist = np.zeros((b, 0), dtype=np.float32)
+            col_norm = np.zeros(0, dtype=np.float64)
+        gram = (chunk @ chunk.T).cpu().numpy()
+        ch = Chunk(np.zeros((b, 0), dtype=np.float32), weights, pm2, xn.cpu().numpy(), gram)
+        se = Search(dist, cols, col_norm, cand, False, False)
+        return ch, se, Book(self._no_means, self._counts, self._m2)
 
-    def _apply(self, rows, weights: np.ndarray, assign: np.ndarray) -> None:
-        """Fold assigned rows into their centroids: mu = (n0 mu0 + sum w x) / (n0 + sum w)."""
+    def _apply(self, rows: Any, weights: np.ndarray, assign: np.ndarray, k_new: int) -> None:
+        """Fold assigned rows into their centroids: mu = (n0 mu0 + sum w x) / (n0 + sum w).
+
+        The kernel already updated the host counts, so n1 = counts[id] and
+        n0 = n1 - sum w (0 for a centroid created in this chunk).
+        """
+        if not assign.size:
+            return
         torch = self._torch
-        ids = torch.from_numpy(assign).to(self.device)
-        w = torch.from_numpy(weights).to(self.device)
-        uniq, inv = torch.unique(ids, return_inverse=True)
-        sums = torch.zeros((uniq.shape[0], self.dim), dtype=torch.float64, device=self.device)
-        sums.index_add_(0, inv, rows.double() * w.double()[:, None])
-        wsum = torch.zeros(uniq.shape[0], dtype=torch.int64, device=self.device)
-        wsum.index_add_(0, inv, w)
-        n0 = self._counts[uniq]
-        n1 = n0 + wsum
-        new = (self._means[uniq].double() * n0.double()[:, None] + sums) / n1.double()[:, None]
-        self._means[uniq] = new.float()
-        self._counts[uniq] = n1
-        self._norms[uniq] = (self._means[uniq].double() ** 2).sum(1)
+        uniq, inv = np.unique(assign, return_inverse=True)
+        wsum = np.bincount(inv, weights=weights).astype(np.int64)
+        n1 = self._counts[uniq]
+        n0 = n1 - wsum
+        dev = self.device
+        ids = torch.from_numpy(uniq).to(dev)
+        sums = torch.zeros((uniq.shape[0], self.dim), dtype=torch.float64, device=dev)
+        w = torch.from_numpy(weights.astype(np.float64)).to(dev)
+        sums.index_add_(0, torch.from_numpy(inv.astype(np.int64)).to(dev), rows.double() * w[:, None])
+        n0_t = torch.from_numpy(n0.astype(np.float64)).to(dev)[:, None]
+        n1_t = torch.from_numpy(n1.astype(np.float64)).to(dev)[:, None]
+        new = (self._means[ids].double() * n0_t + sums) / n1_t
+        self._means[ids] = new.float()
+        self._norms[ids] = (self._means[ids].double() ** 2).sum(1)
 
-    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries [n, dim] float32 tensor -> (squared distances, ids) as numpy."""
         torch = self._torch
         with self._lock:
