@@ -153,14 +153,16 @@ class BankConfig:
     radius: float | str = "auto"  # "auto" (p99 of nearest-other-patch distances) or a number
     radius_images: int = 50  # images sampled for radius: auto
     seed: int = 0
-    max_centroids: int | None = None  # a hard cap on the bank's size (None: unbounded)
+    max_centroids: int | None = None  # a hard cap on the bank's size (None: unbounded): r grows to keep it
+    search_index: str = "auto"  # auto (IVF on CPU from 50k centroids) | flat (always exact) | ivf
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "radius", check_radius(self.radius))
         _int_in("bank.radius_images", self.radius_images, 1)
         _int_in("bank.seed", self.seed, 0)
         if self.max_centroids is not None:
-            _int_in("bank.max_centroids", self.max_centroids, 1)
+            _int_in("bank.max_centroids", self.max_centroids, 2)
+        _choice("bank.search_index", self.search_index, ("auto", "flat", "ivf"))
 
 
 @dataclass(frozen=True)

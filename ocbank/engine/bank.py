@@ -15,9 +15,12 @@ from ..errors import DeviceError, InputError, InputTypeError
 from . import checkpoint
 from ._faiss import faiss_has_gpu
 from ._rwlock import RWLock
+from .ivf import IvfSearch, use_ivf
 from .store import NO_LIMIT, CpuStore, Store, TorchStore
 
 _DEVICES = ("cpu", "cuda", "auto")
+# "auto": exact flat search, or IVF (approximate) on CPU from ivf.IVF_MIN_CENTROIDS centroids on.
+SEARCH_INDEXES = ("auto", "flat", "ivf")
 # The largest k a search accepts: faiss's GPU k-selection limit, applied on every
 # device so that a bank behaves the same everywhere (and k=10**9 never allocates).
 MAX_K = 2048
@@ -111,6 +114,7 @@ class ClusterBank:
         device: str = "cpu",
         max_centroids: int | None = None,
         radius_growth: float = 1.25,
+        search_index: str = "auto",
     ) -> None:
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
             msg = f"dim must be a positive integer, got {dim!r}. Pass the feature size, e.g. dim=1536."
@@ -139,6 +143,11 @@ class ClusterBank:
         self.device = device
         self.max_centroids = None if max_centroids is None else int(max_centroids)
         self.radius_growth = growth
+        if search_index not in SEARCH_INDEXES:
+            msg = f"search_index must be one of {SEARCH_INDEXES}, got {search_index!r}."
+            raise InputError(msg)
+        self.search_index = search_index
+        self._ivf: IvfSearch | None = None
         self.radius_history_: list[dict[str, Any]] = []
         self.spread_known_ = True
         self._lock = RWLock()
@@ -171,6 +180,7 @@ class ClusterBank:
         with self._lock.write():
             if self._on_write is not None:
                 self._on_write(op)
+            self._ivf = None  # the centroids change: an IVF index built on them is stale
             yield
 
     @property
@@ -430,7 +440,11 @@ class ClusterBank:
             n = rows.shape[0]
             if n == 0:
                 return np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64)
-            sq, ids = self._bank_store.search(rows, int(k))
+            ivf = self._ivf_index()
+            if ivf is not None and k <= len(self):
+                sq, ids = ivf.search(rows, int(k))
+            else:
+                sq, ids = self._bank_store.search(rows, int(k))
         ids = np.asarray(ids, dtype=np.int64)
         if ids.shape[1] < k:
             pad = k - ids.shape[1]
@@ -439,6 +453,19 @@ class ClusterBank:
         dist = np.sqrt(np.maximum(np.asarray(sq, dtype=np.float32), 0.0))
         dist[ids < 0] = np.inf
         return dist, ids
+
+    def _ivf_index(self) -> IvfSearch | None:
+        """The approximate index for large CPU banks (``search_index``), built on first use after a change.
+
+        Called under the read lock, so the centroids cannot change while it is built or used.
+        """
+        use = self.search_index == "ivf" or (self.search_index == "auto" and use_ivf(len(self)))
+        if not use or not isinstance(self._bank_store, CpuStore):
+            return None
+        with self._init_lock:
+            if self._ivf is None:
+                self._ivf = IvfSearch.from_means(np.ascontiguousarray(self._bank_store.means))
+            return self._ivf
 
     def predict(self, X: Any) -> np.ndarray:
         """Nearest centroid id of each row, int64 [n]."""

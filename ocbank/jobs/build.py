@@ -328,6 +328,7 @@ def build_shard(plan: BuildPlan, samples: list[Sample], radius: float) -> dict[s
     return {
         "means": np.array(bank.means),
         "counts": np.array(bank.counts),
+        "m2": np.array(bank.m2),
         "n_seen": bank.n_seen,
         "images_used": det.fit_summary_["images_used"],
         "skipped_files": det.fit_summary_["skipped_files"],
@@ -344,7 +345,7 @@ def merge_shards(parts: list[dict[str, Any]], radius: float, device: str) -> Clu
     """Fold shard banks together in shard order with :meth:`ClusterBank.merge`."""
     merged = ClusterBank(FEATURE_DIM, radius, device=device)
     for part in parts:
-        state = BankState(part["means"], part["counts"], radius, FEATURE_DIM, int(part["n_seen"]))
+        state = BankState(part["means"], part["counts"], radius, FEATURE_DIM, int(part["n_seen"]), m2=part["m2"])
         merged.merge(ClusterBank.from_state(state))
     return merged
 

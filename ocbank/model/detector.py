@@ -304,7 +304,14 @@ class Detector:
             return self._radius_stats(spool, n_read)
 
     def _new_bank(self, radius: float) -> ClusterBank:
-        return ClusterBank(FEATURE_DIM, radius, device=resolve_device(self.config.device))
+        bank = self.config.bank
+        return ClusterBank(
+            FEATURE_DIM,
+            radius,
+            device=resolve_device(self.config.device),
+            max_centroids=bank.max_centroids,
+            search_index=bank.search_index,
+        )
 
     def fit_steps(self, images: Any, start: int = 0) -> Iterator[FitStep]:
         """Stream training images into the bank, yielding after each loader batch.
@@ -532,6 +539,7 @@ class Detector:
             raw["device"] = device
         det = cls.from_config(from_dict(raw, source=str(path), require_root=False), extractor=extractor)
         det.bank_ = ClusterBank.from_state(state, device=resolve_device(det.config.device))
+        det.bank_.search_index = det.config.bank.search_index
         det.radius_stats_ = meta.get("radius_stats", {})
         det.metadata_ = meta
         if "decision" in meta:
