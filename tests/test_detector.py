@@ -234,3 +234,13 @@ def test_radius_sample_spills_to_disk_and_gives_the_same_bank(tiny_mvtec, extrac
     assert spilled.bank.radius == ref.bank.radius
     np.testing.assert_array_equal(spilled.bank.counts, ref.bank.counts)
     np.testing.assert_array_equal(spilled.bank.means, ref.bank.means)
+
+
+def test_memory_cap_from_config_bounds_the_bank_and_is_saved(tiny_mvtec, extractor, tmp_path):
+    det = Detector.from_config(tiny_config(tiny_mvtec, bank={"radius": 1.0, "max_centroids": 20}), extractor=extractor)
+    det.fit(_train(tiny_mvtec))
+    assert len(det.bank) < 20 and det.bank.radius > 1.0 and det.bank.n_seen == 6 * 8 * 8
+    assert det.bank.radius_history_ and det.bank.radius_history_[-1]["new"] == det.bank.radius
+    det.save(tmp_path / "capped.h5")
+    again = Detector.load(tmp_path / "capped.h5")
+    assert again.bank.max_centroids == 20 and again.bank.radius_history_ == det.bank.radius_history_
