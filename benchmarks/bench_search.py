@@ -55,6 +55,10 @@ def _ivf_sweep(means: np.ndarray, queries: np.ndarray, nprobes: tuple[int, ...],
     t = time.perf_counter()
     ivf = IvfSearch.from_means(means, seed=0)
     build_s = time.perf_counter() - t
+    sizes = np.array([ivf.index.invlists.list_size(i) for i in range(ivf.params.nlist)])
+    lists = {"mean": float(sizes.mean()), "max": int(sizes.max()), "empty": int((sizes == 0).sum()),
+             "largest_10_share": float(np.sort(sizes)[-10:].sum() / sizes.sum())}
+    print("list sizes", lists, flush=True)
     exact = np.sqrt(np.maximum(flat_sq[:, 0], 0.0)).astype(np.float64)
     rows = []
     for nprobe in nprobes:
@@ -72,7 +76,8 @@ def _ivf_sweep(means: np.ndarray, queries: np.ndarray, nprobes: tuple[int, ...],
         rows.append({
             "nprobe": nprobe,
             "recall_at_1": float(np.mean(ids[:, 0] == flat_ids[:, 0])),
-            "distance_equal_fraction": float(np.mean(np.abs(rel) <= 1e-5)),  # ties: a different id at equal distance
+            # A different id at a distance equal up to float rounding (flat uses the GEMM form): a tie, not a miss.
+            "same_distance_fraction": float(np.mean(np.abs(rel) <= 1e-3)),
             "max_rel_distance_error": float(rel.max()),
             "mean_rel_distance_error": float(rel.mean()),
             "seconds": float(np.median(times)),
@@ -81,7 +86,7 @@ def _ivf_sweep(means: np.ndarray, queries: np.ndarray, nprobes: tuple[int, ...],
         print(rows[-1], flush=True)
     return {"n_centroids": int(len(means)), "n_queries": int(len(queries)), "nlist": ivf.params.nlist,
             "default_nprobe": default_nprobe(ivf.params.nlist), "flat_seconds": flat_s,
-            "ivf_build_seconds": build_s, "sweep": rows}
+            "ivf_build_seconds": build_s, "list_sizes": lists, "sweep": rows}
 
 
 def _demo_auroc(data: Path) -> dict:
@@ -135,7 +140,7 @@ def ivf_main(args: argparse.Namespace) -> dict:
 
     data = Path(args.data)
     rng = np.random.default_rng(0)
-    nprobes = (1, 2, 4, 8, 16, 32, 64, 128)
+    nprobes = (1, 2, 4, 8, 16, 32)
     result: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                 "load_avg_at_start": os.getloadavg(),
                                 "note": "2-core CPU box shared with other engineers (contended)"}}
@@ -149,8 +154,10 @@ def ivf_main(args: argparse.Namespace) -> dict:
     stream = ClusteredStream(args.clusters)
     n_batches = -(-args.ivf_centroids // BATCH)
     syn = np.concatenate([stream.batch(i) for i in range(n_batches)])
-    syn_q = np.concatenate([stream.batch(10**6 + i) for i in range(-(-args.ivf_queries // BATCH))])[: args.ivf_queries]
-    result["synthetic_clustered"] = _ivf_sweep(syn, syn_q, nprobes)
+    # Fewer queries: on isotropic Gaussian clusters k-means collapses into a few giant lists (see list_sizes),
+    # so every probe is slow; 300 queries show it.
+    syn_q = np.concatenate([stream.batch(10**6 + i) for i in range(1)])[:300]
+    result["synthetic_clustered"] = _ivf_sweep(syn, syn_q, (1, 4, 16), repeats=1)
     del syn
     result["demo_image_auroc"] = _demo_auroc(data)
     write_result(args.out, "ivf_cpu.json", result)
