@@ -33,7 +33,7 @@ def test_nprobe_equal_to_nlist_is_exact_flat_search():
 def test_default_parameters_give_high_recall_and_never_underestimate():
     means, queries, ref = _case(3)
     ivf = IvfSearch.from_means(means)
-    assert ivf.params.nlist == default_nlist(4000) == 253 and ivf.params.nprobe == default_nprobe(253) == 16
+    assert ivf.params.nlist == default_nlist(4000) == 253 and ivf.params.nprobe == default_nprobe(253) == 32
     sq, ids = ivf.search(queries)
     recall = np.mean(ids[:, 0] == ref.argmin(axis=1))
     assert recall >= 0.95, recall
