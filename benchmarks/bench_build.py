@@ -319,7 +319,8 @@ def line_timed_build(batches, radius: float) -> dict:
     """
     from ocbank import ClusterBank
     from ocbank.engine import store as store_mod
-    from ocbank.engine.kernel import resolve_chunk
+    from ocbank.engine.kernel import Book, Chunk, Search, resolve_chunk
+    from ocbank.engine.store import NO_LIMIT
 
     st = store_mod.CpuStore(DIM, radius)
     lines = {"check_rows (ascontiguous + isfinite)": 0.0, "reserve (buffer growth)": 0.0,
@@ -335,13 +336,15 @@ def line_timed_build(batches, radius: float) -> dict:
         np.isfinite(X).all(axis=1)
         lines["check_rows (ascontiguous + isfinite)"] += clock() - t
         weights = np.ones(len(X), dtype=np.int64)
+        pm2 = np.zeros(len(X), dtype=np.float64)
         start, n = 0, X.shape[0]
         while start < n:
             k0 = st.size
-            chunk = X[start : start + store_mod.chunk_rows(k0)]
+            stop = min(n, start + store_mod.chunk_rows(k0))
+            chunk, w = X[start:stop], weights[start:stop]
             b = chunk.shape[0]
             t = clock()
-            st._reserve(k0 + b)
+            st.reserve(k0 + b)
             t1 = clock()
             dist = store_mod.faiss.pairwise_distances(chunk, st._means[:k0]) if k0 else np.zeros((b, 0), np.float32)
             t2 = clock()
@@ -350,12 +353,11 @@ def line_timed_build(batches, radius: float) -> dict:
             xn = store_mod._sq_norms(chunk)
             t4 = clock()
             assign = np.empty(b, dtype=np.int64)
-            done, k_new = resolve_chunk(chunk, weights[start : start + b], xn, dist, np.arange(k0, dtype=np.int64),
-                                        st._norms[:k0], np.zeros((b, 0), dtype=np.int64), True, gram, st._means,
-                                        st._counts, k0, st._r2, True, assign)
+            ch = Chunk(chunk, w, pm2[start:stop], xn, gram)
+            se = Search(dist, np.arange(k0, dtype=np.int64), st._norms[:k0], np.zeros((b, 0), np.int64), True, True)
+            done, k_new, _ = resolve_chunk(ch, se, Book(st._means, st._counts, st._m2), k0, st.r2, NO_LIMIT, assign)
             t5 = clock()
-            touched = np.unique(assign[:done])
-            st._norms[touched] = store_mod._sq_norms(st._means[touched])
+            st._apply(chunk[:done], w[:done], assign[:done], k_new)
             st.size = k_new
             t6 = clock()
             for key, dt in zip(list(lines)[1:], (t1 - t, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5), strict=True):
