@@ -86,12 +86,12 @@ def real_features(root: Path, name: str, size: int, n_images: int, cache: Path, 
     path = Path(cache) / f"{name}_{size}_{n_images}{tag}.npy"
     if not path.is_file():
         samples = getattr(mvtec_split(Path(root), name), split)[:n_images]
-        det = Detector(detector_config(size))
+        det = Detector.from_config(detector_config(size))
         grid = size // 8
         out = np.lib.format.open_memmap(path.with_suffix(".tmp.npy"), mode="w+", dtype=np.float32,
                                         shape=(len(samples) * grid * grid, DIM))
         row = 0
-        for _, feats in det.features(samples, "cache"):
+        for _, feats in det.features(samples):
             f = feats.reshape(-1, DIM).numpy()
             out[row : row + len(f)] = f
             row += len(f)

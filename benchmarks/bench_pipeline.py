@@ -140,7 +140,7 @@ def bank_for(data: Path, cache: Path, name: str, size: int) -> tuple[Any, Any]:
     est = estimate_radius(x)
     bank = ClusterBank(DIM, est.radius)
     bank.add(x)
-    det = Detector(detector_config(size))
+    det = Detector.from_config(detector_config(size))
     det.bank_ = bank
     det.radius_stats_ = est.as_stats()
     return det, est
@@ -173,7 +173,7 @@ def instrumented_predict(det: Any, samples: list[Any], out: Path, overlays: int 
 
     clock = StageClock()
     size = det.config.image_size
-    sigma = float(det.config.raw["scoring"]["sigma"])
+    sigma = det.config.scoring.sigma
     vmin, vmax = _map_range(det)
     written = 0
     t_all = t = time.perf_counter()
@@ -213,7 +213,7 @@ def prefetched_predict(
     from ocbank.model.scoring import anomaly_maps, image_scores
 
     size = det.config.image_size
-    sigma = float(det.config.raw["scoring"]["sigma"])
+    sigma = det.config.scoring.sigma
     vmin, vmax = _map_range(det)
     q: queue.Queue = queue.Queue(maxsize=2)
 
@@ -342,7 +342,7 @@ def part_pipeline(data: Path, cache: Path, out: Path, rounds: int = 2) -> dict[s
     result = {
         "machine": machine(),
         "image_size": 224,
-        "batch_size": det.config.data["batch_size"],
+        "batch_size": det.config.data.batch_size,
         "test_images": len(samples),
         "centroids": len(det.bank),
         "rounds": rounds,
@@ -370,10 +370,10 @@ def time_features(root: Path, name: str, size: int, n_images: int, extractor: An
     from ocbank.data.datasets import mvtec_split
     from ocbank.model.detector import Detector
 
-    det = Detector(detector_config(size), extractor=extractor)
+    det = Detector.from_config(detector_config(size), extractor=extractor)
     samples = mvtec_split(root, name).train[:n_images]
     t = time.perf_counter()
-    for _ in det.features(samples, "time"):
+    for _ in det.features(samples):
         pass
     return time.perf_counter() - t
 

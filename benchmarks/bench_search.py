@@ -110,7 +110,7 @@ def _demo_auroc(data: Path, nprobes: tuple[int, ...] = (8, 16, 32, 64)) -> dict:
     extractor = None
     for name in ("weave", "dots"):
         split = mvtec_split(root, name)
-        det = Detector(cfg, extractor=extractor).fit(split.train)
+        det = Detector.from_config(cfg, extractor=extractor).fit(split.train)
         extractor = det.extractor
         means = np.ascontiguousarray(det.bank.means)
         ivf = IvfSearch.from_means(means)
