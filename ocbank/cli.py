@@ -134,7 +134,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     rows = predict.predict(
         args.bank, args.input, args.out, args.save_maps, progress=not args.quiet, device=args.device,
-        allow_partial=args.allow_partial, save_masks=args.save_masks,
+        allow_partial=args.allow_partial, save_masks=args.save_masks, overlays=args.overlays,
     )
     for row in rows:
         if row["status"] != "ok":
@@ -236,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--save-maps", action="store_true", help="also write raw maps as .npy")
     p.add_argument("--save-masks", action="store_true", help="also write binary defect masks as PNG (calibrated banks)")
+    p.add_argument("--overlays", choices=["all", "ng", "none"], default="all",
+                   help="heatmap overlay PNGs for every image (default), NG images only (calibrated banks), or none")
     p.add_argument("--device")
     p.add_argument("--allow-partial", action="store_true",
                    help="accept an unfinished build checkpoint (*.partial.h5)")

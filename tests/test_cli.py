@@ -44,6 +44,12 @@ def test_build_evaluate_predict_mvtec(tmp_path, tiny_mvtec, capsys):
     )
     rows = list(csv.DictReader(open(tmp_path / "eval" / "scores.csv")))
     assert len(rows) == 14 and {r["class"] for r in rows} == {"dots", "weave"}
+    from sklearn.metrics import roc_auc_score
+
+    for name in ("dots", "weave"):  # an independent reference for the image AUROC
+        mine = [r for r in rows if r["class"] == name]
+        ref = roc_auc_score([int(r["label"]) for r in mine], [float(r["score"]) for r in mine])
+        assert report["classes"][name]["image_auroc"] == pytest.approx(ref, abs=1e-6)
     assert len(list((tmp_path / "eval" / "heatmaps").rglob("*.png"))) == 4
 
     from ocbank.engine.checkpoint import read_metadata
@@ -59,6 +65,18 @@ def test_build_evaluate_predict_mvtec(tmp_path, tiny_mvtec, capsys):
     assert len(pred) == 2 and all(float(r["score"]) > 0 for r in pred)
     assert len(list((tmp_path / "pred" / "heatmaps").glob("*.png"))) == 2
     assert np.load(next((tmp_path / "pred" / "maps").glob("*.npy"))).shape == (64, 64)
+    # Calibrated bank (the build held out one training image): labels, normalised scores, masks, overlays.
+    thr = meta["decision"]["image_threshold"]
+    for r in pred:
+        assert r["label"] == ("NG" if float(r["score"]) > thr else "OK")
+        assert float(r["normalized_score"]) == pytest.approx(float(r["score"]) / thr, rel=1e-5)
+    all_dir = Path(tiny_mvtec) / "weave" / "test"
+    assert main(["-q", "predict", "--bank", str(tmp_path / "banks" / "weave.h5"), "--input", str(all_dir),
+                 "--out", str(tmp_path / "ng"), "--overlays", "ng", "--save-masks"]) == 0
+    ng = [r for r in csv.DictReader(open(tmp_path / "ng" / "scores.csv")) if r["label"] == "NG"]
+    assert len(list((tmp_path / "ng" / "heatmaps").glob("*.png"))) == len(ng)
+    masks = sorted((tmp_path / "ng" / "masks").glob("*.png"))
+    assert len(masks) == 7 and set(np.unique(np.asarray(Image.open(masks[0])))) <= {0, 255}
 
 
 def test_build_and_evaluate_realiad(tmp_path):

@@ -207,3 +207,39 @@ def test_loader_workers_die_with_their_sigkilled_parent(tmp_path):
         for w in workers:
             if _alive(w):
                 w.kill()
+
+
+def test_prefetched_keeps_order_raises_in_place_and_stops_early():
+    import threading
+
+    from ocbank.data.loader import prefetched
+
+    assert list(prefetched(iter(range(50)), depth=3)) == list(range(50))
+
+    def broken():
+        yield 1
+        yield 2
+        raise OSError("disk gone")
+
+    got = []
+    with pytest.raises(OSError, match="disk gone"):
+        for item in prefetched(broken()):
+            got.append(item)
+    assert got == [1, 2]
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    before = threading.active_count()
+    for item in prefetched(endless(), depth=2):
+        if item == 5:
+            break
+    import time
+
+    time.sleep(0.5)
+    assert threading.active_count() <= before and len(produced) <= 5 + 2 + 2  # the producer stopped

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import os
+import queue
+import threading
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -17,6 +19,8 @@ from ..errors import OcbankError
 from .datasets import Sample
 from .images import Transform, open_image, open_mask
 from .workers import worker_init
+
+T = TypeVar("T")
 
 
 class ImageDataset(Dataset):
@@ -91,3 +95,45 @@ def make_loader(samples: Sequence[Sample], cfg: Config, with_masks: bool = False
         multiprocessing_context="spawn" if workers else None,
         persistent_workers=False,
     )
+
+
+_DONE = object()
+
+
+def prefetched(batches: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Yield ``batches`` while a daemon thread produces up to ``depth`` ahead.
+
+    With ``num_workers: 0`` this overlaps image decoding (PIL releases the GIL) with the
+    backbone. Order is kept; an exception in the producer is raised here, at its place
+    in the stream; leaving early stops the producer.
+    """
+    buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                while not stop.is_set():
+                    try:
+                        buffer.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put((True, _DONE))
+        except BaseException as exc:  # handed to the consumer, raised in its thread
+            buffer.put((False, exc))
+
+    thread = threading.Thread(target=produce, name="ocbank-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = buffer.get()
+            if not ok:
+                raise item
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()

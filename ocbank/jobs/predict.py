@@ -10,10 +10,12 @@ import numpy as np
 from PIL import Image
 
 from ..data import IMAGE_SUFFIXES, Sample
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..model.detector import Detector, ScoredBatch
 from .evaluate import _map_range, check_complete
 from .visualize import save_overlay
+
+OVERLAYS = ("all", "ng", "none")  # which images get a heatmap overlay PNG
 
 
 def list_inputs(inputs: list[str]) -> list[Path]:
@@ -36,7 +38,7 @@ def list_inputs(inputs: list[str]) -> list[Path]:
 
 def predict(
     bank_file: str | Path, inputs: list[str], out_dir: str | Path, save_maps: bool = False, progress: bool = True,
-    device: str | None = None, allow_partial: bool = False, save_masks: bool = False,
+    device: str | None = None, allow_partial: bool = False, save_masks: bool = False, overlays: str = "all",
 ) -> list[dict[str, Any]]:
     """Score images (files or folders) with one bank; write scores.csv and overlay PNGs.
 
@@ -49,6 +51,12 @@ def predict(
     files = list_inputs(inputs)
     check_complete(bank_file, allow_partial)
     det = Detector.load(bank_file, device=device)
+    if overlays not in OVERLAYS:
+        msg = f"overlays must be one of {OVERLAYS}, got {overlays!r}."
+        raise ConfigError(msg)
+    if overlays == "ng" and det.decision is None:
+        msg = f"--overlays ng needs a calibrated bank, and {bank_file} has no thresholds. Use --overlays all."
+        raise DataError(msg)
     out = Path(out_dir)
     (out / "maps" if save_maps else out).mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any] | None] = [None] * len(files)
@@ -59,7 +67,8 @@ def predict(
         for j, idx in enumerate(res.indices):
             f = files[idx]
             name = f"{idx:05d}_{f.stem}"
-            save_overlay(out / "heatmaps" / f"{name}.png", res.rgb[j], res.maps[j], vmin, vmax)
+            if overlays == "all" or (overlays == "ng" and res.scores[j] > det.decision.image_threshold):
+                save_overlay(out / "heatmaps" / f"{name}.png", res.rgb[j], res.maps[j], vmin, vmax)
             if save_maps:
                 np.save(out / "maps" / f"{name}.npy", res.maps[j])
             rows[idx] = {"path": str(f), "score": float(res.scores[j]), "status": "ok", **_decision_row(det, res, j)}

@@ -36,6 +36,7 @@ from ..config import (
     load,
 )
 from ..data import IMAGENET_MEAN, IMAGENET_STD, Sample, make_loader
+from ..data.loader import prefetched
 from ..engine import ClusterBank, resolve_device
 from ..engine.checkpoint import read_bank
 from ..errors import DataError, InputError, InputTypeError, NotFittedError
@@ -253,6 +254,8 @@ class Detector:
             batches: Iterator[tuple[dict[str, Any], torch.Tensor]] = self._tensor_batches(images)
         else:
             loader = make_loader(as_samples(images), self.config, with_masks=with_masks)
+            if self.config.data.num_workers == 0:  # decode the next batch while the backbone runs
+                loader = prefetched(loader)
             batches = ((b, b.get("image")) for b in loader)
         for batch, pixels in batches:
             if not batch["index"]:
