@@ -513,11 +513,53 @@ def part_threads(data: Path, out: Path) -> dict[str, Any]:
     return result
 
 
+def part_shipped(data: Path, out: Path, rounds: int = 3) -> dict[str, Any]:
+    """The predict loop as shipped (decode prefetched in a thread) against the backbone alone, in one process.
+
+    Interleaved rounds on the weave test images at 224^2: the backbone on preloaded batches, then
+    ``jobs.predict`` with an overlay per image (the default) and with ``--overlays none``.
+    """
+    import tempfile
+
+    from ocbank.data.loader import make_loader
+    from ocbank.jobs.predict import predict
+    from ocbank.model.detector import Detector
+
+    bank_file = data / "pipeline_weave.h5"
+    if not bank_file.is_file():
+        msg = f"{bank_file} is missing: run --part pipeline first (it saves the bank)."
+        raise SystemExit(msg)
+    det = Detector.load(bank_file, device="cpu")
+    samples = test_samples(data / "d224", "weave")
+    batches = [b["image"] for b in make_loader(samples, det.config)]
+    det.extractor(batches[0])  # warm up
+    folder = [str(data / "d224" / "weave" / "test")]
+    res: dict[str, list[float]] = {"backbone": [], "predict_overlays_all": [], "predict_overlays_none": []}
+    for _ in range(rounds):
+        res["backbone"].append(backbone_alone(det.extractor, batches))
+        for key, overlays in (("predict_overlays_all", "all"), ("predict_overlays_none", "none")):
+            with tempfile.TemporaryDirectory() as tmp:
+                t = time.perf_counter()
+                rows = predict(bank_file, folder, tmp, device="cpu", overlays=overlays)
+                res[key].append(len(rows) / (time.perf_counter() - t))
+    bb = float(np.median(res["backbone"]))
+    result = {
+        "machine": machine(),
+        "images": len(samples),
+        "img_per_s": res,
+        "ratio_to_backbone": {k: float(np.median(v)) / bb for k, v in res.items() if k != "backbone"},
+        "note": "predict includes loading the bank and the backbone once per call; medians of interleaved rounds",
+    }
+    write_result(out, "pipeline_shipped_224_cpu.json", result)
+    print(result["ratio_to_backbone"], flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--data", default="/tmp/ocb_bench", help="scratch folder for images and cached features")
-    ap.add_argument("--part", required=True, choices=["radius", "pipeline", "figures", "threads"])
+    ap.add_argument("--part", required=True, choices=["radius", "pipeline", "figures", "threads", "shipped"])
     args = ap.parse_args(argv)
     data = Path(args.data)
     cache = data / "cache"
@@ -530,6 +572,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return part_pipeline(data, cache, out)
     if args.part == "threads":
         return part_threads(data, out)
+    if args.part == "shipped":
+        return part_shipped(data, out)
     return part_figures(data, cache, out)
 
 

@@ -6,6 +6,7 @@ import csv
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,98 +62,82 @@ def check_complete(bank_file: str | Path, allow_partial: bool = False) -> None:
         log.warning("scoring with the unfinished checkpoint %s (--allow-partial)", path)
 
 
-def evaluate(
-    cfg: Config,
-    banks_dir: str | Path,
-    out_dir: str | Path,
-    classes: list[str] | None = None,
-    heatmaps: int = 4,
-    progress: bool = True,
-    allow_partial: bool = False,
-) -> dict[str, Any]:
-    """Score every class's test split with its bank; write metrics.json, scores.csv, heatmaps.
+@dataclass
+class _ClassScores:
+    """What one class's test split produced: per image, and the maps/masks the pixel metrics need."""
 
-    A metric that cannot be computed (one label only, no anomalous pixel) is ``None``
-    with ``<metric>_note`` giving the reason; the mean row averages the defined ones
-    and ``mean["n_classes"][metric]`` says how many that was.
-    """
-    banks, out = Path(banks_dir), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    names = classes or class_names(cfg)
-    extractor: FeatureExtractor | None = None  # one backbone for all classes
-    last: tuple[Path, Detector] | None = None  # a single bank serves every class: read it once
-    results: dict[str, Any] = {}
-    score_rows: list[list[Any]] = []
-    collected = ReportCollector()  # a few numbers per image and k overlays per class, for report.html
-    for name in names:
-        bank_file = banks / f"{name}.h5"
-        if not bank_file.is_file() and (banks / f"{SINGLE_BANK}.h5").is_file():
-            bank_file = banks / f"{SINGLE_BANK}.h5"  # one bank built over every class
-        if not bank_file.is_file():
-            msg = f"no bank for class {name!r} at {bank_file}. Run ocbank build first, or fix --banks."
-            raise DataError(msg)
-        split = load_split(cfg, name)
-        if not split.test:
-            msg = f"class {name!r} has no test images to evaluate under {cfg.data.root}."
-            raise DataError(msg)
-        if last is not None and last[0] == bank_file:
-            det = last[1]
-        else:
-            check_complete(bank_file, allow_partial)
-            det = Detector.load(bank_file, device=cfg.device, extractor=extractor)
-            _check_compatible(det.config, cfg, bank_file)
-            det.config = cfg  # the evaluation's data settings; the bank keeps its own metadata
-            extractor = det.extractor
-            last = (bank_file, det)
-        labels, scores, maps, masks, skipped = [], [], [], [], []
-        shown = 0
-        start = time.perf_counter()
-        for res in det.score_batches(split.test, with_masks=True):
-            skipped += res.skipped
-            for j, idx in enumerate(res.indices):
-                sample: Sample = split.test[idx]
-                labels.append(sample.label)
-                scores.append(float(res.scores[j]))
-                score_rows.append([name, sample.path, sample.label, sample.defect, f"{res.scores[j]:.6f}"])
-            collected.add_batch(name, res, [split.test[i] for i in res.indices])
-            maps.append(res.maps.astype(np.float16))
-            if res.masks is not None:  # None for a batch of unreadable images only
-                masks.append(res.masks)
-            if shown < heatmaps:
-                order = [j for j in range(len(res.indices)) if split.test[res.indices[j]].label == 1]
-                for j in order[: heatmaps - shown]:
-                    stem = Path(str(split.test[res.indices[j]].path)).stem
-                    defect = split.test[res.indices[j]].defect
-                    save_overlay(
-                        out / "heatmaps" / name / f"{defect}_{stem}.png",
-                        res.rgb[j], res.maps[j], *_map_range(det), res.masks[j],
-                    )
-                    shown += 1
-        seconds = time.perf_counter() - start
-        size = cfg.image_size
-        all_maps = np.concatenate(maps).astype(np.float32) if maps else np.zeros((0, size, size), np.float32)
-        all_masks = np.concatenate(masks) if masks else np.zeros((0, size, size), np.uint8)
-        row: dict[str, Any] = {}
-        image_note = metrics.image_metric_note(np.array(labels))
-        pixel_note = metrics.pixel_metric_note(all_masks)
-        nan = float("nan")
-        _set_metric(row, "image_auroc",
-                    nan if image_note else metrics.image_auroc(np.array(labels), np.array(scores)), image_note)
-        _set_metric(row, "pixel_auroc", nan if pixel_note else metrics.pixel_auroc(all_masks, all_maps), pixel_note)
-        _set_metric(row, "aupro", nan if pixel_note else metrics.aupro(all_masks, all_maps), pixel_note)
-        collected.end_class(name, all_masks, all_maps, getattr(det, "metadata_", {}), _map_range(det))
-        results[name] = {
-            **row,
-            "n_centroids": len(det.bank),
-            "bank_bytes": det.bank.nbytes,
-            "radius": det.bank.radius,
-            "n_test": len(labels),
-            "n_skipped": len(skipped),
-            "seconds": seconds,
-            "images_per_s": len(labels) / seconds if seconds > 0 else 0.0,
-            **_decision_columns(det, np.array(labels), np.array(scores)),
-        }
-    rows = list(results.values())
+    labels: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    csv_rows: list[list[Any]] = field(default_factory=list)
+    maps: list[np.ndarray] = field(default_factory=list)  # float16 [B, S, S] per batch
+    masks: list[np.ndarray] = field(default_factory=list)  # uint8 [B, S, S] per batch
+    skipped: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _bank_file(banks: Path, name: str) -> Path:
+    """``<class>.h5``, or the single bank built over every class."""
+    bank_file = banks / f"{name}.h5"
+    if not bank_file.is_file() and (banks / f"{SINGLE_BANK}.h5").is_file():
+        bank_file = banks / f"{SINGLE_BANK}.h5"
+    if not bank_file.is_file():
+        msg = f"no bank for class {name!r} at {bank_file}. Run ocbank build first, or fix --banks."
+        raise DataError(msg)
+    return bank_file
+
+
+def _score_class(det: Detector, name: str, split: Any, out: Path, heatmaps: int, collected: ReportCollector) -> _ClassScores:
+    """Score a class's test split batch by batch; write up to ``heatmaps`` overlays of anomalies."""
+    got = _ClassScores()
+    shown = 0
+    start = time.perf_counter()
+    for res in det.score_batches(split.test, with_masks=True):
+        got.skipped += res.skipped
+        samples: list[Sample] = [split.test[i] for i in res.indices]
+        for j, sample in enumerate(samples):
+            got.labels.append(sample.label)
+            got.scores.append(float(res.scores[j]))
+            got.csv_rows.append([name, sample.path, sample.label, sample.defect, f"{res.scores[j]:.6f}"])
+        collected.add_batch(name, res, samples)
+        got.maps.append(res.maps.astype(np.float16))
+        if res.masks is not None:  # None for a batch of unreadable images only
+            got.masks.append(res.masks)
+        for j in [j for j, s in enumerate(samples) if s.label == 1][: max(heatmaps - shown, 0)]:
+            stem = Path(str(samples[j].path)).stem
+            save_overlay(out / "heatmaps" / name / f"{samples[j].defect}_{stem}.png",
+                         res.rgb[j], res.maps[j], *_map_range(det), res.masks[j])
+            shown += 1
+    got.seconds = time.perf_counter() - start
+    return got
+
+
+def _class_row(det: Detector, got: _ClassScores, size: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """The class's metrics row (null metrics with a note), and its maps and masks [N, S, S]."""
+    maps = np.concatenate(got.maps).astype(np.float32) if got.maps else np.zeros((0, size, size), np.float32)
+    masks = np.concatenate(got.masks) if got.masks else np.zeros((0, size, size), np.uint8)
+    labels, scores = np.array(got.labels), np.array(got.scores)
+    row: dict[str, Any] = {}
+    image_note = metrics.image_metric_note(labels)
+    pixel_note = metrics.pixel_metric_note(masks)
+    nan = float("nan")
+    _set_metric(row, "image_auroc", nan if image_note else metrics.image_auroc(labels, scores), image_note)
+    _set_metric(row, "pixel_auroc", nan if pixel_note else metrics.pixel_auroc(masks, maps), pixel_note)
+    _set_metric(row, "aupro", nan if pixel_note else metrics.aupro(masks, maps), pixel_note)
+    row.update({
+        "n_centroids": len(det.bank),
+        "bank_bytes": det.bank.nbytes,
+        "radius": det.bank.radius,
+        "n_test": len(labels),
+        "n_skipped": len(got.skipped),
+        "seconds": got.seconds,
+        "images_per_s": len(labels) / got.seconds if got.seconds > 0 else 0.0,
+        **_decision_columns(det, labels, scores),
+    })
+    return row, maps, masks
+
+
+def _mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means over classes of the defined values; ``n_classes`` says how many each metric averaged."""
     mean: dict[str, Any] = {}
     counted: dict[str, int] = {}
     for key in (*METRIC_KEYS, "n_centroids", "bank_bytes", "images_per_s"):
@@ -163,12 +148,56 @@ def evaluate(
     calibrated = [r["calibrated"] for r in rows if r.get("calibrated")]
     for key in ("false_alarm_rate", "recall"):
         mean[key] = _mean(calibrated, key)[0]
-    report = {"classes": results, "mean": mean, "n_skipped": sum(r["n_skipped"] for r in rows)}
+    return mean
+
+
+def evaluate(
+    cfg: Config,
+    banks_dir: str | Path,
+    out_dir: str | Path,
+    classes: list[str] | None = None,
+    heatmaps: int = 4,
+    progress: bool = True,
+    allow_partial: bool = False,
+) -> dict[str, Any]:
+    """Score every class's test split with its bank; write metrics.json, scores.csv, heatmaps, report.html.
+
+    A metric that cannot be computed (one label only, no anomalous pixel) is ``None``
+    with ``<metric>_note`` giving the reason; the mean row averages the defined ones
+    and ``mean["n_classes"][metric]`` says how many that was.
+    """
+    banks, out = Path(banks_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    extractor: FeatureExtractor | None = None  # one backbone for all classes
+    last: tuple[Path, Detector] | None = None  # a single bank serves every class: read it once
+    results: dict[str, Any] = {}
+    csv_rows: list[list[Any]] = []
+    collected = ReportCollector()  # a few numbers per image and k overlays per class, for report.html
+    for name in classes or class_names(cfg):
+        bank_file = _bank_file(banks, name)
+        split = load_split(cfg, name)
+        if not split.test:
+            msg = f"class {name!r} has no test images to evaluate under {cfg.data.root}."
+            raise DataError(msg)
+        if last is None or last[0] != bank_file:
+            check_complete(bank_file, allow_partial)
+            det = Detector.load(bank_file, device=cfg.device, extractor=extractor)
+            _check_compatible(det.config, cfg, bank_file)
+            det.config = cfg  # the evaluation's data settings; the bank keeps its own metadata
+            extractor = det.extractor
+            last = (bank_file, det)
+        det = last[1]
+        got = _score_class(det, name, split, out, heatmaps, collected)
+        results[name], maps, masks = _class_row(det, got, cfg.image_size)
+        collected.end_class(name, masks, maps, getattr(det, "metadata_", {}), _map_range(det))
+        csv_rows += got.csv_rows
+    rows = list(results.values())
+    report = {"classes": results, "mean": _mean_row(rows), "n_skipped": sum(r["n_skipped"] for r in rows)}
     write_json(out / "metrics.json", report)
     with open(out / "scores.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["class", "path", "label", "defect", "score"])
-        writer.writerows(score_rows)
+        writer.writerows(csv_rows)
     write_report(out, report, collected)
     return report
 
