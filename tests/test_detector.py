@@ -135,6 +135,7 @@ def test_calibrated_decisions(tiny_mvtec, extractor):
     normal = det.predict(paths[4:])
     assert det.decision.image_threshold == pytest.approx(conservative_quantile(normal.scores, 0.2))
     assert det.decision.n_images == 2 and det.decision.false_alarm_rate == 0.2
+    assert det.decision.attainable_false_alarm_rate == pytest.approx(1 / 3) and not det.decision.target_met
     pred = det.predict([str(p) for p in _test_images(tiny_mvtec)])
     np.testing.assert_array_equal(pred.labels, (pred.scores > det.decision.image_threshold).astype(np.int8))
     np.testing.assert_allclose(pred.normalized, pred.scores / det.decision.image_threshold, rtol=1e-6)

@@ -176,6 +176,10 @@ def threshold_for(data: ClassData) -> Threshold:
         fa, pix = data.decision.get("false_alarm_rate"), data.decision.get("pixel_threshold")
         note = "calibrated on normal images (bank metadata)" + (f", target false-alarm rate {fa:g}" if fa else "")
         note += f"; pixel threshold {pix:.4g}" if isinstance(pix, (int, float)) else ""
+        floor, n_cal = data.decision.get("attainable_false_alarm_rate"), data.decision.get("n_images")
+        if isinstance(floor, (int, float)) and isinstance(fa, (int, float)) and floor > fa:
+            note += (f"; {n_cal} calibration images certify only 1/(n+1) = {100 * floor:.1f}% "
+                     "(the threshold is their largest score): calibrate on more normal images")
     else:
         best = f1_optimal_threshold(labels, scores)
         value, source = (best["threshold"] if best else float("nan")), "f1_optimal"

@@ -18,6 +18,14 @@ class Decision:
     n_images: int  # normal images the thresholds were set on
     source: str  # "holdout" (training images the bank never saw) or "folder" (--calibration)
     normalization: str = "score / image_threshold"  # 1.0 is the threshold; > 1 is NG
+    # The lowest false-alarm rate n images can certify: 1 / (n + 1). Above the target, the
+    # threshold is the largest calibration score and the target is not guaranteed.
+    attainable_false_alarm_rate: float | None = None
+
+    @property
+    def target_met(self) -> bool:
+        """Whether the calibration images were enough to certify the target rate."""
+        return self.attainable_false_alarm_rate is None or self.attainable_false_alarm_rate <= self.false_alarm_rate
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -497,7 +497,15 @@ class Detector:
         rate = self.config.decision.false_alarm_rate
         image_t = conservative_quantile(pred.scores[ok], rate)
         pixel_t = conservative_quantile(pred.maps[ok].reshape(int(ok.sum()), -1).max(axis=1), rate)
-        self.decision_ = Decision(float(image_t), float(pixel_t), rate, int(ok.sum()), source)
+        n = int(ok.sum())
+        self.decision_ = Decision(float(image_t), float(pixel_t), rate, n, source, attainable_false_alarm_rate=1 / (n + 1))
+        if not self.decision_.target_met:
+            log.warning(
+                "calibrated on %d normal image(s): the threshold is their largest score, which certifies a "
+                "false-alarm rate of 1/(n+1) = %.1f%%, not the %.1f%% asked for. Give at least %d normal images "
+                "(--calibration DIR or a larger decision.holdout) for that target.",
+                n, 100 / (n + 1), 100 * rate, int(np.ceil(1 / rate)) - 1,
+            )
         return self
 
     # ------------------------------------------------------------------ files
