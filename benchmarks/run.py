@@ -62,6 +62,14 @@ class ClassFeatures:
     feature_seconds_per_image: float
 
 
+def load_features(path: Path) -> list[ClassFeatures]:
+    """Classes saved by ``python -m benchmarks.scoring_modes cache`` (features only: no extraction time)."""
+    data = np.load(path)
+    names = list(dict.fromkeys(k.split("/")[0] for k in data.files))
+    return [ClassFeatures(n, data[f"{n}/train"], data[f"{n}/test"], data[f"{n}/labels"], data[f"{n}/masks"],
+                          float("nan")) for n in names]
+
+
 class PeakRSS:
     """Samples this process's RSS in a thread; ``peak`` is the maximum seen."""
 
@@ -244,6 +252,17 @@ def ocbank_vectors(patches: np.ndarray, radius: float, device: str) -> np.ndarra
     return np.array(bank.means)
 
 
+def exemplar_vectors(patches: np.ndarray, radius: float, fraction: float, device: str) -> np.ndarray:
+    """The bank's centroids followed by its edge exemplars (scoring_modes.edge_exemplars): [K + E, C].
+
+    One flat 1-NN search over both is the smaller of the two distances (scoring_modes.with_exemplars).
+    """
+    means = ocbank_vectors(patches, radius, device)
+    flat = np.ascontiguousarray(patches.reshape(-1, FEATURE_DIM))
+    residuals = FlatSearch(means, device)(flat)
+    return np.concatenate([means, flat[scoring_modes.edge_exemplars(residuals, fraction)]])
+
+
 def sharded_vectors(patches: np.ndarray, radius: float, shards: int, device: str) -> np.ndarray:
     """Contiguous shards of the training images, each built alone, merged in order."""
     merged = ClusterBank(FEATURE_DIM, radius, device=device)
@@ -296,9 +315,17 @@ def baseline_rows(cf: ClassFeatures, cfg: config.Config, names: list[str]) -> li
     return rows
 
 
+def bank_bytes(method: str, vectors: np.ndarray, setting: dict[str, Any]) -> int:
+    """float32 vectors, + an int64 count per centroid for ocbank (exemplars are raw patches: no count)."""
+    if method == "ocbank_exemplars":
+        k = len(vectors) - int(setting["n_exemplars"])
+        return k * (FEATURE_DIM * 4 + 8) + int(setting["n_exemplars"]) * FEATURE_DIM * 4
+    return int(vectors.shape[0] * (FEATURE_DIM * 4 + (8 if method.startswith("ocbank") else 0)))
+
+
 def run_class(
     cf: ClassFeatures, cfg: config.Config, radii: list[Any], device: str, smoke: bool, shards: int = 1,
-    baselines: list[str] | None = None, modes: tuple[str, ...] = ("nn",),
+    baselines: list[str] | None = None, modes: tuple[str, ...] = ("nn",), exemplars: float = 0.0,
 ) -> list[dict[str, Any]]:
     rows = []
     flat = cf.train.reshape(-1, FEATURE_DIM)
@@ -307,6 +334,10 @@ def run_class(
         radius = auto_radius(cf, cfg) if r == "auto" else float(r)
         settings.append(("ocbank", {"radius": radius, "radius_setting": r},
                          lambda radius=radius: ocbank_vectors(cf.train, radius, device)))
+    for method, setting, _ in list(settings):
+        if method == "ocbank" and exemplars > 0:
+            settings.append(("ocbank_exemplars", {**setting, "exemplar_fraction": exemplars},
+                             lambda radius=setting["radius"]: exemplar_vectors(cf.train, radius, exemplars, device)))
     if shards > 1:
         radius, r = settings[0][1]["radius"], settings[0][1]["radius_setting"]
         settings.append(("ocbank_sharded", {"radius": radius, "radius_setting": r, "shards": shards},
@@ -317,11 +348,13 @@ def run_class(
                          lambda ratio=ratio: flat[greedy_coreset(flat, ratio, device=device)]))
     for method, setting, build in settings:
         vectors, info = measure_build(build, device)
+        if method == "ocbank_exemplars":  # E = the vectors beyond the same radius's plain bank
+            plain = next(r for r in rows if r["method"] == "ocbank" and r["radius"] == setting["radius"])
+            setting = {**setting, "n_exemplars": int(len(vectors) - plain["bank_vectors"])}
         # every image-score mode on the same bank and the same search
         for mode, result in zip(modes, evaluate_bank(vectors, cf, cfg, device, modes), strict=True):
             row = {"method": method, "class": cf.name, **setting, "scoring": mode,
-                   "bank_vectors": int(vectors.shape[0]),
-                   "bank_bytes": int(vectors.shape[0] * (FEATURE_DIM * 4 + (8 if method.startswith("ocbank") else 0))),
+                   "bank_vectors": int(vectors.shape[0]), "bank_bytes": bank_bytes(method, vectors, setting),
                    **info, **result, "device": device,
                    "n_train": int(cf.train.shape[0]), "n_test": int(cf.test.shape[0])}
             if method == "ocbank_sharded":  # against the sequential bank at the same radius and mode
@@ -340,6 +373,8 @@ def write_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path)
     def base_label(r: dict[str, Any], per_class: bool) -> str:
         if r["method"].startswith("ocbank"):
             name = r["method"].replace("_", " ")
+            if "exemplar_fraction" in r:
+                name = f"ocbank + {100 * r['exemplar_fraction']:g}% edge exemplars"
             if r["radius_setting"] == "auto":
                 return f"{name} r=auto ({r['radius']:.2f})" if per_class else f"{name} r=auto (p99 rule)"
             return f"{name} r={r['radius']:.2f}"
@@ -390,14 +425,11 @@ def plot_r_sweep(rows: list[dict[str, Any]], path: Path) -> None:
     def series(sub: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
         out: dict[str, list[tuple[float, float]]] = {}
         for r in sub:
-            if r["method"] == "ocbank":
-                key = f"ocbank {r.get('scoring', 'nn')}"
-            elif r["method"] == "patchcore_coreset":
-                key = "patchcore coreset"
-            elif r["method"] == "ocbank_sharded":
+            if r["method"] == "ocbank_sharded":
                 continue
-            else:
-                key = r["method"].replace("_", " ")
+            key = "patchcore coreset" if r["method"] == "patchcore_coreset" else r["method"].replace("_", " ")
+            if "scoring" in r:
+                key += f" ({r['scoring'].replace('_', ' ')})"
             out.setdefault(key, []).append((r["bank_bytes"] / 1e6, r["image_auroc"]))
         return {k: sorted(v) for k, v in out.items()}
 
@@ -493,6 +525,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--shards", type=int, default=1, help="also build ocbank in N merged shards (row ocbank_sharded)")
     ap.add_argument("--modes", default="nn,local_mean,local_gauss",
                     help="image-score modes for every 1-NN bank (ocbank.model.scoring_modes.MODES)")
+    ap.add_argument("--features", help="features cached by 'python -m benchmarks.scoring_modes cache' (the same "
+                    "config's data): skips extraction, so e2e img/s is not measured")
+    ap.add_argument("--exemplars", type=float, default=0.02,
+                    help="also run ocbank + edge exemplars (this fraction of the training patches; 0: off)")
     ap.add_argument("--baselines", help=f"comma-separated subset of {','.join(BASELINES)} ('' for none; "
                     "default: all, and only spade with --smoke, PaDiM's 550x550 inverses per position being slow)")
     args = ap.parse_args(argv)
@@ -528,9 +564,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             "gemm_gflops": gemm_rate(device), "config": str(args.config), "smoke": args.smoke}
     rows: list[dict[str, Any]] = []
     growth = None
+    cached = {c.name: c for c in load_features(Path(args.features))} if args.features else {}
     for name in names:
-        cf = extract(det, load_split(cfg, name), args.smoke)
-        rows += run_class(cf, cfg, radii, device, args.smoke, args.shards, baselines, modes)
+        cf = cached.pop(name) if name in cached else extract(det, load_split(cfg, name), args.smoke)
+        rows += run_class(cf, cfg, radii, device, args.smoke, args.shards, baselines, modes, args.exemplars)
         if growth is None:
             first_radius = next(r["radius"] for r in rows if r["method"] == "ocbank")
             growth = (name, memory_growth(cf, first_radius))

@@ -45,12 +45,7 @@ def cache(config_path: str, root: str, out: Path) -> None:
     np.savez(out, **arrays)
 
 
-def load_cached(path: Path) -> list[harness.ClassFeatures]:
-    """The classes saved by :func:`cache`, as the harness's ClassFeatures."""
-    data = np.load(path)
-    names = list(dict.fromkeys(k.split("/")[0] for k in data.files))
-    return [harness.ClassFeatures(n, data[f"{n}/train"], data[f"{n}/test"], data[f"{n}/labels"],
-                                  data[f"{n}/masks"], 0.0) for n in names]
+load_cached = harness.load_features
 
 
 @dataclass
@@ -289,6 +284,34 @@ def write_summary(summary: list[dict[str, Any]], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def plot_summary(summary: list[dict[str, Any]], path: Path) -> None:
+    """Mean image AUROC minus the full bank's against memory / full bank, one marker per (mode, image score)."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, aggs in zip(axes, (("max",), tuple(a for a in AGGREGATIONS if a != "max")), strict=True):
+        for s in summary:
+            if s["agg"] not in aggs or s["mode"] in ("minus_spread", "over_spread_median", "density_nll"):
+                continue
+            ax.scatter(100 * s["memory_fraction"], 100 * s["minus_full"], s=14)
+            radius = "" if s["radius"] is None else f" r{s['radius']:g}"
+            ax.annotate(f"{s['mode']}{radius} {s['agg']}", (100 * s["memory_fraction"], 100 * s["minus_full"]),
+                        fontsize=5)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.axvline(15, color="r", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("memory, % of the full bank (log)")
+        ax.set_title("image score: " + ", ".join(aggs))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("image AUROC minus full bank (nn, max), points; mean over datasets x classes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -299,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     sw = sub.add_parser("sweep")
     sw.add_argument("--features", required=True, help="comma-separated .npz files written by 'cache'")
     sw.add_argument("--out", required=True)
-    sw.add_argument("--radii", default="18,20,22,24,26")
+    sw.add_argument("--radii", default="22,26")
+    sw.add_argument("--summarize-only", action="store_true", help="re-summarize DIR/modes.json")
     args = ap.parse_args(argv)
     if args.cmd == "cache":
         cache(args.config, args.root, Path(args.out))
@@ -307,8 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     radii = [float(x) for x in args.radii.split(",")]
-    rows: list[dict[str, Any]] = []
-    for path in args.features.split(","):
+    rows: list[dict[str, Any]] = json.loads((out / "modes.json").read_text()) if args.summarize_only else []
+    for path in [] if args.summarize_only else args.features.split(","):
         tag = Path(path).stem
         for cf in load_cached(Path(path)):
             def flush(partial: list[dict[str, Any]], done: list[dict[str, Any]] = rows) -> None:
@@ -319,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarize(rows)
     (out / "modes_summary.json").write_text(json.dumps(summary, indent=1))
     write_summary(summary, out / "modes.md")
+    plot_summary(summary, out / "modes.png")
     print((out / "modes.md").read_text())
 
 

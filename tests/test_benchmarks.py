@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -42,7 +43,8 @@ def test_harness_smoke_run(tmp_path, tiny_mvtec):
     rows = harness.main(["--config", str(cfg), "--out", str(tmp_path / "out"), "--smoke", "--radii", "auto,20",
                          "--shards", "2", "--baselines", "padim,spade", "--modes", "nn,local_mean"])
     methods = [(r["method"], r.get("radius_setting"), r.get("coreset_ratio"), r.get("scoring")) for r in rows]
-    banks = [("ocbank", "auto", None), ("ocbank", 20.0, None), ("ocbank_sharded", "auto", None),
+    banks = [("ocbank", "auto", None), ("ocbank", 20.0, None), ("ocbank_exemplars", "auto", None),
+             ("ocbank_exemplars", 20.0, None), ("ocbank_sharded", "auto", None),
              ("patchcore_full", None, None), ("patchcore_coreset", None, 0.1)]
     assert methods == [(*b, m) for b in banks for m in ("nn", "local_mean")] + [
         ("padim", None, None, None), ("spade", None, None, None)]
@@ -55,7 +57,13 @@ def test_harness_smoke_run(tmp_path, tiny_mvtec):
     nn, lm = rows[0], rows[1]
     assert nn["bank_vectors"] == lm["bank_vectors"] and nn["pixel_auroc"] == lm["pixel_auroc"]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert len(saved) == 12
+    assert len(saved) == 16
+    for ex in (r for r in saved if r["method"] == "ocbank_exemplars"):
+        plain = next(r for r in saved if r["method"] == "ocbank" and r["radius"] == ex["radius"])
+        n_patches = ex["n_train"] * 8 * 8
+        assert 0 < ex["n_exemplars"] <= math.ceil(0.02 * n_patches)
+        assert ex["bank_vectors"] == plain["bank_vectors"] + ex["n_exemplars"]
+        assert ex["bank_bytes"] == plain["bank_bytes"] + ex["n_exemplars"] * 1536 * 4
     padim = next(r for r in saved if r["method"] == "padim")
     assert padim["bank_vectors"] == 8 * 8 and padim["bank_bytes"] == 4 * 8 * 8 * (550 + 550 * 550)
     spade = next(r for r in saved if r["method"] == "spade")

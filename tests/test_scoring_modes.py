@@ -87,3 +87,30 @@ def test_modes_reject_bad_arguments():
         sm.local_gauss(np.zeros((1, 3, 3)), 0.0)
     with pytest.raises(InputError, match=r"\[B, h, w\]"):
         sm.image_scores(np.zeros((3, 3)))
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 40), k=st.integers(1, 6), frac=st.floats(0.0, 1.0))
+def test_edge_exemplars_are_the_worst_represented_patches(seed, n, k, frac):
+    rng = np.random.default_rng(seed)
+    patches = rng.integers(-3, 4, size=(n, 5)).astype(np.float32)  # integer grid: exact distances, real ties
+    means = patches[rng.choice(n, size=min(k, n), replace=False)]
+    # brute force: residual of each patch to its nearest mean, ranked by (-residual, index)
+    resid = [min(float(np.sum((p.astype(np.float64) - q) ** 2)) ** 0.5 for q in means) for p in patches]
+    idx = sm.edge_exemplars(np.array(resid), frac)
+    ranked = sorted(range(n), key=lambda i: (-resid[i], i))
+    e = min(int(np.ceil(frac * n)), sum(r > 0 for r in resid))
+    assert idx.tolist() == sorted(ranked[:e])
+    assert all(resid[i] > 0 for i in idx)  # the centroids' own patches are never duplicated
+
+
+def test_with_exemplars_takes_the_nearer_and_checks_shapes():
+    a, b = np.array([3.0, 1.0, 5.0]), np.array([2.0, 4.0, 5.0])
+    assert sm.with_exemplars(a, b).tolist() == [2.0, 1.0, 5.0]
+    assert sm.with_exemplars(a, None) is a
+    with pytest.raises(InputError):
+        sm.with_exemplars(a, b[:2])
+    with pytest.raises(ConfigError, match="fraction"):
+        sm.edge_exemplars(np.zeros(3), 1.5)
+    with pytest.raises(InputError):
+        sm.edge_exemplars(np.array([1.0, np.nan]), 0.5)
