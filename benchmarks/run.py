@@ -1,20 +1,30 @@
-"""ocbank against PatchCore on identical features: memory, speed and accuracy.
+"""ocbank against PatchCore, PaDiM and SPADE on identical features: memory, speed and accuracy.
 
 python -m benchmarks.run --config CFG --out DIR [--classes a,b] [--radii 20,24,28 | auto] [--smoke] [--shards N]
+                         [--modes nn,local_mean,local_gauss] [--exemplars 0.02] [--baselines padim,spade,spade_k5]
+                         [--features FEATS.npz]
 
-Features are extracted once per class; every method then runs on exactly those
-features and the same split:
+Features are extracted once per class (or read from ``--features``); every
+method then runs on exactly those features and the same split:
 
 - ``ocbank``: ClusterBank at the config's radius (``auto``: the p99 rule), or
   each radius of ``--radii`` (a sweep like the method's Table 3);
+- ``ocbank_exemplars``: the same bank plus its edge exemplars, the ``--exemplars``
+  fraction of training patches farthest from their centroid, kept raw;
 - ``patchcore_full``: every training patch in a flat index;
 - ``patchcore_coreset``: PatchCore's approximate greedy coreset at 10% and 1%;
 - ``ocbank_sharded`` (with ``--shards N``): N contiguous shards merged with
-  ClusterBank.merge, reported against the sequential bank (K and AUROC deltas).
+  ClusterBank.merge, reported against the sequential bank (K and AUROC deltas);
+- ``padim``, ``spade``, ``spade_k5``: the baselines of benchmarks/baselines.py.
 
-All banks are searched by the same flat 1-NN code (faiss.knn / faiss.knn_gpu).
-Writes DIR/results.json (a list of rows, one per method, setting and class),
-DIR/results.md, DIR/r_sweep.png, DIR/memory_growth.png and DIR/run_info.json.
+All 1-NN banks are searched by the same flat 1-NN code (faiss.knn / faiss.knn_gpu)
+and reported once per image-score mode of ``--modes`` (ocbank.model.scoring_modes:
+``nn`` = max of the patch grid, ``local_mean`` = max of its 3x3 means,
+``local_gauss`` = max after a sigma = 1 patch blur); the modes share the search,
+so pixel AUROC and AUPRO are the same for all of a bank's modes.
+Writes DIR/results.json (a list of rows, one per method, setting, mode and class),
+DIR/results.md, DIR/r_sweep.png (image AUROC against bank MB, every method),
+DIR/memory_growth.png and DIR/run_info.json.
 """
 
 from __future__ import annotations
