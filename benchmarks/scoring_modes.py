@@ -182,8 +182,12 @@ def grid_rows(name: str, grid: np.ndarray, cf: harness.ClassFeatures, base: dict
 
 
 def sweep_class(cf: harness.ClassFeatures, radii: list[float], cache_dir: Path, tag: str,
-                flush: Callable[[list[dict[str, Any]]], None] = lambda rows: None) -> list[dict[str, Any]]:
-    """All modes at every radius for one class; ``flush`` gets the rows so far after each radius."""
+                flush: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
+                quick: bool = False) -> list[dict[str, Any]]:
+    """All modes at every radius for one class; ``flush`` gets the rows so far after each radius.
+
+    ``quick`` skips the modes that build or search a second large set (exemplars_2to4, refine_*).
+    """
     n, h, w, c = cf.test.shape
     flat_train = np.ascontiguousarray(cf.train.reshape(-1, c))
     queries = np.ascontiguousarray(cf.test.reshape(-1, c))
@@ -214,7 +218,7 @@ def sweep_class(cf: harness.ClassFeatures, radii: list[float], cache_dir: Path, 
         # exemplars: raw members of centroids with 2..4 members, searched next to the centroids
         small = (bank.counts >= 2) & (bank.counts <= 4)
         members = flat_train[small[bank.assign]]
-        if len(members):
+        if len(members) and not quick:
             ex = np.minimum(d[:, 0], knn(queries, members, 1)[0][:, 0])
             rows += grid_rows("exemplars_2to4", ex.reshape(shape), cf,
                               {**base, "bank_bytes": bank_bytes(k, c) + members.nbytes,
@@ -232,7 +236,7 @@ def sweep_class(cf: harness.ClassFeatures, radii: list[float], cache_dir: Path, 
         for label, sel in (("refine_wide", bank.spread >= np.quantile(bank.spread[bank.counts > 1], 0.75)),
                            ("refine_sparse", bank.counts <= 3)):
             part = cf.train.reshape(-1, c)[sel[bank.assign]]
-            if not len(part):
+            if not len(part) or quick:
                 continue
             fine = ClusterBank(c, 0.7 * r).add(part)
             dd = np.minimum(d[:, 0], knn(queries, np.asarray(fine.means), 1)[0][:, 0])
@@ -323,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     sw.add_argument("--features", required=True, help="comma-separated .npz files written by 'cache'")
     sw.add_argument("--out", required=True)
     sw.add_argument("--radii", default="22,26")
+    sw.add_argument("--quick", action="store_true", help="skip exemplars_2to4 and refine_* (slow)")
     sw.add_argument("--summarize-only", action="store_true", help="re-summarize DIR/modes.json")
     args = ap.parse_args(argv)
     if args.cmd == "cache":
@@ -338,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
             def flush(partial: list[dict[str, Any]], done: list[dict[str, Any]] = rows) -> None:
                 (out / "modes.json").write_text(json.dumps(done + partial, indent=1))
 
-            rows += sweep_class(cf, radii, Path(path).parent, tag, flush)
+            rows += sweep_class(cf, radii, Path(path).parent, tag, flush, args.quick)
             flush([])
     summary = summarize(rows)
     (out / "modes_summary.json").write_text(json.dumps(summary, indent=1))
