@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -40,14 +41,35 @@ def test_harness_smoke_run(tmp_path, tiny_mvtec):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(tiny_mvtec)))
     rows = harness.main(["--config", str(cfg), "--out", str(tmp_path / "out"), "--smoke", "--radii", "auto,20",
-                         "--shards", "2"])
-    methods = [(r["method"], r.get("radius_setting"), r.get("coreset_ratio")) for r in rows]
-    assert methods == [("ocbank", "auto", None), ("ocbank", 20.0, None), ("ocbank_sharded", "auto", None),
-                       ("patchcore_full", None, None), ("patchcore_coreset", None, 0.1)]
-    sharded = rows[2]
-    assert sharded["k_minus_sequential"] == sharded["bank_vectors"] - rows[0]["bank_vectors"]
+                         "--shards", "2", "--baselines", "padim,spade", "--modes", "nn,local_mean"])
+    methods = [(r["method"], r.get("radius_setting"), r.get("coreset_ratio"), r.get("scoring")) for r in rows]
+    banks = [("ocbank", "auto", None), ("ocbank", 20.0, None), ("ocbank_exemplars", "auto", None),
+             ("ocbank_exemplars", 20.0, None), ("ocbank_sharded", "auto", None),
+             ("patchcore_full", None, None), ("patchcore_coreset", None, 0.1)]
+    assert methods == [(*b, m) for b in banks for m in ("nn", "local_mean")] + [
+        ("padim", None, None, None), ("spade", None, None, None)]
+    for mode in ("nn", "local_mean"):
+        sharded = next(r for r in rows if r["method"] == "ocbank_sharded" and r["scoring"] == mode)
+        seq = next(r for r in rows if r["method"] == "ocbank" and r["scoring"] == mode)
+        assert sharded["k_minus_sequential"] == sharded["bank_vectors"] - seq["bank_vectors"]
+        assert sharded["image_auroc_minus_sequential"] == sharded["image_auroc"] - seq["image_auroc"]
+    # the two modes share the bank and the search: same bank, same pixel metrics (maps come from the grid)
+    nn, lm = rows[0], rows[1]
+    assert nn["bank_vectors"] == lm["bank_vectors"] and nn["pixel_auroc"] == lm["pixel_auroc"]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert len(saved) == 5
+    assert len(saved) == 16
+    for ex in (r for r in saved if r["method"] == "ocbank_exemplars"):
+        plain = next(r for r in saved if r["method"] == "ocbank" and r["radius"] == ex["radius"])
+        n_patches = ex["n_train"] * 8 * 8
+        assert 0 < ex["n_exemplars"] <= math.ceil(0.02 * n_patches)
+        assert ex["bank_vectors"] == plain["bank_vectors"] + ex["n_exemplars"]
+        assert ex["bank_bytes"] == plain["bank_bytes"] + ex["n_exemplars"] * 1536 * 4
+    padim = next(r for r in saved if r["method"] == "padim")
+    assert padim["bank_vectors"] == 8 * 8 and padim["bank_bytes"] == 4 * 8 * 8 * (550 + 550 * 550)
+    spade = next(r for r in saved if r["method"] == "spade")
+    assert spade["bank_bytes"] == 4 * 1536 * (spade["n_train"] * 8 * 8 + spade["n_train"])
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "+ local mean" in md and "PaDiM (550 of 1536 dims)" in md
     needed = {"method", "class", "bank_vectors", "bank_bytes", "build_seconds", "peak_memory_bytes", "search_fps",
               "e2e_fps", "image_auroc", "pixel_auroc", "aupro", "device", "gemm_gflops"}
     for row in saved:
