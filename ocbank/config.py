@@ -26,6 +26,7 @@ from .errors import ConfigError
 FORMATS = ("mvtec", "realiad", "folder")
 POOLS = ("none", "avg3")
 AUTOCAST = ("none", "fp16", "bf16")
+SCORING_MODES = ("nn", "local_mean", "local_gauss")
 BACKBONES = ("wide_resnet50_2",)
 MAX_NUM_WORKERS = 64
 MAX_IMAGE_SIDE = 8192
@@ -170,8 +171,20 @@ class ScoringConfig:
     """Patch distances -> image score (max) and map (upsampled, Gaussian-smoothed)."""
 
     sigma: float = 4.0  # Gaussian blur of the maps in pixels (PatchCore's 4); 0 = none
+    # Image score from the patch-distance grid: nn (its maximum, the method), local_mean (max of
+    # window x window means) or local_gauss (max after a blur of grid_sigma patches).
+    mode: str = "nn"
+    window: int = 3
+    grid_sigma: float = 1.0
 
     def __post_init__(self) -> None:
+        _choice("scoring.mode", self.mode, SCORING_MODES)
+        _int_in("scoring.window", self.window, 1, 15)
+        g = self.grid_sigma
+        if not _is_number(g) or not math.isfinite(float(g)) or not 0 < float(g) <= 8:
+            msg = f"scoring.grid_sigma must be a number in (0, 8] (patches), got {g!r}."
+            raise ConfigError(msg)
+        object.__setattr__(self, "grid_sigma", float(g))
         s = self.sigma
         if not _is_number(s) or not math.isfinite(float(s)) or not 0 <= float(s) <= MAX_SIGMA:
             msg = f"scoring.sigma must be a number in [0, {MAX_SIGMA:g}] (pixels), got {s!r}. PatchCore uses 4."

@@ -88,3 +88,12 @@ def test_replace_keeps_validation():
     assert cfg.replace(bank={"radius": 3.0}).bank.radius == 3.0
     with pytest.raises(ConfigError):
         cfg.replace(scoring={"sigma": -1})
+
+
+def test_export_refuses_a_scoring_mode_the_graph_does_not_compute():
+    from ocbank.model.export import settings_from_config
+
+    cfg = config_mod.from_dict({"scoring": {"mode": "local_gauss"}}, require_root=False)
+    with pytest.raises(ConfigError, match="scoring.mode"):
+        settings_from_config(cfg)
+    assert settings_from_config(cfg.replace(scoring={"mode": "nn"})).spec.sigma == 4.0

@@ -245,3 +245,26 @@ def test_memory_cap_from_config_bounds_the_bank_and_is_saved(tiny_mvtec, extract
     det.save(tmp_path / "capped.h5")
     again = Detector.load(tmp_path / "capped.h5")
     assert again.bank.max_centroids == 20 and again.bank.radius_history_ == det.bank.radius_history_
+
+
+def test_scoring_modes_from_config(tiny_mvtec, extractor):
+    """scoring.mode changes only the image score, as ocbank.model.scoring_modes computes it from the grid."""
+    from ocbank.model import scoring_modes
+
+    paths = [str(p) for p in _test_images(tiny_mvtec)[:4]]
+    base = Detector.from_config(tiny_config(tiny_mvtec, bank={"radius": 5.0}), extractor=extractor).fit(_train(tiny_mvtec))
+    ref = base.predict(paths)
+    grids = []
+    for res_batch in [base]:
+        feats = res_batch.extractor(_normalised([Path(p) for p in paths])).reshape(-1, FEATURE_DIM)
+        grids.append(res_batch.bank.search(feats)[0].reshape(4, 8, 8))
+    for mode in ("local_mean", "local_gauss"):
+        det = Detector.from_config(tiny_config(tiny_mvtec, bank={"radius": 5.0}, scoring={"mode": mode}),
+                                   extractor=extractor)
+        det.bank_ = base.bank
+        pred = det.predict(paths)
+        np.testing.assert_allclose(pred.maps, ref.maps, rtol=1e-6)
+        np.testing.assert_allclose(pred.scores, scoring_modes.image_scores(grids[0], mode), rtol=1e-5)
+        assert (pred.scores <= ref.scores + 1e-4).all() and not np.allclose(pred.scores, ref.scores)
+    with pytest.raises(ConfigError, match="scoring.mode"):
+        Detector.from_config(tiny_config(tiny_mvtec, scoring={"mode": "spread"}))

@@ -40,6 +40,7 @@ from ..data.loader import prefetched
 from ..engine import ClusterBank, resolve_device
 from ..engine.checkpoint import read_bank
 from ..errors import DataError, InputError, InputTypeError, NotFittedError
+from . import scoring_modes
 from .calibration import Decision, conservative_quantile
 from .features import FEATURE_DIM, FEATURE_STRIDE, FeatureExtractor, file_sha256
 from .radius import estimate_radius, sample_images
@@ -447,11 +448,18 @@ class Detector:
             yield ScoredBatch(
                 batch["index"],
                 batch["skipped"],
-                image_scores(grid),
+                self._image_scores(grid),
                 anomaly_maps(grid, size, sigma),
                 batch["rgb"],
                 batch.get("mask"),
             )
+
+    def _image_scores(self, grid: np.ndarray) -> np.ndarray:
+        """[B, h, w] patch distances -> [B] float32 image scores under ``scoring.mode``."""
+        s = self.config.scoring
+        if s.mode == "nn":
+            return image_scores(grid)
+        return scoring_modes.image_scores(grid, s.mode, s.window, s.grid_sigma).astype(np.float32)
 
     def predict(self, images: Any) -> Prediction:
         """Score one image, a sequence of images, or a float tensor batch [N, 3, S, S] (RGB in [0, 1]).

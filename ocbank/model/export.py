@@ -55,6 +55,12 @@ class ExportSettings:
 
 def settings_from_config(cfg: Any) -> ExportSettings:
     """Config -> ExportSettings. The only function here that reads the config's layout."""
+    if cfg.scoring.mode != "nn":
+        msg = (
+            f"export builds the method's image score (the grid's maximum), but this bank uses scoring.mode "
+            f"{cfg.scoring.mode!r}. Export a bank built with scoring.mode: nn."
+        )
+        raise ConfigError(msg)
     return ExportSettings(
         Preprocess(resize=cfg.data.resize, crop=cfg.data.crop),
         MapSpec(size=cfg.image_size, sigma=cfg.scoring.sigma),

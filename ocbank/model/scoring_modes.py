@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ocbank.errors import ConfigError, InputError
+from ..config import SCORING_MODES
+from ..errors import ConfigError, InputError
 
-MODES = ("nn", "local_mean", "local_gauss")
+MODES = SCORING_MODES  # the config's choices for scoring.mode
 GAUSS_TRUNCATE = 4.0  # kernel radius in sigmas (scipy's default)
 
 
