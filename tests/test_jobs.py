@@ -34,6 +34,23 @@ def assert_same_banks(a: dict[str, ClusterBank], b: dict[str, ClusterBank]) -> N
         np.testing.assert_array_equal(a[name].means, b[name].means, err_msg=name)
 
 
+def build_until_first_checkpoint(plan, name: str = "weave") -> None:
+    """Run a class's build and stop it (KeyboardInterrupt) right after its first checkpoint is written."""
+    real_save = jobs.Detector.save
+
+    def crash_after_checkpoint(self, path, extra=None):
+        real_save(self, path, extra)
+        if str(path).endswith(".partial.h5"):
+            raise KeyboardInterrupt
+
+    jobs.Detector.save = crash_after_checkpoint
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            jobs.build_class(plan, jobs.ClassJob(name))
+    finally:
+        jobs.Detector.save = real_save
+
+
 @pytest.fixture(scope="module")
 def cfg_file(tmp_path_factory, tiny_mvtec) -> Path:
     path = tmp_path_factory.mktemp("cfg") / "cfg.yaml"
@@ -84,20 +101,8 @@ def test_resume_from_a_partial_checkpoint_equals_uninterrupted(tmp_path, cfg_fil
     cfg = config.load(cfg_file)
     out = tmp_path / "b"
     out.mkdir()
-    real_save = jobs.Detector.save
-
-    def crash_after_checkpoint(self, path, extra=None):
-        real_save(self, path, extra)
-        if str(path).endswith(".partial.h5"):
-            raise KeyboardInterrupt
-
     plan = jobs.BuildPlan(cfg, str(out), checkpoint_every=2)
-    jobs.Detector.save = crash_after_checkpoint
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            jobs.build_class(plan, jobs.ClassJob("weave"))
-    finally:
-        jobs.Detector.save = real_save
+    build_until_first_checkpoint(plan)
     meta = ClusterBank.load(out / "weave.partial.h5").metadata_
     # The radius sample (radius_images: 3) streams first; the first checkpoint follows it.
     assert meta["stream_position"] == 3 and meta["complete"] is False
@@ -231,20 +236,8 @@ def test_resume_never_continues_a_checkpoint_of_another_list(tmp_path, cfg_file,
     cfg = config.load(cfg_file)
     out = tmp_path / "b"
     out.mkdir()
-    real_save = jobs.Detector.save
-
-    def crash_after_checkpoint(self, path, extra=None):
-        real_save(self, path, extra)
-        if str(path).endswith(".partial.h5"):
-            raise KeyboardInterrupt
-
     plan = jobs.BuildPlan(cfg, str(out), checkpoint_every=1)
-    jobs.Detector.save = crash_after_checkpoint
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            jobs.build_class(plan, jobs.ClassJob("weave"))
-    finally:
-        jobs.Detector.save = real_save
+    build_until_first_checkpoint(plan)
     assert (out / "weave.partial.h5").is_file()
     # Resume with another training list (the calibration hold-out changes it): start over, say so.
     other = replace(plan, resume=True, config=cfg.replace(decision={"holdout": 0.4}))

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data import IMAGE_SUFFIXES, Sample
+from ..data import Sample
 from ..errors import DataError
 from ..model.detector import Detector
 from ..model.features import file_sha256
+from .predict import list_inputs
 
 
 @dataclass(frozen=True)
@@ -27,24 +28,6 @@ class UpdateJob:
     device: str | None = None
 
 
-def image_files(inputs: tuple[str, ...] | list[str]) -> list[Path]:
-    """Image files named by ``inputs`` (files, or folders searched recursively), in a fixed order."""
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-        elif p.is_file():
-            files.append(p)
-        else:
-            msg = f"input {p} does not exist. Pass image files or folders."
-            raise DataError(msg)
-    if not files:
-        msg = f"no images found in {list(inputs)}. Supported suffixes: {sorted(IMAGE_SUFFIXES)}."
-        raise DataError(msg)
-    return files
-
-
 def update_bank(job: UpdateJob) -> dict[str, Any]:
     """Stream ``job.inputs`` into the bank, recalibrate if asked, write ``job.out``; return a summary."""
     began = time.perf_counter()
@@ -54,7 +37,7 @@ def update_bank(job: UpdateJob) -> dict[str, Any]:
         raise DataError(msg)
     parent = file_sha256(Path(job.bank))  # of the parent file's bytes
     k_before, seen_before = len(det.bank), det.bank.n_seen
-    files = image_files(job.inputs)
+    files = list_inputs(list(job.inputs))
     det.partial_fit([Sample(str(f)) for f in files])
     added = det.last_partial_fit_
     if added["images_added"] == 0:

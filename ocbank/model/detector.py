@@ -151,7 +151,7 @@ class Detector:
         sigma: float = ScoringConfig.sigma,
         image_size: int = DataConfig.crop,
         resize: int | None = None,
-        device: str = "auto",
+        device: str = Config.device,
         autocast: str = BackboneConfig.autocast,
         radius_images: int = BankConfig.radius_images,
         seed: int = BankConfig.seed,
