@@ -304,3 +304,15 @@ def test_a_sigkilled_save_leaves_a_temp_file_that_the_next_save_removes(tmp_path
     assert len(left) == 1 and left[0].endswith(".h5.tmp") and f".{proc.pid}." in left[0]
     bank.save(tmp_path / "bank.h5")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bank.h5"]
+
+
+def test_saved_files_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
+    import os
+    import stat
+
+    from ocbank.engine import checkpoint
+
+    ClusterBank(4, 1.0).add(np.eye(4, dtype=np.float32)).save(tmp_path / "b.h5")
+    mode = stat.S_IMODE((tmp_path / "b.h5").stat().st_mode)
+    assert mode == 0o666 & ~checkpoint._UMASK and mode & 0o044  # readable by group and others (umask 022)
+    assert checkpoint._UMASK == (lambda m: (os.umask(m), m)[1])(os.umask(0))

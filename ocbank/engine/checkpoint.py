@@ -154,6 +154,16 @@ def remove_stale_temps(target: Path, suffix: str) -> list[Path]:
     return removed
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import: os.umask can only be read by setting it, which races with other threads.
+_UMASK = _read_umask()
+
+
 def atomic_write(path: str | os.PathLike[str], write: Any, suffix: str = ".tmp") -> None:
     """Call ``write(tmp_path)``, fsync the result and rename it over ``path``.
 
@@ -166,6 +176,9 @@ def atomic_write(path: str | os.PathLike[str], write: Any, suffix: str = ".tmp")
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{_host()}.{os.getpid()}.", suffix=suffix, dir=target.parent)
     os.close(fd)
     try:
+        # mkstemp makes the file 0600; give the result the mode a plain open() would (0666 & ~umask),
+        # so banks on shared storage stay readable by other users and Ray workers.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         write(tmp)
         with open(tmp, "rb+") as fh:
             fh.flush()
