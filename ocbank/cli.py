@@ -94,7 +94,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     print(f"banks in {args.out}; summary: {Path(args.out) / jobs.SUMMARY_NAME}")
     for name in report["failed"]:
         print(f"ocbank: error: class {name!r} failed: {report['classes'][name]['error']}", file=sys.stderr)
-    return 1 if report["failed"] else 0
+    unreadable = {n: r["images_skipped"] for n, r in report["classes"].items() if r.get("images_skipped")}
+    for name, count in unreadable.items():
+        print(f"ocbank: error: class {name!r}: {count} training image(s) could not be read and were left out "
+              f"(named in {Path(args.out) / jobs.SUMMARY_NAME})", file=sys.stderr)
+    return EXIT_PARTIAL if report["failed"] or unreadable else EXIT_OK
 
 
 def cmd_update(args: argparse.Namespace) -> int:
@@ -109,7 +113,11 @@ def cmd_update(args: argparse.Namespace) -> int:
     if row["thresholds_predate_update"]:
         print("ocbank: warning: the OK/NG thresholds predate this update; pass --calibration to refresh them.",
               file=sys.stderr)
-    return 0
+    if row["images_skipped"]:
+        print(f"ocbank: error: {row['images_skipped']} new image(s) could not be read and were left out "
+              "(see the warnings above)", file=sys.stderr)
+        return EXIT_PARTIAL
+    return EXIT_OK
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

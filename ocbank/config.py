@@ -180,6 +180,9 @@ class ScoringConfig:
     def __post_init__(self) -> None:
         _choice("scoring.mode", self.mode, SCORING_MODES)
         _int_in("scoring.window", self.window, 1, 15)
+        if self.window % 2 == 0:
+            msg = f"scoring.window must be odd (a window centred on each patch), got {self.window}. Use 3 or 5."
+            raise ConfigError(msg)
         g = self.grid_sigma
         if not _is_number(g) or not math.isfinite(float(g)) or not 0 < float(g) <= 8:
             msg = f"scoring.grid_sigma must be a number in (0, 8] (patches), got {g!r}."

@@ -47,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     print("ocbank demo: synthetic textures, backbone weights 'none' (random init, seeded; no download).")
     t0 = time.perf_counter()
     plan = build.BuildPlan(cfg, str(out / "banks"), progress=not args.quiet)
-    summary = build.build_all(plan)["classes"]
+    built = build.build_all(plan)
+    if built["failed"]:
+        for name in built["failed"]:
+            print(f"ocbank demo: error: class {name!r} failed: {built['classes'][name]['error']}", file=sys.stderr)
+        return 1
+    summary = built["classes"]
     t1 = time.perf_counter()
     report = evaluate.evaluate(cfg, out / "banks", out / "results", heatmaps=3, progress=not args.quiet)
     t2 = time.perf_counter()

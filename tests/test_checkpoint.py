@@ -310,9 +310,12 @@ def test_saved_files_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
     import os
     import stat
 
-    from ocbank.engine import checkpoint
-
-    ClusterBank(4, 1.0).add(np.eye(4, dtype=np.float32)).save(tmp_path / "b.h5")
-    mode = stat.S_IMODE((tmp_path / "b.h5").stat().st_mode)
-    assert mode == 0o666 & ~checkpoint._UMASK and mode & 0o044  # readable by group and others (umask 022)
-    assert checkpoint._UMASK == (lambda m: (os.umask(m), m)[1])(os.umask(0))
+    for mask in (0o022, 0o077):
+        old = os.umask(mask)
+        try:
+            ClusterBank(4, 1.0).add(np.eye(4, dtype=np.float32)).save(tmp_path / f"b{mask}.h5")
+            (tmp_path / f"plain{mask}").write_text("x")  # what a plain open() gives under this umask
+        finally:
+            os.umask(old)
+        mode = stat.S_IMODE((tmp_path / f"b{mask}.h5").stat().st_mode)
+        assert mode == stat.S_IMODE((tmp_path / f"plain{mask}").stat().st_mode) == 0o666 & ~mask

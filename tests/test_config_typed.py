@@ -49,6 +49,7 @@ def test_to_dict_round_trips_through_yaml():
         ({"bank": {"max_centroids": 0}}, "bank.max_centroids"),
         ({"decision": {"false_alarm_rate": 0}}, "false_alarm_rate"),
         ({"device": "cuda:x"}, "device"),
+        ({"scoring": {"mode": "local_mean", "window": 4}}, "odd"),
     ],
 )
 def test_bad_values_are_named(given, words):

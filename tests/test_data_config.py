@@ -243,3 +243,10 @@ def test_prefetched_keeps_order_raises_in_place_and_stops_early():
 
     time.sleep(0.5)
     assert threading.active_count() <= before and len(produced) <= 5 + 2 + 2  # the producer stopped
+    # Closed early after the producer queued its last item, or after it failed: it still ends.
+    for source in (iter([1, 2]), broken()):
+        gen = prefetched(source, depth=1)
+        next(gen)
+        time.sleep(0.3)
+        gen.close()
+    assert not [t for t in threading.enumerate() if t.name == "ocbank-prefetch"]

@@ -160,15 +160,24 @@ def test_partial_fit_equals_one_fit_over_both(tiny_mvtec, extractor):
     np.testing.assert_array_equal(step.bank.counts, once.bank.counts)
     np.testing.assert_allclose(step.bank.means, once.bank.means, rtol=1e-5, atol=1e-5)
     assert step.fit_summary_["images_used"] == 6 and step.last_partial_fit_["images_added"] == 3
+    with pytest.warns(UserWarning):
+        step.partial_fit([paths[0], "/nonexistent/x.png"])
+    assert step.last_partial_fit_["skipped_files"] == ["/nonexistent/x.png"]
+    assert step.fit_summary_["skipped_files"][-1] == "/nonexistent/x.png" and step.fit_summary_["images_skipped"] == 1
 
 
-def test_tensor_fit_equals_path_fit(tiny_mvtec, extractor):
+@pytest.mark.parametrize("radius", [5.0, "auto"])
+def test_tensor_fit_equals_path_fit(tiny_mvtec, extractor, radius):
     paths = [Path(p) for p in _train(tiny_mvtec)]
-    cfg = tiny_config(tiny_mvtec, bank={"radius": 5.0})
+    cfg = tiny_config(tiny_mvtec, bank={"radius": radius})
     a = Detector.from_config(cfg, extractor=extractor).fit([str(p) for p in paths])
     b = Detector.from_config(cfg, extractor=extractor).fit(_as_batch(paths))
+    assert a.bank.radius == pytest.approx(b.bank.radius, rel=1e-6)
     np.testing.assert_array_equal(a.bank.counts, b.bank.counts)
     np.testing.assert_allclose(a.bank.means, b.bank.means, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InputTypeError):  # a failed fit leaves nothing half-built
+        b.fit(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
+    assert "bank_" not in b.__dict__
 
 
 def test_save_load_round_trip(fitted, tiny_mvtec, tmp_path):

@@ -49,3 +49,19 @@ def test_auto_switches_to_ivf_only_above_the_threshold(monkeypatch):
     assert built == [len(bank)]  # built once, reused while the bank is unchanged
     with pytest.raises(ValueError):
         ClusterBank(16, 0.6, search_index="hnsw")
+
+
+def test_ivf_never_returns_missing_neighbours_when_the_bank_has_them_and_survives_save(tmp_path):
+    x = clustered(3000, 8, 300, 3.0, 0.3, 5)
+    bank = ClusterBank(8, 0.05, search_index="ivf").add(x)
+    assert len(bank) > 1000
+    d, i = bank.search(x[:20], k=1000)  # beyond what the probed lists hold, and beyond IVF's k
+    assert (i >= 0).all() and np.isfinite(d).all()
+    d_ivf, i_ivf = bank.search(x[:20], k=50)
+    assert (i_ivf >= 0).all()
+    index = bank._ivf
+    bank.save(tmp_path / "b.h5")
+    bank.search(x[:5])
+    assert bank._ivf is index  # a save does not throw the index away; an add does
+    bank.add(x[:1] + 100)
+    assert bank._ivf is None

@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ocbank import ClusterBank
 
@@ -129,3 +130,13 @@ def test_merging_a_bank_into_itself_doubles_it():
     np.testing.assert_allclose(
         (bank.counts[:, None] * bank.means).sum(0), 2 * (counts[:, None] * means).sum(0), rtol=1e-4, atol=1e-2
     )
+
+
+def test_taking_the_write_lock_inside_a_read_lock_fails_loudly():
+    from ocbank.engine._rwlock import RWLock
+
+    lock = RWLock()
+    with lock.read(), pytest.raises(RuntimeError, match="upgrade"), lock.write():
+        pass
+    with lock.write():  # the lock is still usable afterwards
+        pass

@@ -244,3 +244,31 @@ def test_resume_never_continues_a_checkpoint_of_another_list(tmp_path, cfg_file,
     with caplog.at_level("WARNING"):
         row = jobs.build_class(other, jobs.ClassJob("weave"))
     assert row["status"] == "built" and row["resumed_at"] == 0 and "starting over" in caplog.text
+
+
+def test_unreadable_calibration_images_keep_the_bank_and_unreadable_training_images_exit_1(tmp_path, tiny_mvtec):
+    root = tmp_path / "data"
+    good = root / "weave" / "train" / "good"
+    good.mkdir(parents=True)
+    for p in sorted((Path(tiny_mvtec) / "weave" / "train" / "good").glob("*.png")):
+        (good / p.name).write_bytes(p.read_bytes())
+    (good / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump(tiny_config(root, bank={"radius": 5.0})))
+    bad_cal = tmp_path / "cal"
+    bad_cal.mkdir()
+    (bad_cal / "x.png").write_bytes(b"not an image")
+    out = tmp_path / "o"
+    res = subprocess.run([sys.executable, "-m", "ocbank.cli", "-q", "build", "--config", str(cfg_file), "--out",
+                          str(out), "--calibration", str(bad_cal)], capture_output=True, text=True)
+    assert res.returncode == 1 and "1 training image(s) could not be read" in res.stderr
+    row = json.loads((out / jobs.SUMMARY_NAME).read_text())["classes"]["weave"]
+    assert row["status"] == "built" and row["skipped_files"][0].endswith("zz_broken.png")
+    assert "could be read" in row["calibration"]["error"] and (out / "weave.h5").is_file()
+    assert "decision" not in ClusterBank.load(out / "weave.h5").metadata_
+
+
+def test_shards_refuse_a_memory_cap(tmp_path, cfg_file):
+    cfg = config.load(cfg_file).replace(bank={"max_centroids": 50})
+    with pytest.raises(config.ConfigError, match="max_centroids"):
+        jobs.BuildPlan(cfg, str(tmp_path), shards=2)

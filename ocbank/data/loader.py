@@ -110,20 +110,24 @@ def prefetched(batches: Iterable[T], depth: int = 2) -> Iterator[T]:
     buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def hand_over(entry: tuple[bool, Any]) -> bool:
+        """Queue an entry unless the consumer has left; False when it has."""
+        while not stop.is_set():
+            try:
+                buffer.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in batches:
-                while not stop.is_set():
-                    try:
-                        buffer.put((True, item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not hand_over((True, item)):
                     return
-            buffer.put((True, _DONE))
+            hand_over((True, _DONE))
         except BaseException as exc:  # handed to the consumer, raised in its thread
-            buffer.put((False, exc))
+            hand_over((False, exc))
 
     thread = threading.Thread(target=produce, name="ocbank-prefetch", daemon=True)
     thread.start()
@@ -137,3 +141,4 @@ def prefetched(batches: Iterable[T], depth: int = 2) -> Iterator[T]:
             yield item
     finally:
         stop.set()
+        thread.join(timeout=5.0)

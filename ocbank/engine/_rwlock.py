@@ -57,6 +57,9 @@ class RWLock:
             if self._writer == me:
                 self._depth += 1
             else:
+                if me in self._readers:  # it would wait for itself forever
+                    msg = "cannot take the write lock while holding the read lock (no upgrades). Release it first."
+                    raise RuntimeError(msg)
                 self._waiting += 1
                 try:
                     while self._writer is not None or self._readers:

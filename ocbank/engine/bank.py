@@ -21,6 +21,8 @@ from .store import NO_LIMIT, CpuStore, Store, TorchStore
 _DEVICES = ("cpu", "cuda", "auto")
 # "auto": exact flat search, or IVF (approximate) on CPU from ivf.IVF_MIN_CENTROIDS centroids on.
 SEARCH_INDEXES = ("auto", "flat", "ivf")
+# IVF answers k-NN queries up to this k; larger k always searches exactly.
+IVF_MAX_K = 64
 # The largest k a search accepts: faiss's GPU k-selection limit, applied on every
 # device so that a bank behaves the same everywhere (and k=10**9 never allocates).
 MAX_K = 2048
@@ -180,7 +182,8 @@ class ClusterBank:
         with self._lock.write():
             if self._on_write is not None:
                 self._on_write(op)
-            self._ivf = None  # the centroids change: an IVF index built on them is stale
+            if op != "save":  # the centroids may change: an IVF index built on them is stale
+                self._ivf = None
             yield
 
     @property
@@ -397,16 +400,17 @@ class ClusterBank:
                 "Build both with the same features."
             )
             raise InputError(msg)
-        if other.radius != self.radius:
-            msg = (
-                f"cannot merge a bank of radius {other.radius} into one of radius {self.radius}. "
-                "Build both with the same radius."
-            )
-            raise InputError(msg)
         # Snapshot other under its own read lock first: no lock-order deadlock, and merge(self) works.
         snap = other.state()
         means, counts, m2 = snap.means, snap.counts, snap.m2
         with self._writing("merge"):
+            # Checked under the lock, on the snapshot: a concurrent add may raise either radius (cap).
+            if snap.radius != self.radius:
+                msg = (
+                    f"cannot merge a bank of radius {snap.radius} into one of radius {self.radius}. "
+                    "Build both with the same radius."
+                )
+                raise InputError(msg)
             if len(counts) == 0:
                 return self
             rows = self._check_rows(means, name="other.means")
@@ -440,9 +444,12 @@ class ClusterBank:
             n = rows.shape[0]
             if n == 0:
                 return np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64)
-            ivf = self._ivf_index()
+            ivf = self._ivf_index() if k <= IVF_MAX_K else None
             if ivf is not None and k <= len(self):
                 sq, ids = ivf.search(rows, int(k))
+                short = np.flatnonzero((ids < 0).any(axis=1))  # the probed lists held fewer than k
+                if short.size:
+                    sq[short], ids[short] = self._bank_store.search(rows[short], int(k))
             else:
                 sq, ids = self._bank_store.search(rows, int(k))
         ids = np.asarray(ids, dtype=np.int64)

@@ -29,8 +29,8 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import socket
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,16 +154,6 @@ def remove_stale_temps(target: Path, suffix: str) -> list[Path]:
     return removed
 
 
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# Read once at import: os.umask can only be read by setting it, which races with other threads.
-_UMASK = _read_umask()
-
-
 def atomic_write(path: str | os.PathLike[str], write: Any, suffix: str = ".tmp") -> None:
     """Call ``write(tmp_path)``, fsync the result and rename it over ``path``.
 
@@ -173,12 +163,16 @@ def atomic_write(path: str | os.PathLike[str], write: Any, suffix: str = ".tmp")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target, suffix)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{_host()}.{os.getpid()}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
+    # Not mkstemp, which makes 0600 files: O_EXCL with mode 0666 lets the kernel apply the current
+    # umask, so banks get the mode a plain open() would (readable by Ray workers on shared storage).
+    while True:
+        tmp = str(target.parent / f".{target.name}.{_host()}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
-        # mkstemp makes the file 0600; give the result the mode a plain open() would (0666 & ~umask),
-        # so banks on shared storage stay readable by other users and Ray workers.
-        os.chmod(tmp, 0o666 & ~_UMASK)
         write(tmp)
         with open(tmp, "rb+") as fh:
             fh.flush()

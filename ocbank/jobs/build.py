@@ -71,6 +71,12 @@ class BuildPlan:
     calibration: str | None = None  # a folder of normal images for the OK/NG thresholds
 
     def __post_init__(self) -> None:
+        if self.shards > 1 and self.config.bank.max_centroids is not None:
+            msg = (
+                f"--shards {self.shards} cannot keep bank.max_centroids={self.config.bank.max_centroids}: each "
+                "shard's radius would grow on its own and the shards could not be merged. Drop one of them."
+            )
+            raise ConfigError(msg)
         if self.checkpoint_every < 1 or self.shards < 1 or (self.threads is not None and self.threads < 1):
             msg = (
                 f"checkpoint_every, shards and threads must be >= 1, got {self.checkpoint_every}, {self.shards}, "
@@ -251,8 +257,13 @@ def _identity(plan: BuildPlan, job: ClassJob, inputs: ClassInputs) -> dict[str, 
 
 def finish_class(plan: BuildPlan, job: ClassJob, det: Detector, inputs: ClassInputs, done: _Progress) -> dict[str, Any]:
     """Calibrate, write ``<class>.h5`` atomically, remove the checkpoint; return the summary row."""
+    calibration_error = None
     if inputs.calibration:
-        det.calibrate(inputs.calibration, source=inputs.calibration_source)
+        try:
+            det.calibrate(inputs.calibration, source=inputs.calibration_source)
+        except DataError as exc:  # the bank is good; say why it has no thresholds rather than lose it
+            calibration_error = str(exc)
+            log.warning("class %s: written without OK/NG thresholds: %s", job.name, exc)
     bank = det.bank
     summary = {
         "n_centroids": len(bank),
@@ -260,10 +271,13 @@ def finish_class(plan: BuildPlan, job: ClassJob, det: Detector, inputs: ClassInp
         "radius": bank.radius,
         "images_used": done.images_used,
         "images_skipped": len(done.skipped_files),
+        "skipped_files": done.skipped_files,
         "seconds": done.seconds,
         "vectors_per_s": bank.n_seen / max(done.seconds, 1e-9),
         "calibration": {"source": inputs.calibration_source, "n_images": len(inputs.calibration)},
     }
+    if calibration_error is not None:
+        summary["calibration"]["error"] = calibration_error
     if det.decision is not None:
         summary["image_threshold"] = det.decision.image_threshold
     info = {**_identity(plan, job, inputs), "stream_position": len(inputs.train), "complete": True}
@@ -341,9 +355,9 @@ def split_shards(samples: list[Any], shards: int) -> list[list[Any]]:
     return [samples[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def merge_shards(parts: list[dict[str, Any]], radius: float, device: str) -> ClusterBank:
+def merge_shards(parts: list[dict[str, Any]], radius: float, device: str, search_index: str = "auto") -> ClusterBank:
     """Fold shard banks together in shard order with :meth:`ClusterBank.merge`."""
-    merged = ClusterBank(FEATURE_DIM, radius, device=device)
+    merged = ClusterBank(FEATURE_DIM, radius, device=device, search_index=search_index)
     for part in parts:
         state = BankState(part["means"], part["counts"], radius, FEATURE_DIM, int(part["n_seen"]), m2=part["m2"])
         merged.merge(ClusterBank.from_state(state))
@@ -373,7 +387,7 @@ def build_class_sharded(plan: BuildPlan, job: ClassJob, run_shards: ShardRunner)
         radius, stats = float(plan.config.bank.radius), {"suggested": float(plan.config.bank.radius), "source": "config"}
     ordered = [inputs.train[i] for i in order]
     parts = run_shards([(plan, part, radius) for part in split_shards(ordered, plan.shards)])
-    det.bank_ = merge_shards(parts, radius, resolve_device(plan.config.device))
+    det.bank_ = merge_shards(parts, radius, resolve_device(plan.config.device), plan.config.bank.search_index)
     det.radius_stats_ = stats
     done = _Progress(
         sum(p["images_used"] for p in parts), [f for p in parts for f in p["skipped_files"]], time.perf_counter() - began

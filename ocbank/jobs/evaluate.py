@@ -206,7 +206,10 @@ def _check_compatible(built: Config, now: Config, bank_file: Path) -> None:
     """Features must be made the same way at build and evaluation time."""
     pairs = [("backbone.weights", built.backbone.weights, now.backbone.weights),
              ("backbone.pool", built.backbone.pool, now.backbone.pool),
-             ("image size (data.crop or data.resize)", built.image_size, now.image_size)]
+             ("image size (data.crop or data.resize)", built.image_size, now.image_size),
+             ("data.resize", built.data.resize, now.data.resize),
+             ("scoring.mode", built.scoring.mode, now.scoring.mode),
+             ("scoring.sigma (the pixel threshold's units)", built.scoring.sigma, now.scoring.sigma)]
     for key, then, here in pairs:
         if then != here:
             msg = f"{bank_file} was built with {key} = {then!r}, but this config has {here!r}. Use the build's config."

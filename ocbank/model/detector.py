@@ -128,6 +128,29 @@ def normalize(batch: torch.Tensor) -> torch.Tensor:
     return (batch - mean) / std
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """Training inputs as either samples or a preprocessed tensor [N, 3, S, S], taken by index."""
+
+    samples: list[Sample] | None = None
+    tensor: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, images: Any) -> _Inputs:
+        return cls(tensor=images) if isinstance(images, torch.Tensor) else cls(samples=as_samples(images))
+
+    def __len__(self) -> int:
+        return self.tensor.shape[0] if self.tensor is not None else len(self.samples or [])
+
+    def take(self, idx: list[int]) -> Any:
+        if self.tensor is not None:
+            return self.tensor[torch.as_tensor(idx, dtype=torch.long)]
+        return [self.samples[i] for i in idx]
+
+    def name(self, i: int) -> str:
+        return f"tensor[{i}]" if self.tensor is not None else str(self.samples[i].path)
+
+
 class Detector:
     """WideResNet-50 patch features streamed into a :class:`ClusterBank`.
 
@@ -331,11 +354,11 @@ class Detector:
             raise
 
     def _fit_steps(self, images: Any, start: int) -> Iterator[FitStep]:
-        samples = as_samples(images)
-        if not samples:
+        pool = _Inputs.of(images)
+        if not len(pool):
             msg = "fit() got no images. Pass at least one normal training image."
             raise DataError(msg)
-        n = len(samples)
+        n = len(pool)
         order = self.training_order(n)
         n_sample = self.n_radius_images(n)
         began = time.perf_counter()
@@ -347,8 +370,8 @@ class Detector:
                 # One pass: the radius sample's features are spooled (spilling to disk past
                 # SPOOL_MEMORY_BYTES), r is estimated on them, then they enter the bank first.
                 with FeatureSpool(FEATURE_DIM, SPOOL_MEMORY_BYTES) as spool:
-                    for batch, f in self.features([samples[i] for i in order[:n_sample]]):
-                        skipped += [str(samples[order[i]].path) for i in batch["skipped"]]
+                    for batch, f in self.features(pool.take(order[:n_sample])):
+                        skipped += [pool.name(order[i]) for i in batch["skipped"]]
                         if batch["index"]:
                             spool.append(f.reshape(-1, FEATURE_DIM).cpu().numpy())
                         position = max(batch["index"] + batch["skipped"]) + 1
@@ -371,8 +394,8 @@ class Detector:
             msg = f"fit_steps(start={start}) continues a checkpoint, but this Detector has no bank. Load it first."
             raise NotFittedError(msg)
         rest = order[start:]
-        for batch, f in self.features([samples[i] for i in rest]):
-            skipped += [str(samples[rest[i]].path) for i in batch["skipped"]]
+        for batch, f in self.features(pool.take(rest)):
+            skipped += [pool.name(rest[i]) for i in batch["skipped"]]
             if batch["index"]:
                 self.bank_.add(f.reshape(-1, FEATURE_DIM))
                 used += len(batch["index"])
@@ -392,42 +415,31 @@ class Detector:
 
         ``images``: paths, PIL images, arrays, or a float tensor [N, 3, S, S] (RGB in [0, 1]).
         """
-        if isinstance(images, torch.Tensor):
-            self._reset()
-            radius = self.config.bank.radius
-            if radius == "auto":
-                radius = self._radius_from_tensor(images)
-            self.bank_ = self._new_bank(float(radius))
-            return self.partial_fit(images)
         for _ in self.fit_steps(images):
             pass
         return self
-
-    def _radius_from_tensor(self, images: torch.Tensor) -> float:
-        chosen = sample_images(images.shape[0], self.config.bank.radius_images, self.config.bank.seed)
-        feats = np.concatenate([f.reshape(-1, FEATURE_DIM).cpu().numpy() for _, f in self.features(images[chosen])])
-        self.radius_stats_ = self._radius_stats(feats, len(chosen))
-        return self.radius_stats_["suggested"]
 
     def partial_fit(self, images: Any) -> Detector:
         """Stream more normal images into the bank at its radius (fits first if there is no bank)."""
         if "bank_" not in self.__dict__:
             return self.fit(images)
+        pool = _Inputs.of(images)
         used, skipped = 0, []
         began = time.perf_counter()
-        for batch, f in self.features(images):
-            skipped += batch["skipped"]
+        for batch, f in self.features(pool.take(list(range(len(pool))))):
+            skipped += [pool.name(i) for i in batch["skipped"]]
             if batch["index"]:
                 self.bank_.add(f.reshape(-1, FEATURE_DIM))
                 used += len(batch["index"])
-        summary = self.__dict__.get("fit_summary_", {"images_used": 0, "images_skipped": 0, "skipped_files": [], "seconds": 0.0})
+        before = self.__dict__.get("fit_summary_", {"images_used": 0, "skipped_files": [], "seconds": 0.0})
+        files = [*before["skipped_files"], *skipped]
         self.fit_summary_ = {
-            "images_used": summary["images_used"] + used,
-            "images_skipped": summary["images_skipped"] + len(skipped),
-            "skipped_files": summary["skipped_files"],
-            "seconds": summary["seconds"] + time.perf_counter() - began,
+            "images_used": before["images_used"] + used,
+            "images_skipped": len(files),
+            "skipped_files": files,
+            "seconds": before["seconds"] + time.perf_counter() - began,
         }
-        self.last_partial_fit_ = {"images_added": used, "images_skipped": len(skipped)}
+        self.last_partial_fit_ = {"images_added": used, "images_skipped": len(skipped), "skipped_files": skipped}
         return self
 
     # ------------------------------------------------------------------ score
