@@ -1,7 +1,7 @@
 """Data: image reading, dataset layouts and the ordered loader."""
 
 from ..errors import DataError
-from .datasets import ClassSplit, Sample, class_names, load_split
+from .datasets import ClassSplit, Sample, class_names, images_in, load_split
 from .images import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, MAX_IMAGE_PIXELS, Transform, open_image, open_mask
 from .loader import ImageDataset, make_loader
 
@@ -16,6 +16,7 @@ __all__ = [
     "Sample",
     "Transform",
     "class_names",
+    "images_in",
     "load_split",
     "make_loader",
     "open_image",

@@ -29,7 +29,8 @@ class ClassSplit:
     test: list[Sample] = field(default_factory=list)
 
 
-def _images_in(folder: Path) -> list[Path]:
+def images_in(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively, by suffix), sorted."""
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
@@ -44,13 +45,13 @@ def mvtec_split(root: Path, name: str) -> ClassSplit:
     if not base.is_dir():
         msg = f"MVTec class folder {base} does not exist. Check data.root and data.classes."
         raise DataError(msg)
-    train = [Sample(str(p)) for p in _images_in(base / "train" / "good")]
+    train = [Sample(str(p)) for p in images_in(base / "train" / "good")]
     test: list[Sample] = []
     test_dir = base / "test"
     if test_dir.is_dir():
         for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
             defect = defect_dir.name
-            for img in _images_in(defect_dir):
+            for img in images_in(defect_dir):
                 if defect == "good":
                     test.append(Sample(str(img)))
                     continue
@@ -99,7 +100,7 @@ def realiad_split(root: Path, name: str, json_dir: str, image_dir: str) -> Class
 
 def folder_split(root: Path) -> ClassSplit:
     """A folder of normal images to build from (recursively); nothing to evaluate."""
-    return ClassSplit(root.name, [Sample(str(p)) for p in _images_in(root)], [])
+    return ClassSplit(root.name, [Sample(str(p)) for p in images_in(root)], [])
 
 
 def class_names(cfg: Config) -> list[str]:

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import Config, check_class_name
-from ..data import IMAGE_SUFFIXES, Sample, class_names, load_split
+from ..data import IMAGE_SUFFIXES, Sample, class_names, images_in, load_split
 from ..engine import BankState, ClusterBank, resolve_device
 from ..engine.checkpoint import read_bank
 from ..errors import CheckpointError, ConfigError, DataError, DependencyError
@@ -166,12 +166,12 @@ class ClassInputs:
     calibration_source: str = "none"  # "holdout", "folder" or "none"
 
 
-def images_in(folder: str | Path) -> list[Sample]:
+def calibration_images(folder: str | Path) -> list[Sample]:
     p = Path(folder)
     if not p.is_dir():
         msg = f"calibration folder {p} does not exist. Pass a folder of normal images of this product."
         raise DataError(msg)
-    files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    files = images_in(p)
     if not files:
         msg = f"no images found in the calibration folder {p}. Supported suffixes: {sorted(IMAGE_SUFFIXES)}."
         raise DataError(msg)
@@ -186,7 +186,7 @@ def class_inputs(plan: BuildPlan, job: ClassJob) -> ClassInputs:
         msg = f"class {job.name!r} has no training images under {cfg.data.root}. Check data.root and the layout."
         raise DataError(msg)
     if plan.calibration:
-        return ClassInputs(samples, images_in(plan.calibration), "folder")
+        return ClassInputs(samples, calibration_images(plan.calibration), "folder")
     n_hold = math.ceil(cfg.decision.holdout * len(samples))
     if len(samples) - n_hold < 1 or n_hold < 1:
         return ClassInputs(samples)

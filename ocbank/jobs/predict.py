@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..data import IMAGE_SUFFIXES, Sample
+from ..data import IMAGE_SUFFIXES, Sample, images_in
 from ..errors import ConfigError, DataError
 from ..model.detector import Detector, ScoredBatch
 from .evaluate import _map_range, check_complete
@@ -24,7 +24,7 @@ def list_inputs(inputs: list[str]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            files += images_in(p)
         elif p.is_file():
             files.append(p)
         else:

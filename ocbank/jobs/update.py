@@ -44,9 +44,9 @@ def update_bank(job: UpdateJob) -> dict[str, Any]:
         msg = f"none of the {len(files)} new images could be read; {job.bank} was not changed."
         raise DataError(msg)
     if job.calibration:
-        from .build import images_in  # noqa: PLC0415
+        from .build import calibration_images  # noqa: PLC0415
 
-        det.calibrate(images_in(job.calibration), source="folder")
+        det.calibrate(calibration_images(job.calibration), source="folder")
     stale = det.decision is not None and not job.calibration
     entry = {
         "parent_sha256": parent,

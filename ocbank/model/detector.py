@@ -307,6 +307,21 @@ class Detector:
     def n_radius_images(self, n_images: int) -> int:
         return 0 if self.config.bank.radius != "auto" else min(n_images, self.config.bank.radius_images)
 
+    def _spool_features(self, images: Any, spool: FeatureSpool) -> Iterator[dict[str, Any]]:
+        """Append the patch features of ``images`` to ``spool``, yielding each loader batch's info.
+
+        Raises DataError at the end when none of the images could be read.
+        """
+        n_read = 0
+        for batch, f in self.features(images):
+            if batch["index"]:
+                spool.append(f.reshape(-1, FEATURE_DIM).cpu().numpy())
+                n_read += len(batch["index"])
+            yield batch
+        if not n_read:
+            msg = f"none of the {len(images)} radius-sample images could be read. Check the training images."
+            raise DataError(msg)
+
     def _radius_stats(self, features: Any, n_images: int) -> dict[str, Any]:
         """The radius rule on features [n, 1536] (or a spool): linear-cost p99 with its interval."""
         estimate = estimate_radius(features, seed=self.config.bank.seed)
@@ -320,14 +335,7 @@ class Detector:
         samples = as_samples(images)
         chosen = sample_images(len(samples), self.config.bank.radius_images, self.config.bank.seed)
         with FeatureSpool(FEATURE_DIM, SPOOL_MEMORY_BYTES) as spool:
-            n_read = 0
-            for batch, f in self.features([samples[i] for i in chosen]):
-                if batch["index"]:
-                    spool.append(f.reshape(-1, FEATURE_DIM).cpu().numpy())
-                    n_read += len(batch["index"])
-            if not n_read:
-                msg = f"none of the {len(chosen)} radius-sample images could be read. Check the training images."
-                raise DataError(msg)
+            n_read = sum(len(batch["index"]) for batch in self._spool_features([samples[i] for i in chosen], spool))
             return self._radius_stats(spool, n_read)
 
     def _new_bank(self, radius: float) -> ClusterBank:
@@ -370,15 +378,10 @@ class Detector:
                 # One pass: the radius sample's features are spooled (spilling to disk past
                 # SPOOL_MEMORY_BYTES), r is estimated on them, then they enter the bank first.
                 with FeatureSpool(FEATURE_DIM, SPOOL_MEMORY_BYTES) as spool:
-                    for batch, f in self.features(pool.take(order[:n_sample])):
+                    for batch in self._spool_features(pool.take(order[:n_sample]), spool):
                         skipped += [pool.name(order[i]) for i in batch["skipped"]]
-                        if batch["index"]:
-                            spool.append(f.reshape(-1, FEATURE_DIM).cpu().numpy())
                         position = max(batch["index"] + batch["skipped"]) + 1
                         yield FitStep("radius", position, n, 0, tuple(skipped))
-                    if not len(spool):
-                        msg = f"none of the {n_sample} radius-sample images could be read. Check the training images."
-                        raise DataError(msg)
                     self.radius_stats_ = self._radius_stats(spool, n_sample - len(skipped))
                     self.bank_ = self._new_bank(self.radius_stats_["suggested"])
                     for rows in spool.iter_chunks():
