@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
 from ocbank.model import metrics
@@ -16,8 +18,8 @@ def brute_auroc(labels, scores) -> float:
     return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
 
 
-def brute_pro(masks, maps, fpr_limit=0.3) -> float:
-    """Threshold sweep with explicit per-region overlaps (8-connectivity by flood fill)."""
+def flood_regions(masks) -> list[tuple[int, np.ndarray]]:
+    """(image index, pixel coordinates [P, 2]) of each 8-connected region, by flood fill."""
     regions = []
     for i, m in enumerate(masks):
         seen = np.zeros_like(m, dtype=bool)
@@ -36,13 +38,24 @@ def brute_pro(masks, maps, fpr_limit=0.3) -> float:
                             seen[ny, nx] = True
                             stack.append((ny, nx))
             regions.append((i, np.array(pix)))
+    return regions
+
+
+def brute_pro_points(masks, maps) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, pro) at every distinct threshold, with explicit per-region overlaps, from (0, 0)."""
+    regions = flood_regions(masks)
     normal = masks == 0
     fprs, pros = [0.0], [0.0]
     for t in np.unique(maps)[::-1]:
         pred = maps >= t
         fprs.append((pred & normal).sum() / normal.sum())
         pros.append(np.mean([pred[i][p[:, 0], p[:, 1]].mean() for i, p in regions]))
-    fprs, pros = np.array(fprs), np.array(pros)
+    return np.array(fprs), np.array(pros)
+
+
+def brute_pro(masks, maps, fpr_limit=0.3) -> float:
+    """Threshold sweep with explicit per-region overlaps (8-connectivity by flood fill)."""
+    fprs, pros = brute_pro_points(masks, maps)
     grid = np.linspace(0, fpr_limit, 20001)
     return float(np.trapezoid(np.interp(grid, fprs, pros), grid) / fpr_limit)
 
@@ -96,6 +109,28 @@ def test_aupro_counts_regions_equally_and_limits():
     with pytest.raises(ValueError, match="fpr_limit"):
         metrics.aupro(masks, maps, fpr_limit=0)
     assert np.isnan(metrics.aupro(np.zeros((1, 4, 4)), np.zeros((1, 4, 4))))
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 3), limit=st.sampled_from([0.05, 0.3, 1.0]))
+def test_pro_curve_is_the_brute_force_sweep(seed, n, limit):
+    """Every brute-force point below the limit is on the curve, and the curve ends at the limit's value."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, 24, 24), bool)
+    for m in masks:
+        y, x = rng.integers(0, 18, 2)
+        m[y: y + rng.integers(2, 6), x: x + rng.integers(2, 6)] = True
+    maps = rng.random((n, 24, 24)).round(2) + masks * rng.uniform(0, 0.5)  # ties on purpose
+    fpr, pro = metrics.pro_curve(masks, maps, fpr_limit=limit)
+    want_f, want_p = brute_pro_points(masks, maps)
+    keep = want_f <= limit
+    assert fpr.size == int(keep.sum()) + int(want_f[keep].max() < limit)  # one point per threshold
+    for f, p in zip(want_f[keep], want_p[keep], strict=True):
+        assert np.any(np.isclose(fpr, f, rtol=0, atol=1e-12) & np.isclose(pro, p, rtol=0, atol=1e-12)), (f, p)
+    assert fpr[-1] == pytest.approx(limit, abs=1e-12)
+    assert pro[-1] == pytest.approx(np.interp(limit, want_f, want_p), abs=1e-12)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(pro) >= 0)
+    assert metrics.pro_curve(np.zeros((1, 4, 4)), np.ones((1, 4, 4)))[0].size == 0  # no region: no curve
 
 
 def test_metric_notes_say_why_a_metric_is_undefined():

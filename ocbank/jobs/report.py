@@ -29,11 +29,11 @@ import numpy as np
 
 from .._version import __version__
 from ..model.calibration import decision_metrics, f1_optimal_threshold
+from ..model.metrics import PRO_FPR_LIMIT, pro_curve
 from .visualize import save_overlay
 
 REPORT_NAME = "report.html"
 FILES_DIR = "report_files"
-PRO_FPR_LIMIT = 0.3  # AUPRO's integration limit (MVTec AD)
 MAX_CURVE_POINTS = 400
 
 
@@ -63,44 +63,6 @@ class ClassData:
     pro: tuple[np.ndarray, np.ndarray] | None = None  # (fpr, pro) up to PRO_FPR_LIMIT
     decision: dict[str, Any] | None = None
     map_range: tuple[float, float] = (0.0, 1.0)
-
-
-def pro_curve(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = PRO_FPR_LIMIT) -> tuple[np.ndarray, np.ndarray]:
-    """masks [N, H, W], maps [N, H, W] -> (fpr, pro) float64 [M], thresholds swept exactly, cut at ``fpr_limit``.
-
-    The curve whose normalised area :func:`ocbank.model.metrics.aupro` reports
-    (8-connected regions; PRO = mean per-region overlap; FPR over normal pixels).
-    Empty arrays when there is no defect region or no normal pixel.
-    """
-    from scipy import ndimage  # noqa: PLC0415
-
-    masks = np.asarray(masks) > 0
-    maps = np.asarray(maps, dtype=np.float64)
-    weight = np.zeros(maps.shape, dtype=np.float64)
-    n_regions = 0
-    for i in range(masks.shape[0]):
-        labels, n = ndimage.label(masks[i], structure=np.ones((3, 3), dtype=bool))
-        if n:
-            sizes = np.bincount(labels.ravel()).astype(np.float64)
-            per = np.r_[0.0, 1.0 / sizes[1:]]
-            weight[i] = per[labels]
-            n_regions += n
-    normal = ~masks
-    n_normal = int(normal.sum())
-    if n_regions == 0 or n_normal == 0:
-        return np.zeros(0), np.zeros(0)
-    order = np.argsort(-maps.ravel(), kind="stable")
-    ranked = maps.ravel()[order]
-    fpr = np.cumsum(normal.ravel()[order]) / n_normal
-    pro = np.cumsum(weight.ravel()[order]) / n_regions
-    last = np.r_[ranked[1:] != ranked[:-1], True]  # one point per distinct threshold
-    fpr, pro = np.r_[0.0, fpr[last]], np.r_[0.0, pro[last]]
-    stop = int(np.searchsorted(fpr, fpr_limit, side="right"))
-    x, y = fpr[:stop], pro[:stop]
-    if stop < fpr.size and x[-1] < fpr_limit:  # the curve's value at the limit
-        t = (fpr_limit - fpr[stop - 1]) / (fpr[stop] - fpr[stop - 1])
-        x, y = np.r_[x, fpr_limit], np.r_[y, pro[stop - 1] + t * (pro[stop] - pro[stop - 1])]
-    return x, y
 
 
 def _thin(x: np.ndarray, y: np.ndarray, n: int = MAX_CURVE_POINTS) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ from sklearn.metrics import roc_auc_score
 from ..errors import InputError
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+PRO_FPR_LIMIT = 0.3  # AUPRO's integration limit (MVTec AD)
 
 
 def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -32,13 +33,17 @@ def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
     return _auroc(masks > 0, maps)
 
 
-def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
-    """Area under the per-region-overlap curve up to ``fpr_limit``, divided by it.
+def pro_curve(
+    masks: np.ndarray, maps: np.ndarray, fpr_limit: float = PRO_FPR_LIMIT
+) -> tuple[np.ndarray, np.ndarray]:
+    """masks [N, H, W], maps [N, H, W] -> the PRO curve (fpr, pro), float64 [M], cut at ``fpr_limit``.
 
     Each 8-connected region of each ground-truth mask contributes its overlap
     (fraction of its pixels above the threshold); PRO is their mean over all
     regions. The FPR is counted over the normal pixels of all images. Every
-    distinct threshold is a curve point (an exact sweep, by sorting).
+    distinct threshold is a curve point (an exact sweep, by sorting), starting
+    at (0, 0); the last point is the curve's value at ``fpr_limit`` when the
+    curve reaches it. Empty arrays when there is no defect region or no normal pixel.
     """
     masks, maps = np.asarray(masks) > 0, np.asarray(maps, dtype=np.float64)
     if masks.shape != maps.shape:
@@ -61,7 +66,7 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
     normal = ~masks
     n_normal = int(normal.sum())
     if n_regions == 0 or n_normal == 0:
-        return float("nan")
+        return np.zeros(0), np.zeros(0)
     order = np.argsort(-maps.ravel(), kind="stable")
     scores = maps.ravel()[order]
     fpr = np.cumsum(normal.ravel()[order]) / n_normal
@@ -70,13 +75,21 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
     last = np.r_[scores[1:] != scores[:-1], True]
     fpr = np.r_[0.0, fpr[last]]
     pro = np.r_[0.0, pro[last]]
-    stop = np.searchsorted(fpr, fpr_limit, side="right")
+    stop = int(np.searchsorted(fpr, fpr_limit, side="right"))
     x, y = fpr[:stop], pro[:stop]
     if stop < fpr.size and x[-1] < fpr_limit:  # interpolate the curve at the limit
         x1, x0, y1, y0 = fpr[stop], fpr[stop - 1], pro[stop], pro[stop - 1]
         y_lim = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
         x, y = np.r_[x, fpr_limit], np.r_[y, y_lim]
-    return float(np.trapezoid(y, x) / fpr_limit)
+    return x, y
+
+
+def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = PRO_FPR_LIMIT) -> float:
+    """Area under :func:`pro_curve` up to ``fpr_limit``, divided by it (nan when the curve is undefined)."""
+    fpr, pro = pro_curve(masks, maps, fpr_limit)
+    if fpr.size == 0:
+        return float("nan")
+    return float(np.trapezoid(pro, fpr) / fpr_limit)
 
 
 def image_metric_note(labels: np.ndarray) -> str | None:
