@@ -18,7 +18,7 @@ from ocbank.model.calibration import conservative_quantile
 from ocbank.model.features import FEATURE_DIM
 from ocbank.model.radius import nearest_other_distances
 
-from .conftest import tiny_config
+from .conftest import assert_close_across_runs, tiny_config
 
 
 def _train(root) -> list[str]:
@@ -110,7 +110,9 @@ def test_predict_accepts_every_input_kind(fitted, tiny_mvtec):
     np.testing.assert_allclose(tensor.scores, ref.scores, rtol=1e-5)
     np.testing.assert_allclose(tensor.maps, ref.maps, rtol=1e-5, atol=1e-5)
     one = fitted.predict(str(paths[0]))  # one path, not a sequence of characters
-    assert one.scores.shape == (1,) and one.scores[0] == pytest.approx(ref.scores[0], rel=1e-5)
+    assert one.scores.shape == (1,)  # a batch of one against a batch of three: float32 sums differ
+    assert_close_across_runs(one.scores, ref.scores[:1])
+    assert_close_across_runs(one.maps, ref.maps[:1])
     assert fitted.predict(paths[0]).scores.shape == (1,) and fitted.predict(pils[0]).scores.shape == (1,)
     assert fitted.predict(np.asarray(pils[0])).scores.shape == (1,)
     with pytest.raises(InputTypeError, match="images\\[1\\]"):
@@ -158,7 +160,7 @@ def test_partial_fit_equals_one_fit_over_both(tiny_mvtec, extractor):
     step = Detector.from_config(cfg, extractor=extractor).fit(paths[:3]).partial_fit(paths[3:])
     once = Detector.from_config(cfg, extractor=extractor).fit(paths)
     np.testing.assert_array_equal(step.bank.counts, once.bank.counts)
-    np.testing.assert_allclose(step.bank.means, once.bank.means, rtol=1e-5, atol=1e-5)
+    assert_close_across_runs(step.bank.means, once.bank.means)  # batches of 3+3 against 4+2
     assert step.fit_summary_["images_used"] == 6 and step.last_partial_fit_["images_added"] == 3
     with pytest.warns(UserWarning):
         step.partial_fit([paths[0], "/nonexistent/x.png"])
@@ -197,8 +199,8 @@ def test_concurrent_predict_matches_serial(fitted, tiny_mvtec):
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
         parallel = list(pool.map(fitted.predict, groups))
     for a, b in zip(serial, parallel):
-        np.testing.assert_allclose(b.scores, a.scores, rtol=1e-5)
-        np.testing.assert_allclose(b.maps, a.maps, rtol=1e-5, atol=1e-5)
+        assert_close_across_runs(b.scores, a.scores)  # torch's threads are shared by eight callers
+        assert_close_across_runs(b.maps, a.maps)
 
 
 def test_unreadable_image_gets_nan(fitted, tmp_path, tiny_mvtec):

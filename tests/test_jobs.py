@@ -20,18 +20,22 @@ from ocbank import ClusterBank, config
 from ocbank.cli import main
 from ocbank.jobs import build as jobs
 
-from .conftest import tiny_config
+from .conftest import assert_close_across_runs, tiny_config
 
 
 def banks_of(folder: Path) -> dict[str, ClusterBank]:
     return {p.stem: ClusterBank.load(p) for p in sorted(folder.glob("*.h5")) if ".partial" not in p.name}
 
 
-def assert_same_banks(a: dict[str, ClusterBank], b: dict[str, ClusterBank]) -> None:
+def assert_same_banks(a: dict[str, ClusterBank], b: dict[str, ClusterBank], *, exact: bool = True) -> None:
+    """Same banks; ``exact=False`` where the runs batched or threaded the backbone differently."""
     assert sorted(a) == sorted(b)
     for name in a:
         np.testing.assert_array_equal(a[name].counts, b[name].counts, err_msg=name)
-        np.testing.assert_array_equal(a[name].means, b[name].means, err_msg=name)
+        if exact:
+            np.testing.assert_array_equal(a[name].means, b[name].means, err_msg=name)
+        else:
+            assert_close_across_runs(a[name].means, b[name].means, err_msg=name)
 
 
 def build_until_first_checkpoint(plan, name: str = "weave") -> None:
@@ -92,7 +96,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, cfg_file, reference,
     proc.wait()
     done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert_same_banks(banks_of(out), banks_of(reference))
+    assert_same_banks(banks_of(out), banks_of(reference))  # checkpoints fall on batch boundaries
     assert not list(out.glob("*.partial.h5")) and not (out / jobs.LOCK_NAME).exists()
 
 
@@ -186,11 +190,12 @@ def test_ray_backend_matches_local(tmp_path, cfg_file, reference, local_ray):
     cfg = config.load(cfg_file)
     report = jobs.build_all(jobs.BuildPlan(cfg, str(tmp_path / "r")), backend="ray")
     assert report["failed"] == [] and report["backend"] == "ray"
-    assert_same_banks(banks_of(tmp_path / "r"), banks_of(reference))
+    # Ray workers run torch with one thread per task (OMP_NUM_THREADS), this process with all cores
+    assert_same_banks(banks_of(tmp_path / "r"), banks_of(reference), exact=False)
     local = jobs.build_all(jobs.BuildPlan(cfg, str(tmp_path / "ls"), shards=2), ["weave"])
     remote = jobs.build_all(jobs.BuildPlan(cfg, str(tmp_path / "rs"), shards=2), ["weave"], backend="ray")
     assert remote["classes"]["weave"]["n_centroids"] == local["classes"]["weave"]["n_centroids"]
-    assert_same_banks(banks_of(tmp_path / "rs"), banks_of(tmp_path / "ls"))
+    assert_same_banks(banks_of(tmp_path / "rs"), banks_of(tmp_path / "ls"), exact=False)
 
 
 @needs_ray
