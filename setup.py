@@ -4,6 +4,9 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+# The docs site (mkdocs.yml): `mkdocs build --strict` runs in CI, so `dev` carries these too.
+DOCS = ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"]
+
 version: dict[str, str] = {}
 exec(Path("ocbank/_version.py").read_text(), version)  # noqa: S102  (a literal assignment)
 
@@ -36,9 +39,12 @@ setup(
         "cpu": ["faiss-cpu>=1.8"],
         "gpu": ["faiss-gpu>=1.15.1"],
         "ray": ["ray>=2.9"],
+        "serve": ["ray[serve]>=2.9"],  # `ocbank serve`; includes ray
+        "anomalib": ["anomalib>=2.7"],  # ocbank.integrations.anomalib
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         "openvino": ["openvino>=2024.0"],
         "tiff": ["tifffile>=2023.1"],  # 16-bit float TIFFs, which PIL cannot open
+        "docs": DOCS,
         "dev": [
             "pytest>=7.4",
             "pytest-timeout>=2.2",
@@ -48,6 +54,7 @@ setup(
             "onnx>=1.16",
             "onnxruntime>=1.18",
             "onnxscript>=0.1",
+            *DOCS,
         ],
     },
     entry_points={"console_scripts": ["ocbank=ocbank.cli:main"]},

@@ -22,7 +22,14 @@ def test_quick_start_has_two_commands_and_ci_runs_the_test_one():
     commands = quick_start_commands()
     assert len(commands) == 2
     assert "ocbank.demo" in commands[0] and "pytest" in commands[1]
-    assert commands[1] in (ROOT / ".ci" / "run").read_text()
+    # CI runs every step of the test command, in order, one per line (so that a failing step
+    # fails the run), and may add steps between them (the docs build).
+    steps = [step.strip() for step in commands[1].split(" && ")]
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    positions = [ci.index(step) if step in ci else -1 for step in steps]
+    assert -1 not in positions, f".ci/run lacks the README step {steps[positions.index(-1)]!r}"
+    assert positions == sorted(positions), ".ci/run runs the README's steps out of order"
+    assert "set -euo pipefail" in ci
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
