@@ -305,8 +305,6 @@ def part_pipeline(data: Path, cache: Path, out: Path, rounds: int = 2) -> dict[s
     variants["jit.freeze (BN folded, oneDNN)"] = lambda: backbone_alone(fz, batches)
     fz_cl = frozen(FeatureExtractor(weights="none", device="cpu"), batches[0], nhwc=True)
     variants["jit.freeze + channels_last"] = lambda: backbone_alone(fz_cl, batches)
-    bf16 = FeatureExtractor(weights="none", device="cpu", autocast="bf16")
-    variants["bf16 autocast (changes features)"] = lambda: backbone_alone(bf16, batches)
 
     def one_thread() -> float:
         torch.set_num_threads(1)

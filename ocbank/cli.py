@@ -17,9 +17,9 @@ from typing import Any
 
 from . import __version__
 from .errors import OcbankError
+from .jobs import DEFAULT_CHECKPOINT_EVERY
 
 EXIT_OK, EXIT_PARTIAL, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
-_FORBIDDEN_IN_NAMES = ("/", "\\", "\x00")
 
 
 def _int_at_least(text: str, low: int) -> int:
@@ -44,19 +44,15 @@ def non_negative_int(text: str) -> int:
 
 
 def class_list(text: str) -> list[str]:
-    """argparse type: comma-separated plain class names (no '/', '\\', '..', empty names).
+    """argparse type: comma-separated class names, each a plain name (:func:`ocbank.config.check_class_name`)."""
+    from .config import check_class_name  # noqa: PLC0415
 
-    A class name becomes a file name under --out (``<class>.h5``), so it must not
-    reach outside that folder.
-    """
     names = [c.strip() for c in text.split(",")]
     for name in names:
-        if not name or name in (".", "..") or any(ch in name for ch in _FORBIDDEN_IN_NAMES):
-            msg = (
-                f"class names must be plain names (no '/', '\\', '..' or empty entries), "
-                f"got {name!r} in {text!r}"
-            )
-            raise argparse.ArgumentTypeError(msg)
+        try:
+            check_class_name(name, f"--classes entry {name!r} in {text!r}")
+        except OcbankError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
     return names
 
 
@@ -202,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for <class>.h5")
     p.add_argument("--classes", type=class_list, help="comma-separated subset of classes")
     p.add_argument("--device", help="override the config's device")
-    p.add_argument("--checkpoint-every", type=positive_int, default=100, metavar="N",
-                   help="rewrite <class>.partial.h5 every N images (default 100)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=DEFAULT_CHECKPOINT_EVERY, metavar="N",
+                   help=f"rewrite <class>.partial.h5 every N images (default {DEFAULT_CHECKPOINT_EVERY})")
     p.add_argument("--resume", action="store_true",
                    help="skip complete classes and continue partial ones from their checkpoint")
     p.add_argument("--single-bank", action="store_true",

@@ -21,7 +21,9 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .engine.bank import SEARCH_INDEXES
+from .engine.bank import check_radius as check_radius_value
+from .errors import ConfigError, InputError
 
 FORMATS = ("mvtec", "realiad", "folder")
 POOLS = ("none", "avg3")
@@ -32,8 +34,6 @@ MAX_NUM_WORKERS = 64
 MAX_IMAGE_SIDE = 8192
 MAX_BATCH_SIZE = 4096
 MAX_SIGMA = 64.0
-# A radius whose square overflows float64 cannot be compared with squared distances.
-MAX_RADIUS = 1e150
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
@@ -59,7 +59,11 @@ def _choice(where: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def check_class_name(name: Any, where: str = "class name") -> str:
-    """A class name is a plain file name: letters, digits, ``_ . -``; no separators, no ``..``."""
+    """A class name is a plain file name: letters, digits, ``_ . -``; no separators, no ``..``.
+
+    The one rule for class names, in the config and on the command line (``--classes``):
+    a name becomes a file name under the output folder, so it must not reach outside it.
+    """
     if not isinstance(name, str) or not _PLAIN_NAME.match(name) or ".." in name:
         msg = (
             f"{where} must be a plain name (letters, digits, '_', '.', '-'; no '/', '\\' or '..'), "
@@ -138,13 +142,28 @@ class BackboneConfig:
 
 
 def check_radius(value: Any, where: str = "bank.radius") -> float | str:
-    """'auto' or a positive finite number whose square is finite."""
+    """'auto', or a radius the engine accepts (:func:`ocbank.engine.bank.check_radius`)."""
     if value == "auto":
         return "auto"
-    if not _is_number(value) or not (0 < float(value) <= MAX_RADIUS) or math.isnan(float(value)):
-        msg = f"{where} must be 'auto' or a positive finite number (at most {MAX_RADIUS:g}), got {value!r}."
+    try:
+        return check_radius_value(value, where)
+    except InputError as exc:  # the engine's rule, reported as a config error
+        msg = f"{exc} Or set {where}: auto."
+        raise ConfigError(msg) from exc
+
+
+def check_autocast(autocast: str, device: str) -> None:
+    """The one autocast rule: fp16/bf16 run on CUDA only, so a CPU device refuses them.
+
+    ``device`` is a config device ("auto" passes: it may resolve to CUDA) or a resolved one.
+    CPU autocast is slow or unsupported and changes the scores: refuse it rather than guess.
+    """
+    if autocast != "none" and device != "auto" and not str(device).startswith("cuda"):
+        msg = (
+            f"backbone.autocast {autocast!r} needs a CUDA device, got device {device!r}. "
+            "Set backbone.autocast: none for CPU runs."
+        )
         raise ConfigError(msg)
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -163,7 +182,7 @@ class BankConfig:
         _int_in("bank.seed", self.seed, 0)
         if self.max_centroids is not None:
             _int_in("bank.max_centroids", self.max_centroids, 2)
-        _choice("bank.search_index", self.search_index, ("auto", "flat", "ivf"))
+        _choice("bank.search_index", self.search_index, SEARCH_INDEXES)
 
 
 @dataclass(frozen=True)
@@ -241,12 +260,7 @@ class Config:
 
     def __post_init__(self) -> None:
         check_device(self.device)
-        if self.device == "cpu" and self.backbone.autocast != "none":
-            msg = (
-                f"backbone.autocast {self.backbone.autocast!r} needs a CUDA device, got device 'cpu'. "
-                "Set backbone.autocast: none for CPU runs."
-            )
-            raise ConfigError(msg)
+        check_autocast(self.backbone.autocast, self.device)
 
     @property
     def image_size(self) -> int:

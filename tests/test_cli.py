@@ -163,12 +163,12 @@ def weave(tmp_path_factory, tiny_mvtec) -> dict[str, Path]:
         (["build", "--threads", "0"], "--threads: must be an integer >= 1"),
         (["build", "--threads", "two"], "--threads: must be an integer >= 1, got 'two'"),
         (["build", "--retries", "-1"], "--retries: must be an integer >= 0"),
-        (["build", "--classes", "../x"], "plain names"),
-        (["build", "--classes", "weave,,dots"], "plain names"),
-        (["build", "--classes", "a\\b"], "plain names"),
-        (["build", "--classes", ".."], "plain names"),
+        (["build", "--classes", "../x"], "plain name"),
+        (["build", "--classes", "weave,,dots"], "plain name"),
+        (["build", "--classes", "a\\b"], "plain name"),
+        (["build", "--classes", ".."], "plain name"),
         (["evaluate", "--heatmaps", "-1", "--banks", "b"], "--heatmaps: must be an integer >= 0"),
-        (["suggest-radius", "--classes", "/etc"], "plain names"),
+        (["suggest-radius", "--classes", "/etc"], "plain name"),
     ],
 )
 def test_arguments_are_checked_at_the_door(tmp_path, tiny_mvtec, capsys, argv, words):

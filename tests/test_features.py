@@ -84,9 +84,20 @@ def test_pooling_option_and_validation(extractor):
         FeatureExtractor(weights="none", pool="max5")
 
 
-def test_fp16_autocast_on_cpu_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"'fp16'.*CUDA"):
-        FeatureExtractor(weights="none", autocast="fp16", device="cpu")
+@pytest.mark.parametrize("autocast", ["fp16", "bf16"])
+def test_autocast_on_cpu_is_a_config_error(autocast):
+    """One rule (config.check_autocast) in the config, the extractor and the Detector: CUDA only."""
+    from ocbank import Detector, config
+    from ocbank.engine import cuda_available
+
+    with pytest.raises(ConfigError, match=rf"'{autocast}'.*CUDA"):
+        FeatureExtractor(weights="none", autocast=autocast, device="cpu")
+    with pytest.raises(ConfigError, match=rf"'{autocast}'.*CUDA"):
+        config.from_dict({"device": "cpu", "backbone": {"autocast": autocast}}, require_root=False)
+    det = Detector(weights="none", device="auto", autocast=autocast)  # "auto" may resolve to CUDA: accepted
+    if not cuda_available():
+        with pytest.raises(ConfigError, match=rf"'{autocast}'.*CUDA.*'cpu'"):
+            det.extractor  # noqa: B018  ("auto" resolved to the CPU: refused, not silently turned off)
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -36,13 +36,13 @@ from ..errors import CheckpointError, ConfigError, DataError, DependencyError
 from ..jsonio import write_json
 from ..model.detector import Detector
 from ..model.features import FEATURE_DIM, FeatureExtractor
+from . import DEFAULT_CHECKPOINT_EVERY
 from .lock import LOCK_NAME, build_lock
 
 log = logging.getLogger(__name__)
 
 SINGLE_BANK = "_all_classes"  # --single-bank writes DIR/_all_classes.h5
 SUMMARY_NAME = "build_summary.json"
-DEFAULT_CHECKPOINT_EVERY = 100
 
 __all__ = [
     "LOCK_NAME",

@@ -229,12 +229,8 @@ class Detector:
         with self._lock:
             if self._extractor is None:
                 bb = self.config.backbone
-                device = resolve_device(self.config.device)
-                autocast = bb.autocast
-                if autocast != "none" and not device.startswith("cuda"):
-                    log.warning("backbone.autocast %r is CUDA only; device 'auto' resolved to CPU, so it is off.", autocast)
-                    autocast = "none"
-                self._extractor = FeatureExtractor(weights=bb.weights, pool=bb.pool, device=device, autocast=autocast)
+                device = resolve_device(self.config.device)  # "auto" on a CPU machine refuses autocast here
+                self._extractor = FeatureExtractor(weights=bb.weights, pool=bb.pool, device=device, autocast=bb.autocast)
             return self._extractor
 
     @property

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, WeightsError
+from ..config import BackboneConfig, check_autocast
+from ..errors import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +24,6 @@ RANDOM_INIT_SEED = 0
 # How weights "none" are drawn (stored in bank metadata): torchvision's init scheme from a
 # local torch.Generator seeded with RANDOM_INIT_SEED, modules in ``net.modules()`` order.
 RANDOM_INIT_SCHEME = "torchvision-init/local-generator/v1"
-POOLS = ("none", "avg3")
-AUTOCAST = ("none", "fp16", "bf16")
 
 
 def imagenet_weights_file() -> tuple[Path, str]:
@@ -142,19 +141,8 @@ class FeatureExtractor(nn.Module):
 
     def __init__(self, weights: str = "imagenet", pool: str = "none", device: str = "cpu", autocast: str = "none"):
         super().__init__()
-        if pool not in POOLS:
-            msg = f"backbone.pool must be one of {POOLS}, got {pool!r}."
-            raise ConfigError(msg)
-        if autocast not in AUTOCAST:
-            msg = f"backbone.autocast must be one of {AUTOCAST}, got {autocast!r}."
-            raise ConfigError(msg)
-        if autocast == "fp16" and torch.device(device).type == "cpu":
-            # CPU fp16 convolutions are slow or unsupported and change the scores: refuse, don't guess.
-            msg = (
-                f"backbone.autocast {autocast!r} needs a CUDA device, got device {device!r}. "
-                "Use 'bf16' or 'none' on CPU."
-            )
-            raise ConfigError(msg)
+        BackboneConfig(weights=weights, pool=pool, autocast=autocast)  # the config's vocabularies
+        check_autocast(autocast, str(device))
         net = _load_backbone(weights)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
         self.layer2 = net.layer2
