@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ocbank import ClusterBank
-from ocbank.engine.bank import resolve_device
+from ocbank.engine.device import resolve_device
 from ocbank.model.features import FEATURE_DIM, FeatureExtractor
 from ocbank.model.scoring import anomaly_maps, image_scores
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ocbank import ClusterBank
-from ocbank.engine.bank import resolve_device
+from ocbank.engine.device import resolve_device
 
 from .bench_build import BATCH, DIM, ClusteredStream, write_result
 from .run import FlatSearch, gemm_rate

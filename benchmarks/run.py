@@ -46,7 +46,7 @@ import torch
 
 from ocbank import ClusterBank, config
 from ocbank.data import class_names, load_split
-from ocbank.engine.bank import resolve_device
+from ocbank.engine.device import resolve_device
 from ocbank.model import metrics, scoring_modes
 from ocbank.model.detector import Detector
 from ocbank.model.features import FEATURE_DIM

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ocbank import ClusterBank
-from ocbank.engine.bank import cuda_available
+from ocbank.engine.device import cuda_available
 
 from .conftest import assert_close_across_runs, clustered
 

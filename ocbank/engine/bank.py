@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DeviceError, InputError, InputTypeError
+from ..errors import InputError, InputTypeError
 from . import checkpoint
-from ._faiss import faiss_has_gpu
 from ._rwlock import RWLock
+from .device import resolve_device
 from .ivf import IvfSearch, use_ivf
 from .store import NO_LIMIT, CpuStore, Store, TorchStore
 
@@ -30,30 +30,6 @@ MAX_K = 2048
 
 def _is_torch_tensor(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "torch" and hasattr(x, "is_floating_point")
-
-
-def cuda_available() -> bool:
-    """True when both torch and faiss see a CUDA GPU."""
-    try:
-        import torch  # noqa: PLC0415
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available()) and faiss_has_gpu()
-
-
-def resolve_device(device: str) -> str:
-    """Map ``"cpu" | "cuda" | "cuda:N" | "auto"`` to a concrete device string; :class:`DeviceError` without CUDA."""
-    if device == "cpu":
-        return "cpu"
-    if device == "auto":
-        return "cuda" if cuda_available() else "cpu"
-    if not cuda_available():
-        msg = (
-            f"device={device!r} was requested, but no CUDA GPU is visible to both torch and "
-            "faiss. Use device='cpu' (or 'auto'), or install the GPU build: pip install '.[gpu]'."
-        )
-        raise DeviceError(msg)
-    return device
 
 
 def check_radius(radius: Any, name: str = "radius") -> float:
