@@ -167,14 +167,13 @@ class StageClock:
 def instrumented_predict(det: Any, samples: list[Any], out: Path, overlays: int | None) -> dict[str, Any]:
     """jobs.predict's loop with a clock per stage; ``overlays`` = None writes one per image (as predict does)."""
     from ocbank.data.loader import make_loader
-    from ocbank.jobs.evaluate import _map_range
-    from ocbank.jobs.visualize import save_overlay
+    from ocbank.jobs.visualize import map_range, save_overlay
     from ocbank.model.scoring import anomaly_maps, image_scores
 
     clock = StageClock()
     size = det.config.image_size
     sigma = det.config.scoring.sigma
-    vmin, vmax = _map_range(det)
+    vmin, vmax = map_range(det.bank.radius)
     written = 0
     t_all = t = time.perf_counter()
     loader = iter(make_loader(samples, det.config))
@@ -208,13 +207,12 @@ def prefetched_predict(
     import threading
 
     from ocbank.data.loader import make_loader
-    from ocbank.jobs.evaluate import _map_range
-    from ocbank.jobs.visualize import save_overlay
+    from ocbank.jobs.visualize import map_range, save_overlay
     from ocbank.model.scoring import anomaly_maps, image_scores
 
     size = det.config.image_size
     sigma = det.config.scoring.sigma
-    vmin, vmax = _map_range(det)
+    vmin, vmax = map_range(det.bank.radius)
     q: queue.Queue = queue.Queue(maxsize=2)
 
     def produce() -> None:

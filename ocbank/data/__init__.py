@@ -1,7 +1,16 @@
 """Data: image reading, dataset layouts and the ordered loader."""
 
 from ..errors import DataError
-from .datasets import ClassSplit, Sample, class_names, images_in, load_split
+from .datasets import (
+    ClassSplit,
+    Sample,
+    calibration_images,
+    class_names,
+    ignored_name,
+    images_in,
+    list_inputs,
+    load_split,
+)
 from .images import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, MAX_IMAGE_PIXELS, Transform, open_image, open_mask
 from .loader import ImageDataset, make_loader
 
@@ -15,8 +24,11 @@ __all__ = [
     "ImageDataset",
     "Sample",
     "Transform",
+    "calibration_images",
     "class_names",
+    "ignored_name",
     "images_in",
+    "list_inputs",
     "load_split",
     "make_loader",
     "open_image",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,62 @@ class ClassSplit:
     test: list[Sample] = field(default_factory=list)
 
 
+# ---------------------------------------------------------------------- listing files
+def ignored_name(name: str) -> bool:
+    """Files and folders that every file browser hides: dot-names (macOS ``._x.png`` resource
+    forks, ``.DS_Store``, ``.git``) and the ``__MACOSX`` folder that zip tools write."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def images_in(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively, by suffix), sorted."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """Image files under ``folder`` (recursively, by suffix), sorted.
+
+    Symlinked sub-folders are followed, each real folder once (a link loop ends there).
+    A link that points nowhere is listed, so that reading it fails and is counted like
+    any unreadable image. Names that :func:`ignored_name` hides are skipped.
+    """
+    found: list[Path] = []
+    seen: set[str] = set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a link back to a folder already walked
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not ignored_name(d)]
+        found += [Path(top, n) for n in names if not ignored_name(n) and Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found)
+
+
+def list_inputs(inputs: list[str]) -> list[Path]:
+    """Image files and folders (searched with :func:`images_in`) -> files, in the order given."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += images_in(p)
+        elif p.is_file():
+            files.append(p)
+        else:
+            msg = f"input {str(p)!r} does not exist. Pass image files or folders."
+            raise DataError(msg)
+    if not files:
+        msg = f"no images found in {inputs!r}. Supported suffixes: {sorted(IMAGE_SUFFIXES)}."
+        raise DataError(msg)
+    return files
+
+
+def calibration_images(folder: str | Path) -> list[Sample]:
+    """The normal images of a calibration folder (recursively), refused by name when there are none."""
+    p = Path(folder)
+    if not p.is_dir():
+        msg = f"calibration folder {p} does not exist. Pass a folder of normal images of this product."
+        raise DataError(msg)
+    files = images_in(p)
+    if not files:
+        msg = f"no images found in the calibration folder {p}. Supported suffixes: {sorted(IMAGE_SUFFIXES)}."
+        raise DataError(msg)
+    return [Sample(str(f)) for f in files]
 
 
 # ---------------------------------------------------------------------- layouts

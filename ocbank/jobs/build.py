@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import Config, check_class_name
-from ..data import IMAGE_SUFFIXES, Sample, class_names, images_in, load_split
+from ..data import Sample, calibration_images, class_names, load_split
 from ..engine import BankState, ClusterBank, resolve_device
 from ..engine.checkpoint import read_bank
 from ..errors import CheckpointError, ConfigError, DataError, DependencyError
@@ -164,18 +164,6 @@ class ClassInputs:
     train: list[Sample]
     calibration: list[Sample] = field(default_factory=list)
     calibration_source: str = "none"  # "holdout", "folder" or "none"
-
-
-def calibration_images(folder: str | Path) -> list[Sample]:
-    p = Path(folder)
-    if not p.is_dir():
-        msg = f"calibration folder {p} does not exist. Pass a folder of normal images of this product."
-        raise DataError(msg)
-    files = images_in(p)
-    if not files:
-        msg = f"no images found in the calibration folder {p}. Supported suffixes: {sorted(IMAGE_SUFFIXES)}."
-        raise DataError(msg)
-    return [Sample(str(f)) for f in files]
 
 
 def class_inputs(plan: BuildPlan, job: ClassJob) -> ClassInputs:

@@ -22,7 +22,7 @@ from ..model.detector import Detector
 from ..model.features import FeatureExtractor
 from .build import SINGLE_BANK
 from .report import ReportCollector, write_report
-from .visualize import save_overlay
+from .visualize import map_range, save_overlay
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _score_class(det: Detector, name: str, split: Any, out: Path, heatmaps: int,
         for j in [j for j, s in enumerate(samples) if s.label == 1][: max(heatmaps - shown, 0)]:
             stem = Path(str(samples[j].path)).stem
             save_overlay(out / "heatmaps" / name / f"{samples[j].defect}_{stem}.png",
-                         res.rgb[j], res.maps[j], *_map_range(det), res.masks[j])
+                         res.rgb[j], res.maps[j], *map_range(det.bank.radius), res.masks[j])
             shown += 1
     got.seconds = time.perf_counter() - start
     return got
@@ -189,7 +189,7 @@ def evaluate(
         det = last[1]
         got = _score_class(det, name, split, out, heatmaps, collected)
         results[name], maps, masks = _class_row(det, got, cfg.image_size)
-        collected.end_class(name, masks, maps, getattr(det, "metadata_", {}), _map_range(det))
+        collected.end_class(name, masks, maps, getattr(det, "metadata_", {}), map_range(det.bank.radius))
         csv_rows += got.csv_rows
     rows = list(results.values())
     report = {"classes": results, "mean": _mean_row(rows), "n_skipped": sum(r["n_skipped"] for r in rows)}
@@ -230,11 +230,6 @@ def _decision_columns(det: Detector, labels: np.ndarray, scores: np.ndarray) -> 
             "source": det.decision.source,
         }
     return out
-
-
-def _map_range(det: Detector) -> tuple[float, float]:
-    """Colour scale for overlays: 0 .. 2 r (r = the bank's radius)."""
-    return 0.0, 2.0 * det.bank.radius
 
 
 def format_table(report: dict[str, Any]) -> str:

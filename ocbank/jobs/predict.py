@@ -9,31 +9,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..data import IMAGE_SUFFIXES, Sample, images_in
+from ..data import Sample, list_inputs
 from ..errors import ConfigError, DataError
 from ..model.detector import Detector, ScoredBatch
-from .evaluate import _map_range, check_complete
-from .visualize import save_overlay
+from .evaluate import check_complete
+from .visualize import map_range, save_overlay
 
 OVERLAYS = ("all", "ng", "none")  # which images get a heatmap overlay PNG
-
-
-def list_inputs(inputs: list[str]) -> list[Path]:
-    """Image files and folders (searched recursively, sorted) -> files, in the order given."""
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            files += images_in(p)
-        elif p.is_file():
-            files.append(p)
-        else:
-            msg = f"input {str(p)!r} does not exist. Pass image files or folders."
-            raise DataError(msg)
-    if not files:
-        msg = f"no images found in {inputs!r}. Supported suffixes: {sorted(IMAGE_SUFFIXES)}."
-        raise DataError(msg)
-    return files
 
 
 def predict(
@@ -60,7 +42,7 @@ def predict(
     out = Path(out_dir)
     (out / "maps" if save_maps else out).mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any] | None] = [None] * len(files)
-    vmin, vmax = _map_range(det)
+    vmin, vmax = map_range(det.bank.radius)
     for res in det.score_batches([Sample(str(f)) for f in files]):
         for idx in res.skipped:
             rows[idx] = {"path": str(files[idx]), "score": float("nan"), "status": "unreadable"}

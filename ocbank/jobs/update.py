@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data import Sample
+from ..data import Sample, calibration_images, list_inputs
 from ..errors import DataError
 from ..model.detector import Detector
 from ..model.features import file_sha256
-from .predict import list_inputs
 
 
 @dataclass(frozen=True)
@@ -44,8 +43,6 @@ def update_bank(job: UpdateJob) -> dict[str, Any]:
         msg = f"none of the {len(files)} new images could be read; {job.bank} was not changed."
         raise DataError(msg)
     if job.calibration:
-        from .build import calibration_images  # noqa: PLC0415
-
         det.calibrate(calibration_images(job.calibration), source="folder")
     stale = det.decision is not None and not job.calibration
     entry = {

@@ -8,6 +8,11 @@ import numpy as np
 from PIL import Image
 
 
+def map_range(radius: float) -> tuple[float, float]:
+    """The overlays' colour scale for a bank of radius ``radius``: 0 .. 2 r, the same for every image."""
+    return 0.0, 2.0 * radius
+
+
 def overlay(rgb: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, alpha: float = 0.45) -> np.ndarray:
     """rgb uint8 [S, S, 3] + map [S, S] -> uint8 [S, S, 3] with a jet heatmap blended in."""
     from matplotlib import colormaps  # noqa: PLC0415
