@@ -29,6 +29,7 @@ the file, which the loader turns into a one-line warning and a skipped, counted 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -57,19 +58,29 @@ _COLOUR_MODES = {"CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBA", "RGBa"}
 
 
 # ---------------------------------------------------------------------- arrays
+def check_unit_range(lo: float, hi: float, where: str) -> None:
+    """The one rule for float pixels, from files, arrays and tensors alike: finite and in [0, 1].
+
+    ``lo`` / ``hi`` are the image's smallest and largest value (NaN when it holds one).
+    Values within half an 8-bit level outside [0, 1] are rounding noise and pass.
+    """
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        msg = f"{where} has NaN or infinite pixel values. Use finite values in [0, 1]."
+        raise DataError(msg)
+    if lo < -_FLOAT_SLACK or hi > 1 + _FLOAT_SLACK:
+        hint = " It looks like 0..255: divide by 255." if hi > 2.0 else ""
+        msg = (
+            f"{where} is a float image with values in [{lo:.4g}, {hi:.4g}], outside [0, 1].{hint} "
+            "Scale it to [0, 1] or use 8- or 16-bit integers."
+        )
+        raise DataError(msg)
+
+
 def _float_to_u8(values: np.ndarray, where: str) -> np.ndarray:
     """Float array in [0, 1] -> uint8 (x 255, rounded); refuse NaN/inf or values outside."""
     values = np.asarray(values, dtype=np.float64)
-    if not np.isfinite(values).all():
-        msg = f"{where} has NaN or infinite pixel values. Save finite values in [0, 1]."
-        raise DataError(msg)
     lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if lo < -_FLOAT_SLACK or hi > 1 + _FLOAT_SLACK:
-        msg = (
-            f"{where} is a float image with values in [{lo:.4g}, {hi:.4g}], outside [0, 1]. "
-            "Scale it to [0, 1] or save it as 8- or 16-bit integers."
-        )
-        raise DataError(msg)
+    check_unit_range(lo, hi, where)
     return np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 

@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from ..config import (
     load,
 )
 from ..data import IMAGENET_MEAN, IMAGENET_STD, Sample, make_loader
+from ..data.images import check_unit_range
 from ..data.loader import prefetched
 from ..engine import ClusterBank, resolve_device
 from ..engine.checkpoint import read_bank
@@ -121,6 +123,25 @@ def as_samples(images: Any) -> list[Sample]:
     return out
 
 
+def _in_unit_range(part: torch.Tensor, offset: int) -> tuple[list[int], list[int]]:
+    """Split a tensor batch [n, 3, S, S] by the float-pixel rule arrays and files follow
+    (:func:`ocbank.data.images.check_unit_range`): (kept positions, skipped input indices).
+
+    Each image outside the rule is skipped and named, as an unreadable file or array is.
+    """
+    flat = part.reshape(part.shape[0], -1)
+    lows, highs = flat.amin(1).tolist(), flat.amax(1).tolist()  # NaN propagates into both
+    keep, skipped = [], []
+    for i, (lo, hi) in enumerate(zip(lows, highs, strict=True)):
+        try:
+            check_unit_range(lo, hi, f"tensor[{offset + i}]")
+            keep.append(i)
+        except DataError as exc:
+            warnings.warn(f"skipping image: {exc}", stacklevel=3)
+            skipped.append(offset + i)
+    return keep, skipped
+
+
 def normalize(batch: torch.Tensor) -> torch.Tensor:
     """RGB in [0, 1] [N, 3, S, S] -> ImageNet-normalised [N, 3, S, S]."""
     mean = torch.tensor(IMAGENET_MEAN, dtype=batch.dtype, device=batch.device)[:, None, None]
@@ -148,7 +169,10 @@ class _Inputs:
         return [self.samples[i] for i in idx]
 
     def name(self, i: int) -> str:
-        return f"tensor[{i}]" if self.tensor is not None else str(self.samples[i].path)
+        if self.tensor is not None:
+            return f"tensor[{i}]"
+        path = self.samples[i].path  # a file by its path, an in-memory image by its position
+        return str(path) if isinstance(path, (str, bytes, os.PathLike)) else f"images[{i}]"
 
 
 class Detector:
@@ -257,9 +281,11 @@ class Detector:
             raise InputTypeError(msg)
         step = self.config.data.batch_size
         for lo in range(0, batch.shape[0], step):
-            part = batch[lo : lo + step].float().contiguous()  # one memory layout, one conv kernel
+            part = batch[lo : lo + step].float()
+            keep, skipped = _in_unit_range(part, lo)
+            part = part[keep].contiguous()  # one memory layout, one conv kernel
             rgb = (part.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            yield {"index": list(range(lo, lo + part.shape[0])), "skipped": [], "rgb": rgb}, normalize(part)
+            yield {"index": [lo + i for i in keep], "skipped": skipped, "rgb": rgb}, normalize(part)
 
     def features(
         self, images: Any, with_masks: bool = False
