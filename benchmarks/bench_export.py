@@ -30,9 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-IMAGENET_MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
-IMAGENET_STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
-
 
 def _timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
@@ -41,6 +38,7 @@ def _timed(fn: Callable[[], object]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ocbank.data.images import normalize
     from ocbank.model.detector import Detector
     from ocbank.model.export import build_model, export_onnx
     from ocbank.model.features import FEATURE_DIM
@@ -73,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def detector_path() -> None:
         for x in batches:
-            feats = det.extractor((torch.from_numpy(x) - IMAGENET_MEAN) / IMAGENET_STD)
+            feats = det.extractor(normalize(torch.from_numpy(x)))
             b, h, w, _ = feats.shape
             dist, _ = det.bank.search(feats.reshape(-1, FEATURE_DIM), k=1)
             grid = dist.reshape(b, h, w)

@@ -11,7 +11,16 @@ from .datasets import (
     list_inputs,
     load_split,
 )
-from .images import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, MAX_IMAGE_PIXELS, Transform, open_image, open_mask
+from .images import (
+    IMAGE_SUFFIXES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MAX_IMAGE_PIXELS,
+    Transform,
+    normalize,
+    open_image,
+    open_mask,
+)
 from .loader import ImageDataset, make_loader
 
 __all__ = [
@@ -31,6 +40,7 @@ __all__ = [
     "list_inputs",
     "load_split",
     "make_loader",
+    "normalize",
     "open_image",
     "open_mask",
 ]

@@ -297,6 +297,17 @@ def open_mask(source: Any) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- transform
+def normalize(rgb: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1] [..., 3, H, W] -> ImageNet-normalised, same shape, dtype and device.
+
+    The one normalisation: the loader's transform, the Detector's tensor inputs and
+    the exported graph (:class:`ocbank.model.module.AnomalyModel`) all call it.
+    """
+    mean = rgb.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = rgb.new_tensor(IMAGENET_STD).view(3, 1, 1)
+    return (rgb - mean) / std
+
+
 @dataclass(frozen=True)
 class Transform:
     """Resize to a ``resize`` x ``resize`` square, then center crop to ``crop`` (if set)."""
@@ -320,9 +331,7 @@ class Transform:
         rgb8 = open_image(img) if not (isinstance(img, Image.Image) and img.mode == "RGB") else img
         rgb = np.asarray(self._geometry(rgb8, Image.BILINEAR), dtype=np.uint8)
         t = torch.from_numpy(rgb.astype(np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
-        std = torch.tensor(IMAGENET_STD)[:, None, None]
-        return (t - mean) / std, rgb
+        return normalize(t), rgb
 
     def mask(self, mask: Image.Image | np.ndarray, image_size: tuple[int, int], where: str) -> np.ndarray:
         """Binary mask uint8 [S, S] (any nonzero pixel is 1); resized nearest if its size differs.

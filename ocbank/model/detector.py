@@ -36,7 +36,7 @@ from ..config import (
     from_dict,
     load,
 )
-from ..data import IMAGENET_MEAN, IMAGENET_STD, Sample, make_loader
+from ..data import Sample, make_loader, normalize
 from ..data.images import check_unit_range
 from ..data.loader import prefetched
 from ..engine import ClusterBank, resolve_device
@@ -140,13 +140,6 @@ def _in_unit_range(part: torch.Tensor, offset: int) -> tuple[list[int], list[int
             warnings.warn(f"skipping image: {exc}", stacklevel=3)
             skipped.append(offset + i)
     return keep, skipped
-
-
-def normalize(batch: torch.Tensor) -> torch.Tensor:
-    """RGB in [0, 1] [N, 3, S, S] -> ImageNet-normalised [N, 3, S, S]."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=batch.dtype, device=batch.device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, dtype=batch.dtype, device=batch.device)[:, None, None]
-    return (batch - mean) / std
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,30 @@ def _load_backbone(weights: str) -> nn.Module:
     return model
 
 
+def backbone_layers(net: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised images [B, 3, H, W] -> (layer2 [B, 512, H/8, W/8], layer3 [B, 1024, H/16, W/16]).
+
+    ``net`` is anything with ``stem``, ``layer2`` and ``layer3``: a :class:`FeatureExtractor`,
+    or the exported model that shares its layers.
+    """
+    f2 = net.layer2(net.stem(images))
+    return f2, net.layer3(f2)
+
+
+def patch_head(f2: torch.Tensor, f3: torch.Tensor, pool: str) -> torch.Tensor:
+    """layer2 [B, C2, h, w], layer3 [B, C3, h', w'] -> patch features [B, h, w, C2 + C3].
+
+    With ``pool="avg3"`` each layer is 3x3 average pooled first; layer3 is bilinearly
+    upsampled to layer2's grid, then both are concatenated, channels last. Pure torch
+    (it exports): the extractor and :class:`ocbank.model.module.AnomalyModel` share it.
+    """
+    if pool == "avg3":
+        f2 = F.avg_pool2d(f2, 3, stride=1, padding=1)
+        f3 = F.avg_pool2d(f3, 3, stride=1, padding=1)
+    f3 = F.interpolate(f3, size=f2.shape[-2:], mode="bilinear", align_corners=False)
+    return torch.cat([f2, f3], dim=1).permute(0, 2, 3, 1)
+
+
 class FeatureExtractor(nn.Module):
     """Images [B, 3, H, W] (ImageNet-normalised) -> patch features [B, H/8, W/8, 1536].
 
@@ -172,11 +196,5 @@ class FeatureExtractor(nn.Module):
             images = images.contiguous(memory_format=torch.channels_last)
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.autocast)
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            f2 = self.layer2(self.stem(images))
-            f3 = self.layer3(f2)
-        f2, f3 = f2.float(), f3.float()
-        if self.pool == "avg3":
-            f2 = F.avg_pool2d(f2, 3, stride=1, padding=1)
-            f3 = F.avg_pool2d(f3, 3, stride=1, padding=1)
-        f3 = F.interpolate(f3, size=f2.shape[-2:], mode="bilinear", align_corners=False)
-        return torch.cat([f2, f3], dim=1).permute(0, 2, 3, 1).contiguous()
+            f2, f3 = backbone_layers(self, images)
+        return patch_head(f2.float(), f3.float(), self.pool).contiguous()

@@ -18,11 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.images import normalize
 from ..errors import ConfigError, InputError
-from .features import FeatureExtractor
+from .features import FeatureExtractor, backbone_layers, patch_head
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
 OUTPUT_NAMES = ("score", "map")
 DECISION_OUTPUT_NAMES = ("label", "normalized", "mask")
@@ -183,8 +182,6 @@ class AnomalyModel(nn.Module):
         self.spec = spec
         self.decision = decision
         self.blur = GaussianBlur(spec.sigma, spec.size)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         # Stored as [D, K], the MatMul's layout: the graph's initializer is then this buffer itself.
         self.register_buffer("means_t", mu.T.contiguous())
         self.register_buffer("means_sq", (mu.double() ** 2).sum(1).float())
@@ -196,14 +193,7 @@ class AnomalyModel(nn.Module):
 
     def patch_features(self, image: torch.Tensor) -> torch.Tensor:
         """[N, 3, S, S] RGB in [0, 1] -> [N, S/8, S/8, 1536], as FeatureExtractor (in float32)."""
-        x = (image - self.mean) / self.std
-        f2 = self.layer2(self.stem(x))
-        f3 = self.layer3(f2)
-        if self.pool == "avg3":
-            f2 = F.avg_pool2d(f2, 3, stride=1, padding=1)
-            f3 = F.avg_pool2d(f3, 3, stride=1, padding=1)
-        f3 = F.interpolate(f3, size=f2.shape[-2:], mode="bilinear", align_corners=False)
-        return torch.cat([f2, f3], dim=1).permute(0, 2, 3, 1)
+        return patch_head(*backbone_layers(self, normalize(image)), self.pool)
 
     def distances(self, feats: torch.Tensor) -> torch.Tensor:
         """[N, h, w, D] -> 1-NN distance to the means [N, h, w] (plain L2)."""
