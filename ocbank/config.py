@@ -23,6 +23,7 @@ import yaml
 
 from .engine.bank import SEARCH_INDEXES
 from .engine.bank import check_radius as check_radius_value
+from .engine.store import GPU_SEARCH, SEARCH_PRECISIONS
 from .errors import ConfigError, InputError
 
 FORMATS = ("mvtec", "realiad", "folder")
@@ -175,6 +176,9 @@ class BankConfig:
     seed: int = 0
     max_centroids: int | None = None  # a hard cap on the bank's size (None: unbounded): r grows to keep it
     search_index: str = "auto"  # auto (IVF on CPU from 50k centroids) | flat (always exact) | ivf
+    # CUDA search: auto (faiss.knn_gpu if the faiss GPU build is present, else torch) | faiss | torch
+    gpu_search: str = "auto"
+    gpu_search_precision: str = "fp32"  # fp32 | fp16 | bf16 candidates of the torch search (re-checked in fp32)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "radius", check_radius(self.radius))
@@ -183,6 +187,14 @@ class BankConfig:
         if self.max_centroids is not None:
             _int_in("bank.max_centroids", self.max_centroids, 2)
         _choice("bank.search_index", self.search_index, SEARCH_INDEXES)
+        _choice("bank.gpu_search", self.gpu_search, GPU_SEARCH)
+        _choice("bank.gpu_search_precision", self.gpu_search_precision, SEARCH_PRECISIONS)
+        if self.gpu_search == "faiss" and self.gpu_search_precision != "fp32":
+            msg = (
+                f"bank.gpu_search 'faiss' searches in fp32 only, got bank.gpu_search_precision "
+                f"{self.gpu_search_precision!r}. Use gpu_search: torch (or auto) for fp16/bf16."
+            )
+            raise ConfigError(msg)
 
 
 @dataclass(frozen=True)

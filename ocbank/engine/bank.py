@@ -16,7 +16,7 @@ from . import checkpoint
 from ._rwlock import RWLock
 from .device import resolve_device
 from .ivf import IvfSearch, use_ivf
-from .store import NO_LIMIT, CpuStore, Store, TorchStore
+from .store import NO_LIMIT, CpuStore, Store, TorchStore, resolve_search
 
 _DEVICES = ("cpu", "cuda", "auto")
 # "auto": exact flat search, or IVF (approximate) on CPU from ivf.IVF_MIN_CENTROIDS centroids on.
@@ -83,6 +83,19 @@ class ClusterBank:
         Hard cap N >= 2 on the number of centroids; None for no cap.
     radius_growth : float
         Factor > 1 applied to the radius each time the cap is hit.
+    search_index : {"auto", "flat", "ivf"}
+        CPU k-NN search of a large bank (see :meth:`search`).
+    gpu_search : {"auto", "faiss", "torch"}
+        How a CUDA bank searches: ``faiss.knn_gpu`` (needs a faiss GPU build) or torch
+        (a GEMM plus ``topk``; works with faiss-cpu); "auto" picks faiss when its GPU
+        build is present (and the precision is fp32), else torch. On ``device="cpu"``,
+        "torch" runs that same torch store on CPU tensors (for tests and checks;
+        the faiss CPU store is faster there); "auto" and "faiss" use the faiss CPU store.
+    gpu_search_precision : {"fp32", "fp16", "bf16"}
+        Precision of the torch search's candidate GEMM. fp16/bf16 candidates are
+        re-checked in exact fp32 (adds decide on fp32 distances; searches re-rank
+        the top candidates in fp32), so only a true nearest centroid that the
+        half-precision GEMM ranks outside the candidate list can be missed.
     """
 
     def __init__(
@@ -93,6 +106,8 @@ class ClusterBank:
         max_centroids: int | None = None,
         radius_growth: float = 1.25,
         search_index: str = "auto",
+        gpu_search: str = "auto",
+        gpu_search_precision: str = "fp32",
     ) -> None:
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
             msg = f"dim must be a positive integer, got {dim!r}. Pass the feature size, e.g. dim=1536."
@@ -125,6 +140,9 @@ class ClusterBank:
             msg = f"search_index must be one of {SEARCH_INDEXES}, got {search_index!r}."
             raise InputError(msg)
         self.search_index = search_index
+        resolve_search(gpu_search, "cpu", gpu_search_precision)  # validates both names
+        self.gpu_search = gpu_search
+        self.gpu_search_precision = gpu_search_precision
         self._ivf: IvfSearch | None = None
         self.radius_history_: list[dict[str, Any]] = []
         self.spread_known_ = True
@@ -136,9 +154,10 @@ class ClusterBank:
     # ------------------------------------------------------------------ state
     def _new_store(self) -> Store:
         device = resolve_device(self.device)
-        if device == "cpu":
+        search = resolve_search(self.gpu_search, device, self.gpu_search_precision)
+        if device == "cpu" and search == "faiss":
             return CpuStore(self.dim, self.radius)
-        return TorchStore(self.dim, self.radius, device)
+        return TorchStore(self.dim, self.radius, device, search=search, precision=self.gpu_search_precision)
 
     @property
     def _bank_store(self) -> Store:
@@ -168,14 +187,28 @@ class ClusterBank:
         store = self._bank_store
         return "cpu" if isinstance(store, CpuStore) else str(store.device)
 
+    @property
+    def search_backend_(self) -> dict[str, str]:
+        """Which search this bank runs: {"device", "search": "faiss" | "torch", "precision"}.
+
+        Detectors write it into their bank file's metadata; builds into their summaries.
+        """
+        store = self._bank_store
+        if isinstance(store, TorchStore):
+            return {"device": str(store.device), "search": store.search_backend, "precision": store.precision}
+        return {"device": "cpu", "search": "faiss", "precision": "fp32"}
+
     def __len__(self) -> int:
         store = self.__dict__.get("store_")
         return 0 if store is None else store.size
 
     def __repr__(self) -> str:
         cap = "" if self.max_centroids is None else f", max_centroids={self.max_centroids}"
+        search = "" if self.gpu_search == "auto" else f", gpu_search={self.gpu_search!r}"
+        if self.gpu_search_precision != "fp32":
+            search += f", gpu_search_precision={self.gpu_search_precision!r}"
         return (
-            f"ClusterBank(dim={self.dim}, radius={self.radius}, device={self.device!r}{cap}) "
+            f"ClusterBank(dim={self.dim}, radius={self.radius}, device={self.device!r}{cap}{search}) "
             f"with {len(self)} centroids from {self.n_seen} vectors"
         )
 
@@ -487,12 +520,15 @@ class ClusterBank:
             checkpoint.write_bank(path, self.state(metadata))
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: str = "cpu") -> ClusterBank:
-        """Read and validate a bank file; raise :class:`CheckpointError` if it is unusable."""
-        return cls.from_state(checkpoint.read_bank(path), device=device)
+    def load(cls, path: str | os.PathLike[str], device: str = "cpu", **search: str) -> ClusterBank:
+        """Read and validate a bank file; raise :class:`CheckpointError` if it is unusable.
+
+        ``search`` takes ``search_index``, ``gpu_search`` and ``gpu_search_precision`` (see the class).
+        """
+        return cls.from_state(checkpoint.read_bank(path), device=device, **search)
 
     @classmethod
-    def from_state(cls, state: checkpoint.BankState, device: str = "cpu") -> ClusterBank:
+    def from_state(cls, state: checkpoint.BankState, device: str = "cpu", **search: str) -> ClusterBank:
         """A bank holding ``state``'s centroids, counts, m2, n_seen, cap, radius history and metadata."""
         bank = cls(
             dim=state.dim,
@@ -500,6 +536,7 @@ class ClusterBank:
             device=device,
             max_centroids=state.max_centroids,
             radius_growth=state.radius_growth,
+            **search,
         )
         return bank.load_state(state)
 

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from ..errors import DeviceError
-from ._faiss import faiss_has_gpu
 
 
 def cuda_available() -> bool:
-    """True when both torch and faiss see a CUDA GPU."""
+    """True when torch sees a CUDA GPU (faiss need not: a CUDA bank can search with torch)."""
     try:
         import torch  # noqa: PLC0415
     except ImportError:
         return False
-    return bool(torch.cuda.is_available()) and faiss_has_gpu()
+    return bool(torch.cuda.is_available())
 
 
 def resolve_device(device: str) -> str:
@@ -23,8 +22,8 @@ def resolve_device(device: str) -> str:
         return "cuda" if cuda_available() else "cpu"
     if not cuda_available():
         msg = (
-            f"device={device!r} was requested, but no CUDA GPU is visible to both torch and "
-            "faiss. Use device='cpu' (or 'auto'), or install the GPU build: pip install '.[gpu]'."
+            f"device={device!r} was requested, but torch sees no CUDA GPU. "
+            "Use device='cpu' (or 'auto'), or install a CUDA build of torch."
         )
         raise DeviceError(msg)
     return device

@@ -13,8 +13,12 @@ separate index, so the searched structure can never go stale.
 - :class:`CpuStore`: numpy buffers searched with ``faiss.pairwise_distances`` and
   ``faiss.knn`` (faiss-cpu); the kernel updates the means in place (Welford).
 - :class:`TorchStore`: torch buffers on a device (CUDA in production), searched
-  with ``faiss.knn_gpu``; the kernel decides on the host from small per-chunk
-  arrays and the means are updated on the device.
+  with ``faiss.knn_gpu`` (``search="faiss"``, needs a faiss GPU build) or with
+  torch itself (``search="torch"``, :func:`torch_knn`: a GEMM plus ``topk``,
+  chunked under :data:`TORCH_SEARCH_BLOCK_BYTES`), so a CUDA torch with the
+  faiss-cpu wheel is enough. The kernel decides on the host from small
+  per-chunk arrays and the means are updated on the device. The torch search
+  also runs on CPU tensors (the same code path, for tests and checks).
 
 A store is not thread-safe for mutation: :class:`~ocbank.engine.bank.ClusterBank`
 serialises writers. :class:`TorchStore` also serialises its own searches, because
@@ -28,8 +32,23 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ._faiss import faiss
+from ..errors import DeviceError, InputError
+from ._faiss import faiss, faiss_has_gpu
 from .kernel import FULL, Book, Chunk, Search, resolve_chunk
+
+# How a torch store searches: "faiss" (faiss.knn_gpu, needs a faiss GPU build), "torch"
+# (GEMM + topk in torch), or "auto" (faiss when its GPU build is present and the
+# precision is fp32, else torch). ``bank.gpu_search`` in the config takes these values.
+GPU_SEARCH = ("auto", "faiss", "torch")
+# Precision of the torch search's candidate GEMM; fp16/bf16 candidates are re-checked in fp32.
+SEARCH_PRECISIONS = ("fp32", "fp16", "bf16")
+# Upper bound, in bytes, on one distance block [query rows, centroid columns] of the torch
+# search: queries (and, past 64M centroids, centroids) are cut into blocks below it. 256 MiB
+# keeps the scratch a small share of any GPU's memory while blocks stay big enough for the
+# GEMM to run at full rate (at K = 140k centroids a fp32 block still holds ~480 query rows).
+TORCH_SEARCH_BLOCK_BYTES = 256 << 20
+# Candidates per query of a half-precision search before the exact fp32 re-ranking.
+HALF_SEARCH_CANDIDATES = 16
 
 # Upper bound on floats in one chunk's distance block (b x K): 128 MiB.
 _MAX_BLOCK_FLOATS = 1 << 25
@@ -224,8 +243,120 @@ class CpuStore(_StoreBase):
         return faiss.knn(queries, self._means[: self.size], k)
 
 
+def resolve_search(search: str, device: str, precision: str = "fp32") -> str:
+    """The concrete search of a store on ``device``: "faiss" or "torch".
+
+    On the CPU the plain faiss store is used unless ``search == "torch"``, which runs the
+    torch store on CPU tensors. On CUDA, "auto" picks faiss when its GPU build is present
+    and the precision is fp32 (faiss searches fp32 only here), else torch.
+    """
+    if search not in GPU_SEARCH:
+        msg = f"gpu_search must be one of {GPU_SEARCH}, got {search!r}. Use 'auto'."
+        raise InputError(msg)
+    if precision not in SEARCH_PRECISIONS:
+        msg = f"gpu_search_precision must be one of {SEARCH_PRECISIONS}, got {precision!r}. Use 'fp32'."
+        raise InputError(msg)
+    if search == "faiss" and precision != "fp32":
+        msg = (
+            f"gpu_search='faiss' searches in fp32 only, got gpu_search_precision={precision!r}. "
+            "Use gpu_search='torch' (or 'auto') for half-precision candidates."
+        )
+        raise InputError(msg)
+    if device == "cpu":
+        return "torch" if search == "torch" else "faiss"
+    if search == "auto":
+        return "faiss" if precision == "fp32" and faiss_has_gpu() else "torch"
+    if search == "faiss" and not faiss_has_gpu():
+        msg = (
+            f"gpu_search='faiss' on device {device!r} needs a faiss GPU build, and this faiss has none. "
+            "Use gpu_search='torch' (or 'auto'), or install the GPU build: pip install '.[gpu]'."
+        )
+        raise DeviceError(msg)
+    return search
+
+
+def _torch_dtype(torch: Any, precision: str) -> Any:
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def torch_knn(
+    queries: Any,
+    means: Any,
+    norms: Any,
+    k: int,
+    precision: str = "fp32",
+    block_bytes: int = TORCH_SEARCH_BLOCK_BYTES,
+) -> tuple[Any, Any]:
+    """k nearest centroids by GEMM + ``topk``: (squared L2 float32 [n, k'], ids int64 [n, k']), k' = min(k, K).
+
+    queries [n, dim] float32 and means [K, dim] float32 on one device, norms [K] = ||mu||^2.
+    The distance ||q||^2 - 2 q mu^T + ||mu||^2 (clamped >= 0) is formed in ``precision``
+    one block [rows, cols] at a time, each block at most ``block_bytes``; blocks of
+    centroid columns (only past ``block_bytes / itemsize`` centroids) merge their top-k.
+    fp16/bf16 inputs are scaled by the largest norm first, so no dot product overflows
+    fp16's range; the distances are then approximate (use them as candidates).
+    """
+    import torch  # noqa: PLC0415
+    n, big_k = queries.shape[0], means.shape[0]
+    kk = min(int(k), big_k)
+    dtype = _torch_dtype(torch, precision)
+    item = torch.finfo(dtype).bits // 8
+    cols = max(kk, min(big_k, block_bytes // item))
+    rows = max(1, min(n, block_bytes // (item * cols)))
+    qn = (queries.double() ** 2).sum(1)
+    mn = norms.double()
+    scale = 1.0
+    if precision != "fp32" and n and big_k:
+        # |q . mu| <= ||q|| ||mu|| <= scale^2: every term of the block stays <= 1 (fp16 tops out at 65504).
+        scale = float(max(qn.max().item(), mn.max().item(), 1e-30)) ** 0.5
+    q, m = (queries, means) if precision == "fp32" else ((queries / scale).to(dtype), (means / scale).to(dtype))
+    qn = (qn / scale**2).to(dtype)
+    mn = (mn / scale**2).to(dtype)
+    out_d = torch.empty((n, kk), dtype=torch.float32, device=queries.device)
+    out_i = torch.empty((n, kk), dtype=torch.int64, device=queries.device)
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        best_d = best_i = None
+        for c0 in range(0, big_k, cols):
+            c1 = min(big_k, c0 + cols)
+            block = torch.addmm(mn[None, c0:c1], q[lo:hi], m[c0:c1].T, beta=1, alpha=-2)
+            block += qn[lo:hi, None]
+            block.clamp_(min=0)
+            d, i = torch.topk(block, min(kk, c1 - c0), dim=1, largest=False, sorted=True)
+            del block
+            i += c0
+            if best_d is not None:
+                d, i = torch.cat([best_d, d], 1), torch.cat([best_i, i], 1)
+                d, pos = torch.topk(d, kk, dim=1, largest=False, sorted=True)
+                i = torch.gather(i, 1, pos)
+            best_d, best_i = d, i
+        out_d[lo:hi] = best_d.float() * scale**2
+        out_i[lo:hi] = best_i
+    return out_d, out_i
+
+
+def rerank_exact(queries: Any, means: Any, cand: Any, k: int, block_bytes: int = TORCH_SEARCH_BLOCK_BYTES) -> tuple[Any, Any]:
+    """Re-rank candidate ids [n, m] by exact fp32 squared distances ||q - mu||^2: ([n, k'], [n, k']), k' = min(k, m)."""
+    import torch  # noqa: PLC0415
+
+    n, m = cand.shape
+    kk = min(int(k), m)
+    out_d = torch.empty((n, kk), dtype=torch.float32, device=queries.device)
+    out_i = torch.empty((n, kk), dtype=torch.int64, device=queries.device)
+    rows = max(1, block_bytes // max(1, 4 * m * queries.shape[1]))
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        diff = queries[lo:hi, None, :] - means[cand[lo:hi]]  # [rows, m, dim]
+        d = (diff * diff).sum(2)
+        del diff
+        d, pos = torch.topk(d, kk, dim=1, largest=False, sorted=True)
+        out_d[lo:hi] = d
+        out_i[lo:hi] = torch.gather(cand[lo:hi], 1, pos)
+    return out_d, out_i
+
+
 class TorchStore(_StoreBase):
-    """Torch buffers on one device; CUDA searches go through ``faiss.knn_gpu``.
+    """Torch buffers on one device, searched with ``faiss.knn_gpu`` or :func:`torch_knn`.
 
     Per chunk only small arrays cross to the host: the distances to the union of
     the chunk's top-``n_candidates`` centroids [b, u], the candidate lists
@@ -233,20 +364,32 @@ class TorchStore(_StoreBase):
     m2), the device updates the means.
     """
 
-    def __init__(self, dim: int, radius: float, device: str, n_candidates: int = 16) -> None:
+    def __init__(
+        self,
+        dim: int,
+        radius: float,
+        device: str,
+        n_candidates: int = 16,
+        *,
+        search: str = "torch",
+        precision: str = "fp32",
+    ) -> None:
         import torch  # noqa: PLC0415
 
         super().__init__(dim, radius)
         self._torch = torch
         self.device = torch.device(device)
+        self.search_backend = search  # "faiss" or "torch" (resolved: see resolve_search)
+        self.precision = precision
         self.n_candidates = n_candidates
+        self.block_bytes = TORCH_SEARCH_BLOCK_BYTES
         self._means = torch.zeros((0, dim), dtype=torch.float32, device=self.device)
         self._norms = torch.zeros(0, dtype=torch.float64, device=self.device)
         self._no_means = np.zeros((0, dim), dtype=np.float32)
         # GPU indexes and resources are not thread-safe even for search.
         self._lock = threading.Lock()
         self._resources = None
-        if self.device.type == "cuda":
+        if search == "faiss":
             import faiss.contrib.torch_utils  # noqa: F401, PLC0415  (torch tensors in knn_gpu)
 
             self._resources = faiss.StandardGpuResources()
@@ -261,7 +404,8 @@ class TorchStore(_StoreBase):
 
     @property
     def means(self) -> np.ndarray:
-        return self._means[: self.size].cpu().numpy()
+        # A copy on every device (on the CPU .numpy() would share the live buffer).
+        return self._means[: self.size].cpu().numpy().copy()
 
     @property
     def counts(self) -> np.ndarray:
@@ -279,15 +423,18 @@ class TorchStore(_StoreBase):
         with self._lock:
             return super().stream(X, weights, pm2, limit)
 
-    def _candidates(self, chunk: Any, k0: int, m: int) -> tuple[Any, Any]:
-        """Top-m pre-chunk centroids per row: (squared dists [b, m], ids [b, m])."""
-        torch = self._torch
+    def _knn(self, queries: Any, k0: int, k: int, precision: str) -> tuple[Any, Any]:
+        """Top-k of queries [n, dim] among the first k0 centroids: (squared dists [n, k'], ids [n, k'])."""
+        means = self._means[:k0]
         if self._resources is not None:
-            return faiss.knn_gpu(self._resources, chunk, self._means[:k0], m)
-        full = (chunk.double() ** 2).sum(1, keepdim=True) + self._norms[:k0][None, :]
-        full = full - 2.0 * (chunk @ self._means[:k0].T).double()
-        dist, ids = torch.topk(full, m, dim=1, largest=False, sorted=True)
-        return dist.float(), ids
+            out_d, out_i = [], []
+            # The torch form of knn_gpu has no memory limit: cut the queries ourselves.
+            for lo in range(0, queries.shape[0], 65536):
+                d, i = faiss.knn_gpu(self._resources, queries[lo : lo + 65536], means, k)
+                out_d.append(d)
+                out_i.append(i)
+            return self._torch.cat(out_d), self._torch.cat(out_i)
+        return torch_knn(queries, means, self._norms[:k0], k, precision, self.block_bytes)
 
     def _prepare(self, chunk: Any, weights: np.ndarray, pm2: np.ndarray, k0: int) -> tuple[Chunk, Search, Book]:
         torch = self._torch
@@ -295,7 +442,7 @@ class TorchStore(_StoreBase):
         xn = (chunk.double() ** 2).sum(1)
         if k0:
             m = min(self.n_candidates, k0)
-            _, ids = self._candidates(chunk, k0, m)
+            ids = self._knn(chunk, k0, m, self.precision)[1]
             cols, cand = torch.unique(ids, sorted=True, return_inverse=True)
             dist = xn[:, None] + self._norms[cols][None, :]
             dist = (dist - 2.0 * (chunk @ self._means[cols].T).double()).float().cpu().numpy()
@@ -336,23 +483,16 @@ class TorchStore(_StoreBase):
         self._norms[ids] = (self._means[ids].double() ** 2).sum(1)
 
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """queries [n, dim] float32 tensor -> (squared distances, ids) as numpy."""
-        torch = self._torch
+        """queries [n, dim] float32 tensor -> (squared distances float32 [n, k'], ids int64 [n, k']) as numpy.
+
+        In fp16/bf16 the half-precision search proposes max(k, HALF_SEARCH_CANDIDATES)
+        candidates per query and they are re-ranked by exact fp32 distances.
+        """
         with self._lock:
-            if self._resources is not None:
-                out_d, out_i = [], []
-                for lo in range(0, queries.shape[0], 65536):
-                    d, i = faiss.knn_gpu(
-                        self._resources, queries[lo : lo + 65536], self._means[: self.size], k
-                    )
-                    out_d.append(d)
-                    out_i.append(i)
-                dist, ids = torch.cat(out_d), torch.cat(out_i)
+            if self.precision == "fp32":
+                dist, ids = self._knn(queries, self.size, k, "fp32")
             else:
-                means = self._means[: self.size]
-                full = (queries.double() ** 2).sum(1, keepdim=True) + self._norms[: self.size][None]
-                full = full - 2.0 * (queries @ means.T).double()
-                kk = min(k, self.size)
-                dist, ids = torch.topk(full, kk, dim=1, largest=False, sorted=True)
-                dist = dist.float()
+                m = max(int(k), HALF_SEARCH_CANDIDATES)
+                cand = self._knn(queries, self.size, m, self.precision)[1]
+                dist, ids = rerank_exact(queries, self._means[: self.size], cand, k, self.block_bytes)
             return dist.cpu().numpy(), ids.cpu().numpy().astype(np.int64)

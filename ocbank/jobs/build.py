@@ -134,11 +134,14 @@ def set_threads(threads: int | None) -> None:
 
 
 def config_key(cfg: Config) -> str:
-    """Hash of the settings that determine a bank (loader workers and device excluded)."""
+    """Hash of the settings that determine a bank (loader workers, device and search backend excluded)."""
     raw = cfg.to_dict()
     raw["data"].pop("num_workers", None)
     raw["data"].pop("batch_size", None)
     raw.pop("device", None)
+    raw["bank"].pop("gpu_search", None)  # every backend builds the same bank
+    if raw["bank"].get("gpu_search_precision") == "fp32":  # the default leaves earlier keys unchanged
+        raw["bank"].pop("gpu_search_precision")
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -262,6 +265,7 @@ def finish_class(plan: BuildPlan, job: ClassJob, det: Detector, inputs: ClassInp
         "skipped_files": done.skipped_files,
         "seconds": done.seconds,
         "vectors_per_s": bank.n_seen / max(done.seconds, 1e-9),
+        "search_backend": bank.search_backend_,
         "calibration": {"source": inputs.calibration_source, "n_images": len(inputs.calibration)},
     }
     if calibration_error is not None:
@@ -343,9 +347,9 @@ def split_shards(samples: list[Any], shards: int) -> list[list[Any]]:
     return [samples[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def merge_shards(parts: list[dict[str, Any]], radius: float, device: str, search_index: str = "auto") -> ClusterBank:
-    """Fold shard banks together in shard order with :meth:`ClusterBank.merge`."""
-    merged = ClusterBank(FEATURE_DIM, radius, device=device, search_index=search_index)
+def merge_shards(parts: list[dict[str, Any]], radius: float, device: str, **search: str) -> ClusterBank:
+    """Fold shard banks together in shard order with :meth:`ClusterBank.merge` (``search``: the bank's search options)."""
+    merged = ClusterBank(FEATURE_DIM, radius, device=device, **search)
     for part in parts:
         state = BankState(part["means"], part["counts"], radius, FEATURE_DIM, int(part["n_seen"]), m2=part["m2"])
         merged.merge(ClusterBank.from_state(state))
@@ -375,7 +379,15 @@ def build_class_sharded(plan: BuildPlan, job: ClassJob, run_shards: ShardRunner)
         radius, stats = float(plan.config.bank.radius), {"suggested": float(plan.config.bank.radius), "source": "config"}
     ordered = [inputs.train[i] for i in order]
     parts = run_shards([(plan, part, radius) for part in split_shards(ordered, plan.shards)])
-    det.bank_ = merge_shards(parts, radius, resolve_device(plan.config.device), plan.config.bank.search_index)
+    bank = plan.config.bank
+    det.bank_ = merge_shards(
+        parts,
+        radius,
+        resolve_device(plan.config.device),
+        search_index=bank.search_index,
+        gpu_search=bank.gpu_search,
+        gpu_search_precision=bank.gpu_search_precision,
+    )
     det.radius_stats_ = stats
     done = _Progress(
         sum(p["images_used"] for p in parts), [f for p in parts for f in p["skipped_files"]], time.perf_counter() - began

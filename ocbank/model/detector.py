@@ -361,6 +361,8 @@ class Detector:
             device=resolve_device(self.config.device),
             max_centroids=bank.max_centroids,
             search_index=bank.search_index,
+            gpu_search=bank.gpu_search,
+            gpu_search_precision=bank.gpu_search_precision,
         )
 
     def fit_steps(self, images: Any, start: int = 0) -> Iterator[FitStep]:
@@ -557,6 +559,7 @@ class Detector:
             "image_size": size,
             "radius": self.bank.radius,
             "radius_stats": self.__dict__.get("radius_stats_", {}),
+            "search_backend": self.bank.search_backend_,
         }
         if self.decision is not None:
             meta["decision"] = self.decision.to_dict()
@@ -587,8 +590,14 @@ class Detector:
         if device is not None:
             raw["device"] = device
         det = cls.from_config(from_dict(raw, source=str(path), require_root=False), extractor=extractor)
-        det.bank_ = ClusterBank.from_state(state, device=resolve_device(det.config.device))
-        det.bank_.search_index = det.config.bank.search_index
+        bank = det.config.bank
+        det.bank_ = ClusterBank.from_state(
+            state,
+            device=resolve_device(det.config.device),
+            search_index=bank.search_index,
+            gpu_search=bank.gpu_search,
+            gpu_search_precision=bank.gpu_search_precision,
+        )
         det.radius_stats_ = meta.get("radius_stats", {})
         det.metadata_ = meta
         if "decision" in meta:
