@@ -134,6 +134,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .data import escape_path  # noqa: PLC0415
     from .jobs import predict  # noqa: PLC0415
 
     rows = predict.predict(
@@ -142,17 +143,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )
     for row in rows:
         if row["status"] != "ok":
-            print(f"{'unreadable':>10}  {row['path']}")
+            print(f"{'unreadable':>10}  {escape_path(row['path'])}")
         else:
-            print(f"{row['score']:10.4f} {row.get('label') or '':>3}  {row['path']}")
+            print(f"{row['score']:10.4f} {row.get('label') or '':>3}  {escape_path(row['path'])}")
     print(f"scores: {Path(args.out) / 'scores.csv'}  heatmaps: {Path(args.out) / 'heatmaps'}")
     failed = sum(row["status"] != "ok" for row in rows)
+    unwritten = sum(row.get("outputs_failed", 0) for row in rows)
     if failed:
         what = f"none of the {len(rows)} input image(s) could" if failed == len(rows) else (
             f"{failed} of the {len(rows)} input image(s) could not")
         print(f"ocbank: error: {what} be scored (see the warnings above)", file=sys.stderr)
-        return EXIT_PARTIAL
-    return EXIT_OK
+    if unwritten:
+        print(f"ocbank: error: {unwritten} output file(s) could not be written (see the warnings above); "
+              "scores.csv holds every score", file=sys.stderr)
+    return EXIT_PARTIAL if failed or unwritten else EXIT_OK
 
 
 def cmd_suggest_radius(args: argparse.Namespace) -> int:

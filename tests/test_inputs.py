@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from ocbank import Detector
 from ocbank.cli import main
@@ -98,3 +101,75 @@ def test_a_tensor_in_0_255_follows_the_array_rule_skipped_by_name(banks, tiny_mv
     with pytest.warns(UserWarning):
         det.partial_fit([arrays[0], arrays[1] * 255])
     assert det.last_partial_fit_["skipped_files"] == ["images[1]"]  # a position, not the array's repr
+
+
+# ---------------------------------------------------------------------- file names and outputs
+LATIN1 = b"caf\xe9 cr\xe8me.png"  # not UTF-8: as old cameras and Windows shares write names
+LONGEST = "x" * 250 + ".png"  # 254 bytes: legal, and the derived overlay name would not be
+
+
+def _as_text(path: Path) -> str:
+    """Independent reference for a name in scores.csv: undecodable bytes as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _named_folder(folder: Path, pictures: list[Path]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [os.fsdecode(LATIN1), "plain.png", LONGEST]
+    for name, src in zip(names, pictures, strict=False):
+        (folder / name).write_bytes(src.read_bytes())
+    return sorted(folder / n for n in names)
+
+
+def test_names_beyond_utf8_and_at_the_length_limit_keep_every_result(tmp_path, tiny_mvtec, banks, capsys):
+    files = _named_folder(tmp_path / "in", _good(tiny_mvtec))
+    out = tmp_path / "out"
+    argv = ["-q", "predict", "--bank", str(banks["calibrated"]), "--input", str(tmp_path / "in"),
+            "--save-maps", "--save-masks"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "\\xe9" in capsys.readouterr().out  # printed escaped, not a UnicodeEncodeError
+    rows = _rows(out)
+    assert [r["path"] for r in rows] == [_as_text(f) for f in files] and all(r["status"] == "ok" for r in rows)
+    for sub in ("heatmaps", "maps", "masks"):
+        written = sorted(os.listdir(out / sub))
+        assert len(written) == 3 and all(len(os.fsencode(n)) <= 255 for n in written), sub
+
+    # One kind of output cannot be written (a file where its folder should be): the rest is kept.
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "masks").write_text("in the way")
+    with pytest.warns(UserWarning, match="could not write .*masks"):
+        assert main([*argv, "--out", str(blocked)]) == 1
+    assert "3 output file(s) could not be written" in capsys.readouterr().err
+    assert [r["status"] for r in _rows(blocked)] == ["ok"] * 3
+    assert len(os.listdir(blocked / "heatmaps")) == 3 and len(os.listdir(blocked / "maps")) == 3
+
+
+def test_build_and_evaluate_take_names_beyond_utf8(tmp_path, tiny_mvtec):
+    root = tmp_path / "data"
+    train, test = root / "weave" / "train" / "good", root / "weave" / "test" / "good"
+    pictures = sorted((Path(tiny_mvtec) / "weave" / "train" / "good").glob("*.png"))
+    _named_folder(train, pictures[:3])
+    _named_folder(test, _good(tiny_mvtec))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(root, bank={"radius": 5.0})))
+    assert main(["-q", "build", "--config", str(cfg), "--out", str(tmp_path / "banks")]) == 0
+    summary = json.loads((tmp_path / "banks" / "build_summary.json").read_text(encoding="utf-8"))
+    row = summary["classes"]["weave"]
+    assert row["status"] == "built" and row["images_used"] + row["calibration"]["n_images"] == 3
+    out = tmp_path / "eval"
+    assert main(["-q", "evaluate", "--config", str(cfg), "--banks", str(tmp_path / "banks"), "--out", str(out)]) == 0
+    with open(out / "scores.csv", newline="", encoding="utf-8") as fh:
+        paths = [r["path"] for r in csv.DictReader(fh)]
+    assert _as_text(test / os.fsdecode(LATIN1)) in paths and len(paths) == 3
+    assert "</html>" in (out / "report.html").read_bytes().decode("utf-8")  # written whole, valid UTF-8
+
+
+def test_save_masks_on_an_uncalibrated_bank_is_refused_by_name(tmp_path, tiny_mvtec, banks, capsys):
+    out = tmp_path / "out"
+    argv = ["-q", "predict", "--bank", str(banks["plain"]), "--input", str(_good(tiny_mvtec)[0]), "--out", str(out)]
+    assert main([*argv, "--save-masks"]) == 2
+    err = capsys.readouterr().err
+    assert "--save-masks needs a calibrated bank" in err and str(banks["plain"]) in err
+    assert not (out / "scores.csv").exists()
+    assert main(argv) == 0  # without masks the same bank scores

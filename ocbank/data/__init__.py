@@ -2,14 +2,18 @@
 
 from ..errors import DataError
 from .datasets import (
+    NAME_MAX,
     ClassSplit,
     Sample,
     calibration_images,
     class_names,
+    escape_path,
+    fit_name,
     ignored_name,
     images_in,
     list_inputs,
     load_split,
+    unescape_path,
 )
 from .images import (
     IMAGE_SUFFIXES,
@@ -28,6 +32,7 @@ __all__ = [
     "IMAGENET_STD",
     "IMAGE_SUFFIXES",
     "MAX_IMAGE_PIXELS",
+    "NAME_MAX",
     "ClassSplit",
     "DataError",
     "ImageDataset",
@@ -35,6 +40,8 @@ __all__ = [
     "Transform",
     "calibration_images",
     "class_names",
+    "escape_path",
+    "fit_name",
     "ignored_name",
     "images_in",
     "list_inputs",
@@ -43,4 +50,5 @@ __all__ = [
     "normalize",
     "open_image",
     "open_mask",
+    "unescape_path",
 ]

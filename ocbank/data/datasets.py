@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,45 @@ class ClassSplit:
     name: str
     train: list[Sample]
     test: list[Sample] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------- file names
+NAME_MAX = 255  # bytes in one file name (ext4, XFS, APFS, NTFS): derived output names are cut to fit
+_ESCAPED = re.compile(rb"\\(\\|x[0-9a-f]{2})")
+
+
+def escape_path(path: str | os.PathLike[str]) -> str:
+    """A file name as text that every UTF-8 reader takes, reversibly (:func:`unescape_path`).
+
+    Names from the file system may hold bytes that are not UTF-8 (Latin-1 names from old
+    cameras and Windows shares; Python keeps them as surrogates, which no UTF-8 file can
+    hold). Each such byte is written ``\\xNN`` and each backslash ``\\\\``; any other
+    name is unchanged. scores.csv, metrics.json, the report and printed results use it.
+    """
+    raw = os.fsencode(path).replace(b"\\", b"\\\\")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def unescape_path(text: str) -> str:
+    """The file name :func:`escape_path` wrote as ``text``, byte for byte."""
+
+    def byte(m: re.Match[bytes]) -> bytes:
+        return b"\\" if m.group(1) == b"\\" else bytes([int(m.group(1)[1:], 16)])
+
+    return os.fsdecode(_ESCAPED.sub(byte, text.encode("utf-8")))
+
+
+def fit_name(stem: str, suffix: str) -> str:
+    """``stem + suffix`` cut (at a character) so the name fits in :data:`NAME_MAX` bytes."""
+    room = NAME_MAX - len(os.fsencode(suffix))
+    kept, used = [], 0
+    for ch in stem:
+        size = len(os.fsencode(ch))
+        if used + size > room:
+            break
+        kept.append(ch)
+        used += size
+    return "".join(kept) + suffix
 
 
 # ---------------------------------------------------------------------- listing files

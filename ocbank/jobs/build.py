@@ -152,9 +152,9 @@ def input_key(samples: list[Sample], calibration: list[Sample] | None = None) ->
         for s in group:
             try:
                 st = os.stat(s.path)
-                h.update(f"{s.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                h.update(os.fsencode(f"{s.path}\0{st.st_size}\0{st.st_mtime_ns}\n"))  # any name's bytes
             except OSError:
-                h.update(f"{s.path}\0missing\n".encode())
+                h.update(os.fsencode(f"{s.path}\0missing\n"))
         h.update(b"--\n")
     return h.hexdigest()[:16]
 

@@ -6,14 +6,15 @@ import csv
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..config import Config
-from ..data import Sample, class_names, load_split
+from ..data import Sample, class_names, escape_path, fit_name, load_split
 from ..errors import CheckpointError, DataError
 from ..jsonio import write_json
 from ..model import metrics
@@ -97,15 +98,18 @@ def _score_class(det: Detector, name: str, split: Any, out: Path, heatmaps: int,
         for j, sample in enumerate(samples):
             got.labels.append(sample.label)
             got.scores.append(float(res.scores[j]))
-            got.csv_rows.append([name, sample.path, sample.label, sample.defect, f"{res.scores[j]:.6f}"])
-        collected.add_batch(name, res, samples)
+            got.csv_rows.append([name, escape_path(sample.path), sample.label, sample.defect, f"{res.scores[j]:.6f}"])
+        collected.add_batch(name, res, [replace(s, path=escape_path(s.path)) for s in samples])  # shown as text
         got.maps.append(res.maps.astype(np.float16))
         if res.masks is not None:  # None for a batch of unreadable images only
             got.masks.append(res.masks)
         for j in [j for j, s in enumerate(samples) if s.label == 1][: max(heatmaps - shown, 0)]:
             stem = Path(str(samples[j].path)).stem
-            save_overlay(out / "heatmaps" / name / f"{samples[j].defect}_{stem}.png",
-                         res.rgb[j], res.maps[j], *map_range(det.bank.radius), res.masks[j])
+            target = out / "heatmaps" / name / fit_name(f"{samples[j].defect}_{stem}", ".png")
+            try:
+                save_overlay(target, res.rgb[j], res.maps[j], *map_range(det.bank.radius), res.masks[j])
+            except OSError as exc:  # one overlay that cannot be written loses nothing else
+                warnings.warn(f"could not write {escape_path(target)}: {exc.strerror or exc}", stacklevel=1)
             shown += 1
     got.seconds = time.perf_counter() - start
     return got
@@ -194,7 +198,7 @@ def evaluate(
     rows = list(results.values())
     report = {"classes": results, "mean": _mean_row(rows), "n_skipped": sum(r["n_skipped"] for r in rows)}
     write_json(out / "metrics.json", report)
-    with open(out / "scores.csv", "w", newline="") as fh:
+    with open(out / "scores.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["class", "path", "label", "defect", "score"])
         writer.writerows(csv_rows)

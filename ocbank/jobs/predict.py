@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import csv
+import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from ..data import Sample, list_inputs
+from ..data import Sample, escape_path, fit_name, list_inputs
 from ..errors import ConfigError, DataError
 from ..model.detector import Detector, ScoredBatch
 from .evaluate import check_complete
@@ -26,9 +29,12 @@ def predict(
 
     Returns one row per input file, in input order: ``path``, ``score`` (NaN when
     unreadable), ``label`` (OK/NG) and ``normalized_score`` (score / calibrated threshold)
-    when the bank is calibrated, and ``status`` ("ok" or "unreadable"); scores.csv holds the same rows
-    (an empty score for unreadable files). A ``*.partial.h5`` checkpoint is refused
-    unless ``allow_partial``.
+    when the bank is calibrated, ``status`` ("ok" or "unreadable") and, for scored images,
+    ``outputs_failed`` (overlays, maps or masks that could not be written, each named in a
+    warning). scores.csv holds the same rows (an empty score for unreadable files; paths as
+    :func:`ocbank.data.escape_path` writes them). Output names are ``<position>_<stem>``, cut
+    to fit the file system's name limit. A ``*.partial.h5`` checkpoint is refused unless
+    ``allow_partial``; ``overlays="ng"`` and ``save_masks`` need a calibrated bank.
     """
     files = list_inputs(inputs)
     check_complete(bank_file, allow_partial)
@@ -36,11 +42,13 @@ def predict(
     if overlays not in OVERLAYS:
         msg = f"overlays must be one of {OVERLAYS}, got {overlays!r}."
         raise ConfigError(msg)
-    if overlays == "ng" and det.decision is None:
-        msg = f"--overlays ng needs a calibrated bank, and {bank_file} has no thresholds. Use --overlays all."
-        raise DataError(msg)
+    for wanted, flag, fix in ((overlays == "ng", "--overlays ng", "Use --overlays all"),
+                              (save_masks, "--save-masks", "Drop --save-masks, or calibrate the bank")):
+        if wanted and det.decision is None:
+            msg = f"{flag} needs a calibrated bank, and {bank_file} has no thresholds. {fix}."
+            raise DataError(msg)
     out = Path(out_dir)
-    (out / "maps" if save_maps else out).mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any] | None] = [None] * len(files)
     vmin, vmax = map_range(det.bank.radius)
     for res in det.score_batches([Sample(str(f)) for f in files]):
@@ -48,26 +56,50 @@ def predict(
             rows[idx] = {"path": str(files[idx]), "score": float("nan"), "status": "unreadable"}
         for j, idx in enumerate(res.indices):
             f = files[idx]
-            name = f"{idx:05d}_{f.stem}"
+            stem = f"{idx:05d}_{f.stem}"  # the input's position keeps cut names apart
+            writes: list[tuple[Path, Callable[[Path], None]]] = []
             if overlays == "all" or (overlays == "ng" and res.scores[j] > det.decision.image_threshold):
-                save_overlay(out / "heatmaps" / f"{name}.png", res.rgb[j], res.maps[j], vmin, vmax)
+                writes.append((out / "heatmaps" / fit_name(stem, ".png"),
+                               partial(save_overlay, rgb=res.rgb[j], amap=res.maps[j], vmin=vmin, vmax=vmax)))
             if save_maps:
-                np.save(out / "maps" / f"{name}.npy", res.maps[j])
-            rows[idx] = {"path": str(f), "score": float(res.scores[j]), "status": "ok", **_decision_row(det, res, j)}
-            if save_masks and det.decision is not None:
+                writes.append((out / "maps" / fit_name(stem, ".npy"), partial(_save_npy, res.maps[j])))
+            if save_masks:
                 mask = (res.maps[j] > det.decision.pixel_threshold).astype(np.uint8) * 255
-                (out / "masks").mkdir(parents=True, exist_ok=True)
-                Image.fromarray(mask).save(out / "masks" / f"{name}.png")
+                writes.append((out / "masks" / fit_name(stem, ".png"), partial(_save_png, mask)))
+            failed = [target for target, write in writes if not _write(target, write)]
+            rows[idx] = {"path": str(f), "score": float(res.scores[j]), "status": "ok", **_decision_row(det, res, j),
+                         "outputs_failed": len(failed)}
     missing = [str(files[i]) for i, r in enumerate(rows) if r is None]
     if missing:  # the loader reports every index as scored or skipped; anything else is a bug
         msg = f"internal error: no result for {missing[:3]}"
         raise RuntimeError(msg)
     done: list[dict[str, Any]] = [r for r in rows if r is not None]
-    with open(out / "scores.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["path", "score", "label", "normalized_score", "status"], restval="")
+    with open(out / "scores.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "score", "label", "normalized_score", "status"], restval="",
+                                extrasaction="ignore")
         writer.writeheader()
-        writer.writerows({**r, "score": "" if r["status"] != "ok" else f"{r['score']:.6f}"} for r in done)
+        writer.writerows({**r, "path": escape_path(r["path"]), "score": "" if r["status"] != "ok" else f"{r['score']:.6f}"}
+                         for r in done)
     return done
+
+
+def _write(target: Path, write: Callable[[Path], None]) -> bool:
+    """Write one output file; a failure is named in one warning and loses no other output."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write(target)
+    except OSError as exc:
+        warnings.warn(f"could not write {escape_path(target)}: {exc.strerror or exc}", stacklevel=2)
+        return False
+    return True
+
+
+def _save_npy(amap: np.ndarray, target: Path) -> None:
+    np.save(target, amap)
+
+
+def _save_png(mask: np.ndarray, target: Path) -> None:
+    Image.fromarray(mask).save(target)
 
 
 def _decision_row(det: Detector, res: ScoredBatch, j: int) -> dict[str, Any]:
