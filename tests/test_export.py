@@ -13,7 +13,8 @@ import torch
 from ocbank import Detector
 from ocbank.data.images import Transform, open_image
 from ocbank.errors import ConfigError, DependencyError
-from ocbank.model.module import AnomalyModel, MapSpec, Thresholds
+from ocbank.model.calibration import Decision
+from ocbank.model.module import AnomalyModel, MapSpec
 
 from .conftest import tiny_config
 
@@ -78,17 +79,17 @@ def test_onnx_equals_detector_predict(banks, exported, n):
     assert scale > 0
     _close_to_range(score, want_s, scale)
     _close_to_range(amap, want_m, scale)
-    # Thresholds outputs: exactly numpy's thresholding of the graph's own score and map ...
+    # Decision outputs: exactly numpy's thresholding of the graph's own score and map ...
     thr, pix = banks["decision"]["image_threshold"], banks["decision"]["pixel_threshold"]
     np.testing.assert_array_equal(label, (score >= np.float32(thr)).astype(np.int64))
     np.testing.assert_allclose(normalized, score / np.float32(thr), rtol=1e-6)
     assert mask.dtype == np.uint8 and label.dtype == np.int64
     np.testing.assert_array_equal(mask, (amap >= np.float32(pix)).astype(np.uint8))
     # ... and of the Detector's, except within the numerical tolerance of a threshold.
-    ref = Thresholds(thr, pix).apply(want_s, want_m)
+    ref = Decision(thr, pix).apply(want_s, want_m)
     near = np.abs(want_m - pix) <= 1e-4 * scale
-    assert np.array_equal(mask[~near], ref["mask"][~near])
-    assert np.array_equal(label[np.abs(want_s - thr) > 1e-4 * scale], ref["label"][np.abs(want_s - thr) > 1e-4 * scale])
+    assert np.array_equal(mask[~near], ref.mask[~near])
+    assert np.array_equal(label[np.abs(want_s - thr) > 1e-4 * scale], ref.ng[np.abs(want_s - thr) > 1e-4 * scale])
 
 
 def test_onnx_graph_has_dynamic_batch_metadata_and_means(banks, exported):
@@ -137,7 +138,7 @@ def test_onnx_external_data_same_results(tmp_path):
     from ocbank.model.export import export_onnx
 
     means = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
-    model = AnomalyModel(_TinyExtractor(), means, MapSpec(32, 1.0), Thresholds(1.0, 1.0))
+    model = AnomalyModel(_TinyExtractor(), means, MapSpec(32, 1.0), Decision(1.0, 1.0))
     out = export_onnx(model, tmp_path / "m.onnx", {"k": "1"}, external_data=True)
     assert (tmp_path / "m.onnx.data").stat().st_size >= means.nbytes
     x = np.random.default_rng(1).random((3, 3, 32, 32)).astype(np.float32)
@@ -169,10 +170,10 @@ def test_module_refuses_bad_settings(extractor):
     with pytest.raises(ConfigError, match="multiple of the stride 8"):
         AnomalyModel(extractor, means, MapSpec(60, 1.0))
     with pytest.raises(ConfigError, match="image_threshold"):
-        Thresholds(float("nan"), 1.0)
-    assert Thresholds.from_metadata({}) is None
+        Decision(float("nan"), 1.0)
+    assert Decision.from_metadata({}) is None
     with pytest.raises(ConfigError, match="lacks"):
-        Thresholds.from_metadata({"decision": {"image_threshold": 1.0}})
+        Decision.from_metadata({"decision": {"image_threshold": 1.0}})
 
 
 def test_export_format_and_missing_openvino(banks, monkeypatch):

@@ -14,7 +14,8 @@ from PIL import Image
 
 from ..data import Sample, escape_path, fit_name, list_inputs
 from ..errors import ConfigError, DataError
-from ..model.detector import Detector, ScoredBatch
+from ..model.calibration import Verdict
+from ..model.detector import Detector
 from .evaluate import check_complete
 from .visualize import map_range, save_overlay
 
@@ -52,22 +53,23 @@ def predict(
     rows: list[dict[str, Any] | None] = [None] * len(files)
     vmin, vmax = map_range(det.bank.radius)
     for res in det.score_batches([Sample(str(f)) for f in files]):
+        verdict = None if det.decision is None else det.decision.apply(res.scores, res.maps)
         for idx in res.skipped:
             rows[idx] = {"path": str(files[idx]), "score": float("nan"), "status": "unreadable"}
         for j, idx in enumerate(res.indices):
             f = files[idx]
             stem = f"{idx:05d}_{f.stem}"  # the input's position keeps cut names apart
             writes: list[tuple[Path, Callable[[Path], None]]] = []
-            if overlays == "all" or (overlays == "ng" and res.scores[j] > det.decision.image_threshold):
+            if overlays == "all" or (overlays == "ng" and verdict.ng[j]):
                 writes.append((out / "heatmaps" / fit_name(stem, ".png"),
                                partial(save_overlay, rgb=res.rgb[j], amap=res.maps[j], vmin=vmin, vmax=vmax)))
             if save_maps:
                 writes.append((out / "maps" / fit_name(stem, ".npy"), partial(_save_npy, res.maps[j])))
             if save_masks:
-                mask = (res.maps[j] > det.decision.pixel_threshold).astype(np.uint8) * 255
+                mask = verdict.mask[j].astype(np.uint8) * 255
                 writes.append((out / "masks" / fit_name(stem, ".png"), partial(_save_png, mask)))
             failed = [target for target, write in writes if not _write(target, write)]
-            rows[idx] = {"path": str(f), "score": float(res.scores[j]), "status": "ok", **_decision_row(det, res, j),
+            rows[idx] = {"path": str(f), "score": float(res.scores[j]), "status": "ok", **_decision_row(verdict, j),
                          "outputs_failed": len(failed)}
     missing = [str(files[i]) for i, r in enumerate(rows) if r is None]
     if missing:  # the loader reports every index as scored or skipped; anything else is a bug
@@ -102,10 +104,8 @@ def _save_png(mask: np.ndarray, target: Path) -> None:
     Image.fromarray(mask).save(target)
 
 
-def _decision_row(det: Detector, res: ScoredBatch, j: int) -> dict[str, Any]:
+def _decision_row(verdict: Verdict | None, j: int) -> dict[str, Any]:
     """OK/NG and the normalised score (score / calibrated threshold), when the bank is calibrated."""
-    if det.decision is None:
+    if verdict is None:
         return {"label": "", "normalized_score": ""}
-    score = float(res.scores[j])
-    label = "NG" if score > det.decision.image_threshold else "OK"
-    return {"label": label, "normalized_score": score / det.decision.image_threshold}
+    return {"label": "NG" if verdict.ng[j] else "OK", "normalized_score": float(verdict.normalized[j])}

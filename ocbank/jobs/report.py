@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .._version import __version__
-from ..model.calibration import decision_metrics, f1_optimal_threshold
+from ..model.calibration import Decision, decision_metrics, f1_optimal_threshold, is_ng
 from ..model.metrics import PRO_FPR_LIMIT, pro_curve
 from .visualize import save_overlay
 
@@ -61,7 +61,7 @@ class ClassData:
     high_normals: list[tuple[float, int, Shown]] = field(default_factory=list)  # min-heap on score
     low_anomalies: list[tuple[float, int, Shown]] = field(default_factory=list)  # min-heap on -score
     pro: tuple[np.ndarray, np.ndarray] | None = None  # (fpr, pro) up to PRO_FPR_LIMIT
-    decision: dict[str, Any] | None = None
+    decision: Decision | None = None  # the bank's calibrated thresholds
     map_range: tuple[float, float] = (0.0, 1.0)
 
 
@@ -112,7 +112,7 @@ class ReportCollector:
         """Called once a class is scored: its masks/maps [N, S, S] (for the PRO curve), the bank's metadata."""
         data = self.classes.setdefault(name, ClassData())
         data.pro = _thin(*pro_curve(masks, maps))
-        data.decision = metadata.get("decision")
+        data.decision = Decision.from_metadata(metadata)
         data.map_range = map_range
 
 
@@ -133,14 +133,13 @@ class Threshold:
 def threshold_for(data: ClassData) -> Threshold:
     """The calibrated image threshold when the bank has one, else the F1-optimal one on the test set."""
     labels, scores = np.array(data.labels) > 0, np.array(data.scores, dtype=np.float64)
-    if data.decision and "image_threshold" in data.decision:
-        value, source = float(data.decision["image_threshold"]), "calibrated"
-        fa, pix = data.decision.get("false_alarm_rate"), data.decision.get("pixel_threshold")
+    d = data.decision
+    if d is not None:
+        value, source, fa, floor = d.image_threshold, "calibrated", d.false_alarm_rate, d.attainable_false_alarm_rate
         note = "calibrated on normal images (bank metadata)" + (f", target false-alarm rate {fa:g}" if fa else "")
-        note += f"; pixel threshold {pix:.4g}" if isinstance(pix, (int, float)) else ""
-        floor, n_cal = data.decision.get("attainable_false_alarm_rate"), data.decision.get("n_images")
-        if isinstance(floor, (int, float)) and isinstance(fa, (int, float)) and floor > fa:
-            note += (f"; {n_cal} calibration images certify only 1/(n+1) = {100 * floor:.1f}% "
+        note += f"; pixel threshold {d.pixel_threshold:.4g}"
+        if floor is not None and fa is not None and floor > fa:
+            note += (f"; {d.n_images} calibration images certify only 1/(n+1) = {100 * floor:.1f}% "
                      "(the threshold is their largest score): calibrate on more normal images")
     else:
         best = f1_optimal_threshold(labels, scores)
@@ -168,7 +167,7 @@ def _plot_curves(data: ClassData, path: Path, threshold: Threshold) -> None:
         ax1.plot(fpr, tpr, color="#1f5fa8", lw=2)
         ax1.fill_between(fpr, tpr, step=None, alpha=0.12, color="#1f5fa8")
         if threshold.source != "none":
-            pred = scores > threshold.value
+            pred = is_ng(scores, threshold.value)
             op = (pred[labels == 0].mean(), pred[labels == 1].mean())
             ax1.plot(*op, "o", color="#d1495b", ms=7, label=f"threshold {threshold.value:.3g}")
             ax1.legend(loc="lower right", fontsize=8, frameon=False)
@@ -290,7 +289,7 @@ def _figures(items: list[dict[str, Any]], threshold: Threshold) -> str:
     for it in items:
         flag = ""
         if threshold.source != "none":
-            ng = bool(it["score"] > threshold.value)
+            ng = bool(is_ng(it["score"], threshold.value))
             right = ng == bool(it["label"])
             flag = f' &rarr; <span class="{"okf" if right else "ng"}">{"NG" if ng else "OK"}</span>'
 

@@ -2,37 +2,93 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError
+
+
+def is_ng(scores: Any, image_threshold: float) -> Any:
+    """The OK/NG rule, written once: an image is NG when its score > the threshold (strictly).
+
+    ``scores``: a number, or a numpy array or torch tensor of any shape; the comparison runs
+    in their dtype (float32 scores compare as float32, in numpy, torch and the exported graph).
+    """
+    return scores > image_threshold
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What :meth:`Decision.apply` returns, numpy or torch like its inputs."""
+
+    ng: Any  # bool [N]: score > image_threshold
+    normalized: Any  # [N] score / image_threshold: rank-preserving, 1.0 at the threshold, > 1 is NG
+    mask: Any | None  # bool [N, S, S]: map > pixel_threshold (None when no maps were given)
+
 
 @dataclass(frozen=True)
 class Decision:
-    """OK/NG thresholds calibrated on normal images (stored in bank metadata under ``decision``)."""
+    """OK/NG thresholds calibrated on normal images (stored in bank metadata under ``decision``).
+
+    The one type for thresholds: the Detector, the exported graph (:mod:`ocbank.model.module`),
+    predict and the report apply it. Only the two thresholds are needed to apply it; the rest
+    says how it was calibrated.
+    """
 
     image_threshold: float  # an image is NG when its score > this
     pixel_threshold: float  # a pixel is NG when its map value > this
-    false_alarm_rate: float  # the target share of normal images flagged NG
-    n_images: int  # normal images the thresholds were set on
-    source: str  # "holdout" (training images the bank never saw) or "folder" (--calibration)
+    false_alarm_rate: float | None = None  # the target share of normal images flagged NG
+    n_images: int | None = None  # normal images the thresholds were set on
+    source: str | None = None  # "holdout" (training images the bank never saw) or "folder" (--calibration)
     normalization: str = "score / image_threshold"  # 1.0 is the threshold; > 1 is NG
     # The lowest false-alarm rate n images can certify: 1 / (n + 1). Above the target, the
     # threshold is the largest calibration score and the target is not guaranteed.
     attainable_false_alarm_rate: float | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("image_threshold", "pixel_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                msg = f"decision.{name} must be a finite number > 0, got {value!r}. Recalibrate the bank's thresholds."
+                raise ConfigError(msg)
+
     @property
     def target_met(self) -> bool:
         """Whether the calibration images were enough to certify the target rate."""
-        return self.attainable_false_alarm_rate is None or self.attainable_false_alarm_rate <= self.false_alarm_rate
+        if self.attainable_false_alarm_rate is None or self.false_alarm_rate is None:
+            return True
+        return self.attainable_false_alarm_rate <= self.false_alarm_rate
+
+    def apply(self, scores: Any, maps: Any = None) -> Verdict:
+        """scores [N] (and maps [N, S, S]), numpy or torch -> :class:`Verdict` in the same library.
+
+        NG when score > image_threshold (:func:`is_ng`); a defect pixel when map > pixel_threshold.
+        """
+        mask = None if maps is None else maps > self.pixel_threshold
+        return Verdict(is_ng(scores, self.image_threshold), scores / self.image_threshold, mask)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Decision:
+    def from_dict(cls, d: Mapping[str, Any]) -> Decision:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> Decision | None:
+        """``metadata["decision"]`` of a bank file -> Decision, or None when the bank is not calibrated."""
+        block = metadata.get("decision")
+        if block is None:
+            return None
+        try:
+            return cls.from_dict(block)
+        except (AttributeError, KeyError, TypeError) as exc:
+            msg = f"the bank's metadata['decision'] lacks image/pixel thresholds, got {block!r}. Recalibrate the bank."
+            raise ConfigError(msg) from exc
 
 
 def conservative_quantile(values: np.ndarray, false_alarm_rate: float) -> float:
@@ -52,7 +108,7 @@ def decision_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -
     labels [N] (0 normal, 1 anomalous), scores [N]. A rate with an empty denominator is None.
     """
     y = np.asarray(labels).ravel() > 0
-    pred = np.asarray(scores, dtype=np.float64).ravel() > threshold
+    pred = is_ng(np.asarray(scores, dtype=np.float64).ravel(), threshold)
     tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
     fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())
 
@@ -84,7 +140,7 @@ def f1_optimal_threshold(labels: np.ndarray, scores: np.ndarray) -> dict[str, An
     cands = np.r_[u[0] - 1.0, (u[:-1] + u[1:]) / 2.0]
     best: tuple[float, float] | None = None
     for t in cands:
-        pred = s > t
+        pred = is_ng(s, t)
         tp = int((pred & y).sum())
         f1 = 2 * tp / (int(pred.sum()) + int(y.sum()))
         if best is None or f1 > best[0]:

@@ -513,11 +513,9 @@ class Detector:
         decision = self.decision
         if decision is None:
             return Prediction(scores, maps, skipped=skipped)
-        readable = np.isfinite(scores)
-        labels = np.where(readable, (scores > decision.image_threshold).astype(np.int8), np.int8(-1)).astype(np.int8)
-        normalized = (scores / np.float32(decision.image_threshold)).astype(np.float32)
-        masks = maps > np.float32(decision.pixel_threshold)
-        return Prediction(scores, maps, labels, normalized, masks, skipped)
+        verdict = decision.apply(scores, maps)
+        labels = np.where(np.isfinite(scores), verdict.ng, -1).astype(np.int8)
+        return Prediction(scores, maps, labels, verdict.normalized.astype(np.float32), verdict.mask, skipped)
 
     # ------------------------------------------------------------------ decide
     def calibrate(self, normal_images: Any, source: str = "folder") -> Detector:
@@ -600,8 +598,9 @@ class Detector:
         )
         det.radius_stats_ = meta.get("radius_stats", {})
         det.metadata_ = meta
-        if "decision" in meta:
-            det.decision_ = Decision.from_dict(meta["decision"])
+        decision = Decision.from_metadata(meta)
+        if decision is not None:
+            det.decision_ = decision
         if "lineage" in meta:
             det.lineage_ = list(meta["lineage"])
         sha = meta.get("backbone", {}).get("weights_sha256")

@@ -22,7 +22,8 @@ import torch
 
 from .._version import __version__
 from ..errors import ConfigError, DependencyError
-from .module import AnomalyModel, MapSpec, Thresholds
+from .calibration import Decision
+from .module import AnomalyModel, MapSpec
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def build_model(bank_path: str | os.PathLike[str]) -> tuple[AnomalyModel, dict[s
     det = Detector.load(bank_path, device="cpu")
     settings = settings_from_config(det.config)
     meta: dict[str, Any] = getattr(det, "metadata_", {})
-    decision = Thresholds.from_metadata(meta)
+    decision = Decision.from_metadata(meta)
     model = AnomalyModel(det.extractor, det.bank.means, settings.spec, decision)
     props = {
         "ocbank_version": __version__,

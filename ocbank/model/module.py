@@ -9,9 +9,7 @@ exported as one graph (ONNX, OpenVINO) or run with torch alone.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +18,7 @@ from torch import nn
 
 from ..data.images import normalize
 from ..errors import ConfigError, InputError
+from .calibration import Decision
 from .features import FeatureExtractor, backbone_layers, patch_head
 
 TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
@@ -108,57 +107,14 @@ class MapSpec:
     sigma: float = 4.0
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    """Calibrated thresholds: NG when score > image_threshold; a defect pixel when map > pixel_threshold.
-
-    The same convention as :class:`ocbank.model.calibration.Decision`, whose thresholds these are.
-    """
-
-    image_threshold: float
-    pixel_threshold: float
-
-    def __post_init__(self) -> None:
-        for name in ("image_threshold", "pixel_threshold"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                msg = f"decision.{name} must be a finite number > 0, got {value!r}. Recalibrate the bank's thresholds."
-                raise ConfigError(msg)
-
-    @classmethod
-    def from_metadata(cls, metadata: Mapping[str, Any]) -> Thresholds | None:
-        """``metadata["decision"]`` of a bank file -> Thresholds, or None when the bank is not calibrated."""
-        block = metadata.get("decision")
-        if block is None:
-            return None
-        try:
-            return cls(float(block["image_threshold"]), float(block["pixel_threshold"]))
-        except (KeyError, TypeError) as exc:
-            msg = f"the bank's metadata['decision'] lacks image/pixel thresholds, got {block!r}. Recalibrate the bank."
-            raise ConfigError(msg) from exc
-
-    def apply(self, scores: np.ndarray, maps: np.ndarray) -> dict[str, np.ndarray]:
-        """numpy thresholding, the reference for the graph's decision outputs.
-
-        scores [N], maps [N, S, S] -> label int64 [N] (1 = NG), normalized float32 [N]
-        (score / image_threshold, rank-preserving, 1.0 = at the threshold), mask uint8 [N, S, S].
-        """
-        scores = np.asarray(scores, dtype=np.float32)
-        return {
-            "label": (scores > np.float32(self.image_threshold)).astype(np.int64),
-            "normalized": scores / np.float32(self.image_threshold),
-            "mask": (np.asarray(maps, dtype=np.float32) > np.float32(self.pixel_threshold)).astype(np.uint8),
-        }
-
-
 class AnomalyModel(nn.Module):
     """RGB crops [N, 3, S, S] in [0, 1] -> (score [N], map [N, S, S]) [+ label, normalized, mask].
 
     The extractor's stem/layer2/layer3 (shared, not copied), the bank's means
     (transposed, [1536, K]) and their squared norms [K] as buffers. The 1-NN distance is
     sqrt(max(||q||^2 + min_k(||mu_k||^2 - 2 q.mu_k), 0)): matrix products only.
-    With a :class:`Thresholds`, three more outputs: label int64 [N] (1 = NG),
-    normalized float32 [N] (score / image_threshold) and mask uint8 [N, S, S].
+    With a :class:`~ocbank.model.calibration.Decision`, three more outputs (its ``apply``):
+    label int64 [N] (1 = NG), normalized float32 [N] (score / image_threshold) and mask uint8 [N, S, S].
     """
 
     def __init__(
@@ -166,7 +122,7 @@ class AnomalyModel(nn.Module):
         extractor: FeatureExtractor,
         means: np.ndarray | torch.Tensor,
         spec: MapSpec,
-        decision: Thresholds | None = None,
+        decision: Decision | None = None,
     ) -> None:
         super().__init__()
         mu = means.detach() if torch.is_tensor(means) else torch.from_numpy(np.array(means, dtype=np.float32))
@@ -214,8 +170,5 @@ class AnomalyModel(nn.Module):
         maps = self.maps(grid)
         if self.decision is None:
             return scores, maps
-        thr = self.decision.image_threshold
-        label = (scores > thr).to(torch.int64)
-        normalized = scores / thr
-        mask = (maps > self.decision.pixel_threshold).to(torch.uint8)
-        return scores, maps, label, normalized, mask
+        verdict = self.decision.apply(scores, maps)
+        return scores, maps, verdict.ng.to(torch.int64), verdict.normalized, verdict.mask.to(torch.uint8)
