@@ -18,7 +18,7 @@ method then runs on exactly those features and the same split:
 - ``padim``, ``spade``, ``spade_k5``: the baselines of benchmarks/baselines.py.
 
 All 1-NN banks are searched by the same flat 1-NN code (faiss.knn / faiss.knn_gpu)
-and reported once per image-score mode of ``--modes`` (ocbank.model.scoring_modes:
+and reported once per image-score mode of ``--modes`` (ocbank.model.scoring:
 ``nn`` = max of the patch grid, ``local_mean`` = max of its 3x3 means,
 ``local_gauss`` = max after a sigma = 1 patch blur); the modes share the search,
 so pixel AUROC and AUPRO are the same for all of a bank's modes.
@@ -47,7 +47,7 @@ import torch
 from ocbank import ClusterBank, config
 from ocbank.data import class_names, load_split
 from ocbank.engine.device import resolve_device
-from ocbank.model import metrics, scoring_modes
+from ocbank.model import metrics, scoring
 from ocbank.model.detector import Detector
 from ocbank.model.features import FEATURE_DIM
 from ocbank.model.radius import radius_statistics, sample_images
@@ -55,10 +55,11 @@ from ocbank.model.scoring import anomaly_maps
 
 from .baselines import Padim, Spade, SpadeParams
 from .bench_build import gemm_gflops
+from .exemplars import edge_exemplars
 from .patchcore import greedy_coreset
 
 SEARCH_BATCH_IMAGES = 32
-MODE_WINDOW = 3  # scoring_modes.local_mean window (the measured choice)
+MODE_WINDOW = 3  # scoring.local_mean window (the measured choice)
 SMOKE_TRAIN, SMOKE_TEST = 12, 10
 
 
@@ -187,7 +188,7 @@ def evaluate_scorer(score: Scorer, cf: ClassFeatures, cfg: config.Config,
     [b, h, w], image scores [b] or None). None means the maximum of the blurred
     map (PaDiM); 1-NN banks give the maximum of the patch grid. With ``modes``
     (1-NN banks), one dict per scoring mode comes back: the search and the maps
-    are shared, the image scores come from ``scoring_modes.image_scores`` and
+    are shared, the image scores come from ``scoring.image_scores`` and
     each mode's own (small) time is added to the search time.
     """
     n = cf.test.shape[0]
@@ -222,14 +223,14 @@ def evaluate_scorer(score: Scorer, cf: ClassFeatures, cfg: config.Config,
     out = []
     for mode in modes:
         t = time.perf_counter()
-        img = scoring_modes.image_scores(grid, mode, MODE_WINDOW)
+        img = scoring.image_scores(grid, mode, MODE_WINDOW)
         out.append(summary(img, time.perf_counter() - t))
     return out
 
 
 def evaluate_bank(vectors: np.ndarray, cf: ClassFeatures, cfg: config.Config, device: str,
                   modes: tuple[str, ...] = ("nn",)) -> list[dict[str, Any]]:
-    """1-NN against a [K, C] bank -> one metrics dict per image-score mode (scoring_modes)."""
+    """1-NN against a [K, C] bank -> one metrics dict per image-score mode (scoring)."""
     search = FlatSearch(vectors, device)
 
     def score(feats: np.ndarray) -> tuple[np.ndarray, None]:
@@ -263,14 +264,14 @@ def ocbank_vectors(patches: np.ndarray, radius: float, device: str) -> np.ndarra
 
 
 def exemplar_vectors(patches: np.ndarray, radius: float, fraction: float, device: str) -> np.ndarray:
-    """The bank's centroids followed by its edge exemplars (scoring_modes.edge_exemplars): [K + E, C].
+    """The bank's centroids followed by its edge exemplars (benchmarks/exemplars.py): [K + E, C].
 
-    One flat 1-NN search over both is the smaller of the two distances (scoring_modes.with_exemplars).
+    One flat 1-NN search over both is the smaller of the two distances (exemplars.with_exemplars).
     """
     means = ocbank_vectors(patches, radius, device)
     flat = np.ascontiguousarray(patches.reshape(-1, FEATURE_DIM))
     residuals = FlatSearch(means, device)(flat)
-    return np.concatenate([means, flat[scoring_modes.edge_exemplars(residuals, fraction)]])
+    return np.concatenate([means, flat[edge_exemplars(residuals, fraction)]])
 
 
 def sharded_vectors(patches: np.ndarray, radius: float, shards: int, device: str) -> np.ndarray:
@@ -534,7 +535,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--device", help="override the config's device")
     ap.add_argument("--shards", type=int, default=1, help="also build ocbank in N merged shards (row ocbank_sharded)")
     ap.add_argument("--modes", default="nn,local_mean,local_gauss",
-                    help="image-score modes for every 1-NN bank (ocbank.model.scoring_modes.MODES)")
+                    help="image-score modes for every 1-NN bank (ocbank.model.scoring.MODES)")
     ap.add_argument("--features", help="features cached by 'python -m benchmarks.scoring_modes cache' (the same "
                     "config's data): skips extraction, so e2e img/s is not measured")
     ap.add_argument("--exemplars", type=float, default=0.02,
@@ -546,8 +547,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         args.baselines = "spade" if args.smoke else ",".join(BASELINES)
     baselines = [b for b in args.baselines.split(",") if b]
     modes = tuple(m for m in args.modes.split(",") if m)
-    if not modes or any(m not in scoring_modes.MODES for m in modes):
-        msg = f"--modes takes names from {', '.join(scoring_modes.MODES)}, got {args.modes!r}."
+    if not modes or any(m not in scoring.MODES for m in modes):
+        msg = f"--modes takes names from {', '.join(scoring.MODES)}, got {args.modes!r}."
         raise SystemExit(msg)
     if unknown := [b for b in baselines if b not in BASELINES]:
         msg = f"--baselines takes names from {', '.join(BASELINES)}, got {unknown!r}."

@@ -259,8 +259,8 @@ def test_memory_cap_from_config_bounds_the_bank_and_is_saved(tiny_mvtec, extract
 
 
 def test_scoring_modes_from_config(tiny_mvtec, extractor):
-    """scoring.mode changes only the image score, as ocbank.model.scoring_modes computes it from the grid."""
-    from ocbank.model import scoring_modes
+    """scoring.mode changes only the image score, as ocbank.model.scoring computes it from the grid."""
+    from ocbank.model import scoring
 
     paths = [str(p) for p in _test_images(tiny_mvtec)[:4]]
     base = Detector.from_config(tiny_config(tiny_mvtec, bank={"radius": 5.0}), extractor=extractor).fit(_train(tiny_mvtec))
@@ -275,7 +275,7 @@ def test_scoring_modes_from_config(tiny_mvtec, extractor):
         det.bank_ = base.bank
         pred = det.predict(paths)
         np.testing.assert_allclose(pred.maps, ref.maps, rtol=1e-6)
-        np.testing.assert_allclose(pred.scores, scoring_modes.image_scores(grids[0], mode), rtol=1e-5)
+        np.testing.assert_allclose(pred.scores, scoring.image_scores(grids[0], mode), rtol=1e-5)
         assert (pred.scores <= ref.scores + 1e-4).all() and not np.allclose(pred.scores, ref.scores)
     with pytest.raises(ConfigError, match="scoring.mode"):
         Detector.from_config(tiny_config(tiny_mvtec, scoring={"mode": "spread"}))

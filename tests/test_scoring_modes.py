@@ -1,4 +1,4 @@
-"""ocbank.model.scoring_modes against plain-loop references."""
+"""The image-score modes of ocbank.model.scoring, and the research edge exemplars, against plain-loop references."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.ndimage import uniform_filter
 
+from benchmarks import exemplars
 from ocbank.errors import ConfigError, InputError
-from ocbank.model import scoring_modes as sm
+from ocbank.model import scoring as sm
 
 
 def local_mean_loops(grid: np.ndarray, window: int) -> np.ndarray:
@@ -97,7 +98,7 @@ def test_edge_exemplars_are_the_worst_represented_patches(seed, n, k, frac):
     means = patches[rng.choice(n, size=min(k, n), replace=False)]
     # brute force: residual of each patch to its nearest mean, ranked by (-residual, index)
     resid = [min(float(np.sum((p.astype(np.float64) - q) ** 2)) ** 0.5 for q in means) for p in patches]
-    idx = sm.edge_exemplars(np.array(resid), frac)
+    idx = exemplars.edge_exemplars(np.array(resid), frac)
     ranked = sorted(range(n), key=lambda i: (-resid[i], i))
     e = min(int(np.ceil(frac * n)), sum(r > 0 for r in resid))
     assert idx.tolist() == sorted(ranked[:e])
@@ -106,11 +107,11 @@ def test_edge_exemplars_are_the_worst_represented_patches(seed, n, k, frac):
 
 def test_with_exemplars_takes_the_nearer_and_checks_shapes():
     a, b = np.array([3.0, 1.0, 5.0]), np.array([2.0, 4.0, 5.0])
-    assert sm.with_exemplars(a, b).tolist() == [2.0, 1.0, 5.0]
-    assert sm.with_exemplars(a, None) is a
+    assert exemplars.with_exemplars(a, b).tolist() == [2.0, 1.0, 5.0]
+    assert exemplars.with_exemplars(a, None) is a
     with pytest.raises(InputError):
-        sm.with_exemplars(a, b[:2])
+        exemplars.with_exemplars(a, b[:2])
     with pytest.raises(ConfigError, match="fraction"):
-        sm.edge_exemplars(np.zeros(3), 1.5)
+        exemplars.edge_exemplars(np.zeros(3), 1.5)
     with pytest.raises(InputError):
-        sm.edge_exemplars(np.array([1.0, np.nan]), 0.5)
+        exemplars.edge_exemplars(np.array([1.0, np.nan]), 0.5)

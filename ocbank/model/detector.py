@@ -42,7 +42,6 @@ from ..data.loader import prefetched
 from ..engine import ClusterBank, resolve_device
 from ..engine.checkpoint import read_bank
 from ..errors import DataError, InputError, InputTypeError, NotFittedError
-from . import scoring_modes
 from .calibration import Decision, conservative_quantile
 from .features import FEATURE_DIM, FEATURE_STRIDE, FeatureExtractor, file_sha256
 from .radius import estimate_radius, sample_images
@@ -489,9 +488,7 @@ class Detector:
     def _image_scores(self, grid: np.ndarray) -> np.ndarray:
         """[B, h, w] patch distances -> [B] float32 image scores under ``scoring.mode``."""
         s = self.config.scoring
-        if s.mode == "nn":
-            return image_scores(grid)
-        return scoring_modes.image_scores(grid, s.mode, s.window, s.grid_sigma).astype(np.float32)
+        return image_scores(grid, s.mode, s.window, s.grid_sigma).astype(np.float32, copy=False)
 
     def predict(self, images: Any) -> Prediction:
         """Score one image, a sequence of images, or a float tensor batch [N, 3, S, S] (RGB in [0, 1]).
