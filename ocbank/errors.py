@@ -45,7 +45,11 @@ class NotFittedError(OcbankError, RuntimeError):
 
 
 class BuildLockError(OcbankError, RuntimeError):
-    """Another build holds the output directory."""
+    """Another build or update holds the output directory."""
+
+
+class BankChangedError(OcbankError, RuntimeError):
+    """A bank file changed under an update that read it (another writer); nothing was written."""
 
 
 class DependencyError(OcbankError, ImportError):

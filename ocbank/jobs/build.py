@@ -197,10 +197,15 @@ def _completed(final: Path, name: str, key: str, inputs: str) -> dict[str, Any] 
     except CheckpointError as exc:
         log.warning("rebuilding %s: the existing bank is unusable (%s)", name, exc)
         return None
+    updates = len(meta.get("lineage", []))
     if meta.get("complete") and meta.get("class") == name and meta.get("config_key") == key:
         if meta.get("input_key") == inputs:
+            if updates:  # ocbank update extended this training list: the bank is kept, updates and all
+                log.warning("keeping %s: built from this training list and extended by %d update(s) (its lineage)",
+                            final, updates)
             return meta.get("summary")
-        log.warning("rebuilding %s: its training images changed since %s was built", name, final)
+        lost = f"; this drops the {updates} update(s) in its lineage" if updates else ""
+        log.warning("rebuilding %s: its training images changed since %s was built%s", name, final, lost)
         return None
     log.warning("rebuilding %s: %s was built with another config or is incomplete", name, final)
     return None

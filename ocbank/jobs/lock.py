@@ -1,4 +1,4 @@
-"""The build lock: one build per output folder, held with ``fcntl.flock`` for the build's life.
+"""The build lock: one build or update per output folder, held with ``fcntl.flock`` for its life.
 
 The kernel releases a flock when its holder dies (SIGKILL included), so a lock file
 left behind by a dead build is simply *not locked*: the next build takes it, and of
@@ -65,7 +65,7 @@ def build_lock(out_dir: Path) -> Iterator[None]:
             holder = _read_holder(fd)
             os.close(fd)
             msg = (
-                f"another ocbank build (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) is writing to "
+                f"another ocbank build or update (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) is writing to "
                 f"{out_dir}. Wait for it to finish, or use another --out."
             )
             raise BuildLockError(msg) from None

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data import Sample, calibration_images, list_inputs
-from ..errors import DataError
+from ..data import Sample, calibration_images, escape_path, list_inputs
+from ..errors import BankChangedError, DataError
 from ..model.detector import Detector
 from ..model.features import file_sha256
+from .lock import build_lock
 
 
 @dataclass(frozen=True)
@@ -27,36 +28,53 @@ class UpdateJob:
     device: str | None = None
 
 
+# The bank's identity that an update carries over, so that ``build --resume`` recognises
+# the file as its own training list, extended (the lineage says by what).
+_IDENTITY_KEYS = ("class", "dataset", "config_key", "input_key", "n_images", "stream_position", "complete", "progress")
+
+
 def update_bank(job: UpdateJob) -> dict[str, Any]:
-    """Stream ``job.inputs`` into the bank, recalibrate if asked, write ``job.out``; return a summary."""
+    """Stream ``job.inputs`` into the bank, recalibrate if asked, write ``job.out``; return a summary.
+
+    Holds the build lock of ``job.out``'s folder for the whole run, so an update never
+    races a build or another update writing there; and refuses to write when the parent
+    file changed while it ran (another writer), naming both SHA-256 digests.
+    """
     began = time.perf_counter()
-    det = Detector.load(job.bank, device=job.device)
-    if det.metadata_.get("complete") is False:
-        msg = f"{job.bank} is a partial checkpoint, not a finished bank. Finish the build with --resume first."
-        raise DataError(msg)
-    parent = file_sha256(Path(job.bank))  # of the parent file's bytes
-    k_before, seen_before = len(det.bank), det.bank.n_seen
     files = list_inputs(list(job.inputs))
-    det.partial_fit([Sample(str(f)) for f in files])
-    added = det.last_partial_fit_
-    if added["images_added"] == 0:
-        msg = f"none of the {len(files)} new images could be read; {job.bank} was not changed."
-        raise DataError(msg)
-    if job.calibration:
-        det.calibrate(calibration_images(job.calibration), source="folder")
-    stale = det.decision is not None and not job.calibration
-    entry = {
-        "parent_sha256": parent,
-        "parent_file": str(job.bank),
-        "images_added": added["images_added"],
-        "images_skipped": added["images_skipped"],
-        "vectors_added": det.bank.n_seen - seen_before,
-        "recalibrated": bool(job.calibration),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    det.lineage_ = [*det.__dict__.get("lineage_", []), entry]
-    keep = {k: v for k, v in det.metadata_.items() if k in ("class", "dataset", "config_key", "complete")}
-    det.save(job.out, extra={**keep, "thresholds_predate_update": stale})
+    calibration = calibration_images(job.calibration) if job.calibration else None
+    with build_lock(Path(job.out).parent):
+        parent = file_sha256(Path(job.bank))  # of the parent file's bytes
+        det = Detector.load(job.bank, device=job.device)
+        _check_unchanged(job.bank, parent, "while it was read")
+        if det.metadata_.get("complete") is False:
+            msg = f"{job.bank} is a partial checkpoint, not a finished bank. Finish the build with --resume first."
+            raise DataError(msg)
+        k_before, seen_before = len(det.bank), det.bank.n_seen
+        det.partial_fit([Sample(str(f)) for f in files])
+        added = det.last_partial_fit_
+        if added["images_added"] == 0:
+            msg = f"none of the {len(files)} new images could be read; {job.bank} was not changed."
+            raise DataError(msg)
+        if calibration is not None:
+            det.calibrate(calibration, source="folder")
+        stale = det.decision is not None and calibration is None
+        entry = {
+            "parent_sha256": parent,
+            "parent_file": escape_path(job.bank),
+            "images_added": added["images_added"],
+            "images_skipped": added["images_skipped"],
+            "vectors_added": det.bank.n_seen - seen_before,
+            "recalibrated": calibration is not None,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        det.lineage_ = [*det.__dict__.get("lineage_", []), entry]
+        keep = {k: v for k, v in det.metadata_.items() if k in _IDENTITY_KEYS}
+        if "summary" in det.metadata_:  # the build's row, brought up to date
+            keep["summary"] = {**det.metadata_["summary"], "n_centroids": len(det.bank), "bank_bytes": det.bank.nbytes,
+                               "updates": len(det.lineage_)}
+        _check_unchanged(job.bank, parent, "while this update ran")  # last look, under the lock
+        det.save(job.out, extra={**keep, "thresholds_predate_update": stale})
     return {
         **entry,
         "n_centroids_before": k_before,
@@ -64,3 +82,17 @@ def update_bank(job: UpdateJob) -> dict[str, Any]:
         "thresholds_predate_update": stale,
         "seconds": time.perf_counter() - began,
     }
+
+
+def _check_unchanged(bank: str, sha: str, when: str) -> None:
+    """Refuse to go on when ``bank`` no longer has the bytes this update started from."""
+    try:
+        now = file_sha256(Path(bank))
+    except FileNotFoundError:
+        now = "none (the file is gone)"
+    if now != sha:
+        msg = (
+            f"{bank} changed {when}: its SHA-256 was {sha} and is now {now}, so another process wrote it. "
+            "Nothing was written; run the update again on the new bank."
+        )
+        raise BankChangedError(msg)
