@@ -3,15 +3,22 @@
 Exit status: 0 every input was processed; 1 the command ran but some inputs failed
 (a class that did not build, an image that could not be read: outputs are written for
 the rest and the failures named); 2 a usage, configuration, data or file error stopped
-it before any result (one line ``ocbank: error: ...``); 130 interrupted. Any other
-exception is a bug in ocbank and surfaces with its traceback.
+it before any result (one line ``ocbank: error: ...``); 130 interrupted (Ctrl-C); 143
+stopped by SIGTERM (how Docker, Kubernetes, Ray and systemd stop a process), handled
+exactly like Ctrl-C: the step under way is dropped, checkpoints and banks already
+written stay whole (they are replaced atomically), the build lock is released. Any
+other exception is a bug in ocbank and surfaces with its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +26,28 @@ from . import __version__
 from .errors import OcbankError
 from .jobs import DEFAULT_CHECKPOINT_EVERY
 
-EXIT_OK, EXIT_PARTIAL, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_PARTIAL, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so that it unwinds exactly like Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` while a command runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _int_at_least(text: str, low: int) -> int:
@@ -190,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ocbank",
         description="Online cluster memory bank anomaly detection.",
         epilog="exit status: 0 all inputs processed; 1 some inputs failed (the rest written); "
-        "2 usage, configuration, data or file error; 130 interrupted.",
+        "2 usage, configuration, data or file error; 130 interrupted; 143 stopped by SIGTERM.",
     )
     parser.add_argument("--version", action="version", version=f"ocbank {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -271,12 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="ocbank: %(levelname)s: %(message)s")
     if args.debug:
-        return args.func(args)
+        with _sigterm_as_interrupt():
+            return args.func(args)
     try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("ocbank: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        with _sigterm_as_interrupt():
+            return args.func(args)
+    except KeyboardInterrupt as exc:
+        stopped = isinstance(exc, Terminated)
+        print(f"ocbank: {'stopped by SIGTERM' if stopped else 'interrupted'}", file=sys.stderr)
+        return EXIT_TERMINATED if stopped else EXIT_INTERRUPTED
     except (OcbankError, OSError) as exc:
         # Deliberate errors and file problems the user can fix: one line. Anything else
         # is a bug in ocbank and surfaces with its traceback.
