@@ -18,7 +18,7 @@ from ..data import Sample, class_names, escape_path, fit_name, load_split
 from ..errors import CheckpointError, DataError
 from ..jsonio import write_json
 from ..model import metrics
-from ..model.calibration import decision_metrics, f1_optimal_threshold
+from ..model.calibration import decision_metrics, f1_optimal_threshold, transfer_warning
 from ..model.detector import Detector
 from ..model.features import FeatureExtractor
 from .build import SINGLE_BANK
@@ -193,6 +193,8 @@ def evaluate(
         det = last[1]
         got = _score_class(det, name, split, out, heatmaps, collected)
         results[name], maps, masks = _class_row(det, got, cfg.image_size)
+        if (results[name]["calibrated"] or {}).get("transfer_warning"):
+            log.warning("class %s: %s", name, results[name]["calibrated"]["transfer_warning"])
         collected.end_class(name, masks, maps, getattr(det, "metadata_", {}), map_range(det.bank.radius))
         csv_rows += got.csv_rows
     rows = list(results.values())
@@ -227,11 +229,13 @@ def _decision_columns(det: Detector, labels: np.ndarray, scores: np.ndarray) -> 
         out["calibrated"] = None
         out["calibrated_note"] = "the bank has no calibrated threshold (build with a hold-out or --calibration)"
     else:
+        measured = decision_metrics(labels, scores, det.decision.image_threshold)
         out["calibrated"] = {
-            **decision_metrics(labels, scores, det.decision.image_threshold),
+            **measured,
             "target_false_alarm_rate": det.decision.false_alarm_rate,
             "calibration_images": det.decision.n_images,
             "source": det.decision.source,
+            "transfer_warning": transfer_warning(det.decision, measured["fp"], measured["fp"] + measured["tn"]),
         }
     return out
 
@@ -263,6 +267,7 @@ def format_table(report: dict[str, Any]) -> str:
         )
         if name != "mean":
             notes += [f"  {name}: {k} n/a: {r[f'{k}_note']}" for k in METRIC_KEYS if r.get(f"{k}_note")]
+
     counts = report["mean"].get("n_classes", {})
     if any(v != len(report["classes"]) for v in counts.values()):
         notes.append("  mean over classes with a defined value: " + ", ".join(f"{k} {v}" for k, v in counts.items()))

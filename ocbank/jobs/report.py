@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .._version import __version__
-from ..model.calibration import Decision, decision_metrics, f1_optimal_threshold, is_ng
+from ..model.calibration import Decision, decision_metrics, f1_optimal_threshold, is_ng, transfer_warning
 from ..model.metrics import PRO_FPR_LIMIT, pro_curve
 from .visualize import save_overlay
 
@@ -141,6 +141,9 @@ def threshold_for(data: ClassData) -> Threshold:
         if floor is not None and fa is not None and floor > fa:
             note += (f"; {d.n_images} calibration images certify only 1/(n+1) = {100 * floor:.1f}% "
                      "(the threshold is their largest score): calibrate on more normal images")
+        normal = ~labels
+        warning = transfer_warning(d, int(is_ng(scores[normal], d.image_threshold).sum()), int(normal.sum()))
+        note += f"; warning: {warning}" if warning else ""
     else:
         best = f1_optimal_threshold(labels, scores)
         value, source = (best["threshold"] if best else float("nan")), "f1_optimal"

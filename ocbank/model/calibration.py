@@ -91,6 +91,11 @@ class Decision:
             raise ConfigError(msg) from exc
 
 
+def conformal_rank(n: int, false_alarm_rate: float) -> int:
+    """Which of n sorted calibration values is the threshold: ceil((1 - a)(n + 1)), capped at n."""
+    return min(int(np.ceil((1.0 - false_alarm_rate) * (n + 1))), n)
+
+
 def conservative_quantile(values: np.ndarray, false_alarm_rate: float) -> float:
     """The ceil((1 - a)(n + 1))-th smallest of n values (capped at the largest).
 
@@ -98,8 +103,43 @@ def conservative_quantile(values: np.ndarray, false_alarm_rate: float) -> float:
     are exchangeable (the split-conformal bound); with few values it is the maximum.
     """
     v = np.sort(np.asarray(values, dtype=np.float64).ravel())
-    rank = int(np.ceil((1.0 - false_alarm_rate) * (v.size + 1)))
-    return float(v[min(rank, v.size) - 1])
+    return float(v[conformal_rank(v.size, false_alarm_rate) - 1])
+
+
+# A warning that calibration does not transfer is wrong this rarely when the calibration and
+# test images do come from the same population: rare enough to act on when it appears.
+TRANSFER_SIGNIFICANCE = 1e-3
+
+
+def transfer_p_value(false_alarms: int, n_normal: int, false_alarm_rate: float, n_calibration: int) -> float:
+    """The chance of at least ``false_alarms`` of ``n_normal`` normal test images above a threshold
+    calibrated on ``n_calibration`` normal images from the same population.
+
+    Exact for continuous scores: the r-th smallest of n calibration scores (r from
+    :func:`conformal_rank`) is exceeded by a fresh image with probability Beta(n + 1 - r, r);
+    the number of false alarms among m images is then beta-binomial(m, n + 1 - r, r). This
+    accounts for both the calibration count (few images: a wide spread) and the test count.
+    """
+    from scipy.stats import betabinom  # noqa: PLC0415  (scipy loads in ~0.3 s; only evaluate needs it)
+
+    r = conformal_rank(n_calibration, false_alarm_rate)
+    return float(betabinom.sf(false_alarms - 1, n_normal, n_calibration + 1 - r, r))
+
+
+def transfer_warning(decision: Decision, false_alarms: int, n_normal: int) -> str | None:
+    """One line when normal test images raise far more false alarms than the calibration explains, else None."""
+    a, n = decision.false_alarm_rate, decision.n_images
+    if a is None or not n or not n_normal:
+        return None
+    p = transfer_p_value(false_alarms, n_normal, a, n)
+    if p >= TRANSFER_SIGNIFICANCE:
+        return None
+    return (
+        f"the calibrated threshold flagged {false_alarms} of {n_normal} normal test images "
+        f"({100 * false_alarms / n_normal:.0f}%) against a {100 * a:g}% target, far more than {n} calibration "
+        f"images ({decision.source or 'unknown source'}) explain (p = {p:.1g}): they do not look like these images. "
+        "Calibrate with --calibration on normal images from the line."
+    )
 
 
 def decision_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
