@@ -6,9 +6,12 @@ a finite score. Tiny 64x64 crops and bounded hypothesis examples keep it fast.
 
 from __future__ import annotations
 
+import csv
+import os
 import tempfile
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -17,7 +20,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from ocbank import Detector
-from ocbank.data import Sample
+from ocbank.data import Sample, unescape_path
+from ocbank.jobs.predict import predict
 
 from .conftest import tiny_config
 
@@ -174,3 +178,59 @@ def test_a_decompression_bomb_is_skipped_named_and_counted(detector, tiny_mvtec,
     _check_accounting(files, scored, skipped, messages)
     assert sorted(skipped) == [0, 2] and list(scored) == [1]
     assert all("MAX_IMAGE_PIXELS" in m for m in messages if "skipping" in m)
+
+
+# ---------------------------------------------------------------------- file names
+# Every character some file system or tool reserves (Windows' <>:"/\|?*, controls, CSV's
+# quote and separators, shell and URL specials); POSIX itself forbids only "/" and NUL.
+RESERVED = '<>:"\\|?*\t\n\r,;\'%#&$ ~\x01\x1b\x7f'
+NAME_LIMIT = 255  # bytes in one name on ext4, XFS and APFS
+
+
+def _stem(raw: bytes) -> bytes:
+    """Bytes POSIX allows in a name, cut so that ``stem + .png`` fits the limit."""
+    return raw.replace(b"/", b"_").replace(b"\0", b"_")[: NAME_LIMIT - len(b".png")] or b"_"
+
+
+name_stems = st.one_of(
+    st.binary(min_size=1, max_size=NAME_LIMIT).map(_stem),  # any bytes, UTF-8 or not, up to the limit
+    st.text(alphabet=RESERVED + "a\u00e9\u65e5\U0001f600", min_size=1, max_size=90).map(lambda t: _stem(t.encode())),
+)
+
+
+@pytest.fixture(scope="module")
+def saved_bank(detector, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("named") / "bank.h5"
+    detector.save(path)
+    return path
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(entries=st.lists(st.tuples(name_stems, st.booleans()), min_size=1, max_size=4, unique_by=lambda e: e[0]))
+@example(entries=[(b"x" * 251, True), (b"caf\xe9", True), (b"\xff" * 251, False)])  # the limit, Latin-1, junk
+def test_any_file_name_is_scored_or_counted_and_never_loses_another(detector, saved_bank, tiny_mvtec, entries):
+    """predict on a folder of hostile names: every listed file has its row, output files and a reversible name."""
+    picture = sorted((Path(tiny_mvtec) / "weave" / "test" / "good").glob("*.png"))[0].read_bytes()
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(Detector, "load", return_value=detector):
+        folder, out = Path(tmp) / "in", Path(tmp) / "out"
+        folder.mkdir()
+        readable = {}
+        for stem, ok in entries:
+            path = Path(os.fsdecode(bytes(folder) + b"/" + stem + b".png"))
+            path.write_bytes(picture if ok else b"\x89PNG\r\n\x1a\n" + stem)
+            if not stem.startswith(b"."):  # dot-names are hidden files: not listed
+                readable[str(path)] = ok
+        if not readable:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rows = predict(saved_bank, [str(folder)], out, save_maps=True, progress=False)
+        assert {r["path"]: r["status"] == "ok" for r in rows} == readable
+        assert all(np.isfinite(r["score"]) for r in rows if r["status"] == "ok")
+        with open(out / "scores.csv", newline="", encoding="utf-8") as fh:  # strict UTF-8 throughout
+            written = [unescape_path(r["path"]) for r in csv.DictReader(fh)]
+        assert written == [r["path"] for r in rows]  # every row, each name given back byte for byte
+        scored = sum(readable.values())
+        for sub in ("heatmaps", "maps"):
+            names = os.listdir(out / sub) if scored else []
+            assert len(names) == scored and all(len(os.fsencode(n)) <= NAME_LIMIT for n in names)

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import Config, check_class_name
-from ..data import Sample, calibration_images, class_names, load_split
+from ..data import Sample, calibration_images, class_names, escape_path, load_split
 from ..engine import BankState, ClusterBank, resolve_device
 from ..engine.checkpoint import read_bank
 from ..errors import CheckpointError, ConfigError, DataError, DependencyError
@@ -267,7 +267,7 @@ def finish_class(plan: BuildPlan, job: ClassJob, det: Detector, inputs: ClassInp
         "radius": bank.radius,
         "images_used": done.images_used,
         "images_skipped": len(done.skipped_files),
-        "skipped_files": done.skipped_files,
+        "skipped_files": [escape_path(f) for f in done.skipped_files],  # JSON any reader takes
         "seconds": done.seconds,
         "vectors_per_s": bank.n_seen / max(done.seconds, 1e-9),
         "search_backend": bank.search_backend_,
