@@ -20,7 +20,7 @@ from ocbank.engine.device import resolve_device
 from ocbank.model.features import FEATURE_DIM, FeatureExtractor
 from ocbank.model.scoring import anomaly_maps, image_scores
 
-from .bench_build import write_result
+from .common import write_result
 
 
 def main(argv: list[str] | None = None) -> dict:

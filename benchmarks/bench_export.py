@@ -18,23 +18,20 @@ Usage: python -m benchmarks.bench_export [--bank demo_out/banks/dots.h5] [--out 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .common import machine_info, timed, write_result
+
 
 def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    return timed(fn)[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,13 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_pass": times,
         "threads": {"torch": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
         "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "machine": machine_info(),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "export_cpu.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "seconds_per_pass")}, indent=2))
+    path = write_result(args.out, "export_cpu.json", result)
     print(f"written: {path}")
     return 0
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,26 +32,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from .bench_build import BENCH_CLASSES, DIM, detector_config, make_bench_data, real_features, write_result
+from .bench_build import stream_build
+from .common import (
+    BENCH_CLASSES,
+    DIM,
+    detector_config,
+    gemm_gflops,
+    machine_info,
+    make_bench_data,
+    real_features,
+    timed,
+    write_result,
+)
 
 RADIUS_IMAGES = 50
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_avg_at_start": os.getloadavg(),
-        "note": "2-core CPU box shared with 5 other engineers (contended); compare ratios within this file only",
-    }
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
+NOTE = "compare ratios within this file only"  # the machine is shared; absolute rates move
 
 
 # ---------------------------------------------------------------------- radius
@@ -107,7 +101,7 @@ def radius_error_sweep(
 def part_radius(data: Path, cache: Path, out: Path) -> dict[str, Any]:
     from ocbank.model.radius import DEFAULT_MAX_QUERIES, estimate_radius
 
-    result: dict[str, Any] = {"machine": machine(), "radius_images": RADIUS_IMAGES, "classes": {}}
+    result: dict[str, Any] = {"machine": machine_info(note=NOTE), "radius_images": RADIUS_IMAGES, "classes": {}}
     for name in BENCH_CLASSES:
         x = real_features(data / "d224", name, 224, RADIUS_IMAGES, cache)
         dist, exact_s = exact_distances(x, cache, f"{name}_224")
@@ -336,7 +330,7 @@ def part_pipeline(data: Path, cache: Path, out: Path, rounds: int = 2) -> dict[s
     backbone = float(np.median(timings["eager (as shipped)"]))
     best = max(loops["instrumented"], key=lambda r: r["img_per_s"])
     result = {
-        "machine": machine(),
+        "machine": machine_info(note=NOTE),
         "image_size": 224,
         "batch_size": det.config.data.batch_size,
         "test_images": len(samples),
@@ -378,7 +372,6 @@ def figures_for(data: Path, cache: Path, name: str, size: int, extractor: Any, e
     """One class's build breakdown (two-pass today vs one-pass projected), radius rule and bank GEMM ratio."""
     from ocbank.model.radius import DEFAULT_MAX_QUERIES, estimate_radius, nearest_other_distances
 
-    from .bench_build import gemm_gflops, stream_build
 
     root = data / f"d{size}"
     x = np.ascontiguousarray(real_features(root, name, size, RADIUS_IMAGES, cache))
@@ -424,7 +417,7 @@ def part_figures(data: Path, cache: Path, out: Path) -> dict[str, Any]:
 
     make_bench_data(data / "d512", ("grain",), 512, RADIUS_IMAGES, 4)
     extractor = FeatureExtractor(weights="none", device="cpu")
-    result: dict[str, Any] = {"machine": machine(), "classes": {}}
+    result: dict[str, Any] = {"machine": machine_info(note=NOTE), "classes": {}}
     for name in BENCH_CLASSES:
         result["classes"][f"{name}_224"] = figures_for(data, cache, name, 224, extractor, exact_limit=50_000)
     result["classes"]["grain_512"] = figures_for(data, cache, "grain", 512, extractor, exact_limit=50_000)
@@ -504,7 +497,7 @@ def part_threads(data: Path, out: Path) -> dict[str, Any]:
         summary[policy] = {"backbone_img_per_s": bb, **{
             f"{k}_ratio_to_backbone": float(np.median([r[k] for r in rs])) / bb
             for k in ("loop_as_shipped_img_per_s", "prefetch_top8_img_per_s", "prefetch_top8_ivf_img_per_s")}}
-    result = {"machine": machine(), "summary": summary, "runs": runs}
+    result = {"machine": machine_info(note=NOTE), "summary": summary, "runs": runs}
     write_result(out, "pipeline_threads_224_cpu.json", result)
     return result
 
@@ -540,7 +533,7 @@ def part_shipped(data: Path, out: Path, rounds: int = 3) -> dict[str, Any]:
                 res[key].append(len(rows) / (time.perf_counter() - t))
     bb = float(np.median(res["backbone"]))
     result = {
-        "machine": machine(),
+        "machine": machine_info(note=NOTE),
         "images": len(samples),
         "img_per_s": res,
         "ratio_to_backbone": {k: float(np.median(v)) / bb for k, v in res.items() if k != "backbone"},

@@ -29,8 +29,18 @@ import numpy as np
 from ocbank import ClusterBank
 from ocbank.engine.device import resolve_device
 
-from .bench_build import BATCH, DIM, ClusteredStream, write_result
-from .run import FlatSearch, gemm_rate
+from .common import (
+    BATCH,
+    BENCH_CLASSES,
+    DIM,
+    ClusteredStream,
+    FlatSearch,
+    gemm_rate,
+    machine_info,
+    make_bench_data,
+    real_features,
+    write_result,
+)
 
 
 def search_fps(search: FlatSearch, queries: np.ndarray, images: int, repeats: int = 5) -> float:
@@ -141,17 +151,10 @@ def _demo_auroc(data: Path, nprobes: tuple[int, ...] = (8, 16, 32, 64)) -> dict:
 
 
 def ivf_main(args: argparse.Namespace) -> dict:
-    import os
-    import platform
-
-    from .bench_build import BENCH_CLASSES, make_bench_data, real_features
-
     data = Path(args.data)
     rng = np.random.default_rng(0)
     nprobes = (1, 2, 4, 8, 16, 32)
-    result: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                "load_avg_at_start": os.getloadavg(),
-                                "note": "2-core CPU box shared with other engineers (contended)"}}
+    result: dict = {"machine": machine_info()}
     root = make_bench_data(data / "d224", BENCH_CLASSES, 256, 60, 10)
     means = np.ascontiguousarray(np.concatenate([real_features(root, c, 224, 50, data / "cache")
                                                  for c in BENCH_CLASSES]))
@@ -214,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     gemm = gemm_rate(device)
     flops_per_image = 2.0 * DIM * BATCH
     result = {
+        "machine": machine_info(device),
         "device": device,
         "images": args.images,
         "full_vectors": int(full.shape[0]),

@@ -54,7 +54,7 @@ from ocbank.model.radius import radius_statistics, sample_images
 from ocbank.model.scoring import anomaly_maps
 
 from .baselines import Padim, Spade, SpadeParams
-from .bench_build import gemm_gflops
+from .common import FlatSearch, gemm_rate
 from .exemplars import edge_exemplars
 from .patchcore import greedy_coreset
 
@@ -148,33 +148,6 @@ def extract(det: Detector, split: Any, smoke: bool) -> ClassFeatures:
         np.concatenate(masks),
         (time.perf_counter() - t) / max(n_test, 1),
     )
-
-
-class FlatSearch:
-    """1-NN over a fixed [K, C] array with the same FAISS calls for every method."""
-
-    def __init__(self, vectors: np.ndarray, device: str) -> None:
-        from ocbank.engine._faiss import faiss  # noqa: PLC0415
-
-        self.faiss = faiss
-        self.device = device
-        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if device.startswith("cuda"):
-            import faiss.contrib.torch_utils  # noqa: F401, PLC0415
-
-            self.res = faiss.StandardGpuResources()
-            self.gpu_vectors = torch.from_numpy(self.vectors).to(device)
-
-    def __call__(self, queries: np.ndarray) -> np.ndarray:
-        """[n, C] -> [n] plain L2 distances to the nearest vector."""
-        if self.device.startswith("cuda"):
-            q = torch.from_numpy(queries).to(self.device)
-            sq, _ = self.faiss.knn_gpu(self.res, q, self.gpu_vectors, 1)
-            torch.cuda.synchronize()
-            sq = sq.cpu().numpy()
-        else:
-            sq, _ = self.faiss.knn(queries, self.vectors, 1)
-        return np.sqrt(np.maximum(sq[:, 0], 0.0))
 
 
 Scorer = Callable[[np.ndarray], tuple[np.ndarray, "np.ndarray | None"]]
@@ -488,20 +461,6 @@ def plot_memory_growth(growth: dict[str, list[float]], name: str, path: Path) ->
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def gemm_rate(device: str) -> float:
-    if not device.startswith("cuda"):
-        return gemm_gflops(8192)
-    a = torch.randn(8192, 8192, device=device)
-    for _ in range(2):
-        a @ a
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ a
-    torch.cuda.synchronize()
-    return 10 * 2 * 8192**3 / (time.perf_counter() - t) / 1e9
 
 
 def parse_radii(text: str | None, cfg: config.Config) -> list[Any]:

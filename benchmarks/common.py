@@ -1,0 +1,187 @@
+"""What the benchmark scripts share, written once: the machine description, timing, the GEMM rate,
+JSON results, and the benchmark data (textures, cached features, a clustered stream, flat search).
+
+Each script imports from here, never from another script. Results record their machine and date
+(:func:`machine_info`) because the docs quote them with both.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ocbank.jsonio import dumps, write_json
+from ocbank.model.features import FEATURE_DIM
+
+DIM = FEATURE_DIM
+BATCH = 784  # one 224² image: a 28 × 28 patch grid
+BENCH_CLASSES = ("weave", "dots", "grain")
+
+
+# ---------------------------------------------------------------------- machine, timing, results
+def machine_info(device: str = "cpu", note: str | None = None) -> dict[str, Any]:
+    """The machine a result was measured on, and when (UTC)."""
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_at_start": list(os.getloadavg()),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    if note:
+        info["note"] = note
+    return info
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``fn()``'s result and its wall-clock seconds."""
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def write_result(out_dir: str | Path, filename: str, result: dict[str, Any]) -> Path:
+    """Write a benchmark's result as strict JSON under ``out_dir`` and print it (without the machine)."""
+    path = write_json(Path(out_dir) / filename, result)
+    print(dumps({k: v for k, v in result.items() if k != "machine"}))
+    return path
+
+
+def gemm_gflops(k: int, dim: int = DIM, batch: int = BATCH, repeats: int = 5) -> float:
+    """fp32 GFLOP/s of numpy's ``[batch, dim] @ [dim, k]`` on this CPU: the rate a build is compared with."""
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((batch, dim), dtype=np.float32)
+    b = rng.standard_normal((k, dim), dtype=np.float32)
+    a @ b.T  # warm-up
+    _, seconds = timed(lambda: [a @ b.T for _ in range(repeats)])
+    return 2.0 * batch * k * dim * repeats / seconds / 1e9
+
+
+def gemm_rate(device: str) -> float:
+    """The device's fp32 GEMM GFLOP/s: 8192² torch matmuls on CUDA, :func:`gemm_gflops` on CPU."""
+    if not device.startswith("cuda"):
+        return gemm_gflops(8192)
+    a = torch.randn(8192, 8192, device=device)
+    for _ in range(2):
+        a @ a
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e9
+
+
+# ---------------------------------------------------------------------- benchmark data
+def _grain(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A third texture family for the benchmarks: oriented wood-like grain with knots."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    angle = rng.uniform(0, np.pi)
+    u = np.cos(angle) * xx + np.sin(angle) * yy
+    v = -np.sin(angle) * xx + np.cos(angle) * yy
+    warp = 3.0 * np.sin(2 * np.pi * v / rng.uniform(60, 80) + rng.uniform(0, 2 * np.pi))
+    rings = 0.5 + 0.5 * np.sin(2 * np.pi * (u + warp) / rng.uniform(7, 9))
+    color = np.array([0.6, 0.42, 0.25]) + rng.normal(0, 0.02, 3)
+    img = (0.6 + 0.4 * rings[..., None]) * color[None, None]
+    return img + rng.normal(0, 0.03, img.shape)
+
+
+def make_bench_data(root: str | Path, classes: tuple[str, ...], size: int, n_train: int, n_test: int) -> Path:
+    """MVTec-layout textures (ocbank.synthetic plus the benchmark-only ``grain``) at ``size``^2, cached on disk."""
+    from ocbank import synthetic  # noqa: PLC0415
+
+    synthetic.TEXTURES.setdefault("grain", _grain)  # benchmark-only family; synthetic.py is not changed
+    root = Path(root)
+    missing = tuple(c for c in classes if not (root / c / "train" / "good").is_dir())
+    if missing:
+        synthetic.make_dataset(root, classes=missing, n_train=n_train, n_good_test=n_test, n_defect_test=n_test,
+                               size=size)
+    return root
+
+
+def detector_config(size: int, batch_size: int = 16) -> dict[str, Any]:
+    """The Detector config of the two settings: 224 (resize 256, crop 224) or 512 (resize 512, no crop)."""
+    data = {"resize": 256, "crop": 224} if size == 224 else {"resize": size, "crop": None}
+    return {"data": {**data, "batch_size": batch_size, "num_workers": 0}, "backbone": {"weights": "none"},
+            "device": "cpu", "bank": {"radius": "auto"}}
+
+
+def real_features(root: Path, name: str, size: int, n_images: int, cache: Path, split: str = "train") -> np.ndarray:
+    """Patch features [n_images * h * w, 1536] of a class's first ``split`` images, cached as .npy (memory-mapped)."""
+    from ocbank.data.datasets import mvtec_split  # noqa: PLC0415
+    from ocbank.model.detector import Detector  # noqa: PLC0415
+
+    tag = "" if split == "train" else f"_{split}"
+    path = Path(cache) / f"{name}_{size}_{n_images}{tag}.npy"
+    if not path.is_file():
+        samples = getattr(mvtec_split(Path(root), name), split)[:n_images]
+        det = Detector.from_config(detector_config(size))
+        grid = size // 8
+        out = np.lib.format.open_memmap(path.with_suffix(".tmp.npy"), mode="w+", dtype=np.float32,
+                                        shape=(len(samples) * grid * grid, DIM))
+        row = 0
+        for _, feats in det.features(samples):
+            f = feats.reshape(-1, DIM).numpy()
+            out[row : row + len(f)] = f
+            row += len(f)
+        out.flush()
+        del out
+        path.with_suffix(".tmp.npy").rename(path)
+    return np.load(path, mmap_mode="r")
+
+
+class ClusteredStream:
+    """Deterministic clustered vectors: batch i depends only on (seed, i)."""
+
+    def __init__(self, n_clusters: int, dim: int = DIM, spread: float = 2.0, noise: float = 0.45, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.centers = (rng.standard_normal((n_clusters, dim)) * spread).astype(np.float32)
+        # Zipf-like popularity, as in real images: a few textures dominate.
+        pop = 1.0 / np.arange(1, n_clusters + 1) ** 0.5
+        self.p = pop / pop.sum()
+        self.noise = noise
+        self.seed = seed
+
+    def batch(self, i: int, size: int = BATCH) -> np.ndarray:
+        rng = np.random.default_rng((self.seed, i))
+        idx = rng.choice(len(self.p), size=size, p=self.p)
+        x = self.centers[idx] + rng.standard_normal((size, self.centers.shape[1]), dtype=np.float32) * self.noise
+        return x.astype(np.float32, copy=False)
+
+
+class FlatSearch:
+    """1-NN over a fixed [K, C] array with the same FAISS calls for every method."""
+
+    def __init__(self, vectors: np.ndarray, device: str) -> None:
+        from ocbank.engine._faiss import faiss  # noqa: PLC0415
+
+        self.faiss = faiss
+        self.device = device
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if device.startswith("cuda"):
+            import faiss.contrib.torch_utils  # noqa: F401, PLC0415
+
+            self.res = faiss.StandardGpuResources()
+            self.gpu_vectors = torch.from_numpy(self.vectors).to(device)
+
+    def __call__(self, queries: np.ndarray) -> np.ndarray:
+        """[n, C] -> [n] plain L2 distances to the nearest vector."""
+        if self.device.startswith("cuda"):
+            q = torch.from_numpy(queries).to(self.device)
+            sq, _ = self.faiss.knn_gpu(self.res, q, self.gpu_vectors, 1)
+            torch.cuda.synchronize()
+            sq = sq.cpu().numpy()
+        else:
+            sq, _ = self.faiss.knn(queries, self.vectors, 1)
+        return np.sqrt(np.maximum(sq[:, 0], 0.0))
