@@ -6,18 +6,22 @@ one machine, so the ratios are comparable):
 - ``radius``: the exact p99 rule (all patches as queries) against
   :func:`ocbank.model.radius.estimate_radius` on each 224^2 class (50 images,
   39,200 patches): time of each, the estimate's error and interval over many
-  seeds for several query counts (-> radius_estimate.json);
+  seeds for several query counts (-> radius_estimate_cpu.json);
 - ``pipeline``: at 224^2, the backbone alone on preprocessed batches against the
   full evaluate loop (decode, resize, features, search, upsample, blur, overlay
   PNGs) with a per-stage breakdown, plus CPU variants (channels_last, threads)
-  (-> pipeline.json);
-- ``figures``: per class (three textures at 224^2, one at 512^2) the build time
-  under the current two-pass code (features for the radius images, exact rule,
-  features again + bank) and the projected one-pass figure (features once +
-  linear rule + bank), the radius estimate next to the exact rule, the bank's
-  GEMM ratio, and end-to-end img/s next to the backbone (-> figures.json).
+  (-> pipeline_224_cpu.json);
+- ``figures``: per class (three textures at 224^2, one at 512^2) the build time of
+  a two-pass build (features for the radius images, exact rule, features again +
+  bank) beside the one-pass build that ships (features once + linear rule + bank,
+  summed from the same measured parts), the radius estimate next to the exact rule,
+  the bank's GEMM ratio, and end-to-end img/s next to the backbone (-> figures_cpu.json);
+- ``threads``: the predict loop with and without OMP_WAIT_POLICY=PASSIVE
+  (-> pipeline_threads_224_cpu.json);
+- ``shipped``: ``ocbank predict`` end to end against the backbone alone, interleaved
+  rounds (-> pipeline_shipped_224_cpu.json).
 
-python -m benchmarks.bench_pipeline --out benchmarks/results --part radius|pipeline|figures [--data DIR]
+python -m benchmarks.bench_pipeline --out benchmarks/results --part radius|pipeline|figures|threads|shipped [--data DIR]
 """
 
 from __future__ import annotations
@@ -369,7 +373,7 @@ def time_features(root: Path, name: str, size: int, n_images: int, extractor: An
 
 
 def figures_for(data: Path, cache: Path, name: str, size: int, extractor: Any, exact_limit: int) -> dict[str, Any]:
-    """One class's build breakdown (two-pass today vs one-pass projected), radius rule and bank GEMM ratio."""
+    """One class's build breakdown (two-pass vs the one-pass build that ships), radius rule and bank GEMM ratio."""
     from ocbank.model.radius import DEFAULT_MAX_QUERIES, estimate_radius, nearest_other_distances
 
 

@@ -52,7 +52,7 @@ def start_watchdog(parent_pid: int) -> threading.Thread:
 
 def worker_init(_worker_id: int, parent_pid: int) -> None:
     """``worker_init_fn`` for ocbank's loaders (bind ``parent_pid`` with functools.partial)."""
-    # The notes' fork-after-faiss deadlock: keep workers single-threaded.
+    # OpenMP thread pools and fork do not mix (loaders spawn for that reason): one thread per worker.
     torch.set_num_threads(1)
     set_parent_death_signal()
     if os.getppid() != parent_pid:  # the parent died before prctl took effect

@@ -36,11 +36,9 @@ def default_nlist(n_centroids: int) -> int:
 def default_nprobe(nlist: int) -> int:
     """Lists scanned per query: 32 (or all of them when nlist < 32).
 
-    bench_search --ivf on the 2-core CPU box: with 117,600 real WRN50 patch features
-    as centroids (nlist 1372), nprobe 32 gave recall@1 0.9995 (flat up to ties) and
-    1.5-1.8x the speed of flat search; it is the smallest nprobe that left the demo's
-    image AUROC unchanged (dots: nlist 162; nprobe 16 moved it by 0.01). nprobe 8:
-    recall 0.99, max 1-NN distance error 6%, 6-8x faster, for speed over exactness.
+    32 is the smallest nprobe that left the demo's image AUROC unchanged against flat
+    search; recall, distance error and speed per nprobe are in
+    benchmarks/results/ivf_cpu.json (``python -m benchmarks.bench_search --ivf``).
     """
     return max(1, min(nlist, 32))
 

@@ -113,8 +113,8 @@ def _row_min(row: np.ndarray) -> float:
 
 
 # The steps below take plain arrays, not the structs: numba then keeps the data
-# pointers of the hot loops in registers (passing the structs down cost ~35% of
-# the kernel's time). The per-chunk scratch ("the log"): slot_of [k0 + b] (slot
+# pointers of the hot loops in registers (passing the structs down was markedly
+# slower). The per-chunk scratch ("the log"): slot_of [k0 + b] (slot
 # of a centroid id or -1); per slot: slot_ids, slot_col (its column in the
 # search, -1 if created in the chunk), slot_norm (||mu||^2 now), dots (x_i . mu
 # for the current row i); per step: step_slot, step_kind, step_frac (w / n).

@@ -20,12 +20,10 @@ from ..engine._faiss import faiss
 from ..errors import InputError, InputTypeError
 
 PERCENTILES = (50, 90, 95, 99)
-# 8192 queries: on WRN50 features (50 images, 39,200 patches) of three texture
-# classes, over 200 seeds the estimate's relative error against the exact p99 has
-# median 0.3-0.4%, 95th percentile <= 1.1%, max 1.7%; the 95% interval is ~2.4% wide
-# and holds the exact p99 in 96-97.5% of seeds (1024 queries: median 1.1%, max 6.4%).
-# It costs n/8192 of the exact rule: 1/4.8 at 39k patches, 1/25 at 205k
-# (benchmarks/results/radius_estimate_cpu.json).
+# 8192 queries: the estimate's error, its interval's coverage and its cost against the exact
+# rule, per query count, are in benchmarks/results/radius_estimate_cpu.json and
+# figures_cpu.json (`python -m benchmarks.bench_pipeline --part radius|figures`; the docs'
+# Benchmarks page shows them). The cost is n / 8192 of the exact rule's.
 DEFAULT_MAX_QUERIES = 8192
 # Database rows per faiss call: bounds the distance block to queries x 32768 floats.
 DATABASE_CHUNK_ROWS = 32768
