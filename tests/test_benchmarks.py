@@ -35,6 +35,7 @@ def test_coreset_projects_high_dimensional_features():
     assert len(idx) == 30 and idx.max() < 300
 
 
+@pytest.mark.slow
 def test_harness_smoke_run(tmp_path, tiny_mvtec):
     import yaml
 
@@ -85,6 +86,7 @@ def test_harness_smoke_run(tmp_path, tiny_mvtec):
     assert growth["full_bytes"][-1] == full["bank_vectors"] * 1536 * 4
 
 
+@pytest.mark.slow
 def test_search_and_e2e_benchmarks_run_small(tmp_path):
     from benchmarks import bench_e2e, bench_search
 

@@ -25,6 +25,7 @@ def write_cfg(tmp_path: Path, cfg: dict) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_build_evaluate_predict_mvtec(tmp_path, tiny_mvtec, capsys):
     cfg = write_cfg(tmp_path, tiny_config(tiny_mvtec))
     assert main(["-q", "build", "--config", str(cfg), "--out", str(tmp_path / "banks")]) == 0
@@ -79,6 +80,7 @@ def test_build_evaluate_predict_mvtec(tmp_path, tiny_mvtec, capsys):
     assert len(masks) == 7 and set(np.unique(np.asarray(Image.open(masks[0])))) <= {0, 255}
 
 
+@pytest.mark.slow
 def test_build_and_evaluate_realiad(tmp_path):
     root = _realiad(tmp_path)
     cfg = write_cfg(tmp_path, tiny_config(root, data={"format": "realiad"}, bank={"radius": 30.0}))
@@ -89,6 +91,7 @@ def test_build_and_evaluate_realiad(tmp_path):
     assert report["classes"]["pcb"]["n_test"] == 2 and report["classes"]["pcb"]["radius"] == 30.0
 
 
+@pytest.mark.slow
 def test_suggest_radius(tmp_path, tiny_mvtec, capsys):
     cfg = write_cfg(tmp_path, tiny_config(tiny_mvtec))
     assert main(["-q", "suggest-radius", "--config", str(cfg), "--classes", "weave",
@@ -99,6 +102,7 @@ def test_suggest_radius(tmp_path, tiny_mvtec, capsys):
     assert stats["p50"] <= stats["p90"] <= stats["p95"] <= stats["p99"] == stats["suggested"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("cfg_edit", "words"),
     [
@@ -207,6 +211,7 @@ def test_error_handler_one_line_for_ocbank_errors_traceback_for_bugs(monkeypatch
         main(argv)
 
 
+@pytest.mark.slow
 def test_predict_keeps_input_order_and_exit_status_says_what_scored(weave, tmp_path, capsys):
     good = sorted((weave["root"] / "weave" / "test").rglob("*.png"))[:3]
     bad = []
@@ -230,6 +235,7 @@ def test_predict_keeps_input_order_and_exit_status_says_what_scored(weave, tmp_p
     assert "error" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_partial_checkpoints_are_refused_unless_allowed(weave, tmp_path, capsys):
     from ocbank.engine import ClusterBank
     from ocbank.engine.checkpoint import read_metadata
@@ -253,6 +259,7 @@ def test_partial_checkpoints_are_refused_unless_allowed(weave, tmp_path, capsys)
     assert main([*argv, "--allow-partial"]) == 0
 
 
+@pytest.mark.slow
 def test_undefined_metrics_are_null_with_a_reason_and_skips_exit_1(weave, tmp_path, capsys):
     import shutil
 
@@ -277,6 +284,7 @@ def test_undefined_metrics_are_null_with_a_reason_and_skips_exit_1(weave, tmp_pa
         "image_auroc": 0, "pixel_auroc": 0, "aupro": 0}
 
 
+@pytest.mark.slow
 def test_masks_of_any_bit_depth_give_the_same_pixel_metrics(weave, tmp_path):
     import shutil
 

@@ -136,6 +136,7 @@ def test_shipped_configs_are_valid():
     assert real.image_size == 512
 
 
+@pytest.mark.slow
 def test_loader_with_spawned_workers(tiny_mvtec):
     cfg = config_mod.from_dict(tiny_config(tiny_mvtec, data={"num_workers": 1, "batch_size": 3}))
     split = load_split(cfg, "weave")
@@ -166,6 +167,7 @@ def _alive(proc) -> bool:  # noqa: ANN001 - psutil.Process
         return False
 
 
+@pytest.mark.slow
 def test_loader_workers_die_with_their_sigkilled_parent(tmp_path):
     import os
     import signal

@@ -62,6 +62,7 @@ def test_init_validates_and_does_nothing_else():
         det.predict(np.zeros((8, 8, 3), np.uint8))
 
 
+@pytest.mark.slow
 def test_fit_records_radius_and_summary(fitted, tiny_mvtec):
     assert fitted.bank.radius == pytest.approx(fitted.radius_stats_["p99"])
     # One pass: the radius comes from the sampled images' features, exactly as the rule on them alone.
@@ -72,6 +73,7 @@ def test_fit_records_radius_and_summary(fitted, tiny_mvtec):
     assert fitted.bank.n_seen == 6 * 8 * 8
 
 
+@pytest.mark.slow
 def test_fit_resets_fitted_state(tiny_mvtec, extractor):
     paths = _train(tiny_mvtec)
     det = Detector.from_config(tiny_config(tiny_mvtec), extractor=extractor)
@@ -84,6 +86,7 @@ def test_fit_resets_fitted_state(tiny_mvtec, extractor):
     np.testing.assert_array_equal(det.bank.means, fresh.bank.means)
 
 
+@pytest.mark.slow
 def test_scores_are_the_max_patch_distance(fitted, tiny_mvtec):
     """Independent reference: features -> bank.search -> max, and the smoothed map never exceeds it."""
     paths = _test_images(tiny_mvtec)[:3]
@@ -99,6 +102,7 @@ def _normalised(paths: list[Path]) -> torch.Tensor:
     return torch.stack([Transform(72, 64).image(open_image(str(p)))[0] for p in paths])
 
 
+@pytest.mark.slow
 def test_predict_accepts_every_input_kind(fitted, tiny_mvtec):
     paths = _test_images(tiny_mvtec)[:3]
     ref = fitted.predict([str(p) for p in paths])
@@ -123,6 +127,7 @@ def test_predict_accepts_every_input_kind(fitted, tiny_mvtec):
         fitted.predict(torch.zeros(2, 3, 32, 32))
 
 
+@pytest.mark.slow
 def test_defects_score_higher_than_normal_on_average(fitted, tiny_mvtec):
     paths = _test_images(tiny_mvtec)
     scores = fitted.predict([str(p) for p in paths]).scores
@@ -130,6 +135,7 @@ def test_defects_score_higher_than_normal_on_average(fitted, tiny_mvtec):
     assert scores[bad].mean() > scores[~bad].mean()
 
 
+@pytest.mark.slow
 def test_calibrated_decisions(tiny_mvtec, extractor):
     paths = _train(tiny_mvtec)
     det = Detector.from_config(tiny_config(tiny_mvtec, decision={"false_alarm_rate": 0.2}), extractor=extractor)
@@ -154,6 +160,7 @@ def test_conservative_quantile_is_the_conformal_order_statistic():
     assert np.mean(exceed) <= 0.1 + 0.01  # the bound holds on average
 
 
+@pytest.mark.slow
 def test_partial_fit_equals_one_fit_over_both(tiny_mvtec, extractor):
     paths = _train(tiny_mvtec)
     cfg = tiny_config(tiny_mvtec, bank={"radius": 5.0})
@@ -168,6 +175,7 @@ def test_partial_fit_equals_one_fit_over_both(tiny_mvtec, extractor):
     assert step.fit_summary_["skipped_files"][-1] == "/nonexistent/x.png" and step.fit_summary_["images_skipped"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("radius", [5.0, "auto"])
 def test_tensor_fit_equals_path_fit(tiny_mvtec, extractor, radius):
     paths = [Path(p) for p in _train(tiny_mvtec)]
@@ -182,6 +190,7 @@ def test_tensor_fit_equals_path_fit(tiny_mvtec, extractor, radius):
     assert "bank_" not in b.__dict__
 
 
+@pytest.mark.slow
 def test_save_load_round_trip(fitted, tiny_mvtec, tmp_path):
     fitted.save(tmp_path / "det.h5")
     again = Detector.load(tmp_path / "det.h5")
@@ -192,6 +201,7 @@ def test_save_load_round_trip(fitted, tiny_mvtec, tmp_path):
     assert again.config == fitted.config
 
 
+@pytest.mark.slow
 def test_concurrent_predict_matches_serial(fitted, tiny_mvtec):
     paths = [str(p) for p in _test_images(tiny_mvtec)]
     groups = [paths[i::4] for i in range(4)] * 2
@@ -203,6 +213,7 @@ def test_concurrent_predict_matches_serial(fitted, tiny_mvtec):
         assert_close_across_runs(b.maps, a.maps)
 
 
+@pytest.mark.slow
 def test_unreadable_image_gets_nan(fitted, tmp_path, tiny_mvtec):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG garbage")
@@ -224,6 +235,7 @@ def test_fit_without_usable_images_is_an_error(tmp_path, tiny_mvtec, extractor):
         det.predict([str(broken)])
 
 
+@pytest.mark.slow
 def test_fit_reads_every_image_through_the_backbone_once(tiny_mvtec, extractor, monkeypatch):
     seen: list[int] = []
     real = type(extractor).forward
@@ -237,6 +249,7 @@ def test_fit_reads_every_image_through_the_backbone_once(tiny_mvtec, extractor, 
     assert sum(seen) == 6 and det.bank.n_seen == 6 * 8 * 8  # radius: auto, and still one pass
 
 
+@pytest.mark.slow
 def test_radius_sample_spills_to_disk_and_gives_the_same_bank(tiny_mvtec, extractor, monkeypatch):
     from ocbank.model import detector as detector_mod
 
@@ -248,6 +261,7 @@ def test_radius_sample_spills_to_disk_and_gives_the_same_bank(tiny_mvtec, extrac
     np.testing.assert_array_equal(spilled.bank.means, ref.bank.means)
 
 
+@pytest.mark.slow
 def test_memory_cap_from_config_bounds_the_bank_and_is_saved(tiny_mvtec, extractor, tmp_path):
     det = Detector.from_config(tiny_config(tiny_mvtec, bank={"radius": 1.0, "max_centroids": 20}), extractor=extractor)
     det.fit(_train(tiny_mvtec))
@@ -258,6 +272,7 @@ def test_memory_cap_from_config_bounds_the_bank_and_is_saved(tiny_mvtec, extract
     assert again.bank.max_centroids == 20 and again.bank.radius_history_ == det.bank.radius_history_
 
 
+@pytest.mark.slow
 def test_scoring_modes_from_config(tiny_mvtec, extractor):
     """scoring.mode changes only the image score, as ocbank.model.scoring computes it from the grid."""
     from ocbank.model import scoring

@@ -18,6 +18,8 @@ from ocbank.model.module import AnomalyModel, MapSpec
 
 from .conftest import tiny_config
 
+pytestmark = pytest.mark.slow  # export: each test builds a bank, traces the backbone or runs onnxruntime
+
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 onnx = pytest.importorskip("onnx")

@@ -25,6 +25,8 @@ from ocbank.jobs.predict import predict
 
 from .conftest import tiny_config
 
+pytestmark = pytest.mark.slow  # every test here runs the backbone on a fitted bank
+
 FAULT_SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Real magic numbers, so random tails reach the decoders rather than the format sniffer.

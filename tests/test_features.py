@@ -60,6 +60,7 @@ def test_missing_imagenet_weights_fail_with_the_path(tmp_path, monkeypatch):
     assert str(path) in str(info.value) and url in str(info.value) and "never falls back" in str(info.value)
 
 
+@pytest.mark.slow
 def test_state_dict_path_loads_and_bad_files_fail(tmp_path, extractor, full_net):
     good = tmp_path / "wrn.pth"
     torch.save(full_net.state_dict(), good)
@@ -75,6 +76,7 @@ def test_state_dict_path_loads_and_bad_files_fail(tmp_path, extractor, full_net)
         FeatureExtractor(weights=str(tmp_path / "missing.pth"))
 
 
+@pytest.mark.slow
 def test_pooling_option_and_validation(extractor):
     pooled = FeatureExtractor(weights="none", pool="avg3")
     x = torch.randn(1, 3, 64, 64)
@@ -104,6 +106,7 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_random_weights_are_identical_across_threads_and_leave_the_global_rng_alone(full_net):
     torch.manual_seed(1234)
     before = torch.random.get_rng_state()
@@ -145,6 +148,7 @@ def test_random_weights_are_identical_across_threads_and_leave_the_global_rng_al
             assert torch.equal(value, serial[ref_key]), key
 
 
+@pytest.mark.slow
 def test_random_init_follows_torchvision_statistics(full_net):
     net = full_net
     conv = net.layer3[0].conv2  # 3x3: fan_out = out_channels * 9

@@ -69,6 +69,7 @@ def reference(tmp_path_factory, cfg_file) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_build_writes_summary_and_resume_skips_complete(tmp_path, cfg_file, reference, capsys):
     summary = json.loads((reference / jobs.SUMMARY_NAME).read_text())
     assert summary["failed"] == [] and set(summary["classes"]) == {"dots", "weave"}
@@ -84,6 +85,7 @@ def test_build_writes_summary_and_resume_skips_complete(tmp_path, cfg_file, refe
     assert not list(reference.glob("*.partial.h5")) and not (reference / jobs.LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trial", range(3))
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, cfg_file, reference, trial):
     out = tmp_path / "banks"
@@ -100,6 +102,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, cfg_file, reference,
     assert not list(out.glob("*.partial.h5")) and not (out / jobs.LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_resume_from_a_partial_checkpoint_equals_uninterrupted(tmp_path, cfg_file, reference):
     """Deterministic twin of the SIGKILL test: stop after the first checkpoint."""
     cfg = config.load(cfg_file)
@@ -115,6 +118,7 @@ def test_resume_from_a_partial_checkpoint_equals_uninterrupted(tmp_path, cfg_fil
     assert_same_banks({"weave": ClusterBank.load(out / "weave.h5")}, {"weave": ClusterBank.load(reference / "weave.h5")})
 
 
+@pytest.mark.slow
 def test_second_build_on_the_same_folder_is_refused(tmp_path, cfg_file):
     out = tmp_path / "o"
     out.mkdir()
@@ -136,6 +140,7 @@ def test_stale_lock_is_taken_over(tmp_path, caplog):
     assert "stale" in caplog.text and not (out / jobs.LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_single_bank_over_all_classes(tmp_path, cfg_file, tiny_mvtec):
     cfg = config.load(cfg_file)
     order = jobs.interleaved_samples(cfg, ["dots", "weave"])
@@ -149,6 +154,7 @@ def test_single_bank_over_all_classes(tmp_path, cfg_file, tiny_mvtec):
     assert {r["n_centroids"] for r in report["classes"].values()} == {len(bank)}
 
 
+@pytest.mark.slow
 def test_failing_class_is_reported_and_others_finish(tmp_path, tiny_mvtec):
     root = tmp_path / "data"
     root.mkdir()
@@ -162,6 +168,7 @@ def test_failing_class_is_reported_and_others_finish(tmp_path, tiny_mvtec):
     assert "failed" in jobs.format_summary(report)
 
 
+@pytest.mark.slow
 def test_local_shards_merge_into_one_bank(tmp_path, cfg_file):
     cfg = config.load(cfg_file)
     report = jobs.build_all(jobs.BuildPlan(cfg, str(tmp_path / "s"), shards=3), ["weave"])
@@ -185,6 +192,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow
 @needs_ray
 def test_ray_backend_matches_local(tmp_path, cfg_file, reference, local_ray):
     cfg = config.load(cfg_file)
@@ -198,6 +206,7 @@ def test_ray_backend_matches_local(tmp_path, cfg_file, reference, local_ray):
     assert_same_banks(banks_of(tmp_path / "rs"), banks_of(tmp_path / "ls"), exact=False)
 
 
+@pytest.mark.slow
 @needs_ray
 def test_ray_reports_a_class_that_keeps_failing(tmp_path, tiny_mvtec, local_ray):
     root = tmp_path / "data"
@@ -210,6 +219,7 @@ def test_ray_reports_a_class_that_keeps_failing(tmp_path, tiny_mvtec, local_ray)
     assert report["classes"]["weave"]["status"] == "built"
 
 
+@pytest.mark.slow
 def test_resume_rebuilds_when_the_training_list_changes(tmp_path, tiny_mvtec, caplog):
     """A checkpoint or final bank is identified by the ordered training list, not by its length."""
     root = tmp_path / "data"
@@ -251,6 +261,7 @@ def test_resume_never_continues_a_checkpoint_of_another_list(tmp_path, cfg_file,
     assert row["status"] == "built" and row["resumed_at"] == 0 and "starting over" in caplog.text
 
 
+@pytest.mark.slow
 def test_unreadable_calibration_images_keep_the_bank_and_unreadable_training_images_exit_1(tmp_path, tiny_mvtec):
     root = tmp_path / "data"
     good = root / "weave" / "train" / "good"

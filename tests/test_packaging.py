@@ -22,6 +22,7 @@ def test_import_without_faiss_names_the_extras():
     assert "ocbank[cpu]" in out and "ocbank[gpu]" in out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_wheel_runs_the_demo_outside_the_checkout(tmp_path):
     """Build the wheel, install it into a fresh venv, run the demo's smallest setting from elsewhere.

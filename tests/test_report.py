@@ -62,6 +62,7 @@ def evaluated(tiny_mvtec, extractor, tmp_path_factory):
             "metrics": json.loads((out / "metrics.json").read_text())}
 
 
+@pytest.mark.slow
 def test_every_link_is_relative_and_every_image_a_png(evaluated):
     out, tags = evaluated["out"], evaluated["page"].tags
     assert not [t for t, _ in tags if t in ("script", "link", "iframe")]  # no JS, no external CSS
@@ -78,6 +79,7 @@ def test_every_link_is_relative_and_every_image_a_png(evaluated):
             im.verify()
 
 
+@pytest.mark.slow
 def test_table_equals_metrics_json(evaluated):
     tags, report = evaluated["page"].tags, evaluated["metrics"]
     rows = [a for t, a in tags if t == "tr" and "data-class" in a]
@@ -97,6 +99,7 @@ def _cm(tags: list[tuple[str, dict[str, str]]], html_text: str) -> list[dict[str
             for i, t in enumerate(tables)]
 
 
+@pytest.mark.slow
 def test_threshold_and_confusion_matrix(evaluated):
     html_text = (evaluated["out"] / "report.html").read_text(encoding="utf-8")
     shown = dict(zip(evaluated["metrics"]["classes"], _cm(evaluated["page"].tags, html_text), strict=True))
@@ -118,6 +121,7 @@ def test_threshold_and_confusion_matrix(evaluated):
         assert block["cm"] == [tp, fn, fp, tn]
 
 
+@pytest.mark.slow
 def test_gallery_shows_highest_normals_and_lowest_anomalies(evaluated):
     html_text = (evaluated["out"] / "report.html").read_text(encoding="utf-8")
     for name in ("weave", "dots"):
@@ -147,6 +151,7 @@ def test_f1_optimal_threshold_is_brute_force_best(pairs):
     assert f1_score(labels, scores > t) == pytest.approx(best) == pytest.approx(found["f1"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(chromium() is None, reason="chromium is not installed")
 def test_report_renders_in_headless_chromium(evaluated, tmp_path):
     png = screenshot(evaluated["out"] / "report.html", tmp_path / "shot.png", width=1000, height=900)

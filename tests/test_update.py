@@ -21,6 +21,8 @@ from ocbank.model.features import file_sha256
 
 from .conftest import assert_close_across_runs, tiny_config
 
+pytestmark = pytest.mark.slow  # every test here builds and updates banks through the backbone
+
 
 def test_build_on_a_then_update_with_b_equals_one_build_on_a_then_b(tmp_path, tiny_mvtec):
     train = sorted((Path(tiny_mvtec) / "weave" / "train" / "good").glob("*.png"))
