@@ -1,4 +1,4 @@
-"""The ``ocbank`` command line: build, update, evaluate, predict, suggest-radius, export.
+"""The ``ocbank`` command line: build, update, evaluate, predict, suggest-radius, export, serve.
 
 Exit status: 0 every input was processed; 1 the command ran but some inputs failed
 (a class that did not build, an image that could not be read: outputs are written for
@@ -213,6 +213,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        msg = f"must be a number >= 0, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeOptions  # noqa: PLC0415
+    from .serve.server import serve_forever  # noqa: PLC0415
+
+    options = ServeOptions(
+        banks=args.banks, host=args.host, port=args.port, replicas=args.replicas, max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms, address=args.address, runtime=args.runtime, max_queued=args.max_queued,
+        timeout_s=args.timeout_ms / 1000.0, max_banks_per_replica=args.max_banks_per_replica, cpus=args.cpus,
+        device=args.device,
+    )
+    return serve_forever(options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ocbank",
@@ -291,6 +315,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["onnx", "openvino"], default="onnx")
     p.add_argument("--out", required=True, help="model.onnx, or model.xml for openvino")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="serve every <product>.h5 of a folder over HTTP (Ray Serve)")
+    p.add_argument("--banks", required=True, help="folder with <product>.h5 banks")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=non_negative_int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--replicas", type=positive_int, default=1,
+                   help="model replicas; the CPUs are shared out among them (default 1)")
+    p.add_argument("--max-batch", type=positive_int, default=8, help="most images per model call (default 8)")
+    p.add_argument("--batch-wait-ms", type=_non_negative_float, default=10.0,
+                   help="how long a batch waits to fill (default 10 ms)")
+    p.add_argument("--max-queued", type=positive_int, default=64,
+                   help="requests queued beyond what the replicas hold; more get 503 (default 64)")
+    p.add_argument("--timeout-ms", type=_non_negative_float, default=60000.0,
+                   help="per-request timeout when X-Timeout-Ms is not sent (default 60000)")
+    p.add_argument("--runtime", choices=["auto", "torch", "onnxruntime"], default="auto",
+                   help="auto: onnxruntime on CPU where its graph is exact, torch otherwise")
+    p.add_argument("--max-banks-per-replica", type=positive_int, default=8,
+                   help="banks a replica keeps loaded; the least recently used is evicted beyond (default 8)")
+    p.add_argument("--address", help="join this Ray cluster (ray://head:10001 or host:port); default: a local Ray")
+    p.add_argument("--cpus", type=positive_int, help="CPUs to share among the replicas (default: all of this machine)")
+    p.add_argument("--device", help="override the banks' device (cpu, cuda, cuda:N)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -28,6 +28,14 @@ class DataError(OcbankError, ValueError):
     """A dataset, image list or image that cannot be used."""
 
 
+class NotAnImageError(DataError):
+    """Bytes or a file that no image decoder recognises (text, an archive, ...)."""
+
+
+class ImageTooLargeError(DataError):
+    """An image whose header declares more pixels than ``ocbank.data.images.MAX_IMAGE_PIXELS``."""
+
+
 class CheckpointError(OcbankError, ValueError):
     """A bank file that cannot be used; the message names the file and the problem."""
 

@@ -28,6 +28,7 @@ the file, which the loader turns into a one-line warning and a skipped, counted 
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from ..errors import DataError, InputTypeError
+from ..errors import DataError, ImageTooLargeError, InputTypeError, NotAnImageError
 
 log = logging.getLogger(__name__)
 
@@ -183,15 +184,18 @@ def pil_to_mask(img: Image.Image, where: str = "mask") -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- files
-def _too_large(where: str, size: str) -> DataError:
+def _too_large(where: str, size: str) -> ImageTooLargeError:
     msg = (
         f"image {where} declares {size} pixels, more than ocbank's limit of {MAX_IMAGE_PIXELS} "
         "(ocbank.data.images.MAX_IMAGE_PIXELS). Downscale it, or raise the limit if it is genuine."
     )
-    return DataError(msg)
+    return ImageTooLargeError(msg)
 
 
-def _read_tiff(path: str | os.PathLike[str], where: str) -> np.ndarray | None:
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
+
+
+def _read_tiff(path: str | os.PathLike[str] | io.BytesIO, where: str) -> np.ndarray | None:
     """TIFFs PIL cannot open (16-bit float, ...) via tifffile, if installed: array [H, W(, C)]."""
     try:
         import tifffile  # noqa: PLC0415 - optional: pip install ocbank[tiff]
@@ -207,12 +211,20 @@ def _read_tiff(path: str | os.PathLike[str], where: str) -> np.ndarray | None:
     return arr.astype(np.float32) if arr.dtype == np.float16 else arr
 
 
-def _read_file(path: str | os.PathLike[str]) -> Image.Image | np.ndarray:
-    """Decode a file fully, EXIF orientation applied; every failure is a DataError naming it.
+def _looks_like_tiff(path: str | os.PathLike[str] | io.BytesIO, where: str) -> bool:
+    if isinstance(path, io.BytesIO):
+        return path.getvalue()[:4] in _TIFF_MAGIC
+    return where.lower().endswith((".tif", ".tiff"))
+
+
+def _read_file(path: str | os.PathLike[str] | io.BytesIO, where: str | None = None) -> Image.Image | np.ndarray:
+    """Decode a file (or encoded bytes) fully, EXIF orientation applied; every failure is a DataError naming it.
 
     Returns a PIL image, or an array for TIFFs only tifffile can read (16-bit float).
+    Bytes no decoder recognises raise :class:`NotAnImageError`; a declared size over
+    :data:`MAX_IMAGE_PIXELS` raises :class:`ImageTooLargeError` (both DataErrors).
     """
-    where = os.fspath(path)
+    where = os.fspath(path) if where is None else where
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Someone switched PIL to fill truncated files with grey: we never want that.
         log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set; ocbank resets it to refuse truncated files")
@@ -220,12 +232,13 @@ def _read_file(path: str | os.PathLike[str]) -> Image.Image | np.ndarray:
     try:
         try:
             img = Image.open(path)
-        except UnidentifiedImageError:
-            if where.lower().endswith((".tif", ".tiff")):
+        except UnidentifiedImageError as exc:
+            if _looks_like_tiff(path, where):
                 arr = _read_tiff(path, where)
                 if arr is not None:
                     return arr
-            raise
+            msg = f"{where} is not an image any decoder here recognises. Send PNG, JPEG, BMP, TIFF or WebP."
+            raise NotAnImageError(msg) from exc
         with img:
             w, h = img.size
             if w * h > MAX_IMAGE_PIXELS:
@@ -249,13 +262,23 @@ def _read_file(path: str | os.PathLike[str]) -> Image.Image | np.ndarray:
         raise DataError(msg) from exc
 
 
-def open_image(source: Any) -> Image.Image:
-    """Path, PIL image or array (see :func:`array_to_rgb8`) -> 8-bit RGB PIL image, fully decoded.
+def open_image(source: Any, where: str | None = None) -> Image.Image:
+    """Path, encoded bytes, PIL image or array (see :func:`array_to_rgb8`) -> 8-bit RGB PIL image, fully decoded.
 
-    Files get their EXIF orientation applied; see the module doc for how each mode is scaled.
+    Files and bytes get their EXIF orientation applied; see the module doc for how each mode
+    is scaled. ``where`` names bytes in messages (default "image bytes").
     Raises :class:`DataError` (unreadable, too large, out-of-range values) or
     :class:`InputTypeError` (an array dtype or object type that is not an image).
     """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        where = where or "image bytes"
+        if not len(source):
+            msg = f"{where} is empty (0 bytes). Send the encoded image file."
+            raise DataError(msg)
+        decoded = _read_file(io.BytesIO(bytes(source)), where)
+        if isinstance(decoded, np.ndarray):
+            return Image.fromarray(array_to_rgb8(decoded, where))
+        return _rgb_image(decoded, where)
     if isinstance(source, Image.Image):
         return _rgb_image(source, "PIL image")
     if isinstance(source, np.ndarray):

@@ -1,0 +1,387 @@
+"""The Ray Serve application: an HTTP ingress (FastAPI) in front of one multiplexed, batched model deployment.
+
+- ``Api`` (one replica, no reserved CPU): routes, decoding, errors, metrics, the bank table.
+  Bank files are validated here and their bytes put in Ray's object store, so every
+  model replica loads exactly the validated bytes, wherever it runs.
+- ``Scorer`` (``--replicas`` replicas, the cores shared out): every product's bank, loaded
+  on first use per replica and evicted least-recently-used beyond ``max_banks_per_replica``
+  (Serve's model multiplexing, keyed ``product@sha256``, so a reload is a new key and no
+  replica ever mixes two versions); requests for the same bank are batched (``@serve.batch``,
+  which splits batches by key).
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures at run time.
+import asyncio
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import OcbankError
+from .api import (
+    TIMEOUT_HEADER,
+    UNCALIBRATED,
+    ApiError,
+    check_length,
+    decode_image,
+    error_body,
+    query_flags,
+    request_timeout,
+)
+from .banks import BankFile, bank_path, list_banks, valid_product, validate_bank
+from .metrics import OTHER_PRODUCT, Metrics
+from .options import ServeOptions
+
+log = logging.getLogger(__name__)
+
+DRAIN_POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One decoded image for one bank. ``source`` holds the bank bytes' ObjectRef (in a list, so Ray passes the ref)."""
+
+    pixels: np.ndarray  # uint8 RGB [S, S, 3]
+    source: list[Any]
+    want_mask: bool = False
+    want_map: bool = False
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A served bank in the ingress: what it is, and where its validated bytes are."""
+
+    info: BankFile
+    ref: Any  # ray.ObjectRef of the file's bytes
+
+
+def _write_temp(data: bytes) -> str:
+    import tempfile  # noqa: PLC0415
+
+    fd, path = tempfile.mkstemp(suffix=".h5", prefix="ocbank-serve-")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    return path
+
+
+@serve.deployment(name="Scorer", health_check_period_s=2, graceful_shutdown_timeout_s=20)
+class Scorer:
+    """Model replica: banks by ``product@sha256``, scored in dynamic batches."""
+
+    def __init__(self, options: ServeOptions) -> None:
+        import torch  # noqa: PLC0415
+
+        torch.set_num_threads(options.replica_threads)  # this replica's share of the cores
+        self.options = options
+        self._sources: dict[str, Any] = {}
+        self._extractors: dict[tuple[str, str, str], Any] = {}
+
+        async def load(model_id: str) -> Any:
+            return await self._load(model_id)
+
+        self._bank = serve.multiplexed(max_num_models_per_replica=options.max_banks_per_replica)(load)
+        self.score.set_max_batch_size(options.max_batch)
+        self.score.set_batch_wait_timeout_s(options.batch_wait_ms / 1000.0)
+
+    async def _load(self, model_id: str) -> Any:
+        from .runtime import ServedBank  # noqa: PLC0415
+
+        ref = self._sources.get(model_id)
+        if ref is None:
+            msg = f"replica has no source for bank {model_id}; reload it."
+            raise RuntimeError(msg)
+        data = await ref
+        sha = model_id.rsplit("@", 1)[1]
+
+        def build() -> ServedBank:
+            path = _write_temp(data)
+            try:
+                return ServedBank.load(
+                    path, sha, self.options.runtime, threads=self.options.replica_threads,
+                    batch=self.options.max_batch, device=self.options.device,
+                )
+            finally:
+                os.unlink(path)
+
+        bank = await asyncio.to_thread(build)
+        self._sources.pop(model_id, None)  # the multiplexer keeps the loaded bank; the bytes may go
+        return bank
+
+    async def _get(self, source: list[Any]) -> Any:
+        model_id = serve.get_multiplexed_model_id()
+        self._sources.setdefault(model_id, source[0])
+        return await self._bank(model_id)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def score(self, requests: list[ScoreRequest]) -> list[dict[str, Any]]:
+        bank = await self._get(requests[0].source)
+        pixels = np.stack([r.pixels for r in requests])
+        rows = await asyncio.to_thread(
+            bank.score, pixels, [r.want_mask for r in requests], [r.want_map for r in requests]
+        )
+        call = {"id": uuid.uuid4().hex, "size": len(requests)}
+        return [{**row, "call": call} for row in rows]
+
+    async def prepare(self, source: list[Any]) -> dict[str, Any]:
+        """Load (or find) the bank this request's model id names; describe it."""
+        bank = await self._get(source)
+        return {**bank.describe(), "pid": os.getpid()}
+
+    def whoami(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "actor_id": ray.get_runtime_context().get_actor_id()}
+
+
+api = FastAPI(title="ocbank", summary="Anomaly inspection with ocbank banks")
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(error_body("bad_request", " ".join(str(exc).split())), status_code=400)
+
+
+def _error(exc: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+@serve.deployment(name="Api", num_replicas=1, ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=30)
+@serve.ingress(api)
+class Api:
+    """HTTP ingress: the API of docs/serving.md."""
+
+    def __init__(self, scorer: DeploymentHandle, options: ServeOptions) -> None:
+        import torch  # noqa: PLC0415
+
+        torch.set_num_threads(1)  # decoding only; the cores are the model replicas'
+        self.scorer = scorer
+        self.options = options
+        self.metrics = Metrics(options.max_batch)
+        self.banks: dict[str, _Entry] = {}
+        self.failed: dict[str, str] = {}  # product -> why it is not served
+        for product, path in list_banks(options.banks).items():
+            try:
+                self.banks[product] = self._entry(product, path.read_bytes(), str(path))
+            except (OcbankError, OSError) as exc:
+                self.failed[product] = " ".join(str(exc).split())
+        self.prepared: set[str] = set()  # model ids loaded once by a replica
+        self.draining = False
+        self.inflight = 0
+        self._warming: asyncio.Future[None] | None = None
+        self._reload_lock: asyncio.Lock | None = None
+
+    @staticmethod
+    def _entry(product: str, data: bytes, where: str) -> _Entry:
+        info = validate_bank(product, data, where)
+        return _Entry(info, ray.put(data))
+
+    # ------------------------------------------------------------------ readiness
+    async def warm(self) -> dict[str, Any]:
+        """Load every bank on a replica once; return {ready, failed}. Idempotent."""
+        if self._warming is None:
+            self._warming = asyncio.ensure_future(self._warm())
+        await asyncio.shield(self._warming)
+        return {"ready": self.ready, "failed": dict(self.failed)}
+
+    async def _warm(self) -> None:
+        for product, entry in list(self.banks.items()):
+            try:
+                await self._prepare(entry)
+            except Exception as exc:  # noqa: BLE001 - a bank that cannot load is reported, not fatal
+                self.failed[product] = " ".join(str(exc).split())[:500]
+                self.banks.pop(product, None)
+
+    async def _prepare(self, entry: _Entry) -> dict[str, Any]:
+        handle = self.scorer.options(multiplexed_model_id=entry.info.model_id)
+        described = await handle.prepare.remote([entry.ref])
+        self.prepared.add(entry.info.model_id)
+        return described
+
+    @property
+    def ready(self) -> bool:
+        return not self.failed and all(e.info.model_id in self.prepared for e in self.banks.values())
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new inspections (503) and wait for the ones in flight; return how many were left."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        return self.inflight
+
+    async def scorer_identity(self) -> dict[str, Any]:
+        return await self.scorer.whoami.remote()
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        if self._warming is None:
+            self._warming = asyncio.ensure_future(self._warm())
+        if self.ready and not self.draining:
+            return JSONResponse({"ready": True, "banks": sorted(self.banks)})
+        if self.draining:
+            message = "shutting down"
+        elif self.failed:
+            message = "banks that failed to load: " + "; ".join(f"{p}: {m}" for p, m in sorted(self.failed.items()))
+        else:
+            waiting = sorted(p for p, e in self.banks.items() if e.info.model_id not in self.prepared)
+            message = f"loading banks: {', '.join(waiting)}"
+        return JSONResponse(error_body("not_ready", message), status_code=503)
+
+    @api.get("/metrics")
+    async def metrics_text(self) -> Response:
+        return Response(self.metrics.render(), media_type=self.metrics.content_type)
+
+    @api.get("/v1/banks")
+    async def list_served(self) -> dict[str, Any]:
+        return {
+            "banks": {p: e.info.describe() for p, e in sorted(self.banks.items())},
+            "failed": dict(self.failed),
+            "ready": self.ready,
+        }
+
+    # ------------------------------------------------------------------ reload
+    @api.post("/v1/banks/{product}/reload")
+    async def reload(self, product: str) -> JSONResponse:
+        if self._reload_lock is None:
+            self._reload_lock = asyncio.Lock()
+        async with self._reload_lock:  # one reload at a time; inspections go on meanwhile
+            try:
+                return JSONResponse(await self._reload(product))
+            except ApiError as exc:
+                return _error(exc)
+
+    async def _reload(self, product: str) -> dict[str, Any]:
+        path = bank_path(self.options.banks, product)
+        known = product in self.banks or product in self.failed
+        if not valid_product(product) or (not known and not path.is_file()):
+            raise ApiError(404, "unknown_product", f"no bank {product!r} in {self.options.banks}. Served: {sorted(self.banks)}.")
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+            info = await asyncio.to_thread(validate_bank, product, data, str(path))
+        except (OcbankError, OSError) as exc:
+            message = " ".join(str(exc).split()) + " The bank in service is unchanged."
+            raise ApiError(409, "bank_rejected", message) from None
+        old = self.banks.get(product)
+        if old is not None and old.info.sha256 == info.sha256:
+            return {"product": product, "bank_sha256": info.sha256, "previous_sha256": info.sha256, "changed": False}
+        entry = _Entry(info, ray.put(data))
+        try:
+            described = await self._prepare(entry)  # a replica loads it before anyone is sent to it
+        except Exception as exc:  # noqa: BLE001 - any load failure keeps the old bank
+            message = f"{path} passed validation but a replica could not load it: {' '.join(str(exc).split())[:400]}"
+            raise ApiError(409, "bank_rejected", message + " The bank in service is unchanged.") from None
+        self.banks[product] = entry  # the swap: requests from now on name the new model id
+        self.failed.pop(product, None)
+        return {
+            "product": product,
+            "bank_sha256": info.sha256,
+            "previous_sha256": old.info.sha256 if old else None,
+            "changed": True,
+            "runtime": described.get("runtime"),
+        }
+
+    # ------------------------------------------------------------------ inspect
+    @api.post("/v1/inspect/{product}")
+    async def inspect(self, product: str, request: Request, mask: str | None = None, map: str | None = None) -> JSONResponse:  # noqa: A002
+        began = time.perf_counter()
+        label = product if product in self.banks else OTHER_PRODUCT
+        status = 500
+        self.inflight += 1
+        try:
+            response = await self._inspect(product, request, mask, map, began)
+            status = 200
+            return response
+        except ApiError as exc:
+            status = exc.status
+            headers = {"Retry-After": "1"} if exc.status == 503 else None
+            return _error(exc, headers)
+        except Exception as exc:  # a bug in ocbank: still JSON, and logged with its traceback
+            log.exception("inspect %s failed", product)
+            return _error(ApiError(500, "internal", f"internal error ({type(exc).__name__}); see the server log."))
+        finally:
+            self.inflight -= 1
+            self.metrics.request(label, status, time.perf_counter() - began)
+
+    async def _inspect(self, product: str, request: Request, mask: str | None, map_: str | None, began: float) -> JSONResponse:
+        if self.draining:
+            raise ApiError(503, "shutting_down", "the server is shutting down. Send the request to another instance.")
+        entry = self.banks.get(product)
+        if entry is None:
+            if product in self.failed:
+                raise ApiError(503, "bank_unavailable", f"bank {product!r} failed to load: {self.failed[product]}")
+            raise ApiError(404, "unknown_product", f"no bank {product!r}. Served: {sorted(self.banks)}.")
+        want_mask, want_map = query_flags(mask, map_)
+        timeout = request_timeout(request.headers.get(TIMEOUT_HEADER), self.options.timeout_s)
+        check_length(request.headers.get("content-length"), self.options.max_body_bytes)
+        body = await request.body()
+        pixels = await asyncio.to_thread(decode_image, body, entry.info.transform, self.options.max_body_bytes)
+        remaining = timeout - (time.perf_counter() - began)
+        result = await self._score(entry, ScoreRequest(pixels, [entry.ref], want_mask, want_map), remaining)
+        self.metrics.model_call(product, result.pop("call"))
+        out: dict[str, Any] = {
+            "product": product,
+            "bank_sha256": entry.info.sha256,
+            "score": result.pop("score"),
+            "normalized": result.pop("normalized"),
+            "threshold": entry.info.decision["image_threshold"] if entry.info.decision else None,
+            "label": result.pop("label"),
+            **result,
+        }
+        if entry.info.decision is None:
+            out["note"] = UNCALIBRATED
+        out["latency_ms"] = round(1000.0 * (time.perf_counter() - began), 3)
+        return JSONResponse(out)
+
+    @staticmethod
+    async def _await(response: Any) -> Any:
+        return await response
+
+    async def _score(self, entry: _Entry, req: ScoreRequest, timeout: float) -> dict[str, Any]:
+        if timeout <= 0:
+            raise ApiError(408, "timeout", "the request timed out while its image was decoded. Raise X-Timeout-Ms.")
+        response = self.scorer.options(multiplexed_model_id=entry.info.model_id).score.remote(req)
+        try:
+            return await asyncio.wait_for(self._await(response), timeout)
+        except asyncio.TimeoutError:
+            response.cancel()
+            msg = f"no result within {timeout * 1000:.0f} ms (X-Timeout-Ms). Retry, or allow more time."
+            raise ApiError(408, "timeout", msg) from None
+        except BackPressureError:
+            msg = "the inspection queue is full. Retry after a moment, or add replicas (--replicas)."
+            raise ApiError(503, "overloaded", msg) from None
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            msg = f"the model replica was lost ({type(exc).__name__}); Serve is replacing it. Retry."
+            raise ApiError(503, "replica_unavailable", msg) from None
+
+
+def build_app(options: ServeOptions) -> Any:
+    """The Serve application for ``options`` (bind, not run)."""
+    scorer = Scorer.options(
+        num_replicas=options.replicas,
+        max_ongoing_requests=options.max_ongoing,
+        max_queued_requests=options.max_queued,
+        ray_actor_options={"num_cpus": options.replica_cpus},
+    ).bind(options)
+    # The ingress holds every request until its answer: enough for the replicas' share plus the queue.
+    ingress_ongoing = options.replicas * options.max_ongoing + options.max_queued + 64
+    return Api.options(max_ongoing_requests=ingress_ongoing).bind(scorer, options)

@@ -1,0 +1,136 @@
+"""The bank files a server serves: found in a folder, validated from their bytes, named by their hash.
+
+A bank is identified by the sha256 of its file's bytes (``bank_sha256`` in every
+response). Validation reads those exact bytes, so a file rewritten while it is being
+checked can never be served half-validated: the checksum of the means, counts and
+second moments (:func:`ocbank.engine.checkpoint.read_bank`), the detector config in
+its metadata, and the dimensions the backbone gives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import from_dict
+from ..data.images import Transform
+from ..engine.checkpoint import read_bank
+from ..errors import CheckpointError, ConfigError, DataError
+from ..model.features import FEATURE_DIM, FEATURE_STRIDE
+
+BANK_SUFFIX = ".h5"
+PARTIAL_SUFFIX = ".partial.h5"  # unfinished build checkpoints are never served
+_PRODUCT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def valid_product(name: str) -> bool:
+    """A product name that is a plain file stem (no path, no leading dot)."""
+    return bool(_PRODUCT.fullmatch(name)) and not name.endswith(".partial")
+
+
+def bank_path(folder: str | os.PathLike[str], product: str) -> Path:
+    return Path(folder) / f"{product}{BANK_SUFFIX}"
+
+
+def list_banks(folder: str | os.PathLike[str]) -> dict[str, Path]:
+    """``<product>.h5`` files of ``folder`` (checkpoints and hidden files left out), by product name."""
+    root = Path(folder)
+    if not root.is_dir():
+        msg = f"--banks {str(root)!r} is not a folder. Give the folder that holds <product>.h5 bank files."
+        raise DataError(msg)
+    found = {
+        p.name[: -len(BANK_SUFFIX)]: p
+        for p in sorted(root.glob(f"*{BANK_SUFFIX}"))
+        if p.is_file() and not p.name.endswith(PARTIAL_SUFFIX) and valid_product(p.name[: -len(BANK_SUFFIX)])
+    }
+    if not found:
+        msg = f"no <product>.h5 bank files in {str(root)!r}. Build banks there with `ocbank build --out {root}`."
+        raise DataError(msg)
+    return found
+
+
+@dataclass(frozen=True)
+class BankFile:
+    """What the API says about one validated bank file (its bytes travel separately)."""
+
+    product: str
+    path: str
+    sha256: str  # of the file's bytes
+    n_centroids: int
+    dim: int
+    radius: float
+    resize: int
+    crop: int | None
+    image_size: int  # S: the crop, or the resize when there is none
+    decision: dict[str, Any] | None  # the calibrated thresholds, None when uncalibrated
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def model_id(self) -> str:
+        """The replicas' key for this exact file: product and content hash."""
+        return f"{self.product}@{self.sha256}"
+
+    @property
+    def transform(self) -> Transform:
+        return Transform(self.resize, self.crop)
+
+    def describe(self) -> dict[str, Any]:
+        thresholds = None
+        if self.decision is not None:
+            thresholds = {k: self.decision.get(k) for k in ("image_threshold", "pixel_threshold", "false_alarm_rate")}
+        return {
+            "sha256": self.sha256,
+            "path": self.path,
+            "K": self.n_centroids,
+            "radius": self.radius,
+            "image_size": self.image_size,
+            "thresholds": thresholds,
+            "calibrated": self.decision is not None,
+            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
+        }
+
+
+def validate_bank(product: str, data: bytes, where: str) -> BankFile:
+    """Bank file bytes -> BankFile, or CheckpointError / ConfigError naming ``where`` and the problem."""
+    with tempfile.NamedTemporaryFile(suffix=BANK_SUFFIX) as tmp:
+        tmp.write(data)
+        tmp.flush()
+        try:
+            state = read_bank(tmp.name)  # format, checksum and consistency
+        except CheckpointError as exc:
+            raise CheckpointError(str(exc).replace(tmp.name, where)) from None
+    meta = state.metadata
+    if "config" not in meta:
+        msg = f"{where}: the bank has no detector config in its metadata. Build it with ocbank build or Detector.save."
+        raise CheckpointError(msg)
+    try:
+        cfg = from_dict(dict(meta["config"]), source=where, require_root=False)
+    except (ConfigError, DataError, TypeError, ValueError) as exc:
+        msg = f"{where}: its config is not usable: {exc}"
+        raise CheckpointError(msg) from None
+    if state.dim != FEATURE_DIM:
+        msg = f"{where}: the bank holds {state.dim}-d centroids, but the backbone gives {FEATURE_DIM}-d patches. Rebuild it."
+        raise CheckpointError(msg)
+    size = cfg.image_size
+    grid = meta.get("feature_grid")
+    if size % FEATURE_STRIDE or (grid is not None and list(grid) != [size // FEATURE_STRIDE] * 2):
+        msg = f"{where}: image size {size} and feature grid {grid} disagree (stride {FEATURE_STRIDE}). Rebuild it."
+        raise CheckpointError(msg)
+    return BankFile(
+        product=product,
+        path=where,
+        sha256=hashlib.sha256(data).hexdigest(),
+        n_centroids=int(state.means.shape[0]),
+        dim=state.dim,
+        radius=float(state.radius),
+        resize=cfg.data.resize,
+        crop=cfg.data.crop,
+        image_size=size,
+        decision=meta.get("decision"),
+    )

@@ -1,0 +1,76 @@
+"""What ``ocbank serve`` is asked to do, validated once, and how replicas are sized from it."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+RUNTIMES = ("auto", "torch", "onnxruntime")
+APP_NAME = "ocbank"
+# Body size above which a request is refused (413) before it is decoded.
+MAX_BODY_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """``ocbank serve`` options (each default is the CLI's).
+
+    ``replicas`` model replicas share ``cpus`` (default: this machine's cores) so that
+    torch threads never oversubscribe them; ``max_queued`` requests may wait for a
+    replica beyond the ``2 * max_batch`` each one holds, and the rest get 503.
+    """
+
+    banks: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 1
+    max_batch: int = 8
+    batch_wait_ms: float = 10.0
+    address: str | None = None
+    runtime: str = "auto"
+    max_queued: int = 64
+    timeout_s: float = 60.0  # per request, unless the X-Timeout-Ms header says otherwise
+    max_banks_per_replica: int = 8  # banks a replica keeps loaded (least recently used evicted beyond)
+    cpus: int | None = None
+    device: str | None = None  # None: each bank's configured device
+    max_body_bytes: int = MAX_BODY_BYTES
+
+    def __post_init__(self) -> None:
+        for name in ("port", "replicas", "max_batch", "max_queued", "max_banks_per_replica", "max_body_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "port" else 1):
+                msg = f"serve option {name} must be a positive integer, got {value!r}."
+                raise ConfigError(msg)
+        for name in ("batch_wait_ms", "timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                msg = f"serve option {name} must be a finite number >= 0, got {value!r}."
+                raise ConfigError(msg)
+        if self.runtime not in RUNTIMES:
+            msg = f"--runtime must be one of {RUNTIMES}, got {self.runtime!r}."
+            raise ConfigError(msg)
+        if self.cpus is not None and (not isinstance(self.cpus, int) or self.cpus < 1):
+            msg = f"--cpus must be an integer >= 1, got {self.cpus!r}."
+            raise ConfigError(msg)
+
+    @property
+    def total_cpus(self) -> int:
+        return self.cpus or os.cpu_count() or 1
+
+    @property
+    def replica_cpus(self) -> float:
+        """Ray CPUs reserved per model replica: the cores shared out, never more than exist."""
+        return self.total_cpus / self.replicas
+
+    @property
+    def replica_threads(self) -> int:
+        """torch / onnxruntime threads per replica: its share of the cores, at least one."""
+        return max(1, int(self.replica_cpus))
+
+    @property
+    def max_ongoing(self) -> int:
+        """Requests one replica holds: one batch running while the next one fills."""
+        return 2 * self.max_batch

@@ -1,0 +1,148 @@
+"""``ocbank serve``: start (or join) Ray, run the application, serve until SIGTERM / SIGINT, shut down cleanly.
+
+Shutdown: the ingress stops taking inspections (503) and waits for those in flight
+(up to :data:`DRAIN_S`), then Serve and the Ray this process started are shut down,
+and any process it started that is still alive is terminated, so nothing outlives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import DependencyError, OcbankError
+from .banks import list_banks
+from .options import APP_NAME, ServeOptions
+
+log = logging.getLogger(__name__)
+
+DRAIN_S = 20.0  # in-flight requests get this long to finish after SIGTERM
+WARM_S = 600.0  # the first load of every bank (the ONNX export runs here)
+_CHILD_GRACE_S = 3.0
+
+
+def _import_serve() -> tuple[Any, Any]:
+    try:
+        import ray  # noqa: PLC0415
+        from ray import serve  # noqa: PLC0415
+    except ImportError as exc:
+        msg = f"ocbank serve needs Ray Serve: {exc}. Install the extra: pip install 'ocbank[serve]'."
+        raise DependencyError(msg) from exc
+    return ray, serve
+
+
+def _descendants() -> list[Any]:
+    import psutil  # noqa: PLC0415
+
+    with contextlib.suppress(psutil.Error):
+        return psutil.Process().children(recursive=True)
+    return []
+
+
+def _end_processes(procs: list[Any]) -> None:
+    """Terminate, then kill, processes this one started that outlived the Ray shutdown."""
+    import psutil  # noqa: PLC0415
+
+    _, alive = psutil.wait_procs(procs, timeout=_CHILD_GRACE_S)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=_CHILD_GRACE_S)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+class Server:
+    """One ``ocbank serve`` run: :meth:`start`, then :meth:`stop` (both idempotent)."""
+
+    def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        self._ray, self._serve = _import_serve()
+        self._temp: str | None = None
+        self._own_ray = False
+        self.handle: Any = None
+        self.warm: dict[str, Any] = {}
+
+    def start(self) -> Server:
+        opts = self.options
+        list_banks(opts.banks)  # refuse an empty or missing folder before starting anything
+        ray = self._ray
+        if not ray.is_initialized():
+            if opts.address:
+                ray.init(address=opts.address, include_dashboard=False, log_to_driver=False)
+            else:
+                # A short private temp dir: Ray's socket paths must stay under ~107 characters,
+                # and this cluster's files never mix with another Ray on the machine.
+                self._temp = tempfile.mkdtemp(prefix="ocbray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+                ray.init(num_cpus=opts.total_cpus, include_dashboard=False, log_to_driver=False,
+                         _temp_dir=self._temp)
+                self._own_ray = True
+        from .app import build_app  # noqa: PLC0415
+
+        self._serve.start(http_options={"host": opts.host, "port": opts.port})
+        self.handle = self._serve.run(build_app(opts), name=APP_NAME, route_prefix="/", blocking=False)
+        self.warm = self.handle.warm.remote().result(timeout_s=WARM_S)
+        return self
+
+    def stop(self, drain_s: float = DRAIN_S) -> None:
+        procs = _descendants() if self._own_ray else []
+        if self.handle is not None:
+            with contextlib.suppress(Exception):
+                left = self.handle.drain.remote(drain_s).result(timeout_s=drain_s + 5)
+                if left:
+                    log.warning("%d request(s) still in flight after %.0f s; shutting down anyway", left, drain_s)
+            self.handle = None
+        if self._ray.is_initialized():
+            if not self._own_ray:  # a shared cluster keeps its other applications
+                with contextlib.suppress(Exception):
+                    self._serve.delete(APP_NAME)
+            # Our own cluster goes down whole: the requests are drained, and Serve's own
+            # shutdown waits on its controller for up to 30 s more.
+            self._ray.shutdown()
+        if procs:
+            _end_processes(procs)
+        if self._temp:
+            shutil.rmtree(self._temp, ignore_errors=True)
+            self._temp = None
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve_forever(options: ServeOptions, announce: Callable[[str], None] = print) -> int:
+    """Run until SIGTERM or SIGINT; return 0 after a clean shutdown."""
+    stop = threading.Event()
+    server = Server(options)
+    try:
+        server.start()
+        # After ray.init, which installs its own SIGTERM handler for drivers.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        failed = server.warm.get("failed") or {}
+        for product, why in failed.items():
+            announce(f"ocbank: error: bank {product!r} is not served: {why}")
+        banks = sorted(list_banks(options.banks))
+        announce(f"ocbank serve: {len(banks) - len(failed)} bank(s) on http://{options.host}:{options.port} "
+                 f"(replicas {options.replicas}, runtime {options.runtime}); SIGTERM or Ctrl-C stops it")
+        while not stop.wait(0.5):
+            pass
+        announce("ocbank serve: stopping (finishing requests in flight)")
+        return 0
+    except OcbankError:
+        raise
+    finally:
+        began = time.monotonic()
+        server.stop()
+        log.info("stopped in %.1f s", time.monotonic() - began)

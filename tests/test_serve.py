@@ -1,0 +1,473 @@
+"""``ocbank serve`` end to end over loopback HTTP: one server subprocess for the whole module.
+
+The tests run in file order against the same server (built once: ~30 s): parity with
+``ocbank predict``, batching, bad input, overload, hot reload under load, then the
+faults (SIGKILL of the model replica, SIGTERM of the server), which end it. Every loop
+is bounded in count and time. Skipped where the ``serve`` extra is absent.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.client
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("ray.serve")
+pytest.importorskip("fastapi")
+pytest.importorskip("prometheus_client")
+psutil = pytest.importorskip("psutil")
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_BATCH = 8
+MAX_QUEUED = 4
+START_S = 240  # a cold Ray + Serve start on a busy 2-core machine
+HTTP_TIMEOUT_S = 60
+
+
+# ---------------------------------------------------------------------- helpers
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Client:
+    """A tiny loopback HTTP client (stdlib only): one connection per call, JSON bodies."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def call(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+             timeout: float = HTTP_TIMEOUT_S) -> tuple[int, dict | str, float]:
+        began = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            raw = resp.read().decode()
+            kind = resp.getheader("content-type") or ""
+        finally:
+            conn.close()
+        data = json.loads(raw) if "json" in kind else raw
+        return resp.status, data, time.perf_counter() - began
+
+    def inspect(self, product: str, body: bytes, query: str = "", headers: dict | None = None):
+        return self.call("POST", f"/v1/inspect/{product}{query}", body, headers)
+
+    def get(self, path: str):
+        return self.call("GET", path)
+
+
+def _histogram(text: str, name: str, product: str) -> dict[str, float]:
+    """Prometheus text -> {le: cumulative count} of one histogram for one product (plus 'count')."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(f"{name}_bucket{{") and f'product="{product}"' in line:
+            le = line.split('le="')[1].split('"')[0]
+            out[le] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(f"{name}_count{{") and f'product="{product}"' in line:
+            out["count"] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    with contextlib.suppress(psutil.Error):
+        return psutil.Process(pid).children(recursive=True)
+    return []
+
+
+def _replica_pids(pid: int, deployment: str = "Scorer") -> set[int]:
+    found = set()
+    for p in _tree(pid):
+        with contextlib.suppress(psutil.Error):
+            if f"ServeReplica:ocbank:{deployment}" in " ".join(p.cmdline()):
+                found.add(p.pid)
+    return found
+
+
+def _rss(pids: set[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            total += psutil.Process(pid).memory_info().rss
+    return total
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A valid PNG header whose IHDR declares ``width`` x ``height`` (8-bit gray), with one tiny IDAT."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+# ---------------------------------------------------------------------- the server
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Banks (weave calibrated, dots uncalibrated, probe for reloads) and a running ``ocbank serve``."""
+    from ocbank.model.detector import Detector
+    from ocbank.synthetic import make_dataset
+
+    root = make_dataset(tmp_path_factory.mktemp("data"), n_train=10, n_good_test=10, n_defect_test=5, size=80)
+    banks = tmp_path_factory.mktemp("banks")
+    spare = tmp_path_factory.mktemp("spare")
+
+    def detector() -> Detector:
+        return Detector(weights="none", image_size=64, resize=72, radius="auto", radius_images=3, device="cpu",
+                        batch_size=4)
+
+    weave = sorted((root / "weave" / "train" / "good").glob("*.png"))
+    dots = sorted((root / "dots" / "train" / "good").glob("*.png"))
+    detector().fit(weave[:7]).calibrate(weave[7:]).save(banks / "weave.h5")
+    detector().fit(dots[:6]).save(banks / "dots.h5")
+    shutil.copy(banks / "weave.h5", banks / "probe.h5")
+    detector().fit(dots[:4]).calibrate(dots[4:]).save(spare / "probe_new.h5")  # a different bank for the reload
+
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("log") / "serve.log", "w+")  # noqa: SIM115 - closed in teardown
+    cmd = [sys.executable, "-m", "ocbank.cli", "serve", "--banks", str(banks), "--port", str(port),
+           "--runtime", "torch", "--max-batch", str(MAX_BATCH), "--batch-wait-ms", "50",
+           "--max-queued", str(MAX_QUEUED), "--cpus", "2"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    client = Client(port)
+    deadline = time.monotonic() + START_S
+    ready = False
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            if client.get("/readyz")[0] == 200:
+                ready = True
+                break
+        time.sleep(1.0)
+    info = {"proc": proc, "client": client, "banks": banks, "spare": spare, "root": root, "log": log}
+    try:
+        if not ready:
+            log.seek(0)
+            pytest.fail(f"ocbank serve did not become ready in {START_S} s:\n{log.read()[-3000:]}")
+        yield info
+    finally:
+        children = _tree(proc.pid)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=45)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        for p in children:  # never leave a Ray process behind, whatever a test did
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        log.close()
+
+
+def _test_images(served, n: int = 20) -> list[Path]:
+    root = served["root"] / "weave" / "test"
+    files = sorted((root / "good").glob("*.png")) + sorted((root / "blob").glob("*.png")) + sorted(
+        (root / "scratch").glob("*.png"))
+    return files[:n]
+
+
+# ---------------------------------------------------------------------- tests
+def test_health_readiness_banks_and_metrics(served):
+    c = served["client"]
+    assert c.get("/healthz")[:2] == (200, {"status": "ok"})
+    status, body, _ = c.get("/readyz")
+    assert status == 200 and body["banks"] == ["dots", "probe", "weave"]
+    status, body, _ = c.get("/v1/banks")
+    assert status == 200 and sorted(body["banks"]) == ["dots", "probe", "weave"]
+    import hashlib
+
+    weave = body["banks"]["weave"]
+    assert weave["sha256"] == hashlib.sha256((served["banks"] / "weave.h5").read_bytes()).hexdigest()
+    assert weave["calibrated"] and weave["thresholds"]["image_threshold"] > 0 and weave["K"] > 0
+    assert body["banks"]["dots"]["calibrated"] is False and body["banks"]["dots"]["thresholds"] is None
+    status, text, _ = c.get("/metrics")
+    assert status == 200 and "# TYPE ocbank_batch_size histogram" in text
+    status, body, _ = c.get("/no/such/route")
+    assert status == 404 and body["error"]["code"] == "not_found"
+
+
+def test_parity_with_predict(served, tmp_path):
+    """20 images over HTTP = ``ocbank predict`` on the same bank: scores (1e-4 of the map range) and labels."""
+    from ocbank.jobs.predict import predict
+    from ocbank.model.detector import Detector
+
+    c = served["client"]
+    files = _test_images(served)
+    assert len(files) == 20
+    bank = served["banks"] / "weave.h5"
+    rows = predict(bank, [str(f) for f in files], tmp_path / "pred", progress=False, overlays="none")
+    det = Detector.load(bank)
+    ref = det.predict([str(f) for f in files])
+    span = float(np.nanmax(ref.maps) - np.nanmin(ref.maps))
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda f: c.inspect("weave", f.read_bytes(), "?mask=png&map=1"), files))
+    threshold = det.decision.image_threshold
+    for f, row, (status, body, _), i in zip(files, rows, answers, range(len(files))):
+        assert status == 200, body
+        assert body["product"] == "weave" and len(body["bank_sha256"]) == 64 and body["latency_ms"] > 0
+        assert abs(body["score"] - row["score"]) <= 1e-4 * span, f
+        assert body["threshold"] == pytest.approx(threshold)
+        assert body["normalized"] == pytest.approx(row["normalized_score"], rel=1e-4)
+        if abs(row["score"] - threshold) > 1e-4 * span:  # a score at the threshold may tip either way
+            assert body["label"] == row["label"], f
+        mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask"])))) > 0
+        assert mask.shape == (64, 64)
+        assert (mask == ref.masks[i]).mean() >= 0.99  # pixels at the threshold may tip
+        grid = np.asarray(body["map"])
+        assert grid.shape == (8, 8)
+        expected = ref.maps[i].reshape(8, 8, 8, 8).mean(axis=(1, 3))
+        assert np.abs(grid - expected).max() <= 1e-4 * span
+    labels = {b["label"] for _, b, _ in answers}
+    assert labels <= {"OK", "NG"} and "NG" in labels
+
+
+def test_uncalibrated_bank_says_so(served):
+    f = sorted((served["root"] / "dots" / "test" / "good").glob("*.png"))[0]
+    status, body, _ = served["client"].inspect("dots", f.read_bytes(), "?mask=png")
+    assert status == 200 and body["score"] > 0
+    assert body["label"] is None and body["normalized"] is None and body["threshold"] is None
+    assert body["mask"] is None and "no calibrated thresholds" in body["note"]
+
+
+def test_batching_with_eight_clients(served):
+    """8 concurrent clients: most model calls carry two or more images (from the batch-size metric)."""
+    c = served["client"]
+    before = _histogram(c.get("/metrics")[1], "ocbank_batch_size", "weave")
+    files = _test_images(served, 8)
+    bodies = [f.read_bytes() for f in files]
+
+    def client(i: int) -> list[int]:
+        return [c.inspect("weave", bodies[(i + k) % 8])[0] for k in range(6)]
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = [s for part in pool.map(client, range(8)) for s in part]
+    assert statuses == [200] * 48
+    after = _histogram(c.get("/metrics")[1], "ocbank_batch_size", "weave")
+    calls = after["count"] - before.get("count", 0)
+    singles = after["1.0"] - before.get("1.0", 0)
+    images = sum(1 for _ in statuses)
+    assert 0 < calls <= images
+    assert singles / calls < 0.5, (singles, calls)  # most calls carry >= 2 images
+
+
+def test_bad_input_gets_4xx_and_keeps_the_replica(served, tmp_path):
+    c = served["client"]
+    pids = _replica_pids(served["proc"].pid)
+    assert len(pids) == 1
+    good = _test_images(served, 1)[0]
+    rgb = np.asarray(Image.open(good).convert("RGB"))
+    jpeg = io.BytesIO()
+    Image.fromarray(rgb).save(jpeg, format="JPEG", quality=90)
+    cases = {
+        "empty": (b"", 400, "empty_body"),
+        "truncated JPEG": (jpeg.getvalue()[: len(jpeg.getvalue()) // 2], 400, "undecodable"),
+        "20k x 20k PNG": (_png_declaring(20000, 20000), 413, "too_large"),
+        "text": (b"this is not an image, it is a sentence\n" * 20, 415, "not_an_image"),
+    }
+    for name, (body, status, code) in cases.items():
+        got, answer, _ = c.inspect("weave", body)
+        assert (got, answer["error"]["code"]) == (status, code), name
+        assert answer["error"]["message"], name
+    got, answer, _ = c.inspect("no-such-product", good.read_bytes())
+    assert got == 404 and answer["error"]["code"] == "unknown_product"
+    got, answer, _ = c.inspect("weave", good.read_bytes(), headers={"X-Timeout-Ms": "0.001"})
+    assert got == 408 and answer["error"]["code"] == "timeout"
+    got, answer, _ = c.inspect("weave", good.read_bytes(), "?mask=jpeg")
+    assert got == 400 and answer["error"]["code"] == "bad_request"
+
+    # A 16-bit PNG is read as predict reads it (value / 257), and scored like it.
+    gray16 = (np.asarray(Image.open(good).convert("L")).astype(np.uint16) * 257 + 100).astype(np.uint16)
+    path16 = tmp_path / "gray16.png"
+    Image.fromarray(gray16, mode="I;16").save(path16)
+    assert Image.open(path16).mode.startswith("I")
+    from ocbank.model.detector import Detector
+
+    det = Detector.load(served["banks"] / "weave.h5")
+    ref = det.predict([str(path16)])
+    got, answer, _ = c.inspect("weave", path16.read_bytes())
+    span = float(ref.maps.max() - ref.maps.min())
+    assert got == 200 and abs(answer["score"] - float(ref.scores[0])) <= 1e-4 * span
+    assert _replica_pids(served["proc"].pid) == pids  # no replica restarted
+    text = c.get("/metrics")[1]
+    assert 'status="500"' not in text and 'status="503"' not in text
+
+
+def test_overload_sheds_the_excess_quickly(served):
+    """A burst larger than the queue: 503 (JSON) for the excess within a second, 200 for the rest, memory back."""
+    c = served["client"]
+    proc_pids = _replica_pids(served["proc"].pid) | _replica_pids(served["proc"].pid, "Api")
+    rng = np.random.default_rng(0)
+    big = _png(rng.integers(0, 256, (1000, 1000, 3), dtype=np.uint8))  # ~3 MB: a leak of the burst would show
+    c.inspect("weave", big)  # warm the path once
+    baseline = _rss(proc_pids)
+    burst = 2 * MAX_BATCH + MAX_QUEUED + 24  # what the replica holds, the queue, and 24 more
+    gate = threading.Barrier(burst)
+
+    def one(_: int):
+        gate.wait(timeout=30)
+        return c.inspect("weave", big)
+
+    with ThreadPoolExecutor(burst) as pool:
+        results = list(pool.map(one, range(burst)))
+    statuses = [s for s, _, _ in results]
+    shed = [(b, t) for s, b, t in results if s == 503]
+    assert set(statuses) <= {200, 503}, statuses
+    assert shed, "no request was shed"
+    assert statuses.count(200) >= MAX_QUEUED
+    assert all(b["error"]["code"] == "overloaded" for b, _ in shed)
+    assert max(t for _, t in shed) < 1.0, sorted(t for _, t in shed)
+    time.sleep(2.0)
+    grown = _rss(proc_pids) - baseline
+    assert grown < len(big) * burst / 2, (grown, baseline)  # the burst's bodies were let go
+
+
+def test_hot_reload_under_load(served):
+    """Reload under load: nothing fails, the probe's score moves old -> new and never back; a corrupt file -> 409."""
+    from ocbank.model.detector import Detector
+
+    c = served["client"]
+    probe = _test_images(served, 1)[0]
+    body = probe.read_bytes()
+    banks, spare = served["banks"], served["spare"]
+    old = float(Detector.load(banks / "probe.h5").predict([str(probe)]).scores[0])
+    new = float(Detector.load(spare / "probe_new.h5").predict([str(probe)]).scores[0])
+    assert abs(old - new) > 0.5
+    stop = threading.Event()
+    seen: list[list[tuple[float, float, int, float]]] = [[] for _ in range(3)]
+
+    def load(i: int) -> None:
+        deadline = time.monotonic() + 90
+        for _ in range(400):  # bounded in count and time
+            if stop.is_set() or time.monotonic() > deadline:
+                return
+            sent = time.monotonic()
+            status, answer, _ = c.inspect("probe", body)
+            seen[i].append((sent, time.monotonic(), status, answer.get("score", float("nan"))))
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    tmp = banks / ".probe.h5.tmp"
+    shutil.copy(spare / "probe_new.h5", tmp)
+    os.replace(tmp, banks / "probe.h5")
+    status, answer, _ = c.call("POST", "/v1/banks/probe/reload")
+    reloaded_at = time.monotonic()
+    assert status == 200 and answer["changed"] is True, answer
+    time.sleep(1.5)
+    corrupt = bytearray((banks / "probe.h5").read_bytes())
+    corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 64] = b"\x00" * 64
+    (banks / "probe.h5").write_bytes(bytes(corrupt))
+    status, rejected, _ = c.call("POST", "/v1/banks/probe/reload")
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert status == 409 and rejected["error"]["code"] == "bank_rejected", rejected
+    assert "unchanged" in rejected["error"]["message"]
+    status, after, _ = c.inspect("probe", body)
+    assert status == 200 and after["score"] == pytest.approx(new, abs=1e-3) and after["bank_sha256"] == answer["bank_sha256"]
+    status, listing, _ = c.get("/v1/banks")
+    assert listing["banks"]["probe"]["sha256"] == answer["bank_sha256"]
+
+    tol = 1e-3
+    for rows in seen:
+        assert rows and all(s == 200 for _, _, s, _ in rows), rows
+        kinds = []
+        for sent, _, _, score in rows:
+            kind = "old" if abs(score - old) < tol else "new" if abs(score - new) < tol else "other"
+            assert kind != "other", (score, old, new)
+            kinds.append(kind)
+            if sent > reloaded_at:
+                assert kind == "new"  # after the reload answered, only the new bank
+        first_new = kinds.index("new") if "new" in kinds else len(kinds)
+        assert kinds[first_new:] == ["new"] * (len(kinds) - first_new), kinds  # never back
+        assert "old" in kinds and "new" in kinds
+    (banks / "probe.h5").write_bytes((spare / "probe_new.h5").read_bytes())
+
+
+def test_sigkill_of_a_replica_recovers(served):
+    """SIGKILL the model replica: requests succeed again within 30 s (on a new replica process)."""
+    c = served["client"]
+    body = _test_images(served, 1)[0].read_bytes()
+    (pid,) = _replica_pids(served["proc"].pid)
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    recovered = None
+    statuses = []
+    while time.monotonic() - killed < 30:
+        status, answer, _ = c.inspect("weave", body, headers={"X-Timeout-Ms": "10000"})
+        statuses.append(status)
+        if status == 200:
+            recovered = time.monotonic() - killed
+            break
+        assert isinstance(answer, dict) and "error" in answer, answer  # failures are JSON too
+        time.sleep(0.5)
+    assert recovered is not None and recovered < 30, statuses
+    assert _replica_pids(served["proc"].pid) - {pid}
+
+
+def test_sigterm_finishes_in_flight_and_leaves_nothing(served):
+    """SIGTERM: requests in flight finish, the server exits (0) within 30 s, and no child process is left."""
+    c = served["client"]
+    proc = served["proc"]
+    children = _tree(proc.pid)
+    assert children
+    body = _test_images(served, 1)[0].read_bytes()
+    results: list[tuple[int, float]] = []
+    started = threading.Barrier(13)
+
+    def one() -> None:
+        started.wait(timeout=30)
+        try:
+            status, _, _ = c.inspect("weave", body)
+        except (OSError, http.client.HTTPException):
+            status = -1
+        results.append((status, time.monotonic()))
+
+    threads = [threading.Thread(target=one) for _ in range(12)]
+    for t in threads:
+        t.start()
+    started.wait(timeout=30)
+    time.sleep(0.05)  # the requests are on their way
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    for t in threads:
+        t.join(timeout=60)
+    code = proc.wait(timeout=60)
+    exited = time.monotonic() - signalled
+    assert code == 0 and exited < 30, (code, exited)
+    statuses = [s for s, _ in results]
+    assert len(statuses) == 12 and set(statuses) <= {200, 503}, statuses  # answered: done, or refused
+    assert any(s == 200 and t > signalled for s, t in results), results  # some finished after the signal
+    time.sleep(1.0)
+    alive = [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [(p.pid, p.name()) for p in alive]
