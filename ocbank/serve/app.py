@@ -53,6 +53,7 @@ DRAIN_POLL_S = 0.05
 class ScoreRequest:
     """One decoded image for one bank. ``source`` holds the bank bytes' ObjectRef (in a list, so Ray passes the ref)."""
 
+    model_id: str  # product@sha256 of the bank to score with
     pixels: np.ndarray  # uint8 RGB [S, S, 3]
     source: list[Any]
     want_mask: bool = False
@@ -119,24 +120,30 @@ class Scorer:
         self._sources.pop(model_id, None)  # the multiplexer keeps the loaded bank; the bytes may go
         return bank
 
-    async def _get(self, source: list[Any]) -> Any:
-        model_id = serve.get_multiplexed_model_id()
+    async def _get(self, model_id: str, source: list[Any]) -> Any:
         self._sources.setdefault(model_id, source[0])
         return await self._bank(model_id)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def score(self, requests: list[ScoreRequest]) -> list[dict[str, Any]]:
-        bank = await self._get(requests[0].source)
-        pixels = np.stack([r.pixels for r in requests])
-        rows = await asyncio.to_thread(
-            bank.score, pixels, [r.want_mask for r in requests], [r.want_map for r in requests]
-        )
-        call = {"id": uuid.uuid4().hex, "size": len(requests)}
-        return [{**row, "call": call} for row in rows]
+        # Serve splits batches by multiplexed model id; grouping here keeps that true on any Ray version.
+        out: list[dict[str, Any] | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.model_id, []).append(i)
+        for model_id, idx in groups.items():
+            part = [requests[i] for i in idx]
+            bank = await self._get(model_id, part[0].source)
+            pixels = np.stack([r.pixels for r in part])
+            rows = await asyncio.to_thread(bank.score, pixels, [r.want_mask for r in part], [r.want_map for r in part])
+            call = {"id": uuid.uuid4().hex, "size": len(part)}
+            for i, row in zip(idx, rows):
+                out[i] = {**row, "call": call}
+        return out
 
-    async def prepare(self, source: list[Any]) -> dict[str, Any]:
-        """Load (or find) the bank this request's model id names; describe it."""
-        bank = await self._get(source)
+    async def prepare(self, model_id: str, source: list[Any]) -> dict[str, Any]:
+        """Load (or find) the bank ``model_id`` names; describe it."""
+        bank = await self._get(model_id, source)
         return {**bank.describe(), "pid": os.getpid()}
 
     def whoami(self) -> dict[str, Any]:
@@ -209,7 +216,7 @@ class Api:
 
     async def _prepare(self, entry: _Entry) -> dict[str, Any]:
         handle = self.scorer.options(multiplexed_model_id=entry.info.model_id)
-        described = await handle.prepare.remote([entry.ref])
+        described = await handle.prepare.remote(entry.info.model_id, [entry.ref])
         self.prepared.add(entry.info.model_id)
         return described
 
@@ -336,7 +343,7 @@ class Api:
         body = await request.body()
         pixels = await asyncio.to_thread(decode_image, body, entry.info.transform, self.options.max_body_bytes)
         remaining = timeout - (time.perf_counter() - began)
-        result = await self._score(entry, ScoreRequest(pixels, [entry.ref], want_mask, want_map), remaining)
+        result = await self._score(entry, ScoreRequest(entry.info.model_id, pixels, [entry.ref], want_mask, want_map), remaining)
         self.metrics.model_call(product, result.pop("call"))
         out: dict[str, Any] = {
             "product": product,

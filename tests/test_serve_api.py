@@ -1,0 +1,202 @@
+"""The serving contract without a server: decoding and its error codes, bank validation, options, metrics, CLI, image.
+
+Fast (no Ray): the end-to-end tests over HTTP are in test_serve.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ocbank.data.images import MAX_IMAGE_PIXELS, Transform, open_image
+from ocbank.engine.checkpoint import BankState, write_bank
+from ocbank.errors import CheckpointError, ConfigError, DataError
+from ocbank.serve.api import ApiError, check_length, decode_image, grid_map, query_flags, request_timeout
+from ocbank.serve.banks import list_banks, validate_bank
+from ocbank.serve.options import ServeOptions
+
+from .conftest import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+T = Transform(72, 64)
+
+
+def _encode(arr: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _code(body: bytes, max_bytes: int = 1 << 20) -> tuple[int, str]:
+    with pytest.raises(ApiError) as err:
+        decode_image(body, T, max_bytes)
+    return err.value.status, err.value.code
+
+
+@pytest.fixture
+def rgb() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (90, 100, 3), dtype=np.uint8)
+
+
+def test_bytes_are_read_like_files(tmp_path, rgb):
+    """The request body goes through predict's reader: same pixels as the file, for 8- and 16-bit PNG and EXIF."""
+    gray16 = (rgb[..., 0].astype(np.uint16) * 257 + 77).astype(np.uint16)
+    cases = {"rgb.png": _encode(rgb), "g16.png": _encode(gray16), "rgb.tif": _encode(rgb, "TIFF")}
+    rotated = Image.fromarray(rgb)
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    buf = io.BytesIO()
+    rotated.save(buf, format="JPEG", exif=exif, quality=95)
+    cases["exif.jpg"] = buf.getvalue()
+    for name, data in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        from_file = np.asarray(open_image(path))
+        from_bytes = np.asarray(open_image(data))
+        assert np.array_equal(from_file, from_bytes), name
+        pixels = decode_image(data, T, 1 << 24)
+        assert pixels.dtype == np.uint8 and pixels.shape == (64, 64, 3)
+        assert np.array_equal(pixels, T.image(open_image(path))[1]), name
+    assert np.asarray(open_image(cases["exif.jpg"])).shape[:2] == (100, 90)  # EXIF applied
+
+
+def test_each_bad_body_has_its_code(rgb):
+    jpeg = _encode(rgb, "JPEG")
+    assert _code(b"") == (400, "empty_body")
+    assert _code(jpeg[: len(jpeg) // 2]) == (400, "undecodable")
+    assert _code(b"%PDF-1.4 not an image" * 10) == (415, "not_an_image")
+    assert _code(_encode(rgb), max_bytes=100) == (413, "too_large")
+    side = int(MAX_IMAGE_PIXELS**0.5) + 8
+    big = Image.new("1", (side, side))  # 1-bit: a small file declaring too many pixels
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    assert _code(buf.getvalue(), max_bytes=1 << 26) == (413, "too_large")
+    with pytest.raises(ApiError) as err:
+        check_length("999999999", 1000)
+    assert err.value.status == 413
+
+
+def test_headers_and_query_flags():
+    assert request_timeout(None, 5.0) == 5.0
+    assert request_timeout("250", 5.0) == pytest.approx(0.25)
+    for bad in ("0", "-1", "soon", "nan", "inf"):
+        with pytest.raises(ApiError) as err:
+            request_timeout(bad, 5.0)
+        assert err.value.status == 400 and "X-Timeout-Ms" in err.value.message
+    assert query_flags("png", "1") == (True, True)
+    assert query_flags(None, None) == (False, False)
+    with pytest.raises(ApiError):
+        query_flags("jpeg", None)
+    with pytest.raises(ApiError):
+        query_flags(None, "yes")
+
+
+def test_grid_map_is_the_mean_of_each_cell():
+    amap = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+    grid = np.asarray(grid_map(amap, 8))
+    assert grid.shape == (8, 8)
+    assert grid[2, 3] == pytest.approx(amap[16:24, 24:32].mean())
+
+
+def _bank(path: Path, tmp_path: Path, dim: int = 1536, grid: list[int] | None = None) -> bytes:
+    rng = np.random.default_rng(1)
+    meta = {"config": tiny_config(tmp_path), "feature_grid": grid or [8, 8],
+            "decision": {"image_threshold": 3.0, "pixel_threshold": 2.5, "false_alarm_rate": 0.01}}
+    state = BankState(rng.standard_normal((5, dim)).astype(np.float32), np.ones(5, np.int64), 1.5, dim, 5, meta)
+    write_bank(path, state)
+    return path.read_bytes()
+
+
+def test_validate_bank_accepts_a_bank_and_refuses_the_rest(tmp_path):
+    data = _bank(tmp_path / "a.h5", tmp_path)
+    info = validate_bank("a", data, "a.h5")
+    assert info.sha256 == hashlib.sha256(data).hexdigest() and info.model_id == f"a@{info.sha256}"
+    assert (info.n_centroids, info.dim, info.image_size, info.crop, info.resize) == (5, 1536, 64, 64, 72)
+    assert info.describe()["thresholds"]["image_threshold"] == 3.0
+    damaged = bytearray(data)
+    damaged[len(damaged) // 2 : len(damaged) // 2 + 32] = b"\xff" * 32
+    for bad in (bytes(damaged), data[: len(data) // 3], b"not a bank"):
+        with pytest.raises(CheckpointError):
+            validate_bank("a", bad, "a.h5")
+    with pytest.raises(CheckpointError, match="1536"):
+        validate_bank("b", _bank(tmp_path / "b.h5", tmp_path, dim=8), "b.h5")
+    with pytest.raises(CheckpointError, match="feature grid"):
+        validate_bank("c", _bank(tmp_path / "c.h5", tmp_path, grid=[7, 7]), "c.h5")
+
+
+def test_list_banks_serves_finished_banks_only(tmp_path):
+    with pytest.raises(DataError):
+        list_banks(tmp_path)
+    for name in ("a.h5", "b.partial.h5", ".hidden.h5", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert list(list_banks(tmp_path)) == ["a"]
+    with pytest.raises(DataError):
+        list_banks(tmp_path / "missing")
+
+
+def test_options_share_the_cores_out():
+    two = ServeOptions(banks="b", cpus=2)
+    assert (two.replica_cpus, two.replica_threads, two.max_ongoing) == (2.0, 2, 16)
+    three = ServeOptions(banks="b", cpus=2, replicas=3)
+    assert three.replica_cpus * 3 == pytest.approx(2.0) and three.replica_threads == 1
+    for bad in ({"replicas": 0}, {"max_batch": 0}, {"runtime": "tensorrt"}, {"batch_wait_ms": -1}, {"cpus": 0}):
+        with pytest.raises(ConfigError):
+            ServeOptions(banks="b", **bad)
+
+
+def test_metrics_count_each_model_call_once():
+    pytest.importorskip("prometheus_client")
+    from ocbank.serve.metrics import Metrics
+
+    m = Metrics(max_batch=8)
+    call = {"id": "abc", "size": 3}
+    for _ in range(3):  # three requests of one call report it
+        m.model_call("weave", call)
+        m.request("weave", 200, 0.01)
+    m.model_call("weave", {"id": "def", "size": 1})
+    text = m.render().decode()
+    assert 'ocbank_batch_size_count{product="weave"} 2.0' in text
+    assert 'ocbank_batch_size_bucket{le="1.0",product="weave"} 1.0' in text
+    assert 'ocbank_requests_total{product="weave",status="200"} 3.0' in text
+
+
+def test_cli_serve_options():
+    from ocbank.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--banks", "banks"])
+    assert (args.host, args.port, args.replicas, args.max_batch, args.batch_wait_ms, args.runtime) == (
+        "127.0.0.1", 8000, 1, 8, 10.0, "auto")
+    assert args.address is None
+    for bad in (["--replicas", "0"], ["--runtime", "tensorrt"], ["--batch-wait-ms", "-3"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--banks", "b", *bad])
+
+
+def test_docker_image_runs_ocbank_serve():
+    """docker/Dockerfile.serve (not built in CI): serve extra installed, ocbank serve as the entrypoint."""
+    lines = []
+    for raw in (REPO / "docker" / "Dockerfile.serve").read_text().replace("\\\n", " ").splitlines():
+        if raw.strip() and not raw.lstrip().startswith("#"):
+            lines.append(raw.strip())
+    instr = {}
+    for line in lines:
+        key, _, rest = line.partition(" ")
+        instr.setdefault(key.upper(), []).append(rest.strip())
+    entry = json.loads(instr["ENTRYPOINT"][-1])
+    assert entry[:2] == ["ocbank", "serve"]
+    cmd = json.loads(instr["CMD"][-1])
+    parser_args = entry[1:] + cmd
+    from ocbank.cli import build_parser
+
+    args = build_parser().parse_args(parser_args)
+    assert args.func.__name__ == "cmd_serve" and args.host == "0.0.0.0"
+    assert any("pip install" in run and "serve" in run for run in instr["RUN"])
+    assert str(args.port) in " ".join(instr["EXPOSE"])
+    assert "/readyz" in " ".join(instr["HEALTHCHECK"])
+    assert "STOPSIGNAL" not in instr or instr["STOPSIGNAL"] == ["SIGTERM"]
