@@ -47,6 +47,7 @@ from .options import ServeOptions
 log = logging.getLogger(__name__)
 
 DRAIN_POLL_S = 0.05
+OVERLOADED = "the inspection queue is full. Retry after a moment, or add replicas (--replicas)."
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,9 @@ class Api:
                 self.failed[product] = " ".join(str(exc).split())
         self.prepared: set[str] = set()  # model ids loaded once by a replica
         self.draining = False
-        self.inflight = 0
+        self.inflight = 0  # inspections between arrival and answer
+        # What the model replicas hold plus Serve's queue (max_queued_requests): beyond it, 503.
+        self.capacity = options.replicas * options.max_ongoing + options.max_queued
         self._warming: asyncio.Future[None] | None = None
         self._reload_lock: asyncio.Lock | None = None
 
@@ -332,6 +335,8 @@ class Api:
     async def _inspect(self, product: str, request: Request, mask: str | None, map_: str | None, began: float) -> JSONResponse:
         if self.draining:
             raise ApiError(503, "shutting_down", "the server is shutting down. Send the request to another instance.")
+        if self.inflight > self.capacity:  # shed before the body is read or decoded: the answer comes at once
+            raise ApiError(503, "overloaded", OVERLOADED)
         entry = self.banks.get(product)
         if entry is None:
             if product in self.failed:
@@ -374,8 +379,7 @@ class Api:
             msg = f"no result within {timeout * 1000:.0f} ms (X-Timeout-Ms). Retry, or allow more time."
             raise ApiError(408, "timeout", msg) from None
         except BackPressureError:
-            msg = "the inspection queue is full. Retry after a moment, or add replicas (--replicas)."
-            raise ApiError(503, "overloaded", msg) from None
+            raise ApiError(503, "overloaded", OVERLOADED) from None
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
             msg = f"the model replica was lost ({type(exc).__name__}); Serve is replacing it. Retry."
             raise ApiError(503, "replica_unavailable", msg) from None
