@@ -83,7 +83,3 @@ def extractor():
     from ocbank.model.features import FeatureExtractor
 
     return FeatureExtractor(weights="none")
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a long end-to-end test (servers, subprocesses)")
