@@ -22,6 +22,7 @@ from ..config import from_dict
 from ..data.images import Transform
 from ..engine.checkpoint import read_bank
 from ..errors import CheckpointError, ConfigError, DataError
+from ..model.calibration import Decision
 from ..model.features import FEATURE_DIM, FEATURE_STRIDE
 
 BANK_SUFFIX = ".h5"
@@ -113,6 +114,11 @@ def validate_bank(product: str, data: bytes, where: str) -> BankFile:
         cfg = from_dict(dict(meta["config"]), source=where, require_root=False)
     except (ConfigError, DataError, TypeError, ValueError) as exc:
         msg = f"{where}: its config is not usable: {exc}"
+        raise CheckpointError(msg) from None
+    try:
+        Decision.from_metadata(meta)  # thresholds, when present, must be usable
+    except ConfigError as exc:
+        msg = f"{where}: {exc}"
         raise CheckpointError(msg) from None
     if state.dim != FEATURE_DIM:
         msg = f"{where}: the bank holds {state.dim}-d centroids, but the backbone gives {FEATURE_DIM}-d patches. Rebuild it."

@@ -2,7 +2,7 @@
 
 Both take the same input, uint8 RGB crops [N, S, S, 3] (what :func:`ocbank.serve.api.decode_image`
 gives), and return raw scores [N] and maps [N, S, S]; the OK/NG rule is applied after,
-in one place (:meth:`ocbank.model.module.Thresholds.apply`), whichever runtime scored.
+in one place (:meth:`ocbank.model.calibration.Decision.apply`), whichever runtime scored.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch
 from ..engine import resolve_device
 from ..engine.ivf import use_ivf
 from ..errors import ConfigError, DependencyError
+from ..model.calibration import Decision
 from ..model.detector import Detector
 from ..model.features import FEATURE_STRIDE, FeatureExtractor
-from ..model.module import Thresholds
 from .api import LABELS, grid_map, mask_png
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class ServedBank:
         self.detector = detector
         self.runtime = runtime
         self.sha256 = sha256
-        self.thresholds = Thresholds.from_metadata(getattr(detector, "metadata_", {}))
+        self.decision = Decision.from_metadata(getattr(detector, "metadata_", {}))
 
     @classmethod
     def load(
@@ -138,15 +138,15 @@ class ServedBank:
     def score(self, pixels: np.ndarray, want_mask: list[bool], want_map: list[bool]) -> list[dict[str, Any]]:
         """uint8 RGB [N, S, S, 3] -> one result dict per image (score, normalized, label, mask, map)."""
         scores, maps = self.runtime(pixels)
-        decided = self.thresholds.apply(scores, maps) if self.thresholds is not None else None
+        verdict = self.decision.apply(scores, maps) if self.decision is not None else None
         out = []
         for i in range(len(scores)):
             row: dict[str, Any] = {"score": float(scores[i]), "normalized": None, "label": None}
-            if decided is not None:
-                row["normalized"] = float(decided["normalized"][i])
-                row["label"] = LABELS[int(decided["label"][i])]
+            if verdict is not None:
+                row["normalized"] = float(verdict.normalized[i])
+                row["label"] = LABELS[int(verdict.ng[i])]
                 if want_mask[i]:
-                    row["mask"] = mask_png(decided["mask"][i])
+                    row["mask"] = mask_png(verdict.mask[i])
             elif want_mask[i]:
                 row["mask"] = None
             if want_map[i]:
