@@ -39,7 +39,9 @@ setup(
         "cpu": ["faiss-cpu>=1.8"],
         "gpu": ["faiss-gpu>=1.15.1"],
         "ray": ["ray>=2.9"],
-        "serve": ["ray[serve]>=2.9"],  # `ocbank serve`; includes ray
+        # `ocbank serve`; includes ray. 2.40+: max_queued_requests (load shedding), batches split by
+        # multiplexed model; tested with 2.60.
+        "serve": ["ray[serve]>=2.40"],
         "anomalib": ["anomalib>=2.7"],  # ocbank.integrations.anomalib
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         "openvino": ["openvino>=2024.0"],

@@ -176,6 +176,7 @@ async def load_levels(port: int, files: list[Path], levels: list[int], n_images:
             out[str(clients)] = {
                 "images": len(latencies),
                 "errors": errors,
+                "n_errors": sum(errors.values()),
                 "images_per_s": len(latencies) / elapsed,
                 "p50_ms": 1000 * p50,
                 "p99_ms": 1000 * p99,
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch" if args.runtime == "auto" else args.runtime)
     top = str(max(args.clients))
     result = {
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "note": "2-core machine shared with other jobs while measuring: absolute figures are noisy"},
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},

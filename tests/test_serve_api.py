@@ -200,3 +200,38 @@ def test_docker_image_runs_ocbank_serve():
     assert str(args.port) in " ".join(instr["EXPOSE"])
     assert "/readyz" in " ".join(instr["HEALTHCHECK"])
     assert "STOPSIGNAL" not in instr or instr["STOPSIGNAL"] == ["SIGTERM"]
+
+
+@pytest.mark.slow
+def test_runtimes_score_like_detector_predict(tmp_path, tiny_mvtec):
+    """torch and onnxruntime (the exported graph) give Detector.predict's scores and maps within 1e-4 of the map range."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from ocbank.model.detector import Detector
+    from ocbank.serve.runtime import ServedBank, make_runtime, onnx_refusal
+
+    train = sorted((tiny_mvtec / "weave" / "train" / "good").glob("*.png"))
+    tests = sorted((tiny_mvtec / "weave" / "test").rglob("*.png"))
+    det = Detector(weights="none", image_size=64, resize=72, radius="auto", radius_images=3, device="cpu")
+    bank = tmp_path / "weave.h5"
+    det.fit(train[:4]).calibrate(train[4:]).save(bank)
+    ref = Detector.load(bank).predict([str(p) for p in tests])
+    span = float(ref.maps.max() - ref.maps.min())
+    pixels = np.stack([T.image(open_image(p))[1] for p in tests])
+    info = validate_bank("weave", bank.read_bytes(), str(bank))
+    for kind in ("torch", "onnxruntime", "auto"):
+        served = ServedBank.load(bank, info.sha256, kind, threads=1, batch=4)
+        assert served.runtime.name == ("onnxruntime" if kind == "auto" else kind)  # auto: onnxruntime on CPU
+        scores, maps = served.runtime(pixels)
+        assert np.abs(scores - ref.scores).max() <= 1e-4 * span, kind
+        assert np.abs(maps - ref.maps).max() <= 1e-4 * span, kind
+        rows = served.score(pixels, [False] * len(tests), [False] * len(tests))
+        assert [r["label"] for r in rows] == ["NG" if x == 1 else "OK" for x in ref.labels]
+    import dataclasses
+
+    local = Detector.load(bank)
+    local.config = dataclasses.replace(local.config, scoring=dataclasses.replace(local.config.scoring, mode="local_mean"))
+    assert "scoring.mode" in onnx_refusal(local)
+    assert make_runtime("auto", local, bank, 1).name == "torch"
+    with pytest.raises(ConfigError, match="onnxruntime"):
+        make_runtime("onnxruntime", local, bank, 1)
