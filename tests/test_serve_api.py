@@ -104,10 +104,10 @@ def test_grid_map_is_the_mean_of_each_cell():
     assert grid[2, 3] == pytest.approx(amap[16:24, 24:32].mean())
 
 
-def _bank(path: Path, tmp_path: Path, dim: int = 1536, grid: list[int] | None = None) -> bytes:
+def _bank(path: Path, tmp_path: Path, dim: int = 1536, grid: list[int] | None = None, **extra) -> bytes:
     rng = np.random.default_rng(1)
     meta = {"config": tiny_config(tmp_path), "feature_grid": grid or [8, 8],
-            "decision": {"image_threshold": 3.0, "pixel_threshold": 2.5, "false_alarm_rate": 0.01}}
+            "decision": {"image_threshold": 3.0, "pixel_threshold": 2.5, "false_alarm_rate": 0.01}, **extra}
     state = BankState(rng.standard_normal((5, dim)).astype(np.float32), np.ones(5, np.int64), 1.5, dim, 5, meta)
     write_bank(path, state)
     return path.read_bytes()
@@ -128,6 +128,11 @@ def test_validate_bank_accepts_a_bank_and_refuses_the_rest(tmp_path):
         validate_bank("b", _bank(tmp_path / "b.h5", tmp_path, dim=8), "b.h5")
     with pytest.raises(CheckpointError, match="feature grid"):
         validate_bank("c", _bank(tmp_path / "c.h5", tmp_path, grid=[7, 7]), "c.h5")
+    with pytest.raises(CheckpointError, match="unfinished build checkpoint"):
+        validate_bank("d", _bank(tmp_path / "d.h5", tmp_path, complete=False), "d.h5")
+    with pytest.raises(CheckpointError, match="image_threshold"):
+        validate_bank("e", _bank(tmp_path / "e.h5", tmp_path, decision={"image_threshold": -1, "pixel_threshold": 1}),
+                      "e.h5")
 
 
 def test_list_banks_serves_finished_banks_only(tmp_path):

@@ -22,6 +22,7 @@ from ..config import from_dict
 from ..data.images import Transform
 from ..engine.checkpoint import read_bank
 from ..errors import CheckpointError, ConfigError, DataError
+from ..jobs.evaluate import check_complete
 from ..model.calibration import Decision
 from ..model.features import FEATURE_DIM, FEATURE_STRIDE
 
@@ -104,6 +105,7 @@ def validate_bank(product: str, data: bytes, where: str) -> BankFile:
         tmp.flush()
         try:
             state = read_bank(tmp.name)  # format, checksum and consistency
+            check_complete(tmp.name)  # an unfinished build checkpoint is never served
         except CheckpointError as exc:
             raise CheckpointError(str(exc).replace(tmp.name, where)) from None
     meta = state.metadata
