@@ -234,7 +234,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_s=args.timeout_ms / 1000.0, max_banks_per_replica=args.max_banks_per_replica, cpus=args.cpus,
         device=args.device,
     )
-    return serve_forever(options)
+    signum = serve_forever(options)  # returns once stopped cleanly: in-flight requests answered
+    print(f"ocbank serve: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+    return EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import DependencyError, OcbankError
+from ..errors import DependencyError
 from .banks import list_banks
 from .options import APP_NAME, ServeOptions
 
@@ -122,14 +122,20 @@ class Server:
 
 
 def serve_forever(options: ServeOptions, announce: Callable[[str], None] = print) -> int:
-    """Run until SIGTERM or SIGINT; return 0 after a clean shutdown."""
+    """Serve until SIGTERM or SIGINT, shut down cleanly, and return the signal's number."""
+    stopped_by: list[int] = []
     stop = threading.Event()
     server = Server(options)
     try:
         server.start()
+
+        def on_signal(signum: int, _frame: object) -> None:
+            stopped_by.append(signum)
+            stop.set()
+
         # After ray.init, which installs its own SIGTERM handler for drivers.
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, on_signal)
         failed = server.warm.get("failed") or {}
         for product, why in failed.items():
             announce(f"ocbank: error: bank {product!r} is not served: {why}")
@@ -139,9 +145,7 @@ def serve_forever(options: ServeOptions, announce: Callable[[str], None] = print
         while not stop.wait(0.5):
             pass
         announce("ocbank serve: stopping (finishing requests in flight)")
-        return 0
-    except OcbankError:
-        raise
+        return stopped_by[0]
     finally:
         began = time.monotonic()
         server.stop()
