@@ -145,6 +145,7 @@ def test_names_beyond_utf8_and_at_the_length_limit_keep_every_result(tmp_path, t
     assert len(os.listdir(blocked / "heatmaps")) == 3 and len(os.listdir(blocked / "maps")) == 3
 
 
+@pytest.mark.slow  # builds and evaluates through the CLI
 def test_build_and_evaluate_take_names_beyond_utf8(tmp_path, tiny_mvtec):
     root = tmp_path / "data"
     train, test = root / "weave" / "train" / "good", root / "weave" / "test" / "good"

@@ -25,33 +25,42 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "ocbank.cli", "-q", *args]
 
 
-def _terminate_once_locked(cmd: list[str], folder: Path, after: float) -> subprocess.CompletedProcess:
-    """Start ``cmd``, wait until it holds ``folder``'s lock (it is working), let it run ``after`` s, SIGTERM it."""
+def _terminate_when(cmd: list[str], ready: Path) -> subprocess.CompletedProcess:
+    """Start ``cmd``, wait until ``ready`` exists (it is working), SIGTERM it at once."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while not (folder / LOCK_NAME).exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(after)
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def _copies(tiny_mvtec, folder: Path, n: int) -> None:
+    """``n`` training images (copies of the tiny set's) in ``folder``: a stream long enough to stop mid-way."""
+    folder.mkdir(parents=True)
+    pictures = sorted((Path(tiny_mvtec) / "weave" / "train" / "good").glob("*.png"))
+    for i in range(n):
+        (folder / f"{i:03d}.png").write_bytes(pictures[i % len(pictures)].read_bytes())
+
+
 def test_sigterm_stops_a_build_like_ctrl_c_and_resume_finishes_it(tmp_path, tiny_mvtec):
+    root = tmp_path / "data"
+    _copies(tiny_mvtec, root / "weave" / "train" / "good", 40)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config(tiny_mvtec, data={"batch_size": 2}, bank={"radius": 5.0})))
+    cfg.write_text(yaml.safe_dump(tiny_config(root, data={"batch_size": 2}, bank={"radius": 5.0})))
     out = tmp_path / "banks"
     cmd = _cli("build", "--config", str(cfg), "--out", str(out), "--checkpoint-every", "1")
-    done = _terminate_once_locked(cmd, out, after=1.0)
+    done = _terminate_when(cmd, out / "weave.partial.h5")  # stopped after its first checkpoint
     assert done.returncode == EXIT_TERMINATED == 143, done.stderr
     assert "stopped by SIGTERM" in done.stderr and "Traceback" not in done.stderr
     assert not (out / LOCK_NAME).exists()  # released on the way out
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # no half-written file
-    for bank in out.glob("*.h5"):
-        ClusterBank.load(bank)  # every checkpoint or bank left behind is whole
+    meta = ClusterBank.load(out / "weave.partial.h5").metadata_  # the last checkpoint is whole
+    assert 0 < meta["stream_position"] < meta["n_images"] and not (out / "weave.h5").exists()
     again = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
-    assert {p.name for p in out.glob("*.h5")} == {"dots.h5", "weave.h5"}
+    assert ClusterBank.load(out / "weave.h5").metadata_["complete"] is True
 
 
 def test_sigterm_stops_an_update_and_leaves_the_bank_as_it_was(tmp_path, tiny_mvtec):
@@ -61,13 +70,9 @@ def test_sigterm_stops_an_update_and_leaves_the_bank_as_it_was(tmp_path, tiny_mv
     assert subprocess.run(_cli("build", "--config", str(cfg), "--out", str(out)), timeout=600).returncode == 0
     bank = out / "dots.h5"
     before = file_sha256(bank)
-    new = tmp_path / "new"
-    new.mkdir()
-    for i in range(24):  # enough images that the update is still streaming when the signal comes
-        src = sorted((Path(tiny_mvtec) / "dots" / "test").rglob("*.png"))[i % 5]
-        (new / f"{i:02d}.png").write_bytes(src.read_bytes())
-    done = _terminate_once_locked(_cli("update", "--bank", str(bank), "--input", str(new), "--out", str(bank)),
-                                  out, after=0.5)
+    _copies(tiny_mvtec, tmp_path / "new", 40)
+    cmd = _cli("update", "--bank", str(bank), "--input", str(tmp_path / "new"), "--out", str(bank))
+    done = _terminate_when(cmd, out / LOCK_NAME)  # it holds the lock: reading the bank or streaming
     assert done.returncode == EXIT_TERMINATED, done.stderr
     assert "stopped by SIGTERM" in done.stderr and "Traceback" not in done.stderr
     assert file_sha256(bank) == before and not (out / LOCK_NAME).exists()

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from scipy.stats import binom
 
@@ -34,6 +35,7 @@ def test_transfer_p_value_is_the_chance_of_that_many_false_alarms_by_simulation(
     assert binom.sf(7, m, a) < 0.05 < transfer_p_value(8, m, a, 9)
 
 
+@pytest.mark.slow  # builds and evaluates through the CLI
 def test_evaluate_warns_when_the_calibration_does_not_transfer(tmp_path, tiny_mvtec, caplog):
     """Calibrated on its own training images, tested on normal images of another surface: nearly all flagged."""
     src = Path(tiny_mvtec)
