@@ -28,7 +28,7 @@ def feed(bank: ClusterBank, X: np.ndarray, splits: list[int]) -> ClusterBank:
     return bank
 
 
-@pytest.mark.parametrize("batch", [1, 3, 64, 10_000])
+@pytest.mark.parametrize("batch", [pytest.param(1, marks=pytest.mark.slow), 3, 64, 10_000])  # one at a time: slow
 def test_add_equals_one_at_a_time_reference(stream, batch):
     X, radius = stream
     ref_means, ref_counts = reference_stream(X, radius)
@@ -67,7 +67,7 @@ def test_many_exact_ties_pick_the_lowest_index():
     assert bank.counts[0] == 2 and (bank.counts[1:] == 1).all()
 
 
-@pytest.mark.parametrize("n_candidates", [1, 2, 5])
+@pytest.mark.parametrize("n_candidates", [pytest.param(1, marks=pytest.mark.slow), 2, 5])
 def test_candidate_mode_used_on_gpu_matches_reference(stream, n_candidates):
     """TorchStore's candidate lists and fallback, exercised on CPU tensors."""
     X, radius = stream

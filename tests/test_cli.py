@@ -123,6 +123,7 @@ def test_cli_errors_are_one_line(tmp_path, tiny_mvtec, cfg_edit, words):
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
+@pytest.mark.slow
 def test_class_without_training_images_is_an_error(tmp_path, capsys):
     (tmp_path / "data" / "empty" / "train" / "good").mkdir(parents=True)
     cfg = write_cfg(tmp_path, tiny_config(tmp_path / "data"))
@@ -131,6 +132,7 @@ def test_class_without_training_images_is_an_error(tmp_path, capsys):
     assert "class 'empty' failed" in err and "no training images" in err
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_bank_built_with_other_features(tmp_path, tiny_mvtec, capsys):
     cfg = write_cfg(tmp_path, tiny_config(tiny_mvtec, data={"classes": ["weave"]}))
     assert main(["-q", "build", "--config", str(cfg), "--out", str(tmp_path / "b")]) == 0

@@ -26,7 +26,7 @@ def m2_tolerance(X: np.ndarray, counts: np.ndarray, rel: float) -> np.ndarray:
     return rel * counts * scale
 
 
-@pytest.mark.parametrize("batch", [1, 7, 64, 10_000])
+@pytest.mark.parametrize("batch", [pytest.param(1, marks=pytest.mark.slow), 7, 64, 10_000])  # one at a time: slow
 def test_m2_equals_reference_for_every_stream_and_split(stream, batch):
     X, radius = stream
     ref = reference_bank(X, radius)
@@ -39,7 +39,7 @@ def test_m2_equals_reference_for_every_stream_and_split(stream, batch):
     np.testing.assert_allclose(bank.spread, np.sqrt(ref.m2 / ref.counts), atol=1e-3)
 
 
-@pytest.mark.parametrize("n_candidates", [1, 16])
+@pytest.mark.parametrize("n_candidates", [pytest.param(1, marks=pytest.mark.slow), 16])
 def test_m2_of_torch_store_candidate_mode_equals_reference(stream, n_candidates):
     """The host-decided (GPU-style) path tracks m2 from its dot-product distances."""
     X, radius = stream

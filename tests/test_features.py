@@ -26,7 +26,7 @@ def full_net() -> torch.nn.Module:
     return random_wide_resnet50_2()
 
 
-@pytest.mark.parametrize(("size", "grid"), [(224, 28), (512, 64), (64, 8)])
+@pytest.mark.parametrize(("size", "grid"), [(224, 28), pytest.param(512, 64, marks=pytest.mark.slow), (64, 8)])
 def test_feature_grid(extractor, size, grid):
     feats = extractor(torch.randn(1, 3, size, size))
     assert feats.shape == (1, grid, grid, FEATURE_DIM) and feats.dtype == torch.float32

@@ -44,6 +44,7 @@ def _rows(out: Path) -> list[dict[str, str]]:
 
 
 # ---------------------------------------------------------------------- folders
+@pytest.mark.slow
 def test_links_are_followed_dangling_ones_counted_and_resource_forks_ignored(tmp_path, tiny_mvtec, banks, capsys):
     good = _good(tiny_mvtec)
     elsewhere = tmp_path / "elsewhere"
@@ -75,6 +76,7 @@ def _unit_batch(paths: list[Path]) -> torch.Tensor:
     return torch.from_numpy(np.stack(rgb)).permute(0, 3, 1, 2).float() / 255.0
 
 
+@pytest.mark.slow
 def test_a_tensor_in_0_255_follows_the_array_rule_skipped_by_name(banks, tiny_mvtec):
     det = Detector.load(banks["plain"])
     good = _good(tiny_mvtec)[:3]
@@ -121,6 +123,7 @@ def _named_folder(folder: Path, pictures: list[Path]) -> list[Path]:
     return sorted(folder / n for n in names)
 
 
+@pytest.mark.slow
 def test_names_beyond_utf8_and_at_the_length_limit_keep_every_result(tmp_path, tiny_mvtec, banks, capsys):
     files = _named_folder(tmp_path / "in", _good(tiny_mvtec))
     out = tmp_path / "out"
@@ -166,6 +169,7 @@ def test_build_and_evaluate_take_names_beyond_utf8(tmp_path, tiny_mvtec):
     assert "</html>" in (out / "report.html").read_bytes().decode("utf-8")  # written whole, valid UTF-8
 
 
+@pytest.mark.slow
 def test_save_masks_on_an_uncalibrated_bank_is_refused_by_name(tmp_path, tiny_mvtec, banks, capsys):
     out = tmp_path / "out"
     argv = ["-q", "predict", "--bank", str(banks["plain"]), "--input", str(_good(tiny_mvtec)[0]), "--out", str(out)]

@@ -247,6 +247,7 @@ def test_resume_rebuilds_when_the_training_list_changes(tmp_path, tiny_mvtec, ca
                                   ClusterBank.load(tmp_path / "fresh" / "weave.h5").counts)
 
 
+@pytest.mark.slow
 def test_resume_never_continues_a_checkpoint_of_another_list(tmp_path, cfg_file, caplog):
     cfg = config.load(cfg_file)
     out = tmp_path / "b"

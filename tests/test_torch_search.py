@@ -235,6 +235,7 @@ def test_repr_names_the_backend():
     assert "gpu_search" not in repr(ClusterBank(8, 1.0))
 
 
+@pytest.mark.slow
 def test_detector_on_the_torch_search_matches_the_faiss_store_and_records_it(tiny_mvtec, extractor, tmp_path):
     """Detector fit/predict through the torch store: maps within 1e-3 of their range; the file names the backend."""
     train = [str(p) for p in sorted((tiny_mvtec / "weave" / "train" / "good").glob("*.png"))]
