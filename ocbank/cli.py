@@ -157,8 +157,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if report["n_skipped"]:
         print(f"ocbank: error: {report['n_skipped']} test image(s) could not be read and were left out "
               "(named in the warnings above)", file=sys.stderr)
-        return EXIT_PARTIAL
-    return EXIT_OK
+    if report["n_outputs_failed"]:
+        print(f"ocbank: error: {report['n_outputs_failed']} overlay(s) could not be written (named in the warnings "
+              "above); metrics.json and scores.csv hold every score", file=sys.stderr)
+    return EXIT_PARTIAL if report["n_skipped"] or report["n_outputs_failed"] else EXIT_OK
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

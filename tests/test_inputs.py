@@ -155,6 +155,9 @@ def test_build_and_evaluate_take_names_beyond_utf8(tmp_path, tiny_mvtec):
     pictures = sorted((Path(tiny_mvtec) / "weave" / "train" / "good").glob("*.png"))
     _named_folder(train, pictures[:3])
     _named_folder(test, _good(tiny_mvtec))
+    defect = sorted((Path(tiny_mvtec) / "weave" / "test" / "scratch").glob("*.png"))[0]
+    (root / "weave" / "test" / "scratch").mkdir()
+    (root / "weave" / "test" / "scratch" / LONGEST).write_bytes(defect.read_bytes())  # its overlay name is cut
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(root, bank={"radius": 5.0})))
     assert main(["-q", "build", "--config", str(cfg), "--out", str(tmp_path / "banks")]) == 0
@@ -165,8 +168,18 @@ def test_build_and_evaluate_take_names_beyond_utf8(tmp_path, tiny_mvtec):
     assert main(["-q", "evaluate", "--config", str(cfg), "--banks", str(tmp_path / "banks"), "--out", str(out)]) == 0
     with open(out / "scores.csv", newline="", encoding="utf-8") as fh:
         paths = [r["path"] for r in csv.DictReader(fh)]
-    assert _as_text(test / os.fsdecode(LATIN1)) in paths and len(paths) == 3
+    assert _as_text(test / os.fsdecode(LATIN1)) in paths and len(paths) == 4
     assert "</html>" in (out / "report.html").read_bytes().decode("utf-8")  # written whole, valid UTF-8
+    overlays = os.listdir(out / "heatmaps" / "weave")
+    assert len(overlays) == 1 and len(os.fsencode(overlays[0])) <= 255
+    # The overlays cannot be written (a file where their folder goes): every score is still kept.
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "heatmaps").write_text("in the way")
+    with pytest.warns(UserWarning, match="could not write"):
+        code = main(["-q", "evaluate", "--config", str(cfg), "--banks", str(tmp_path / "banks"), "--out", str(blocked)])
+    assert code == 1 and json.loads((blocked / "metrics.json").read_text())["n_outputs_failed"] == 1
+    assert len((blocked / "scores.csv").read_text(encoding="utf-8").splitlines()) == 5
 
 
 @pytest.mark.slow

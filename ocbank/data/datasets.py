@@ -42,7 +42,8 @@ def escape_path(path: str | os.PathLike[str]) -> str:
     Names from the file system may hold bytes that are not UTF-8 (Latin-1 names from old
     cameras and Windows shares; Python keeps them as surrogates, which no UTF-8 file can
     hold). Each such byte is written ``\\xNN`` and each backslash ``\\\\``; any other
-    name is unchanged. scores.csv, metrics.json, the report and printed results use it.
+    name is unchanged. scores.csv, build_summary.json, the report, update lineage and printed
+    results use it.
     """
     raw = os.fsencode(path).replace(b"\\", b"\\\\")
     return raw.decode("utf-8", "backslashreplace")

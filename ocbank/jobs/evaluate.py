@@ -73,6 +73,7 @@ class _ClassScores:
     maps: list[np.ndarray] = field(default_factory=list)  # float16 [B, S, S] per batch
     masks: list[np.ndarray] = field(default_factory=list)  # uint8 [B, S, S] per batch
     skipped: list[int] = field(default_factory=list)
+    outputs_failed: int = 0  # overlays that could not be written (each named in a warning)
     seconds: float = 0.0
 
 
@@ -110,6 +111,7 @@ def _score_class(det: Detector, name: str, split: Any, out: Path, heatmaps: int,
                 save_overlay(target, res.rgb[j], res.maps[j], *map_range(det.bank.radius), res.masks[j])
             except OSError as exc:  # one overlay that cannot be written loses nothing else
                 warnings.warn(f"could not write {escape_path(target)}: {exc.strerror or exc}", stacklevel=1)
+                got.outputs_failed += 1
             shown += 1
     got.seconds = time.perf_counter() - start
     return got
@@ -176,6 +178,7 @@ def evaluate(
     last: tuple[Path, Detector] | None = None  # a single bank serves every class: read it once
     results: dict[str, Any] = {}
     csv_rows: list[list[Any]] = []
+    outputs_failed = 0
     collected = ReportCollector()  # a few numbers per image and k overlays per class, for report.html
     for name in classes or class_names(cfg):
         bank_file = _bank_file(banks, name)
@@ -192,13 +195,15 @@ def evaluate(
             last = (bank_file, det)
         det = last[1]
         got = _score_class(det, name, split, out, heatmaps, collected)
+        outputs_failed += got.outputs_failed
         results[name], maps, masks = _class_row(det, got, cfg.image_size)
         if (results[name]["calibrated"] or {}).get("transfer_warning"):
             log.warning("class %s: %s", name, results[name]["calibrated"]["transfer_warning"])
         collected.end_class(name, masks, maps, getattr(det, "metadata_", {}), map_range(det.bank.radius))
         csv_rows += got.csv_rows
     rows = list(results.values())
-    report = {"classes": results, "mean": _mean_row(rows), "n_skipped": sum(r["n_skipped"] for r in rows)}
+    report = {"classes": results, "mean": _mean_row(rows), "n_skipped": sum(r["n_skipped"] for r in rows),
+              "n_outputs_failed": outputs_failed}
     write_json(out / "metrics.json", report)
     with open(out / "scores.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
