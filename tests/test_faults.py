@@ -209,7 +209,7 @@ def saved_bank(detector, tmp_path_factory) -> Path:
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(entries=st.lists(st.tuples(name_stems, st.booleans()), min_size=1, max_size=4, unique_by=lambda e: e[0]))
-@example(entries=[(b"x" * 251, True), (b"caf\xe9", True), (b"\xff" * 251, False)])  # the limit, Latin-1, junk
+@example(entries=[(b"x" * 251, True), (b"caf\xe9", True), (b"\xff" * 251, False), (b"a\nb\\x0a", False)])
 def test_any_file_name_is_scored_or_counted_and_never_loses_another(detector, saved_bank, tiny_mvtec, entries):
     """predict on a folder of hostile names: every listed file has its row, output files and a reversible name."""
     picture = sorted((Path(tiny_mvtec) / "weave" / "test" / "good").glob("*.png"))[0].read_bytes()
@@ -224,9 +224,10 @@ def test_any_file_name_is_scored_or_counted_and_never_loses_another(detector, sa
                 readable[str(path)] = ok
         if not readable:
             return
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             rows = predict(saved_bank, [str(folder)], out, save_maps=True, progress=False)
+        assert all("\n" not in str(w.message) for w in caught)  # one line each, whatever the name holds
         assert {r["path"]: r["status"] == "ok" for r in rows} == readable
         assert all(np.isfinite(r["score"]) for r in rows if r["status"] == "ok")
         with open(out / "scores.csv", newline="", encoding="utf-8") as fh:  # strict UTF-8 throughout

@@ -34,6 +34,7 @@ class ClassSplit:
 # ---------------------------------------------------------------------- file names
 NAME_MAX = 255  # bytes in one file name (ext4, XFS, APFS, NTFS): derived output names are cut to fit
 _ESCAPED = re.compile(rb"\\(\\|x[0-9a-f]{2})")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 def escape_path(path: str | os.PathLike[str]) -> str:
@@ -41,11 +42,12 @@ def escape_path(path: str | os.PathLike[str]) -> str:
 
     Names from the file system may hold bytes that are not UTF-8 (Latin-1 names from old
     cameras and Windows shares; Python keeps them as surrogates, which no UTF-8 file can
-    hold). Each such byte is written ``\\xNN`` and each backslash ``\\\\``; any other
-    name is unchanged. scores.csv, build_summary.json, the report, update lineage and printed
-    results use it.
+    hold). Each such byte, and each control character (newline, tab, escape: they would
+    break a CSV row, a log line or a terminal), is written ``\\xNN`` and each backslash
+    ``\\\\``; any other name is unchanged. scores.csv, build_summary.json, the report,
+    the update lineage, warnings and printed results use it.
     """
-    raw = os.fsencode(path).replace(b"\\", b"\\\\")
+    raw = _CONTROL.sub(lambda m: b"\\x%02x" % m.group()[0], os.fsencode(path).replace(b"\\", b"\\\\"))
     return raw.decode("utf-8", "backslashreplace")
 
 

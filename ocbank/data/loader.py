@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config
 from ..errors import OcbankError
-from .datasets import Sample
+from .datasets import Sample, escape_path
 from .images import Transform, open_image, open_mask
 from .workers import worker_init
 
@@ -43,7 +43,8 @@ class ImageDataset(Dataset):
             # One line naming the file; the caller counts the skipped index.
             name = _name(sample.path)
             text = f"skipping image: {exc}" if name in str(exc) else f"skipping unreadable image {name}: {exc}"
-            warnings.warn(text, stacklevel=1)
+            one_line = text.replace(name, escape_path(name)) if isinstance(sample.path, (str, os.PathLike)) else text
+            warnings.warn(one_line, stacklevel=1)
             return {"index": index, "skipped": True}
         item: dict[str, Any] = {"index": index, "skipped": False, "image": tensor, "rgb": rgb}
         if self.with_masks:
