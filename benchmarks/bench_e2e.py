@@ -2,7 +2,8 @@
 
 Random images at --size through the WideResNet-50 extractor (optionally under
 fp16/bf16 autocast on CUDA), searched against a bank of --centroids synthetic
-centroids, then upsampled and blurred into maps, as `predict` does.
+centroids, then upsampled and blurred into maps, as `predict` does. Records peak
+device memory of building the bank and of scoring (null with a note on the CPU).
 
 python -m benchmarks.bench_e2e --out DIR [--device cuda] [--autocast fp16] [--size 224]
 """
@@ -20,7 +21,7 @@ from ocbank.engine.device import resolve_device
 from ocbank.model.features import FEATURE_DIM, FeatureExtractor
 from ocbank.model.scoring import anomaly_maps, image_scores
 
-from .common import write_result
+from .common import PeakMemory, write_result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> dict:
     extractor = FeatureExtractor(weights="none", device=device, autocast=args.autocast)
     rng = np.random.default_rng(0)
     bank = ClusterBank(FEATURE_DIM, 1e-3, device=device)
-    bank.add(rng.standard_normal((args.centroids, FEATURE_DIM), dtype=np.float32))
+    with PeakMemory(device) as build_memory:
+        bank.add(rng.standard_normal((args.centroids, FEATURE_DIM), dtype=np.float32))
     images = torch.randn(args.batch, 3, args.size, args.size)
     if device.startswith("cuda"):
         images = images.pin_memory()
@@ -52,10 +54,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     for _ in range(3):
         step()
-    t = time.perf_counter()
-    for _ in range(args.batches):
-        step()
-    seconds = time.perf_counter() - t
+    with PeakMemory(device) as score_memory:
+        t = time.perf_counter()
+        for _ in range(args.batches):
+            step()
+        seconds = time.perf_counter() - t
     result = {
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "size": args.size,
@@ -63,6 +66,9 @@ def main(argv: list[str] | None = None) -> dict:
         "autocast": args.autocast,
         "centroids": len(bank),
         "e2e_fps": args.batch * args.batches / seconds,
+        "search_backend": bank.search_backend_,
+        "build_device_memory": build_memory.to_dict(),
+        "score_device_memory": score_memory.to_dict(),
     }
     write_result(args.out, "e2e.json", result)
     return result

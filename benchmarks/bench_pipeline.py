@@ -40,6 +40,7 @@ from .bench_build import stream_build
 from .common import (
     BENCH_CLASSES,
     DIM,
+    PeakMemory,
     detector_config,
     gemm_gflops,
     machine_info,
@@ -396,7 +397,9 @@ def figures_for(data: Path, cache: Path, name: str, size: int, extractor: Any, e
         row.update(exact_rule_seconds=linear_s * n / est.n_queries, exact_rule_measured=False,
                    exact_p99=None, note="exact rule projected as linear_rule_seconds * n / queries")
     per_image = (size // 8) ** 2
-    run = stream_build((x[i : i + per_image] for i in range(0, n, per_image)), est.radius)
+    with PeakMemory(str(extractor.device)) as bank_memory:
+        run = stream_build((x[i : i + per_image] for i in range(0, n, per_image)), est.radius)
+    row["bank_build_device_memory"] = bank_memory.to_dict()
     gemm = gemm_gflops(run["k"])
     eff = run["flops"] / run["seconds"] / 1e9
     row.update(bank_seconds=run["seconds"], bank_centroids=run["k"], bank_vectors_per_s=n / run["seconds"],
@@ -431,12 +434,14 @@ def part_figures(data: Path, cache: Path, out: Path) -> dict[str, Any]:
     samples = test_samples(data / "d224", "weave")
     batches = [b["image"] for b in make_loader(samples, det.config)]
     backbone, e2e = [], []
-    for _ in range(2):
-        backbone.append(backbone_alone(extractor, batches))
-        with tempfile.TemporaryDirectory() as tmp:
-            e2e.append(instrumented_predict(det, samples, Path(tmp), overlays=None)["img_per_s"])
+    with PeakMemory(str(extractor.device)) as score_memory:
+        for _ in range(2):
+            backbone.append(backbone_alone(extractor, batches))
+            with tempfile.TemporaryDirectory() as tmp:
+                e2e.append(instrumented_predict(det, samples, Path(tmp), overlays=None)["img_per_s"])
     result["e2e_224"] = {"backbone_img_per_s": float(np.median(backbone)), "e2e_img_per_s": float(np.median(e2e)),
-                         "ratio": float(np.median(e2e)) / float(np.median(backbone)), "test_images": len(samples)}
+                         "ratio": float(np.median(e2e)) / float(np.median(backbone)), "test_images": len(samples),
+                         "score_device_memory": score_memory.to_dict()}
     write_result(out, "figures_cpu.json", result)
     return result
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -161,27 +162,131 @@ class ClusteredStream:
 
 
 class FlatSearch:
-    """1-NN over a fixed [K, C] array with the same FAISS calls for every method."""
+    """1-NN over a fixed [K, C] array with the same search for every method.
+
+    CPU: ``faiss.knn``. CUDA: ``faiss.knn_gpu`` with the faiss GPU build, else the banks'
+    own torch search (:func:`ocbank.engine.store.torch_knn`, fp32), as a CUDA bank does.
+    """
 
     def __init__(self, vectors: np.ndarray, device: str) -> None:
-        from ocbank.engine._faiss import faiss  # noqa: PLC0415
+        from ocbank.engine._faiss import faiss, faiss_has_gpu  # noqa: PLC0415
 
         self.faiss = faiss
         self.device = device
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.res = None
         if device.startswith("cuda"):
-            import faiss.contrib.torch_utils  # noqa: F401, PLC0415
-
-            self.res = faiss.StandardGpuResources()
             self.gpu_vectors = torch.from_numpy(self.vectors).to(device)
+            self.gpu_norms = (self.gpu_vectors.double() ** 2).sum(1)
+            if faiss_has_gpu():
+                import faiss.contrib.torch_utils  # noqa: F401, PLC0415
+
+                self.res = faiss.StandardGpuResources()
 
     def __call__(self, queries: np.ndarray) -> np.ndarray:
         """[n, C] -> [n] plain L2 distances to the nearest vector."""
         if self.device.startswith("cuda"):
+            from ocbank.engine.store import torch_knn  # noqa: PLC0415
+
             q = torch.from_numpy(queries).to(self.device)
-            sq, _ = self.faiss.knn_gpu(self.res, q, self.gpu_vectors, 1)
+            if self.res is not None:
+                sq, _ = self.faiss.knn_gpu(self.res, q, self.gpu_vectors, 1)
+            else:
+                sq, _ = torch_knn(q, self.gpu_vectors, self.gpu_norms, 1)
             torch.cuda.synchronize()
             sq = sq.cpu().numpy()
         else:
             sq, _ = self.faiss.knn(queries, self.vectors, 1)
         return np.sqrt(np.maximum(sq[:, 0], 0.0))
+
+
+# ---------------------------------------------------------------------- device memory
+class PeakMemory:
+    """Peak device memory of a block: ``with PeakMemory(device) as peak: ...; peak.to_dict()``.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (tensors
+    only), and this process's share of the GPU from NVML (``pynvml``) sampled every
+    ``interval`` seconds, which also counts the CUDA context and the caching allocator's
+    reserve. Without CUDA, or without pynvml, those fields are None and ``note`` says why.
+    """
+
+    def __init__(self, device: str, interval: float = 0.05) -> None:
+        self.device = device
+        self.interval = interval
+        self.torch_peak: int | None = None
+        self.nvml_peak: int | None = None
+        self.notes: list[str] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if not self.device.startswith("cuda"):
+            self.notes.append(f"device {self.device}: peak device memory is measured on CUDA only")
+            return self
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        handle, why = _nvml_handle(torch.device(self.device).index or 0)  # the pid's share on this device
+        if handle is None:
+            self.notes.append(why)
+        else:
+            self._thread = threading.Thread(target=self._sample, args=(handle,), daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self, handle: Any) -> None:
+        while True:
+            used = nvml_process_bytes(handle)
+            if used is not None:
+                self.nvml_peak = max(self.nvml_peak or 0, used)
+            if self._stop.wait(self.interval):
+                return
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.device.startswith("cuda"):
+            return
+        torch.cuda.synchronize(self.device)
+        self.torch_peak = int(torch.cuda.max_memory_allocated(self.device))
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            if self.nvml_peak is None:
+                self.notes.append("NVML listed no compute process with this pid (e.g. inside a container)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"torch_max_allocated_bytes": self.torch_peak, "nvml_process_bytes": self.nvml_peak,
+                "note": "; ".join(self.notes) or None}
+
+
+def _nvml_handle(index: int) -> tuple[Any, str]:
+    """(the NVML handle of CUDA device ``index``, "") or (None, why there is none).
+
+    NVML numbers all GPUs; CUDA only the visible ones, so CUDA_VISIBLE_DEVICES maps between them.
+    """
+    try:
+        import pynvml  # noqa: PLC0415
+    except ImportError:
+        return None, "pynvml is not installed: no NVML process share (pip install nvidia-ml-py)"
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    try:
+        pynvml.nvmlInit()
+        if index < len(visible):
+            name = visible[index]
+            if name.isdigit():
+                return pynvml.nvmlDeviceGetHandleByIndex(int(name)), ""
+            return pynvml.nvmlDeviceGetHandleByUUID(name), ""
+        return pynvml.nvmlDeviceGetHandleByIndex(index), ""
+    except Exception as exc:  # noqa: BLE001  (NVML is optional)
+        return None, f"NVML unavailable: {exc}"
+
+
+def nvml_process_bytes(handle: Any) -> int | None:
+    """GPU memory NVML reports for this process on ``handle``'s device, or None."""
+    import pynvml  # noqa: PLC0415
+
+    try:
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+    except Exception:  # noqa: BLE001
+        return None
+    pid = os.getpid()
+    used = [int(p.usedGpuMemory) for p in procs if p.pid == pid and p.usedGpuMemory is not None]
+    return max(used) if used else None

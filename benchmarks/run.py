@@ -54,7 +54,7 @@ from ocbank.model.radius import radius_statistics, sample_images
 from ocbank.model.scoring import anomaly_maps
 
 from .baselines import Padim, Spade, SpadeParams
-from .common import FlatSearch, gemm_rate
+from .common import FlatSearch, PeakMemory, gemm_rate
 from .exemplars import edge_exemplars
 from .patchcore import greedy_coreset
 
@@ -107,22 +107,6 @@ class PeakRSS:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
-def nvml_process_bytes() -> int | None:
-    """GPU memory used by this process according to NVML, when available."""
-    try:
-        import pynvml  # noqa: PLC0415
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        pid = psutil.Process().pid
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == pid:
-                return int(proc.usedGpuMemory)
-    except Exception:  # noqa: BLE001  (NVML is optional)
-        return None
-    return None
-
-
 def extract(det: Detector, split: Any, smoke: bool) -> ClassFeatures:
     train_samples = split.train[:SMOKE_TRAIN] if smoke else split.train
     test_samples = split.test
@@ -154,7 +138,7 @@ Scorer = Callable[[np.ndarray], tuple[np.ndarray, "np.ndarray | None"]]
 
 
 def evaluate_scorer(score: Scorer, cf: ClassFeatures, cfg: config.Config,
-                    modes: tuple[str, ...] = ()) -> dict[str, Any] | list[dict[str, Any]]:
+                    modes: tuple[str, ...] = (), device: str = "cpu") -> dict[str, Any] | list[dict[str, Any]]:
     """Search/score timing, maps and metrics for one method on one class's test features.
 
     ``score`` maps a batch of test features [b, h, w, C] to (patch scores
@@ -162,7 +146,8 @@ def evaluate_scorer(score: Scorer, cf: ClassFeatures, cfg: config.Config,
     map (PaDiM); 1-NN banks give the maximum of the patch grid. With ``modes``
     (1-NN banks), one dict per scoring mode comes back: the search and the maps
     are shared, the image scores come from ``scoring.image_scores`` and
-    each mode's own (small) time is added to the search time.
+    each mode's own (small) time is added to the search time. ``score_device_memory``
+    is the peak device memory of the search passes on ``device`` (null on the CPU).
     """
     n = cf.test.shape[0]
     size = cfg.image_size
@@ -172,10 +157,11 @@ def evaluate_scorer(score: Scorer, cf: ClassFeatures, cfg: config.Config,
     # Search alone: repeat whole passes (at least 3 unless a pass takes over 3 s; about a second) and keep
     # the median.
     passes: list[float] = []
-    while (len(passes) < 3 and sum(passes) < 3.0) or (sum(passes) < 1.0 and len(passes) < 50):
-        t = time.perf_counter()
-        results = [score(q) for q in batches]
-        passes.append(time.perf_counter() - t)
+    with PeakMemory(device) as device_memory:
+        while (len(passes) < 3 and sum(passes) < 3.0) or (sum(passes) < 1.0 and len(passes) < 50):
+            t = time.perf_counter()
+            results = [score(q) for q in batches]
+            passes.append(time.perf_counter() - t)
     t_search = float(np.median(passes))
     t = time.perf_counter()
     maps = [anomaly_maps(g, size, sigma) for g, _ in results]
@@ -186,7 +172,8 @@ def evaluate_scorer(score: Scorer, cf: ClassFeatures, cfg: config.Config,
     def summary(img: np.ndarray, extra_seconds: float) -> dict[str, Any]:
         return {"search_fps": n / (t_search + extra_seconds),
                 "e2e_fps": n / (cf.feature_seconds_per_image * n + t_search + extra_seconds + t_maps),
-                "image_auroc": metrics.image_auroc(cf.labels, img), **pixel}
+                "image_auroc": metrics.image_auroc(cf.labels, img), **pixel,
+                "score_device_memory": device_memory.to_dict()}
 
     if not modes:
         if results[0][1] is None:
@@ -210,20 +197,16 @@ def evaluate_bank(vectors: np.ndarray, cf: ClassFeatures, cfg: config.Config, de
         b, h, w, c = feats.shape
         return search(feats.reshape(-1, c)).reshape(b, h, w), None
 
-    return evaluate_scorer(score, cf, cfg, modes)
+    return evaluate_scorer(score, cf, cfg, modes, device)
 
 
 def measure_build(build: Callable[[], Any], device: str) -> tuple[Any, dict[str, Any]]:
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    with PeakRSS() as rss:
+    """``build()`` with its seconds, peak RSS and peak device memory (null on the CPU)."""
+    with PeakRSS() as rss, PeakMemory(device) as device_memory:
         t = time.perf_counter()
         vectors = build()
         seconds = time.perf_counter() - t
-    info: dict[str, Any] = {"build_seconds": seconds, "peak_memory_bytes": rss.peak}
-    if device.startswith("cuda"):
-        info["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated())
-        info["nvml_process_bytes"] = nvml_process_bytes()
+    info = {"build_seconds": seconds, "peak_memory_bytes": rss.peak, "build_device_memory": device_memory.to_dict()}
     return vectors, info
 
 

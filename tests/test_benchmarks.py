@@ -76,6 +76,9 @@ def test_harness_smoke_run(tmp_path, tiny_mvtec):
     for row in saved:
         assert needed <= set(row), needed - set(row)
         assert row["search_fps"] > 0 and row["e2e_fps"] > 0 and row["peak_memory_bytes"] > 0
+        # Peak device memory for the build and for scoring, for every method: null with a note on the CPU.
+        for key in ("build_device_memory", "score_device_memory"):
+            assert row[key]["torch_max_allocated_bytes"] is None and "CUDA only" in row[key]["note"], (row["method"], key)
     full = next(r for r in saved if r["method"] == "patchcore_full")
     assert full["bank_vectors"] == full["n_train"] * 8 * 8
     coreset = next(r for r in saved if r["method"] == "patchcore_coreset")
@@ -97,3 +100,4 @@ def test_search_and_e2e_benchmarks_run_small(tmp_path):
     e2e = bench_e2e.main(["--out", str(tmp_path), "--device", "cpu", "--size", "64", "--batch", "2",
                           "--batches", "2", "--centroids", "100"])
     assert e2e["e2e_fps"] > 0 and (tmp_path / "e2e.json").is_file() and (tmp_path / "search.json").is_file()
+    assert e2e["score_device_memory"]["torch_max_allocated_bytes"] is None and e2e["score_device_memory"]["note"]

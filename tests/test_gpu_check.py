@@ -71,3 +71,52 @@ def test_a_spent_budget_skips_parts_by_name(tmp_path):
 def test_usage_errors_exit_2_and_write_nothing(tmp_path, argv):
     assert gpu_check.main(["--out", str(tmp_path), "--smoke", *argv]) == 2
     assert not (tmp_path / "gpu_check.json").exists()
+
+
+def test_peak_memory_reads_torch_and_the_pids_nvml_share(monkeypatch):
+    """PeakMemory on 'cuda:1' with fake torch.cuda and pynvml: CUDA_VISIBLE_DEVICES maps to NVML's numbering."""
+    import os
+    import sys
+    import types
+
+    from benchmarks.common import PeakMemory
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append(("reset", device)))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 123_456)
+    proc = types.SimpleNamespace
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda i: calls.append(("nvml index", i)) or f"gpu{i}",
+        nvmlDeviceGetHandleByUUID=lambda u: f"uuid:{u}",
+        nvmlDeviceGetComputeRunningProcesses=lambda h: [proc(pid=os.getpid(), usedGpuMemory=7_000_000),
+                                                        proc(pid=-1, usedGpuMemory=9_000_000_000)],
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    with PeakMemory("cuda:1", interval=0.001) as peak:
+        torch.zeros(10)
+    out = peak.to_dict()
+    assert out == {"torch_max_allocated_bytes": 123_456, "nvml_process_bytes": 7_000_000, "note": None}
+    assert ("reset", "cuda:1") in calls and ("nvml index", 5) in calls
+    monkeypatch.delitem(sys.modules, "pynvml")
+    monkeypatch.setattr("builtins.__import__", _refuse("pynvml"))
+    with PeakMemory("cuda:0") as peak:
+        pass
+    out = peak.to_dict()
+    assert out["torch_max_allocated_bytes"] == 123_456 and out["nvml_process_bytes"] is None
+    assert "pynvml is not installed" in out["note"]
+
+
+def _refuse(name):
+    import builtins
+
+    real = builtins.__import__
+
+    def guarded(mod, *args, **kwargs):
+        if mod == name:
+            raise ImportError(mod)
+        return real(mod, *args, **kwargs)
+
+    return guarded
