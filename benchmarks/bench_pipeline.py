@@ -133,7 +133,7 @@ def bank_for(data: Path, cache: Path, name: str, size: int) -> tuple[Any, Any]:
     """A Detector for class ``name`` whose bank is built from the cached training features (estimated radius)."""
     from ocbank.engine import ClusterBank
     from ocbank.model.detector import Detector
-    from ocbank.model.radius import estimate_radius
+    from ocbank.model.radius import RadiusStats, estimate_radius
 
     x = np.ascontiguousarray(real_features(data / f"d{size}", name, size, RADIUS_IMAGES, cache))
     est = estimate_radius(x)
@@ -141,7 +141,7 @@ def bank_for(data: Path, cache: Path, name: str, size: int) -> tuple[Any, Any]:
     bank.add(x)
     det = Detector.from_config(detector_config(size))
     det.bank_ = bank
-    det.radius_stats_ = est.as_stats()
+    det.radius_stats_ = RadiusStats(est.radius, est, RADIUS_IMAGES)
     return det, est
 
 
@@ -179,7 +179,7 @@ def instrumented_predict(det: Any, samples: list[Any], out: Path, overlays: int 
     n = 0
     for batch in loader:
         t = clock.add("decode+resize+normalise (loader)", t)
-        feats = det.extractor(batch["image"])
+        feats = det.extractor(batch.image)
         t = clock.add("backbone features", t)
         b, h, w, _ = feats.shape
         dist, _ = det.bank.search(feats.reshape(-1, DIM), k=1)
@@ -190,7 +190,7 @@ def instrumented_predict(det: Any, samples: list[Any], out: Path, overlays: int 
         t = clock.add("upsample+blur (anomaly_maps)", t)
         for j in range(b):
             if overlays is None or written < overlays:
-                save_overlay(out / f"{n + j:05d}.png", batch["rgb"][j], maps[j], vmin, vmax)
+                save_overlay(out / f"{n + j:05d}.png", batch.rgb[j], maps[j], vmin, vmax)
                 written += 1
         n += b
         t = clock.add("overlay PNGs", t)
@@ -224,7 +224,7 @@ def prefetched_predict(
     n = written = 0
     scores, keep = [], []
     while (batch := q.get()) is not None:
-        feats = det.extractor(batch["image"])
+        feats = det.extractor(batch.image)
         b, h, w, _ = feats.shape
         if search is None:
             dist, _ = det.bank.search(feats.reshape(-1, DIM), k=1)
@@ -234,7 +234,7 @@ def prefetched_predict(
         scores.append(image_scores(grid))
         maps = anomaly_maps(grid, size, sigma)
         if overlays:  # keep the running top-N (by score) to write at the end
-            keep += [(float(scores[-1][j]), batch["rgb"][j], maps[j]) for j in range(b)]
+            keep += [(float(scores[-1][j]), batch.rgb[j], maps[j]) for j in range(b)]
             keep = sorted(keep, key=lambda r: -r[0])[:overlays]
         n += b
     for i, (_, rgb, amap) in enumerate(keep):
@@ -291,7 +291,7 @@ def part_pipeline(data: Path, cache: Path, out: Path, rounds: int = 2) -> dict[s
     root = data / "d224"
     det, _ = bank_for(data, cache, name, 224)
     samples = test_samples(root, name)
-    batches = [b["image"] for b in make_loader(samples, det.config)]
+    batches = [b.image for b in make_loader(samples, det.config)]
     ext = det.extractor
     ext(batches[0])  # warm-up
     variants: dict[str, Callable[[], float]] = {"eager (as shipped)": lambda: backbone_alone(ext, batches)}
@@ -432,7 +432,7 @@ def part_figures(data: Path, cache: Path, out: Path) -> dict[str, Any]:
     det, _ = bank_for(data, cache, "weave", 224)
     det._extractor = extractor
     samples = test_samples(data / "d224", "weave")
-    batches = [b["image"] for b in make_loader(samples, det.config)]
+    batches = [b.image for b in make_loader(samples, det.config)]
     backbone, e2e = [], []
     with PeakMemory(str(extractor.device)) as score_memory:
         for _ in range(2):
@@ -457,7 +457,7 @@ def loop_variant(bank_file: Path, samples_root: Path, name: str) -> dict[str, An
 
     det = Detector.load(bank_file, device="cpu")
     samples = test_samples(samples_root, name)
-    batches = [b["image"] for b in make_loader(samples, det.config)]
+    batches = [b.image for b in make_loader(samples, det.config)]
     det.extractor(batches[0])
     ivf = IvfSearch.from_means(np.ascontiguousarray(det.bank.means))
     res: dict[str, Any] = {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
@@ -529,7 +529,7 @@ def part_shipped(data: Path, out: Path, rounds: int = 3) -> dict[str, Any]:
         raise SystemExit(msg)
     det = Detector.load(bank_file, device="cpu")
     samples = test_samples(data / "d224", "weave")
-    batches = [b["image"] for b in make_loader(samples, det.config)]
+    batches = [b.image for b in make_loader(samples, det.config)]
     det.extractor(batches[0])  # warm up
     folder = [str(data / "d224" / "weave" / "test")]
     res: dict[str, list[float]] = {"backbone": [], "predict_overlays_all": [], "predict_overlays_none": []}

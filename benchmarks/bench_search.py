@@ -130,12 +130,12 @@ def _demo_auroc(data: Path, nprobes: tuple[int, ...] = (8, 16, 32, 64)) -> dict:
         ivf_scores: dict[int, list[float]] = {p: [] for p in probes}
         for batch, feats in det.features(split.test):
             q = np.ascontiguousarray(feats.reshape(-1, FEATURE_DIM).numpy())
-            b = len(batch["index"])
+            b = len(batch.index)
             flat_scores += np.sqrt(np.maximum(faiss.knn(q, means, 1)[0][:, 0], 0)).reshape(b, -1).max(1).tolist()
             for p in probes:
                 sq = ivf.with_nprobe(p).search(q)[0][:, 0]
                 ivf_scores[p] += np.sqrt(np.maximum(sq, 0)).reshape(b, -1).max(1).tolist()
-            labels += [split.test[i].label for i in batch["index"]]
+            labels += [split.test[i].label for i in batch.index]
         a_flat = metrics.image_auroc(np.array(labels), np.array(flat_scores))
         sweep = []
         for p in probes:

@@ -114,15 +114,15 @@ def extract(det: Detector, split: Any, smoke: bool) -> ClassFeatures:
         good = [s for s in test_samples if s.label == 0][: SMOKE_TEST // 2]
         bad = [s for s in test_samples if s.label == 1][: SMOKE_TEST // 2]
         test_samples = good + bad
-    train = [f.cpu().numpy() for b, f in det.features(train_samples) if b["index"]]
+    train = [f.cpu().numpy() for b, f in det.features(train_samples) if b.index]
     test, labels, masks = [], [], []
     t = time.perf_counter()
     for batch, feats in det.features(test_samples, with_masks=True):
-        if not batch["index"]:
+        if not batch.index:
             continue
         test.append(feats.cpu().numpy())
-        labels += [test_samples[i].label for i in batch["index"]]
-        masks.append(batch["mask"])
+        labels += [test_samples[i].label for i in batch.index]
+        masks.append(batch.mask)
     n_test = sum(len(x) for x in test)
     return ClassFeatures(
         split.name,

@@ -82,7 +82,7 @@ def test_corrupt_images_are_skipped_with_a_warning(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         batches = list(make_loader([Sample(str(good)), Sample(str(broken))], cfg))
-    assert batches[0]["index"] == [0] and batches[0]["skipped"] == [1]
+    assert batches[0].index == [0] and batches[0].skipped == [1]
     assert any("broken.png" in str(w.message) for w in caught)
 
 
@@ -141,8 +141,8 @@ def test_loader_with_spawned_workers(tiny_mvtec):
     cfg = config_mod.from_dict(tiny_config(tiny_mvtec, data={"num_workers": 1, "batch_size": 3}))
     split = load_split(cfg, "weave")
     batches = list(make_loader(split.train, cfg))
-    assert [b["index"] for b in batches] == [[0, 1, 2], [3, 4, 5]]
-    assert batches[0]["image"].shape == (3, 3, 64, 64)
+    assert [b.index for b in batches] == [[0, 1, 2], [3, 4, 5]]
+    assert batches[0].image.shape == (3, 3, 64, 64)
 
 
 def test_zero_one_masks_mark_anomalous_pixels(tmp_path):

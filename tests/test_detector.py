@@ -64,12 +64,12 @@ def test_init_validates_and_does_nothing_else():
 
 @pytest.mark.slow
 def test_fit_records_radius_and_summary(fitted, tiny_mvtec):
-    assert fitted.bank.radius == pytest.approx(fitted.radius_stats_["p99"])
+    assert fitted.bank.radius == pytest.approx(fitted.radius_stats_.estimate.percentiles["p99"])
     # One pass: the radius comes from the sampled images' features, exactly as the rule on them alone.
     sample = [_train(tiny_mvtec)[i] for i in fitted.training_order(6)[:3]]
     feats = fitted.extractor(_normalised([Path(p) for p in sample])).reshape(-1, FEATURE_DIM).numpy()
     assert fitted.bank.radius == pytest.approx(float(np.percentile(nearest_other_distances(feats), 99)), rel=1e-5)
-    assert fitted.fit_summary_["images_used"] == 6 and len(fitted.bank) > 0
+    assert fitted.fit_summary_.images_used == 6 and len(fitted.bank) > 0
     assert fitted.bank.n_seen == 6 * 8 * 8
 
 
@@ -168,11 +168,11 @@ def test_partial_fit_equals_one_fit_over_both(tiny_mvtec, extractor):
     once = Detector.from_config(cfg, extractor=extractor).fit(paths)
     np.testing.assert_array_equal(step.bank.counts, once.bank.counts)
     assert_close_across_runs(step.bank.means, once.bank.means)  # batches of 3+3 against 4+2
-    assert step.fit_summary_["images_used"] == 6 and step.last_partial_fit_["images_added"] == 3
+    assert step.fit_summary_.images_used == 6 and step.last_partial_fit_.images_used == 3
     with pytest.warns(UserWarning):
         step.partial_fit([paths[0], "/nonexistent/x.png"])
-    assert step.last_partial_fit_["skipped_files"] == ["/nonexistent/x.png"]
-    assert step.fit_summary_["skipped_files"][-1] == "/nonexistent/x.png" and step.fit_summary_["images_skipped"] == 1
+    assert step.last_partial_fit_.skipped_files == ("/nonexistent/x.png",)
+    assert step.fit_summary_.skipped_files[-1] == "/nonexistent/x.png" and step.fit_summary_.images_skipped == 1
 
 
 @pytest.mark.slow

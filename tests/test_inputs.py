@@ -99,10 +99,10 @@ def test_a_tensor_in_0_255_follows_the_array_rule_skipped_by_name(banks, tiny_mv
     n_seen = det.bank.n_seen
     with pytest.warns(UserWarning, match="tensor\\[1\\]"):
         det.partial_fit(mixed[:2])
-    assert det.bank.n_seen == n_seen + 8 * 8 and det.last_partial_fit_["skipped_files"] == ["tensor[1]"]
+    assert det.bank.n_seen == n_seen + 8 * 8 and det.last_partial_fit_.skipped_files == ("tensor[1]",)
     with pytest.warns(UserWarning):
         det.partial_fit([arrays[0], arrays[1] * 255])
-    assert det.last_partial_fit_["skipped_files"] == ["images[1]"]  # a position, not the array's repr
+    assert det.last_partial_fit_.skipped_files == ("images[1]",)  # a position, not the array's repr
 
 
 # ---------------------------------------------------------------------- file names and outputs

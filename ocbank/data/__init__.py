@@ -25,9 +25,10 @@ from .images import (
     open_image,
     open_mask,
 )
-from .loader import ImageDataset, make_loader
+from .loader import Batch, ImageDataset, make_loader
 
 __all__ = [
+    "Batch",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_SUFFIXES",

@@ -8,6 +8,7 @@ import queue
 import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -67,17 +68,30 @@ def _name(source: Any) -> str:
     return str(source) if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__") else type(source).__name__
 
 
-def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+@dataclass
+class Batch:
+    """One loader batch: its readable images, and the input positions it could not read."""
+
+    index: list[int]  # input positions of the readable images, in order
+    skipped: list[int] = field(default_factory=list)  # input positions of the unreadable ones
+    image: torch.Tensor | None = None  # [B, 3, S, S] ImageNet-normalised (None when nothing was readable)
+    rgb: np.ndarray | None = None  # [B, S, S, 3] uint8 crops, for overlays
+    mask: np.ndarray | None = None  # [B, S, S] uint8 ground truth, when the loader was asked for masks
+
+    @property
+    def end(self) -> int:
+        """The input position just after this batch."""
+        return max(self.index + self.skipped) + 1
+
+
+def _collate(items: list[dict[str, Any]]) -> Batch:
     good = [it for it in items if not it["skipped"]]
-    batch: dict[str, Any] = {
-        "index": [it["index"] for it in good],
-        "skipped": [it["index"] for it in items if it["skipped"]],
-    }
+    batch = Batch([it["index"] for it in good], [it["index"] for it in items if it["skipped"]])
     if good:
-        batch["image"] = torch.stack([it["image"] for it in good])
-        batch["rgb"] = np.stack([it["rgb"] for it in good])
+        batch.image = torch.stack([it["image"] for it in good])
+        batch.rgb = np.stack([it["rgb"] for it in good])
         if "mask" in good[0]:
-            batch["mask"] = np.stack([it["mask"] for it in good])
+            batch.mask = np.stack([it["mask"] for it in good])
     return batch
 
 

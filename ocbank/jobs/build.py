@@ -36,6 +36,8 @@ from ..errors import CheckpointError, ConfigError, DataError, DependencyError
 from ..jsonio import write_json
 from ..model.detector import Detector
 from ..model.features import FEATURE_DIM, FeatureExtractor
+from ..model.progress import FitProgress
+from ..model.radius import RadiusStats
 from . import DEFAULT_CHECKPOINT_EVERY
 from .lock import LOCK_NAME, build_lock
 
@@ -228,18 +230,6 @@ def _resume_state(
     return det
 
 
-@dataclass
-class _Progress:
-    """What a class's build has done so far (carried across resumes in the checkpoint)."""
-
-    images_used: int = 0
-    skipped_files: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"images_used": self.images_used, "skipped_files": self.skipped_files, "seconds": self.seconds}
-
-
 def _identity(plan: BuildPlan, job: ClassJob, inputs: ClassInputs) -> dict[str, Any]:
     cfg = plan.config
     return {
@@ -251,7 +241,7 @@ def _identity(plan: BuildPlan, job: ClassJob, inputs: ClassInputs) -> dict[str, 
     }
 
 
-def finish_class(plan: BuildPlan, job: ClassJob, det: Detector, inputs: ClassInputs, done: _Progress) -> dict[str, Any]:
+def finish_class(plan: BuildPlan, job: ClassJob, det: Detector, inputs: ClassInputs, done: FitProgress) -> dict[str, Any]:
     """Calibrate, write ``<class>.h5`` atomically, remove the checkpoint; return the summary row."""
     calibration_error = None
     if inputs.calibration:
@@ -265,10 +255,8 @@ def finish_class(plan: BuildPlan, job: ClassJob, det: Detector, inputs: ClassInp
         "n_centroids": len(bank),
         "bank_bytes": bank.nbytes,
         "radius": bank.radius,
-        "images_used": done.images_used,
-        "images_skipped": len(done.skipped_files),
+        **done.to_dict(),  # images_used, images_skipped, skipped_files, seconds
         "skipped_files": [escape_path(f) for f in done.skipped_files],  # JSON any reader takes
-        "seconds": done.seconds,
         "vectors_per_s": bank.n_seen / max(done.seconds, 1e-9),
         "search_backend": bank.search_backend_,
         "calibration": {"source": inputs.calibration_source, "n_images": len(inputs.calibration)},
@@ -299,22 +287,15 @@ def build_class(plan: BuildPlan, job: ClassJob, extractor: FeatureExtractor | No
             return {**stored, "status": "complete"}
     device = resolve_device(cfg.device)
     det = _resume_state(partial, job.name, identity["config_key"], identity["input_key"], device, extractor) if plan.resume else None
-    before, start = _Progress(), 0
+    before, start = FitProgress(), 0
     if det is None:
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()  # an old run's checkpoint must not outlive a fresh start
         det = Detector.from_config(cfg, extractor=extractor)
     else:
         start = int(det.metadata_["stream_position"])
-        before = _Progress(**det.metadata_["progress"])
+        before = FitProgress.from_dict(det.metadata_["progress"])
         log.info("class %s: resuming at image %d of %d", job.name, start, len(inputs.train))
-    began = time.perf_counter()
-
-    def progress_now(used: int, skipped: tuple[str, ...]) -> _Progress:
-        return _Progress(
-            before.images_used + used, before.skipped_files + list(skipped), before.seconds + time.perf_counter() - began
-        )
-
     last = start
     bar = tqdm(total=len(inputs.train), initial=start, desc=job.name, unit="img", disable=not plan.progress, leave=False)
     with bar:
@@ -322,28 +303,34 @@ def build_class(plan: BuildPlan, job: ClassJob, extractor: FeatureExtractor | No
             bar.update(step.position - bar.n)
             if step.phase == "bank" and step.position - last >= plan.checkpoint_every and step.position < step.n_images:
                 extra = {**identity, "stream_position": step.position, "complete": False}
-                det.save(partial, extra={**extra, "progress": progress_now(step.used, step.skipped).to_dict()})
+                det.save(partial, extra={**extra, "progress": (before + step.done).to_dict()})
                 last = step.position
-    fit = det.fit_summary_
-    row = finish_class(plan, job, det, inputs, progress_now(fit["images_used"], tuple(fit["skipped_files"])))
+    row = finish_class(plan, job, det, inputs, before + det.fit_summary_)
     return {**row, "resumed_at": start, "status": "resumed" if start else "built"}
 
 
 # ---------------------------------------------------------------------- shards
-def build_shard(plan: BuildPlan, samples: list[Sample], radius: float) -> dict[str, Any]:
-    """Build one shard's bank at a fixed radius; return its arrays (small, picklable)."""
+@dataclass(frozen=True)
+class ShardResult:
+    """One shard's bank as arrays (small, picklable: it comes back from a Ray worker) and its fit."""
+
+    means: np.ndarray  # [K, 1536]
+    counts: np.ndarray  # [K]
+    m2: np.ndarray  # [K]
+    n_seen: int
+    progress: FitProgress
+
+    def state(self, radius: float) -> BankState:
+        return BankState(self.means, self.counts, radius, FEATURE_DIM, int(self.n_seen), m2=self.m2)
+
+
+def build_shard(plan: BuildPlan, samples: list[Sample], radius: float) -> ShardResult:
+    """Build one shard's bank at a fixed radius; return its arrays."""
     set_threads(plan.threads)
     det = Detector.from_config(plan.config.replace(bank={"radius": radius}))
     det.fit(samples)
     bank = det.bank
-    return {
-        "means": np.array(bank.means),
-        "counts": np.array(bank.counts),
-        "m2": np.array(bank.m2),
-        "n_seen": bank.n_seen,
-        "images_used": det.fit_summary_["images_used"],
-        "skipped_files": det.fit_summary_["skipped_files"],
-    }
+    return ShardResult(np.array(bank.means), np.array(bank.counts), np.array(bank.m2), bank.n_seen, det.fit_summary_)
 
 
 def split_shards(samples: list[Any], shards: int) -> list[list[Any]]:
@@ -352,16 +339,15 @@ def split_shards(samples: list[Any], shards: int) -> list[list[Any]]:
     return [samples[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def merge_shards(parts: list[dict[str, Any]], radius: float, device: str, **search: str) -> ClusterBank:
+def merge_shards(parts: list[ShardResult], radius: float, device: str, **search: str) -> ClusterBank:
     """Fold shard banks together in shard order with :meth:`ClusterBank.merge` (``search``: the bank's search options)."""
     merged = ClusterBank(FEATURE_DIM, radius, device=device, **search)
     for part in parts:
-        state = BankState(part["means"], part["counts"], radius, FEATURE_DIM, int(part["n_seen"]), m2=part["m2"])
-        merged.merge(ClusterBank.from_state(state))
+        merged.merge(ClusterBank.from_state(part.state(radius)))
     return merged
 
 
-ShardRunner = Callable[[list[tuple[BuildPlan, list[Sample], float]]], list[dict[str, Any]]]
+ShardRunner = Callable[[list[tuple[BuildPlan, list[Sample], float]]], list[ShardResult]]
 
 
 def build_class_sharded(plan: BuildPlan, job: ClassJob, run_shards: ShardRunner) -> dict[str, Any]:
@@ -381,7 +367,8 @@ def build_class_sharded(plan: BuildPlan, job: ClassJob, run_shards: ShardRunner)
         probe = Detector.from_config(plan.config).fit([inputs.train[i] for i in order[: det.n_radius_images(len(order))]])
         radius, stats = probe.bank.radius, probe.radius_stats_
     else:
-        radius, stats = float(plan.config.bank.radius), {"suggested": float(plan.config.bank.radius), "source": "config"}
+        radius = float(plan.config.bank.radius)
+        stats = RadiusStats(radius)
     ordered = [inputs.train[i] for i in order]
     parts = run_shards([(plan, part, radius) for part in split_shards(ordered, plan.shards)])
     bank = plan.config.bank
@@ -394,10 +381,8 @@ def build_class_sharded(plan: BuildPlan, job: ClassJob, run_shards: ShardRunner)
         gpu_search_precision=bank.gpu_search_precision,
     )
     det.radius_stats_ = stats
-    done = _Progress(
-        sum(p["images_used"] for p in parts), [f for p in parts for f in p["skipped_files"]], time.perf_counter() - began
-    )
-    row = finish_class(plan, job, det, inputs, done)
+    done = sum((p.progress for p in parts), FitProgress())
+    row = finish_class(plan, job, det, inputs, replace(done, seconds=time.perf_counter() - began))
     return {**row, "shards": plan.shards, "status": "built"}
 
 
@@ -449,7 +434,7 @@ def run_ray(plan: BuildPlan, jobs: list[ClassJob], ray_opts: RayOptions) -> dict
     whole = ray.remote(build_class).options(**retry)
     shard = ray.remote(build_shard).options(**retry)
 
-    def run_shards(js: list[tuple[BuildPlan, list[Sample], float]]) -> list[dict[str, Any]]:
+    def run_shards(js: list[tuple[BuildPlan, list[Sample], float]]) -> list[ShardResult]:
         return ray.get([shard.remote(*j) for j in js])
 
     # Workers get the driver's thread count, so their banks equal the local backend's.

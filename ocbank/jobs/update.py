@@ -53,7 +53,7 @@ def update_bank(job: UpdateJob) -> dict[str, Any]:
         k_before, seen_before = len(det.bank), det.bank.n_seen
         det.partial_fit([Sample(str(f)) for f in files])
         added = det.last_partial_fit_
-        if added["images_added"] == 0:
+        if added.images_used == 0:
             msg = f"none of the {len(files)} new images could be read; {job.bank} was not changed."
             raise DataError(msg)
         if calibration is not None:
@@ -62,8 +62,8 @@ def update_bank(job: UpdateJob) -> dict[str, Any]:
         entry = {
             "parent_sha256": parent,
             "parent_file": escape_path(job.bank),
-            "images_added": added["images_added"],
-            "images_skipped": added["images_skipped"],
+            "images_added": added.images_used,
+            "images_skipped": added.images_skipped,
             "vectors_added": det.bank.n_seen - seen_before,
             "recalibrated": calibration is not None,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

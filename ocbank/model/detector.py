@@ -17,8 +17,8 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from ..config import (
     from_dict,
     load,
 )
-from ..data import Sample, make_loader, normalize
+from ..data import Batch, Sample, make_loader, normalize
 from ..data.images import check_unit_range
 from ..data.loader import prefetched
 from ..engine import ClusterBank, resolve_device
@@ -44,7 +44,8 @@ from ..engine.checkpoint import read_bank
 from ..errors import DataError, InputError, InputTypeError, NotFittedError
 from .calibration import Decision, conservative_quantile
 from .features import FEATURE_DIM, FEATURE_STRIDE, FeatureExtractor, file_sha256
-from .radius import estimate_radius, sample_images
+from .progress import FitProgress, FitStep
+from .radius import RadiusStats, estimate_radius, sample_images
 from .scoring import anomaly_maps, image_scores
 from .spool import FeatureSpool
 
@@ -69,17 +70,6 @@ class Prediction:
     normalized: np.ndarray | None = None  # [N] float32 score / image_threshold; None if not calibrated
     masks: np.ndarray | None = None  # [N, S, S] bool defect masks (map > pixel threshold); None if not calibrated
     skipped: tuple[int, ...] = ()  # input positions that could not be read
-
-
-@dataclass(frozen=True)
-class FitStep:
-    """Progress of :meth:`Detector.fit_steps` after one loader batch."""
-
-    phase: str  # "radius" (the radius sample is being read) or "bank" (images stream into the bank)
-    position: int  # images consumed so far, in the detector's training order
-    n_images: int  # images in the training list
-    used: int  # images streamed into the bank so far (this call)
-    skipped: tuple[str, ...]  # unreadable files so far (this call)
 
 
 @dataclass
@@ -233,7 +223,8 @@ class Detector:
 
     def __repr__(self) -> str:
         c = self.config
-        state = f"{len(self.bank_)} centroids" if "bank_" in self.__dict__ else "not fitted"
+        bank = self._check_fitted(required=False)
+        state = "not fitted" if bank is None else f"{len(bank)} centroids"
         return (
             f"Detector(weights={c.backbone.weights!r}, radius={c.bank.radius!r}, pool={c.backbone.pool!r}, "
             f"sigma={c.scoring.sigma}, image_size={c.image_size}, device={c.device!r}) [{state}]"
@@ -249,12 +240,21 @@ class Detector:
                 self._extractor = FeatureExtractor(weights=bb.weights, pool=bb.pool, device=device, autocast=bb.autocast)
             return self._extractor
 
+    def _check_fitted(self, required: bool = True, context: str = "") -> ClusterBank | None:
+        """The fitted bank; without one, NotFittedError (``context`` says what needed it), or None if not ``required``.
+
+        The one fittedness check (``fit`` and ``load`` set ``bank_``; a failed fit removes it).
+        """
+        bank = self.__dict__.get("bank_")
+        if bank is None and required:
+            msg = f"this Detector has no bank yet{context}: call fit(images) or Detector.load(path) first."
+            raise NotFittedError(msg)
+        return bank
+
     @property
     def bank(self) -> ClusterBank:
-        bank = self.__dict__.get("bank_")
-        if bank is None:
-            msg = "this Detector has no bank yet: call fit(images) or Detector.load(path) first."
-            raise NotFittedError(msg)
+        bank = self._check_fitted()
+        assert bank is not None  # _check_fitted raised otherwise
         return bank
 
     @property
@@ -262,7 +262,7 @@ class Detector:
         """The calibrated OK/NG thresholds, or None."""
         return self.__dict__.get("decision_")
 
-    def _tensor_batches(self, batch: torch.Tensor) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+    def _tensor_batches(self, batch: torch.Tensor) -> Iterator[Batch]:
         """A preprocessed float tensor [N, 3, S, S] (RGB in [0, 1]) in loader-sized pieces."""
         size = self.config.image_size
         if batch.ndim != 4 or batch.shape[1] != 3 or tuple(batch.shape[2:]) != (size, size):
@@ -277,29 +277,26 @@ class Detector:
             keep, skipped = _in_unit_range(part, lo)
             part = part[keep].contiguous()  # one memory layout, one conv kernel
             rgb = (part.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            yield {"index": [lo + i for i in keep], "skipped": skipped, "rgb": rgb}, normalize(part)
+            yield Batch([lo + i for i in keep], skipped, normalize(part), rgb)
 
-    def features(
-        self, images: Any, with_masks: bool = False
-    ) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
-        """Yield (batch info, patch features [B, h, w, 1536]) per loader batch.
+    def features(self, images: Any, with_masks: bool = False) -> Iterator[tuple[Batch, torch.Tensor]]:
+        """Yield (:class:`~ocbank.data.Batch`, patch features [B, h, w, 1536]) per loader batch.
 
-        The batch dict holds ``index`` (input positions), ``skipped``, ``rgb`` and,
-        with ``with_masks``, ``mask``. A batch whose images were all unreadable comes
-        with an empty feature tensor.
+        The batch holds ``index`` (input positions), ``skipped``, ``rgb`` and, with
+        ``with_masks``, ``mask``. A batch whose images were all unreadable comes with an
+        empty feature tensor.
         """
         if isinstance(images, torch.Tensor):
-            batches: Iterator[tuple[dict[str, Any], torch.Tensor]] = self._tensor_batches(images)
+            batches: Iterable[Batch] = self._tensor_batches(images)
         else:
-            loader = make_loader(as_samples(images), self.config, with_masks=with_masks)
+            batches = make_loader(as_samples(images), self.config, with_masks=with_masks)
             if self.config.data.num_workers == 0:  # decode the next batch while the backbone runs
-                loader = prefetched(loader)
-            batches = ((b, b.get("image")) for b in loader)
-        for batch, pixels in batches:
-            if not batch["index"]:
+                batches = prefetched(batches)
+        for batch in batches:
+            if not batch.index:
                 yield batch, torch.zeros((0, 0, 0, FEATURE_DIM))
                 continue
-            yield batch, self.extractor(pixels)
+            yield batch, self.extractor(batch.image)
 
     # ------------------------------------------------------------------ build
     def _reset(self) -> None:
@@ -321,35 +318,43 @@ class Detector:
     def n_radius_images(self, n_images: int) -> int:
         return 0 if self.config.bank.radius != "auto" else min(n_images, self.config.bank.radius_images)
 
-    def _spool_features(self, images: Any, spool: FeatureSpool) -> Iterator[dict[str, Any]]:
-        """Append the patch features of ``images`` to ``spool``, yielding each loader batch's info.
+    def _stream(
+        self, pool: _Inputs, idx: list[int], sink: Callable[[torch.Tensor], Any]
+    ) -> Iterator[tuple[int, FitProgress]]:
+        """Patch features [n, 1536] of ``pool[idx]`` into ``sink``, one loader batch at a time.
 
-        Raises DataError at the end when none of the images could be read.
+        Yields (position in ``idx`` just after the batch, what the batch did: images used and
+        the names of the unreadable ones). The one loop of the radius sample, fit and partial_fit.
         """
+        for batch, f in self.features(pool.take(idx)):
+            if batch.index:
+                sink(f.reshape(-1, FEATURE_DIM))
+            yield batch.end, FitProgress(len(batch.index), tuple(pool.name(idx[i]) for i in batch.skipped))
+
+    def _spool_sample(self, pool: _Inputs, idx: list[int], spool: FeatureSpool) -> Iterator[tuple[int, FitProgress]]:
+        """:meth:`_stream` into ``spool`` (the radius sample); DataError at the end when nothing was readable."""
         n_read = 0
-        for batch, f in self.features(images):
-            if batch["index"]:
-                spool.append(f.reshape(-1, FEATURE_DIM).cpu().numpy())
-                n_read += len(batch["index"])
-            yield batch
+        for end, step in self._stream(pool, idx, lambda f: spool.append(f.cpu().numpy())):
+            n_read += step.images_used
+            yield end, step
         if not n_read:
-            msg = f"none of the {len(images)} radius-sample images could be read. Check the training images."
+            msg = f"none of the {len(idx)} radius-sample images could be read. Check the training images."
             raise DataError(msg)
 
-    def _radius_stats(self, features: Any, n_images: int) -> dict[str, Any]:
+    def _radius_stats(self, features: Any, n_images: int) -> RadiusStats:
         """The radius rule on features [n, 1536] (or a spool): linear-cost p99 with its interval."""
         estimate = estimate_radius(features, seed=self.config.bank.seed)
         if not estimate.radius > 0:
             msg = f"the radius rule gave {estimate.radius} (identical patches?). Set bank.radius explicitly."
             raise DataError(msg)
-        return {**estimate.as_stats(), "n_images": n_images}
+        return RadiusStats(estimate.radius, estimate, n_images)
 
-    def radius_statistics(self, images: Any) -> dict[str, Any]:
+    def radius_statistics(self, images: Any) -> RadiusStats:
         """The radius rule's percentiles (and interval) on this detector's radius sample of ``images``."""
-        samples = as_samples(images)
-        chosen = sample_images(len(samples), self.config.bank.radius_images, self.config.bank.seed)
+        pool = _Inputs.of(as_samples(images))
+        chosen = sample_images(len(pool), self.config.bank.radius_images, self.config.bank.seed)
         with FeatureSpool(FEATURE_DIM, SPOOL_MEMORY_BYTES) as spool:
-            n_read = sum(len(batch["index"]) for batch in self._spool_features([samples[i] for i in chosen], spool))
+            n_read = sum(step.images_used for _, step in self._spool_sample(pool, chosen, spool))
             return self._radius_stats(spool, n_read)
 
     def _new_bank(self, radius: float) -> ClusterBank:
@@ -386,48 +391,40 @@ class Detector:
         order = self.training_order(n)
         n_sample = self.n_radius_images(n)
         began = time.perf_counter()
-        skipped: list[str] = []
-        used = 0
+        done = FitProgress()
+
+        def now() -> FitProgress:
+            return replace(done, seconds=time.perf_counter() - began)
+
         if start == 0:
             self._reset()
             if n_sample:
                 # One pass: the radius sample's features are spooled (spilling to disk past
                 # SPOOL_MEMORY_BYTES), r is estimated on them, then they enter the bank first.
                 with FeatureSpool(FEATURE_DIM, SPOOL_MEMORY_BYTES) as spool:
-                    for batch in self._spool_features(pool.take(order[:n_sample]), spool):
-                        skipped += [pool.name(order[i]) for i in batch["skipped"]]
-                        position = max(batch["index"] + batch["skipped"]) + 1
-                        yield FitStep("radius", position, n, 0, tuple(skipped))
-                    self.radius_stats_ = self._radius_stats(spool, n_sample - len(skipped))
-                    self.bank_ = self._new_bank(self.radius_stats_["suggested"])
+                    for end, step in self._spool_sample(pool, order[:n_sample], spool):
+                        done = replace(done, skipped_files=done.skipped_files + step.skipped_files)
+                        yield FitStep("radius", end, n, now())
+                    self.radius_stats_ = self._radius_stats(spool, n_sample - done.images_skipped)
+                    self.bank_ = self._new_bank(self.radius_stats_.suggested)
                     for rows in spool.iter_chunks():
                         self.bank_.add(rows)
-                used = n_sample - len(skipped)
+                done = replace(done, images_used=n_sample - done.images_skipped)
             else:
                 radius = float(self.config.bank.radius)
-                self.radius_stats_ = {"suggested": radius, "source": "config"}
+                self.radius_stats_ = RadiusStats(radius)
                 self.bank_ = self._new_bank(radius)
             start = n_sample
-            yield FitStep("bank", start, n, used, tuple(skipped))
-        elif "bank_" not in self.__dict__:
-            msg = f"fit_steps(start={start}) continues a checkpoint, but this Detector has no bank. Load it first."
-            raise NotFittedError(msg)
-        rest = order[start:]
-        for batch, f in self.features(pool.take(rest)):
-            skipped += [pool.name(rest[i]) for i in batch["skipped"]]
-            if batch["index"]:
-                self.bank_.add(f.reshape(-1, FEATURE_DIM))
-                used += len(batch["index"])
-            yield FitStep("bank", start + max(batch["index"] + batch["skipped"]) + 1, n, used, tuple(skipped))
+            yield FitStep("bank", start, n, now())
+        else:
+            self._check_fitted(context=f" (fit_steps(start={start}) continues a checkpoint)")
+        for end, step in self._stream(pool, order[start:], self.bank_.add):
+            done += step
+            yield FitStep("bank", start + end, n, now())
         if self.bank_.n_seen == 0:
             msg = f"none of the {n} training images could be read. Check the files."
             raise DataError(msg)
-        self.fit_summary_ = {
-            "images_used": used,
-            "images_skipped": len(skipped),
-            "skipped_files": skipped,
-            "seconds": time.perf_counter() - began,
-        }
+        self.fit_summary_ = now()
 
     def fit(self, images: Any) -> Detector:
         """Reset, then build the bank from normal training images; return self.
@@ -440,25 +437,15 @@ class Detector:
 
     def partial_fit(self, images: Any) -> Detector:
         """Stream more normal images into the bank at its radius (fits first if there is no bank)."""
-        if "bank_" not in self.__dict__:
+        bank = self._check_fitted(required=False)
+        if bank is None:
             return self.fit(images)
         pool = _Inputs.of(images)
-        used, skipped = 0, []
         began = time.perf_counter()
-        for batch, f in self.features(pool.take(list(range(len(pool))))):
-            skipped += [pool.name(i) for i in batch["skipped"]]
-            if batch["index"]:
-                self.bank_.add(f.reshape(-1, FEATURE_DIM))
-                used += len(batch["index"])
-        before = self.__dict__.get("fit_summary_", {"images_used": 0, "skipped_files": [], "seconds": 0.0})
-        files = [*before["skipped_files"], *skipped]
-        self.fit_summary_ = {
-            "images_used": before["images_used"] + used,
-            "images_skipped": len(files),
-            "skipped_files": files,
-            "seconds": before["seconds"] + time.perf_counter() - began,
-        }
-        self.last_partial_fit_ = {"images_added": used, "images_skipped": len(skipped), "skipped_files": skipped}
+        added = sum((step for _, step in self._stream(pool, list(range(len(pool))), bank.add)), FitProgress())
+        added = replace(added, seconds=time.perf_counter() - began)
+        self.fit_summary_ = self.__dict__.get("fit_summary_", FitProgress()) + added
+        self.last_partial_fit_ = added
         return self
 
     # ------------------------------------------------------------------ score
@@ -468,21 +455,21 @@ class Detector:
         sigma = self.config.scoring.sigma
         size = self.config.image_size
         for batch, feats in self.features(images, with_masks=with_masks):
-            if not batch["index"]:
+            if not batch.index:
                 empty_maps = np.zeros((0, size, size), np.float32)
                 rgb = np.zeros((0, size, size, 3), np.uint8)
-                yield ScoredBatch([], batch["skipped"], np.zeros(0, np.float32), empty_maps, rgb, None)
+                yield ScoredBatch([], batch.skipped, np.zeros(0, np.float32), empty_maps, rgb, None)
                 continue
             b, h, w, _ = feats.shape
             dist, _ = bank.search(feats.reshape(-1, FEATURE_DIM), k=1)
             grid = dist.reshape(b, h, w)
             yield ScoredBatch(
-                batch["index"],
-                batch["skipped"],
+                batch.index,
+                batch.skipped,
                 self._image_scores(grid),
                 anomaly_maps(grid, size, sigma),
-                batch["rgb"],
-                batch.get("mask"),
+                batch.rgb,
+                batch.mask,
             )
 
     def _image_scores(self, grid: np.ndarray) -> np.ndarray:
@@ -553,7 +540,7 @@ class Detector:
             "feature_grid": [size // FEATURE_STRIDE, size // FEATURE_STRIDE],
             "image_size": size,
             "radius": self.bank.radius,
-            "radius_stats": self.__dict__.get("radius_stats_", {}),
+            "radius_stats": self.radius_stats_.to_dict() if "radius_stats_" in self.__dict__ else {},
             "search_backend": self.bank.search_backend_,
         }
         if self.decision is not None:
@@ -593,7 +580,9 @@ class Detector:
             gpu_search=bank.gpu_search,
             gpu_search_precision=bank.gpu_search_precision,
         )
-        det.radius_stats_ = meta.get("radius_stats", {})
+        stats = RadiusStats.from_dict(meta.get("radius_stats"))
+        if stats is not None:
+            det.radius_stats_ = stats
         det.metadata_ = meta
         decision = Decision.from_metadata(meta)
         if decision is not None:

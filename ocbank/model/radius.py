@@ -9,7 +9,8 @@ percentile then comes with a distribution-free confidence interval.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -168,6 +169,56 @@ class RadiusEstimate:
             "confidence": self.confidence,
             "percentile": self.percentile,
         }
+
+
+    @classmethod
+    def from_stats(cls, d: Mapping[str, Any]) -> RadiusEstimate:
+        """The estimate back from :meth:`as_stats`'s dict (bank metadata); absent fields take their defaults."""
+        radius = float(d["suggested"])
+        return cls(
+            radius=radius,
+            ci_low=float(d.get("ci_low", radius)),
+            ci_high=float(d.get("ci_high", radius)),
+            percentiles={k: float(v) for k, v in d.items() if re.fullmatch(r"p\d+", k)},
+            n_patches=int(d.get("n_patches", 0)),
+            n_queries=int(d.get("n_queries", 0)),
+            exact=bool(d.get("exact", True)),
+            confidence=float(d.get("confidence", 0.95)),
+            percentile=float(d.get("percentile", 99.0)),
+        )
+
+
+@dataclass(frozen=True)
+class RadiusStats:
+    """How a bank's radius was chosen (bank metadata ``radius_stats``): the rule's estimate on
+    ``n_images`` images, or the config's number (``estimate`` None)."""
+
+    suggested: float
+    estimate: RadiusEstimate | None = None
+    n_images: int | None = None  # readable images the estimate was computed on
+
+    @property
+    def source(self) -> str:
+        return "config" if self.estimate is None else "rule"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the estimate's :meth:`~RadiusEstimate.as_stats` and n_images, or suggested and source."""
+        if self.estimate is None:
+            return {"suggested": self.suggested, "source": "config"}
+        out = self.estimate.as_stats()
+        if self.n_images is not None:
+            out["n_images"] = self.n_images
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> RadiusStats | None:
+        """The record back from :meth:`to_dict` (None for a bank file that has none)."""
+        if not d or "suggested" not in d:
+            return None
+        if d.get("source") == "config":
+            return cls(float(d["suggested"]))
+        n_images = d.get("n_images")
+        return cls(float(d["suggested"]), RadiusEstimate.from_stats(d), None if n_images is None else int(n_images))
 
 
 def estimate_radius(
