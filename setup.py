@@ -18,7 +18,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ocbank", "ocbank.*"]),
-    package_data={"ocbank": ["configs/*.yaml"]},  # ocbank/configs/, read with importlib.resources
+    # ocbank/configs/ and the report template, read with importlib.resources / jinja2.PackageLoader
+    package_data={"ocbank": ["configs/*.yaml", "jobs/templates/*.j2"]},
     include_package_data=False,
     install_requires=[
         "numpy>=1.24",
@@ -32,6 +33,7 @@ setup(
         "scipy>=1.10",
         "pillow>=9.0",
         "matplotlib>=3.7",
+        "jinja2>=3.0",
         "psutil>=5.9",
     ],
     extras_require={

@@ -63,3 +63,4 @@ def test_wheel_runs_the_demo_outside_the_checkout(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "img AUROC" in run.stdout and (work / "demo" / "results" / "metrics.json").is_file()
+    assert "<table class=\"metrics\">" in (work / "demo" / "results" / "report.html").read_text()  # the packaged template

@@ -16,9 +16,9 @@ from PIL import Image
 from sklearn.metrics import f1_score
 
 from ocbank import config
-from ocbank.jobs.report import chromium, screenshot
 from ocbank.model.calibration import f1_optimal_threshold
 
+from .chromium import chromium, screenshot
 from .conftest import tiny_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

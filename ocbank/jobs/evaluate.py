@@ -22,7 +22,8 @@ from ..model.calibration import decision_metrics, f1_optimal_threshold, transfer
 from ..model.detector import Detector
 from ..model.features import FeatureExtractor
 from .build import SINGLE_BANK
-from .report import ReportCollector, write_report
+from .report import ReportCollector
+from .report_html import write_report
 from .visualize import map_range, save_overlay
 
 log = logging.getLogger(__name__)
@@ -291,5 +292,5 @@ def suggest_radius(cfg: Config, classes: list[str] | None = None, progress: bool
             raise DataError(msg)
         det = Detector.from_config(cfg_auto, extractor=extractor)
         extractor = det.extractor
-        out[name] = det.radius_statistics(split.train)
+        out[name] = det.radius_statistics(split.train).to_dict()
     return out
