@@ -5,7 +5,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 # The docs site (mkdocs.yml): `mkdocs build --strict` runs in CI, so `dev` carries these too.
-DOCS = ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"]
+DOCS = ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26", "mkdocstrings-python>=1.10"]
 
 version: dict[str, str] = {}
 exec(Path("ocbank/_version.py").read_text(), version)  # noqa: S102  (a literal assignment)
