@@ -28,7 +28,7 @@ def feed(bank: ClusterBank, X: np.ndarray, splits: list[int]) -> ClusterBank:
     return bank
 
 
-@pytest.mark.parametrize("batch", [pytest.param(1, marks=pytest.mark.slow), 3, 64, 10_000])  # one at a time: slow
+@pytest.mark.parametrize("batch", [pytest.param(1, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow), 64, 10_000])
 def test_add_equals_one_at_a_time_reference(stream, batch):
     X, radius = stream
     ref_means, ref_counts = reference_stream(X, radius)

@@ -47,7 +47,7 @@ def test_torch_bank_on_cpu_equals_reference(stream):
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-@pytest.mark.parametrize("name", ["clustered", "sparse", "exact_radius_and_ties"])
+@pytest.mark.parametrize("name", [pytest.param("clustered", marks=pytest.mark.slow), "sparse", "exact_radius_and_ties"])
 def test_half_precision_candidates_build_the_fp32_bank(name, precision):
     """Candidates in fp16/bf16, decisions re-checked in fp32: the same bank on well-separated data."""
     make, radius = STREAMS[name]
@@ -59,6 +59,7 @@ def test_half_precision_candidates_build_the_fp32_bank(name, precision):
     assert half.search_backend_ == {"device": "cpu", "search": "torch", "precision": precision}
 
 
+@pytest.mark.slow
 def test_capped_torch_bank_equals_capped_reference():
     X = clustered(1200, 16, 90, 3.0, 0.4, 5)
     ref = reference_bank(X, 0.6, max_centroids=40)
@@ -109,6 +110,7 @@ def test_torch_knn_blocks_stay_under_the_bound_and_give_the_same_answer(monkeypa
     np.testing.assert_array_equal(i.numpy(), torch.topk(brute, 4, dim=1, largest=False).indices.numpy())
 
 
+@pytest.mark.slow
 def test_a_tiny_block_bound_builds_and_searches_the_same_bank(monkeypatch):
     X = clustered(1500, 32, 60, 3.0, 0.6, 9)
     q = clustered(300, 32, 60, 3.0, 0.8, 10)
@@ -124,6 +126,7 @@ def test_a_tiny_block_bound_builds_and_searches_the_same_bank(monkeypatch):
     assert_close_across_runs(d1, d0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_half_precision_search_recall_at_1_against_exact(precision):
     """Random queries between centroids: raw bf16 ranks miss often; the fp32 re-ranking recovers them."""
