@@ -458,7 +458,7 @@ def part_jpeg(ctx: Context, part: Part) -> None:
     from ocbank.data.datasets import Sample  # noqa: PLC0415
 
     t = time.perf_counter()
-    n = sum(len(b["index"]) for b in make_loader([Sample(p) for p in paths], cfg))
+    n = sum(len(b.index) for b in make_loader([Sample(p) for p in paths], cfg))
     part.figures["cpu_loader_img_per_s"] = n / (time.perf_counter() - t)
     part.figures["image_side"] = side
 
