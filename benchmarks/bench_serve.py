@@ -115,12 +115,20 @@ def in_process(bank: Path, files: list[Path], n_images: int, batch: int, rounds:
 
 
 def multiplex_memory(bank: Path) -> dict[str, float]:
-    """RSS a second product adds: backbone shared (one multiplexed deployment) vs its own (one per product)."""
-    import gc
+    """RSS a second product adds: backbone shared (one multiplexed deployment) vs its own (one per product).
 
+    Measured in a fresh process (spawned), where no freed memory of earlier steps can be reused.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_multiplex_memory, bank).result(timeout=600)
+
+
+def _multiplex_memory(bank: Path) -> dict[str, float]:
     from ocbank.model.detector import Detector
 
-    gc.collect()
     base = _rss_mb()
     first = Detector.load(bank, device="cpu")
     _ = first.extractor
