@@ -3,7 +3,8 @@
 Exit status: 0 every input was processed; 1 the command ran but some inputs failed
 (a class that did not build, an image that could not be read: outputs are written for
 the rest and the failures named); 2 a usage, configuration, data or file error stopped
-it before any result (one line ``ocbank: error: ...``); 130 interrupted (Ctrl-C); 143
+it before any result (one line ``ocbank: error: ...``), or no input could be used (no
+class built, no image scored); 130 interrupted (Ctrl-C); 143
 stopped by SIGTERM (how Docker, Kubernetes, Ray and systemd stop a process), handled
 exactly like Ctrl-C: the step under way is dropped, checkpoints and banks already
 written stay whole (they are replaced atomically), the build lock is released. Any
@@ -122,6 +123,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     for name, count in unreadable.items():
         print(f"ocbank: error: class {name!r}: {count} training image(s) could not be read and were left out "
               f"(named in {Path(args.out) / jobs.SUMMARY_NAME})", file=sys.stderr)
+    if report["failed"] and len(report["failed"]) == len(report["classes"]):
+        return EXIT_ERROR  # no class built: nothing to use, like a data error
     return EXIT_PARTIAL if report["failed"] or unreadable else EXIT_OK
 
 
@@ -186,6 +189,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if unwritten:
         print(f"ocbank: error: {unwritten} output file(s) could not be written (see the warnings above); "
               "scores.csv holds every score", file=sys.stderr)
+    if failed == len(rows):
+        return EXIT_ERROR  # nothing scored: a caller must not read this as a partial success
     return EXIT_PARTIAL if failed or unwritten else EXIT_OK
 
 
@@ -246,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ocbank",
         description="Online cluster memory bank anomaly detection.",
         epilog="exit status: 0 all inputs processed; 1 some inputs failed (the rest written); "
-        "2 usage, configuration, data or file error; 130 interrupted; 143 stopped by SIGTERM.",
+        "2 usage, configuration, data or file error, or nothing usable (no class built, no image scored); 130 interrupted; 143 stopped by SIGTERM.",
     )
     parser.add_argument("--version", action="version", version=f"ocbank {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")

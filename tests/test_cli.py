@@ -127,7 +127,7 @@ def test_cli_errors_are_one_line(tmp_path, tiny_mvtec, cfg_edit, words):
 def test_class_without_training_images_is_an_error(tmp_path, capsys):
     (tmp_path / "data" / "empty" / "train" / "good").mkdir(parents=True)
     cfg = write_cfg(tmp_path, tiny_config(tmp_path / "data"))
-    assert main(["-q", "build", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 1
+    assert main(["-q", "build", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2  # no class built
     err = capsys.readouterr().err
     assert "class 'empty' failed" in err and "no training images" in err
 
@@ -231,7 +231,7 @@ def test_predict_keeps_input_order_and_exit_status_says_what_scored(weave, tmp_p
     assert all(float(r["score"]) > 0 for r in rows if r["status"] == "ok")
     assert all(r["score"] == "" for r in rows if r["status"] != "ok")
 
-    assert main([*argv, str(tmp_path / "none"), "--input", *map(str, bad)]) == 1
+    assert main([*argv, str(tmp_path / "none"), "--input", *map(str, bad)]) == 2  # nothing scored
     assert "none of the 2 input image(s) could be scored" in capsys.readouterr().err
     assert main([*argv, str(tmp_path / "all"), "--input", *map(str, good)]) == 0
     assert "error" not in capsys.readouterr().err
