@@ -17,8 +17,11 @@ def is_ng(scores: Any, image_threshold: float) -> Any:
 
     ``scores``: a number, or a numpy array or torch tensor of any shape; the comparison runs
     in their dtype (float32 scores compare as float32, in numpy, torch and the exported graph).
+    A NaN score is NG: the rule fails safe, so an image is OK only when its score is known to
+    be at or below the threshold (a broken computation must never pass a part).
     """
-    return scores > image_threshold
+    at_most = scores <= image_threshold
+    return (not at_most) if isinstance(at_most, bool) else ~at_most
 
 
 @dataclass(frozen=True)
@@ -66,9 +69,10 @@ class Decision:
     def apply(self, scores: Any, maps: Any = None) -> Verdict:
         """scores [N] (and maps [N, S, S]), numpy or torch -> :class:`Verdict` in the same library.
 
-        NG when score > image_threshold (:func:`is_ng`); a defect pixel when map > pixel_threshold.
+        NG when score > image_threshold (:func:`is_ng`); a defect pixel when map > pixel_threshold
+        (the same rule: a NaN pixel is a defect pixel).
         """
-        mask = None if maps is None else maps > self.pixel_threshold
+        mask = None if maps is None else is_ng(maps, self.pixel_threshold)
         return Verdict(is_ng(scores, self.image_threshold), scores / self.image_threshold, mask)
 
     def to_dict(self) -> dict[str, Any]:

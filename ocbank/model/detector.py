@@ -498,8 +498,10 @@ class Detector:
         if decision is None:
             return Prediction(scores, maps, skipped=skipped)
         verdict = decision.apply(scores, maps)
-        labels = np.where(np.isfinite(scores), verdict.ng, -1).astype(np.int8)
-        return Prediction(scores, maps, labels, verdict.normalized.astype(np.float32), verdict.mask, skipped)
+        scored = np.isfinite(scores)
+        labels = np.where(scored, verdict.ng, -1).astype(np.int8)
+        masks = verdict.mask & scored[:, None, None]  # an input that was not scored has no defect pixels
+        return Prediction(scores, maps, labels, verdict.normalized.astype(np.float32), masks, skipped)
 
     # ------------------------------------------------------------------ decide
     def calibrate(self, normal_images: Any, source: str = "folder") -> Detector:
