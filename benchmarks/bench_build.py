@@ -44,6 +44,7 @@ from .common import (
     machine_info,
     make_bench_data,
     real_features,
+    stream_build,
     write_result,
 )
 
@@ -130,27 +131,6 @@ def plot(trace: list[tuple[int, int]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def stream_build(batches, radius: float) -> dict:
-    """Stream batches [784, DIM] into a CPU ClusterBank; per-batch K, new centroids and effective FLOPs."""
-    from ocbank import ClusterBank
-
-    warm = ClusterBank(DIM, radius)
-    warm.add(np.random.default_rng(0).standard_normal((8, DIM), dtype=np.float32))  # compile outside the timing
-    bank = ClusterBank(DIM, radius)
-    flops = seconds = 0.0
-    k_trace, new_per_batch = [], []
-    for x in batches:
-        k_before = len(bank)
-        t = time.perf_counter()
-        bank.add(x)
-        seconds += time.perf_counter() - t
-        flops += 2.0 * DIM * k_before * len(x)
-        new_per_batch.append(len(bank) - k_before)
-        k_trace.append((bank.n_seen, len(bank)))
-    return {"seconds": seconds, "flops": flops, "k": len(bank), "n": bank.n_seen, "trace": k_trace,
-            "new_per_batch": new_per_batch}
 
 
 def profile_add(batches, radius: float, top: int = 12) -> dict:

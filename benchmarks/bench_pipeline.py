@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .bench_build import stream_build
 from .common import (
     BENCH_CLASSES,
     DIM,
@@ -46,6 +45,7 @@ from .common import (
     machine_info,
     make_bench_data,
     real_features,
+    stream_build,
     timed,
     write_result,
 )

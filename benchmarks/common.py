@@ -1,5 +1,6 @@
 """What the benchmark scripts share, written once: the machine description, timing, the GEMM rate,
-JSON results, and the benchmark data (textures, cached features, a clustered stream, flat search).
+JSON results, the benchmark data (textures, cached features, a clustered stream), flat search, a
+timed streaming build, and the harness's per-class features (extracted once, or from a cache).
 
 Each script imports from here, never from another script. Results record their machine and date
 (:func:`machine_info`) because the docs quote them with both.
@@ -13,14 +14,18 @@ import platform
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ocbank.jsonio import dumps, write_json
 from ocbank.model.features import FEATURE_DIM
+
+if TYPE_CHECKING:
+    from ocbank.model.detector import Detector
 
 DIM = FEATURE_DIM
 BATCH = 784  # one 224² image: a 28 × 28 patch grid
@@ -290,3 +295,73 @@ def nvml_process_bytes(handle: Any) -> int | None:
     pid = os.getpid()
     used = [int(p.usedGpuMemory) for p in procs if p.pid == pid and p.usedGpuMemory is not None]
     return max(used) if used else None
+
+
+# ---------------------------------------------------------------------- the bank and the harness's features
+def stream_build(batches, radius: float) -> dict:
+    """Stream batches [784, DIM] into a CPU ClusterBank; per-batch K, new centroids and effective FLOPs."""
+    from ocbank import ClusterBank
+
+    warm = ClusterBank(DIM, radius)
+    warm.add(np.random.default_rng(0).standard_normal((8, DIM), dtype=np.float32))  # compile outside the timing
+    bank = ClusterBank(DIM, radius)
+    flops = seconds = 0.0
+    k_trace, new_per_batch = [], []
+    for x in batches:
+        k_before = len(bank)
+        t = time.perf_counter()
+        bank.add(x)
+        seconds += time.perf_counter() - t
+        flops += 2.0 * DIM * k_before * len(x)
+        new_per_batch.append(len(bank) - k_before)
+        k_trace.append((bank.n_seen, len(bank)))
+    return {"seconds": seconds, "flops": flops, "k": len(bank), "n": bank.n_seen, "trace": k_trace,
+            "new_per_batch": new_per_batch}
+
+
+SMOKE_TRAIN, SMOKE_TEST = 12, 10  # images per class in a --smoke run
+
+
+@dataclass
+class ClassFeatures:
+    name: str
+    train: np.ndarray  # [n_train, h, w, C] float32
+    test: np.ndarray  # [n_test, h, w, C] float32
+    labels: np.ndarray  # [n_test]
+    masks: np.ndarray  # [n_test, S, S] uint8
+    feature_seconds_per_image: float
+
+
+def load_features(path: Path) -> list[ClassFeatures]:
+    """Classes saved by ``python -m benchmarks.scoring_modes cache`` (features only: no extraction time)."""
+    data = np.load(path)
+    names = list(dict.fromkeys(k.split("/")[0] for k in data.files))
+    return [ClassFeatures(n, data[f"{n}/train"], data[f"{n}/test"], data[f"{n}/labels"], data[f"{n}/masks"],
+                          float("nan")) for n in names]
+
+
+def extract(det: Detector, split: Any, smoke: bool) -> ClassFeatures:
+    train_samples = split.train[:SMOKE_TRAIN] if smoke else split.train
+    test_samples = split.test
+    if smoke:  # keep both labels
+        good = [s for s in test_samples if s.label == 0][: SMOKE_TEST // 2]
+        bad = [s for s in test_samples if s.label == 1][: SMOKE_TEST // 2]
+        test_samples = good + bad
+    train = [f.cpu().numpy() for b, f in det.features(train_samples) if b.index]
+    test, labels, masks = [], [], []
+    t = time.perf_counter()
+    for batch, feats in det.features(test_samples, with_masks=True):
+        if not batch.index:
+            continue
+        test.append(feats.cpu().numpy())
+        labels += [test_samples[i].label for i in batch.index]
+        masks.append(batch.mask)
+    n_test = sum(len(x) for x in test)
+    return ClassFeatures(
+        split.name,
+        np.concatenate(train),
+        np.concatenate(test),
+        np.array(labels),
+        np.concatenate(masks),
+        (time.perf_counter() - t) / max(n_test, 1),
+    )

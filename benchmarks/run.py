@@ -36,7 +36,6 @@ import platform
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,31 +53,12 @@ from ocbank.model.radius import radius_statistics, sample_images
 from ocbank.model.scoring import anomaly_maps
 
 from .baselines import Padim, Spade, SpadeParams
-from .common import FlatSearch, PeakMemory, gemm_rate
+from .common import ClassFeatures, FlatSearch, PeakMemory, extract, gemm_rate, load_features
 from .exemplars import edge_exemplars
 from .patchcore import greedy_coreset
 
 SEARCH_BATCH_IMAGES = 32
 MODE_WINDOW = 3  # scoring.local_mean window (the measured choice)
-SMOKE_TRAIN, SMOKE_TEST = 12, 10
-
-
-@dataclass
-class ClassFeatures:
-    name: str
-    train: np.ndarray  # [n_train, h, w, C] float32
-    test: np.ndarray  # [n_test, h, w, C] float32
-    labels: np.ndarray  # [n_test]
-    masks: np.ndarray  # [n_test, S, S] uint8
-    feature_seconds_per_image: float
-
-
-def load_features(path: Path) -> list[ClassFeatures]:
-    """Classes saved by ``python -m benchmarks.scoring_modes cache`` (features only: no extraction time)."""
-    data = np.load(path)
-    names = list(dict.fromkeys(k.split("/")[0] for k in data.files))
-    return [ClassFeatures(n, data[f"{n}/train"], data[f"{n}/test"], data[f"{n}/labels"], data[f"{n}/masks"],
-                          float("nan")) for n in names]
 
 
 class PeakRSS:
@@ -105,33 +85,6 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self._proc.memory_info().rss)
-
-
-def extract(det: Detector, split: Any, smoke: bool) -> ClassFeatures:
-    train_samples = split.train[:SMOKE_TRAIN] if smoke else split.train
-    test_samples = split.test
-    if smoke:  # keep both labels
-        good = [s for s in test_samples if s.label == 0][: SMOKE_TEST // 2]
-        bad = [s for s in test_samples if s.label == 1][: SMOKE_TEST // 2]
-        test_samples = good + bad
-    train = [f.cpu().numpy() for b, f in det.features(train_samples) if b.index]
-    test, labels, masks = [], [], []
-    t = time.perf_counter()
-    for batch, feats in det.features(test_samples, with_masks=True):
-        if not batch.index:
-            continue
-        test.append(feats.cpu().numpy())
-        labels += [test_samples[i].label for i in batch.index]
-        masks.append(batch.mask)
-    n_test = sum(len(x) for x in test)
-    return ClassFeatures(
-        split.name,
-        np.concatenate(train),
-        np.concatenate(test),
-        np.array(labels),
-        np.concatenate(masks),
-        (time.perf_counter() - t) / max(n_test, 1),
-    )
 
 
 Scorer = Callable[[np.ndarray], tuple[np.ndarray, "np.ndarray | None"]]

@@ -24,7 +24,7 @@ import numpy as np
 from ocbank import ClusterBank, config
 from ocbank.engine._faiss import faiss
 
-from . import run as harness
+from .common import ClassFeatures, extract, load_features
 
 
 def cache(config_path: str, root: str, out: Path) -> None:
@@ -37,7 +37,7 @@ def cache(config_path: str, root: str, out: Path) -> None:
     arrays: dict[str, np.ndarray] = {}
     for name in class_names(cfg):
         t = time.perf_counter()
-        cf = harness.extract(det, load_split(cfg, name), smoke=False)
+        cf = extract(det, load_split(cfg, name), smoke=False)
         for key in ("train", "test", "labels", "masks"):
             arrays[f"{name}/{key}"] = getattr(cf, key)
         print(f"{name}: {cf.train.shape} train, {cf.test.shape} test, {time.perf_counter() - t:.0f} s", flush=True)
@@ -45,7 +45,7 @@ def cache(config_path: str, root: str, out: Path) -> None:
     np.savez(out, **arrays)
 
 
-load_cached = harness.load_features
+load_cached = load_features
 
 
 @dataclass
@@ -167,7 +167,7 @@ def bank_bytes(k: int, dim: int, extra_per_centroid: int = 0) -> int:
     return k * (4 * dim + 8 + extra_per_centroid)
 
 
-def grid_rows(name: str, grid: np.ndarray, cf: harness.ClassFeatures, base: dict[str, Any],
+def grid_rows(name: str, grid: np.ndarray, cf: ClassFeatures, base: dict[str, Any],
               pixel: bool) -> list[dict[str, Any]]:
     """One row per aggregation for a [n, h, w] patch-score grid."""
     from ocbank.model import metrics  # noqa: PLC0415
@@ -181,7 +181,7 @@ def grid_rows(name: str, grid: np.ndarray, cf: harness.ClassFeatures, base: dict
     return rows
 
 
-def sweep_class(cf: harness.ClassFeatures, radii: list[float], cache_dir: Path, tag: str,
+def sweep_class(cf: ClassFeatures, radii: list[float], cache_dir: Path, tag: str,
                 flush: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
                 quick: bool = False) -> list[dict[str, Any]]:
     """All modes at every radius for one class; ``flush`` gets the rows so far after each radius.

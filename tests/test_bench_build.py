@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks.bench_build import profile_add, stream_build
-from benchmarks.common import gemm_gflops, machine_info, write_result
+from benchmarks.bench_build import profile_add
+from benchmarks.common import gemm_gflops, machine_info, stream_build, write_result
 
 
 def _stream(seed: int = 0) -> list[np.ndarray]:
