@@ -23,7 +23,7 @@ import yaml
 
 from .engine.bank import SEARCH_INDEXES
 from .engine.bank import check_radius as check_radius_value
-from .engine.store import GPU_SEARCH, SEARCH_PRECISIONS
+from .engine.store import GPU_SEARCH, SEARCH_PRECISIONS, resolve_search
 from .errors import ConfigError, InputError
 
 FORMATS = ("mvtec", "realiad", "folder")
@@ -189,12 +189,21 @@ class BankConfig:
         _choice("bank.search_index", self.search_index, SEARCH_INDEXES)
         _choice("bank.gpu_search", self.gpu_search, GPU_SEARCH)
         _choice("bank.gpu_search_precision", self.gpu_search_precision, SEARCH_PRECISIONS)
-        if self.gpu_search == "faiss" and self.gpu_search_precision != "fp32":
-            msg = (
-                f"bank.gpu_search 'faiss' searches in fp32 only, got bank.gpu_search_precision "
-                f"{self.gpu_search_precision!r}. Use gpu_search: torch (or auto) for fp16/bf16."
-            )
-            raise ConfigError(msg)
+        try:  # the engine's rule for the pair (faiss searches fp32 only), reported as a config error
+            resolve_search(self.gpu_search, "cpu", self.gpu_search_precision)
+        except InputError as exc:
+            msg = f"bank.{exc}"
+            raise ConfigError(msg) from exc
+
+    @property
+    def search_options(self) -> dict[str, str]:
+        """How the bank searches, as :class:`~ocbank.engine.ClusterBank` keywords: search_index,
+        gpu_search and gpu_search_precision (every bank a config makes or loads takes them)."""
+        return {
+            "search_index": self.search_index,
+            "gpu_search": self.gpu_search,
+            "gpu_search_precision": self.gpu_search_precision,
+        }
 
 
 @dataclass(frozen=True)

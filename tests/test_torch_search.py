@@ -232,6 +232,18 @@ def test_config_carries_the_search_options():
             from_dict({"bank": bad}, require_root=False)
 
 
+def test_every_bank_a_config_makes_takes_its_search_options():
+    from ocbank.jobs.build import merge_shards
+    from ocbank.model.detector import Detector
+
+    options = {"search_index": "flat", "gpu_search": "torch", "gpu_search_precision": "bf16"}
+    cfg = from_dict({"bank": {**options, "radius": 1.0}}, require_root=False)
+    assert cfg.bank.search_options == options
+    for bank in (Detector.from_config(cfg)._new_bank(1.0), merge_shards([], 1.0, "cpu", **cfg.bank.search_options)):
+        assert bank.search_index == "flat"
+        assert bank.search_backend_ == {"device": "cpu", "search": "torch", "precision": "bf16"}
+
+
 def test_repr_names_the_backend():
     bank = torch_bank(8, 1.0, "bf16").add(np.eye(8, dtype=np.float32))
     assert "gpu_search='torch'" in repr(bank) and "bf16" in repr(bank)

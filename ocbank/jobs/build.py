@@ -371,15 +371,7 @@ def build_class_sharded(plan: BuildPlan, job: ClassJob, run_shards: ShardRunner)
         stats = RadiusStats(radius)
     ordered = [inputs.train[i] for i in order]
     parts = run_shards([(plan, part, radius) for part in split_shards(ordered, plan.shards)])
-    bank = plan.config.bank
-    det.bank_ = merge_shards(
-        parts,
-        radius,
-        resolve_device(plan.config.device),
-        search_index=bank.search_index,
-        gpu_search=bank.gpu_search,
-        gpu_search_precision=bank.gpu_search_precision,
-    )
+    det.bank_ = merge_shards(parts, radius, resolve_device(plan.config.device), **plan.config.bank.search_options)
     det.radius_stats_ = stats
     done = sum((p.progress for p in parts), FitProgress())
     row = finish_class(plan, job, det, inputs, replace(done, seconds=time.perf_counter() - began))

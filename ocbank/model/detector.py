@@ -359,15 +359,8 @@ class Detector:
 
     def _new_bank(self, radius: float) -> ClusterBank:
         bank = self.config.bank
-        return ClusterBank(
-            FEATURE_DIM,
-            radius,
-            device=resolve_device(self.config.device),
-            max_centroids=bank.max_centroids,
-            search_index=bank.search_index,
-            gpu_search=bank.gpu_search,
-            gpu_search_precision=bank.gpu_search_precision,
-        )
+        device = resolve_device(self.config.device)
+        return ClusterBank(FEATURE_DIM, radius, device=device, max_centroids=bank.max_centroids, **bank.search_options)
 
     def fit_steps(self, images: Any, start: int = 0) -> Iterator[FitStep]:
         """Stream training images into the bank, yielding after each loader batch.
@@ -574,13 +567,8 @@ class Detector:
         if device is not None:
             raw["device"] = device
         det = cls.from_config(from_dict(raw, source=str(path), require_root=False), extractor=extractor)
-        bank = det.config.bank
         det.bank_ = ClusterBank.from_state(
-            state,
-            device=resolve_device(det.config.device),
-            search_index=bank.search_index,
-            gpu_search=bank.gpu_search,
-            gpu_search_precision=bank.gpu_search_precision,
+            state, device=resolve_device(det.config.device), **det.config.bank.search_options
         )
         stats = RadiusStats.from_dict(meta.get("radius_stats"))
         if stats is not None:
