@@ -49,6 +49,12 @@ def test_thresholds_must_be_finite_and_positive(bad):
         Decision(1.0, bad)
 
 
+def test_numpy_thresholds_are_taken_as_plain_floats():
+    d = Decision(np.float32(2.5), np.float64(0.5))
+    assert type(d.image_threshold) is float and type(d.pixel_threshold) is float
+    assert d.to_dict()["image_threshold"] == 2.5 and d.apply(np.array([2.5, 3.0], np.float32)).ng.tolist() == [False, True]
+
+
 def test_metadata_round_trip_and_target():
     d = Decision(3.0, 4.0, 0.01, 50, "holdout", attainable_false_alarm_rate=1 / 51)
     assert Decision.from_metadata({"decision": d.to_dict()}) == d

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -55,9 +56,10 @@ class Decision:
     def __post_init__(self) -> None:
         for name in ("image_threshold", "pixel_threshold"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
                 msg = f"decision.{name} must be a finite number > 0, got {value!r}. Recalibrate the bank's thresholds."
                 raise ConfigError(msg)
+            object.__setattr__(self, name, float(value))  # numpy scalars too: a plain float, as JSON stores it
 
     @property
     def target_met(self) -> bool:
