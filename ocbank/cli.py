@@ -163,6 +163,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if report["n_outputs_failed"]:
         print(f"ocbank: error: {report['n_outputs_failed']} overlay(s) could not be written (named in the warnings "
               "above); metrics.json and scores.csv hold every score", file=sys.stderr)
+    if not any(row["n_test"] for row in report["classes"].values()):
+        return EXIT_ERROR  # no test image scored: nothing to read the metrics from
     return EXIT_PARTIAL if report["n_skipped"] or report["n_outputs_failed"] else EXIT_OK
 
 

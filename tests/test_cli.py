@@ -287,6 +287,21 @@ def test_undefined_metrics_are_null_with_a_reason_and_skips_exit_1(weave, tmp_pa
 
 
 @pytest.mark.slow
+def test_evaluate_that_scores_no_image_exits_2(weave, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(weave["root"] / "weave" / "train", root / "weave" / "train")
+    (root / "weave" / "test" / "good").mkdir(parents=True)
+    (root / "weave" / "test" / "good" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    cfg = write_cfg(tmp_path, tiny_config(root, data={"classes": ["weave"]}))
+    assert main(["-q", "evaluate", "--config", str(cfg), "--banks", str(weave["banks"]),
+                 "--out", str(tmp_path / "e")]) == 2  # nothing scored: not a partial success
+    assert "1 test image(s) could not be read" in capsys.readouterr().err
+    assert _strict_json(tmp_path / "e" / "metrics.json")["classes"]["weave"]["n_test"] == 0
+
+
+@pytest.mark.slow
 def test_masks_of_any_bit_depth_give_the_same_pixel_metrics(weave, tmp_path):
     import shutil
 
