@@ -232,6 +232,11 @@ def test_runtimes_score_like_detector_predict(tmp_path, tiny_mvtec):
         assert np.abs(maps - ref.maps).max() <= 1e-4 * span, kind
         rows = served.score(pixels, [False] * len(tests), [False] * len(tests))
         assert [r["label"] for r in rows] == ["NG" if x == 1 else "OK" for x in ref.labels]
+    shared: dict = {}  # a replica's backbones: the second bank reuses the first one's
+    first = ServedBank.load(bank, info.sha256, "torch", threads=1, batch=4, extractors=shared)
+    second = ServedBank.load(bank, info.sha256, "torch", threads=1, batch=4, extractors=shared)
+    assert len(shared) == 1 and second.detector.extractor is first.detector.extractor
+    assert np.abs(second.runtime(pixels)[0] - ref.scores).max() <= 1e-4 * span
     import dataclasses
 
     local = Detector.load(bank)

@@ -14,6 +14,7 @@
 import asyncio
 import logging
 import os
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -70,8 +71,6 @@ class _Entry:
 
 
 def _write_temp(data: bytes) -> str:
-    import tempfile  # noqa: PLC0415
-
     fd, path = tempfile.mkstemp(suffix=".h5", prefix="ocbank-serve-")
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
@@ -88,7 +87,7 @@ class Scorer:
         torch.set_num_threads(options.replica_threads)  # this replica's share of the cores
         self.options = options
         self._sources: dict[str, Any] = {}
-        self._extractors: dict[tuple[str, str, str], Any] = {}
+        self._extractors: dict[tuple[str, ...], Any] = {}  # one backbone for every bank that uses it
 
         async def load(model_id: str) -> Any:
             return await self._load(model_id)
@@ -112,7 +111,7 @@ class Scorer:
             try:
                 return ServedBank.load(
                     path, sha, self.options.runtime, threads=self.options.replica_threads,
-                    batch=self.options.max_batch, device=self.options.device,
+                    batch=self.options.max_batch, device=self.options.device, extractors=self._extractors,
                 )
             finally:
                 os.unlink(path)
@@ -146,9 +145,6 @@ class Scorer:
         """Load (or find) the bank ``model_id`` names; describe it."""
         bank = await self._get(model_id, source)
         return {**bank.describe(), "pid": os.getpid()}
-
-    def whoami(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "actor_id": ray.get_runtime_context().get_actor_id()}
 
 
 api = FastAPI(title="ocbank", summary="Anomaly inspection with ocbank banks")
@@ -234,9 +230,6 @@ class Api:
         while self.inflight and time.monotonic() < deadline:
             await asyncio.sleep(DRAIN_POLL_S)
         return self.inflight
-
-    async def scorer_identity(self) -> dict[str, Any]:
-        return await self.scorer.whoami.remote()
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:

@@ -17,7 +17,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ..config import from_dict
 from ..engine import resolve_device
+from ..engine.checkpoint import read_metadata
 from ..engine.ivf import use_ivf
 from ..errors import ConfigError, DependencyError
 from ..model.calibration import Decision
@@ -116,6 +118,15 @@ def make_runtime(kind: str, detector: Detector, bank_file: str | os.PathLike[str
     return OnnxRuntime(bank_file, threads)
 
 
+def _backbone_key(bank_file: str | os.PathLike[str], device: str | None) -> tuple[str, ...] | None:
+    """What makes two banks' backbones the same one; None for a weights file (never shared)."""
+    cfg = from_dict(dict(read_metadata(bank_file).get("config", {})), require_root=False)
+    bb = cfg.backbone
+    if bb.weights not in ("imagenet", "none"):
+        return None
+    return (bb.weights, bb.pool, bb.autocast, resolve_device(device or cfg.device))
+
+
 class ServedBank:
     """One bank in a replica: its detector, its runtime and its thresholds."""
 
@@ -128,9 +139,16 @@ class ServedBank:
     @classmethod
     def load(
         cls, bank_file: str | os.PathLike[str], sha256: str, kind: str, *, threads: int, batch: int,
-        device: str | None = None, extractor: FeatureExtractor | None = None,
+        device: str | None = None, extractors: dict[tuple[str, ...], FeatureExtractor] | None = None,
     ) -> ServedBank:
-        det = Detector.load(bank_file, device=device, extractor=extractor)
+        """Load a bank for serving. ``extractors``: a replica's backbones, shared by every bank that
+        uses the same one (built-in weights only: a weights file is checked against the bank each time).
+        """
+        key = _backbone_key(bank_file, device)
+        shared = extractors.get(key) if extractors is not None and key is not None else None
+        det = Detector.load(bank_file, device=device, extractor=shared)
+        if extractors is not None and key is not None and shared is None and kind != "onnxruntime":
+            extractors[key] = det.extractor
         # Score a whole served batch in one backbone call.
         det.config = dataclasses.replace(det.config, data=dataclasses.replace(det.config.data, batch_size=batch))
         return cls(det, make_runtime(kind, det, bank_file, threads), sha256)

@@ -68,7 +68,8 @@ class Server:
         self.options = options
         self._ray, self._serve = _import_serve()
         self._temp: str | None = None
-        self._own_ray = False
+        self._own_ray = False  # a local cluster this run started
+        self._connected = False  # ray.init was called by this run (else the caller's Ray is left up)
         self.handle: Any = None
         self.warm: dict[str, Any] = {}
 
@@ -77,6 +78,7 @@ class Server:
         list_banks(opts.banks)  # refuse an empty or missing folder before starting anything
         ray = self._ray
         if not ray.is_initialized():
+            self._connected = True
             if opts.address:
                 ray.init(address=opts.address, include_dashboard=False, log_to_driver=False)
             else:
@@ -107,7 +109,9 @@ class Server:
                     self._serve.delete(APP_NAME)
             # Our own cluster goes down whole: the requests are drained, and Serve's own
             # shutdown waits on its controller for up to 30 s more.
-            self._ray.shutdown()
+            if self._connected:
+                self._ray.shutdown()
+                self._connected = False
         if procs:
             _end_processes(procs)
         if self._temp:
