@@ -300,6 +300,9 @@ def test_bad_input_gets_4xx_and_keeps_the_replica(served, tmp_path):
     assert got == 404 and answer["error"]["code"] == "unknown_product"
     got, answer, _ = c.inspect("weave", good.read_bytes(), headers={"X-Timeout-Ms": "0.001"})
     assert got == 408 and answer["error"]["code"] == "timeout"
+    # 40 ms is less than the server's 50 ms batch wait: the model call itself times out.
+    got, answer, _ = c.inspect("weave", good.read_bytes(), headers={"X-Timeout-Ms": "40"})
+    assert got == 408 and answer["error"]["code"] == "timeout"
     got, answer, _ = c.inspect("weave", good.read_bytes(), "?mask=jpeg")
     assert got == 400 and answer["error"]["code"] == "bad_request"
 
