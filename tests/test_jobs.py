@@ -195,6 +195,31 @@ def local_ray():
 
 @pytest.mark.slow
 @needs_ray
+def test_starting_ray_keeps_the_process_sigterm_handler(monkeypatch):
+    """ray.init swaps SIGTERM for an immediate exit(15); the CLI's handler (exit 143, lock released) must stay."""
+
+    class Started(Exception):
+        pass
+
+    def fake_init(**_kw):  # what ray.init does to a driver's SIGTERM
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(signum))
+
+    def ours(_signum, _frame):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(ray, "remote", lambda _f: (_ for _ in ()).throw(Started()))  # stop right after init
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        with pytest.raises(Started):
+            jobs.run_ray(jobs.BuildPlan(config.Config(), "unused"), [], jobs.RayOptions())
+        assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+@needs_ray
 def test_ray_backend_matches_local(tmp_path, cfg_file, reference, local_ray):
     cfg = config.load(cfg_file)
     report = jobs.build_all(jobs.BuildPlan(cfg, str(tmp_path / "r")), backend="ray")

@@ -19,6 +19,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -417,10 +419,17 @@ def run_ray(plan: BuildPlan, jobs: list[ClassJob], ray_opts: RayOptions) -> dict
         msg = "--backend ray needs Ray: pip install '.[ray]' (with .[cpu] or .[gpu])."
         raise DependencyError(msg) from exc
     if not ray.is_initialized():
-        if ray_opts.address:
-            ray.init(address=ray_opts.address, include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(num_cpus=ray_opts.cpus, include_dashboard=False, log_to_driver=False)
+        # ray.init installs a SIGTERM handler that exits with status 15 at once; keep this
+        # process's own (the CLI's turns SIGTERM into Ctrl-C: step dropped, exit 143).
+        sigterm = signal.getsignal(signal.SIGTERM)
+        try:
+            if ray_opts.address:
+                ray.init(address=ray_opts.address, include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(num_cpus=ray_opts.cpus, include_dashboard=False, log_to_driver=False)
+        finally:
+            if sigterm is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, sigterm)
     gpus = 1 if resolve_device(plan.config.device).startswith("cuda") else 0
     retry = {"max_retries": ray_opts.retries, "retry_exceptions": True, "num_gpus": gpus}
     whole = ray.remote(build_class).options(**retry)
