@@ -24,7 +24,7 @@ from .conftest import assert_close_across_runs, tiny_config
 pytestmark = pytest.mark.slow  # every test here builds and updates banks through the backbone
 
 
-def test_build_on_a_then_update_with_b_equals_one_build_on_a_then_b(tmp_path, tiny_mvtec):
+def test_build_on_a_then_update_with_b_equals_one_build_on_a_then_b(tmp_path, tiny_mvtec, caplog):
     train = sorted((Path(tiny_mvtec) / "weave" / "train" / "good").glob("*.png"))
     a_dir, b_dir = tmp_path / "data_a" / "weave" / "train" / "good", tmp_path / "new"
     a_dir.mkdir(parents=True)
@@ -49,9 +49,12 @@ def test_build_on_a_then_update_with_b_equals_one_build_on_a_then_b(tmp_path, ti
     assert lineage == [lineage[0]] and lineage[0]["parent_sha256"] == file_sha256(parent)
     assert lineage[0]["images_added"] == 2 and updated.metadata_["thresholds_predate_update"] is True
     assert "decision" in updated.metadata_  # thresholds kept, flagged as older than the update
+    with caplog.at_level("WARNING"):  # whoever scores with them is told, not only the update's caller
+        Detector.load(tmp_path / "new.h5")
+    assert sum("thresholds_predate_update" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_update_recalibrates_when_given_images(tmp_path, tiny_mvtec, capsys):
+def test_update_recalibrates_when_given_images(tmp_path, tiny_mvtec, capsys, caplog):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(yaml.safe_dump(tiny_config(tiny_mvtec, bank={"radius": 5.0})))
     out = tmp_path / "b"
@@ -62,6 +65,9 @@ def test_update_recalibrates_when_given_images(tmp_path, tiny_mvtec, capsys):
     meta = ClusterBank.load(out / "dots.h5").metadata_
     assert meta["decision"]["source"] == "folder" and meta["decision"]["n_images"] == 3
     assert meta["thresholds_predate_update"] is False and meta["lineage"][0]["recalibrated"] is True
+    with caplog.at_level("WARNING"):
+        Detector.load(out / "dots.h5")
+    assert not any("thresholds_predate_update" in r.getMessage() for r in caplog.records)
     assert json.loads(json.dumps(meta))  # strict JSON
 
 

@@ -577,6 +577,12 @@ class Detector:
         decision = Decision.from_metadata(meta)
         if decision is not None:
             det.decision_ = decision
+            if meta.get("thresholds_predate_update"):  # every consumer loads here: predict, evaluate, serve, export
+                log.warning(
+                    "%s: its OK/NG thresholds were calibrated before its last update (thresholds_predate_update), "
+                    "so labels and masks may be off. Recalibrate: ocbank update ... --calibration DIR of normal images.",
+                    path,
+                )
         if "lineage" in meta:
             det.lineage_ = list(meta["lineage"])
         sha = meta.get("backbone", {}).get("weights_sha256")
