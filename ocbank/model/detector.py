@@ -166,6 +166,7 @@ class Detector:
     radius : "auto" (p99 of nearest-other-patch distances) or a number.
     pool : "none" (the method) or "avg3" (PatchCore's 3x3 averaging).
     sigma : Gaussian blur of the maps in pixels.
+    scoring_mode : image score from the distance grid: "nn" (its maximum, the method), "local_mean", "local_gauss".
     image_size : side S of the model input (the center crop).
     resize : side of the square resize before the crop (None: image_size * 256 / 224).
     device : "cpu", "cuda", "cuda:N" or "auto".
@@ -178,6 +179,7 @@ class Detector:
         radius: float | str = BankConfig.radius,
         pool: str = BackboneConfig.pool,
         sigma: float = ScoringConfig.sigma,
+        scoring_mode: str = ScoringConfig.mode,
         image_size: int = DataConfig.crop,
         resize: int | None = None,
         device: str = Config.device,
@@ -196,7 +198,7 @@ class Detector:
             data=DataConfig(resize=resize, crop=image_size, batch_size=batch_size, num_workers=num_workers),
             backbone=BackboneConfig(weights=weights, pool=pool, autocast=autocast),
             bank=BankConfig(radius=radius, radius_images=radius_images, seed=seed, max_centroids=max_centroids),
-            scoring=ScoringConfig(sigma=sigma),
+            scoring=ScoringConfig(sigma=sigma, mode=scoring_mode),
             decision=DecisionConfig(false_alarm_rate=false_alarm_rate),
             device=device,
             source="<Detector>",
@@ -362,6 +364,27 @@ class Detector:
         device = resolve_device(self.config.device)
         return ClusterBank(FEATURE_DIM, radius, device=device, max_centroids=bank.max_centroids, **bank.search_options)
 
+    def open_bank(self, sample: FeatureSpool | None = None, n_images: int = 0) -> ClusterBank:
+        """Start a fresh bank (``bank_``, ``radius_stats_``) and return it.
+
+        With ``radius: auto``, ``sample`` holds the patch features of the radius sample
+        (``n_images`` images): the radius rule runs on them, then they stream in first.
+        With a numeric radius no sample is needed.
+        """
+        if self.config.bank.radius == "auto":
+            if sample is None or not n_images:
+                msg = f"radius 'auto' needs the radius sample's features, got {n_images} image(s). Stream images first."
+                raise DataError(msg)
+            self.radius_stats_ = self._radius_stats(sample, n_images)
+            self.bank_ = self._new_bank(self.radius_stats_.suggested)
+            for rows in sample.iter_chunks():
+                self.bank_.add(rows)
+        else:
+            radius = float(self.config.bank.radius)
+            self.radius_stats_ = RadiusStats(radius)
+            self.bank_ = self._new_bank(radius)
+        return self.bank_
+
     def fit_steps(self, images: Any, start: int = 0) -> Iterator[FitStep]:
         """Stream training images into the bank, yielding after each loader batch.
 
@@ -398,15 +421,10 @@ class Detector:
                     for end, step in self._spool_sample(pool, order[:n_sample], spool):
                         done = replace(done, skipped_files=done.skipped_files + step.skipped_files)
                         yield FitStep("radius", end, n, now())
-                    self.radius_stats_ = self._radius_stats(spool, n_sample - done.images_skipped)
-                    self.bank_ = self._new_bank(self.radius_stats_.suggested)
-                    for rows in spool.iter_chunks():
-                        self.bank_.add(rows)
+                    self.open_bank(spool, n_sample - done.images_skipped)
                 done = replace(done, images_used=n_sample - done.images_skipped)
             else:
-                radius = float(self.config.bank.radius)
-                self.radius_stats_ = RadiusStats(radius)
-                self.bank_ = self._new_bank(radius)
+                self.open_bank()
             start = n_sample
             yield FitStep("bank", start, n, now())
         else:
@@ -459,13 +477,13 @@ class Detector:
             yield ScoredBatch(
                 batch.index,
                 batch.skipped,
-                self._image_scores(grid),
+                self.grid_scores(grid),
                 anomaly_maps(grid, size, sigma),
                 batch.rgb,
                 batch.mask,
             )
 
-    def _image_scores(self, grid: np.ndarray) -> np.ndarray:
+    def grid_scores(self, grid: np.ndarray) -> np.ndarray:
         """[B, h, w] patch distances -> [B] float32 image scores under ``scoring.mode``."""
         s = self.config.scoring
         return image_scores(grid, s.mode, s.window, s.grid_sigma).astype(np.float32, copy=False)

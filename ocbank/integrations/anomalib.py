@@ -1,0 +1,512 @@
+"""ocbank as an anomalib model, used exactly like anomalib's ``Patchcore``::
+
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+    from ocbank.integrations.anomalib import OCBank
+    Engine().fit(model=OCBank(radius="auto"), datamodule=MVTecAD(category="bottle"))
+
+:class:`OCBank` is an anomalib ``AnomalibModule`` whose torch model (:class:`OCBankModel`)
+is ocbank's own: the :class:`~ocbank.model.detector.Detector`'s WideResNet-50 and
+:class:`~ocbank.engine.ClusterBank` for training, and :class:`~ocbank.model.module.AnomalyModel`
+(image -> score, map; matrix products only) for prediction and export. Training batches
+stream into the bank as they arrive: with ``radius="auto"`` the first ``radius_images``
+images are held (as ocbank's build holds its radius sample) until the radius rule has run
+on them, every later batch goes straight into the bank, and there is no end-of-epoch
+coreset, so memory stays flat in the number of training images.
+
+Prediction returns anomalib's batch (``pred_score`` = the raw 1-NN distance of the worst
+patch, ``anomaly_map`` [N, 1, S, S] in the same units), so anomalib's post-processor,
+thresholds, evaluator, visualizer and exporters work unchanged. The pre-processor is
+ocbank's: the same resize and center crop as ``ocbank build`` / ``predict`` (PIL bilinear,
+8-bit), so one image gets one score in both. Banks convert both ways:
+:meth:`OCBank.from_bank` loads a bank file, :meth:`OCBank.to_bank` writes one that
+``ocbank predict``, ``serve`` and ``update`` take.
+
+Needs the ``anomalib`` extra (``pip install 'ocbank[anomalib]'``); ``import ocbank`` never imports this.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from ..config import BackboneConfig, BankConfig, Config, DataConfig, ScoringConfig, from_dict
+from ..data import Transform
+from ..engine import ClusterBank
+from ..engine.checkpoint import BankState
+from ..errors import ConfigError, DependencyError, NotFittedError
+from ..model.detector import SPOOL_MEMORY_BYTES, Detector
+from ..model.export import settings_from_config
+from ..model.features import FEATURE_DIM
+from ..model.module import AnomalyModel, MapSpec
+from ..model.radius import RadiusStats
+from ..model.spool import FeatureSpool
+
+try:
+    from anomalib import LearningType
+    from anomalib.data import Batch, InferenceBatch
+    from anomalib.models.components import AnomalibModule, MemoryBankMixin
+    from anomalib.post_processing import PostProcessor
+    from anomalib.pre_processing import PreProcessor
+except ImportError as exc:  # pragma: no cover - the extra is missing
+    msg = f"ocbank.integrations.anomalib needs anomalib >= 2.7, got ImportError: {exc}. Run pip install 'ocbank[anomalib]'."
+    raise DependencyError(msg) from exc
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KEY = "ocbank"  # the Lightning checkpoint entry with the bank's metadata (JSON text)
+
+
+# ---------------------------------------------------------------------- pre-processing
+@dataclass(frozen=True)
+class ResizeCrop:
+    """ocbank's geometry on anomalib batches: image by image with PIL, the pixels ``ocbank predict`` sees.
+
+    Called as anomalib's pre-processor transform: ``(image [B, 3, H, W] float in [0, 1],
+    gt_mask [B, H, W] or None) -> (image [B, 3, S, S], gt_mask [B, S, S])``, or with the
+    image alone. Images are taken back to 8 bits (anomalib decodes 8-bit files to
+    ``k / 255``, so this is exact), resized and cropped by :class:`ocbank.data.Transform`
+    (bilinear), and scaled to [0, 1]; masks go through the same transform (nearest).
+    """
+
+    resize: int
+    crop: int | None
+
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
+        geometry = Transform(self.resize, self.crop)
+        u8 = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        rgb = np.stack([geometry.image(Image.fromarray(im))[1] for im in u8])
+        out = torch.from_numpy(rgb).permute(0, 3, 1, 2).float().div(255.0).to(images.device)
+        return _like(out, images)
+
+    def _masks(self, masks: torch.Tensor) -> torch.Tensor:
+        geometry = Transform(self.resize, self.crop)
+        arr = masks.detach().cpu().numpy()
+        flat = arr.reshape(-1, *arr.shape[-2:])
+        out = np.stack([geometry.mask(m > 0, (m.shape[1], m.shape[0]), "gt_mask") for m in flat])
+        out = torch.from_numpy(out.reshape(*arr.shape[:-2], *out.shape[-2:])).to(masks.device, masks.dtype)
+        return _like(out, masks)
+
+    def __call__(self, image: torch.Tensor, *gt_mask: torch.Tensor | None) -> Any:
+        """``(image)`` -> image; ``(image, gt_mask)`` -> (image, gt_mask), as anomalib's pre-processor calls it."""
+        single = image.ndim == 3
+        out = self._images(image[None] if single else image)
+        out = out[0] if single else out
+        if not gt_mask:
+            return out
+        mask = gt_mask[0]
+        return out, (None if mask is None else self._masks(mask))
+
+
+def _like(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Keep torchvision's tensor subclass (tv_tensors.Image / Mask) of ``ref``."""
+    from torchvision import tv_tensors  # noqa: PLC0415
+
+    return tv_tensors.wrap(out, like=ref) if isinstance(ref, tv_tensors.TVTensor) else out
+
+
+class ExportResizeCrop(nn.Module):
+    """The traceable form of :class:`ResizeCrop` for exported graphs: [B, 3, H, W] in [0, 1] -> [B, 3, S, S].
+
+    8-bit levels, torch's antialiased bilinear resize (within one 8-bit level of PIL's
+    on every pixel; ONNX Resize with antialias, opset 18), the same crop offsets.
+    """
+
+    def __init__(self, resize: int, crop: int | None) -> None:
+        super().__init__()
+        self.resize = resize
+        self.crop = crop or resize
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = (image.clamp(0, 1) * 255).round()
+        x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", antialias=True, align_corners=False)
+        off = (self.resize - self.crop) // 2
+        x = x.round().clamp(0, 255)[..., off : off + self.crop, off : off + self.crop]
+        return x / 255.0
+
+
+class OCBankPreProcessor(PreProcessor):
+    """anomalib's PreProcessor with ocbank's resize and crop (no Normalize: the model normalises).
+
+    Training, validation, test and predict batches go through :class:`ResizeCrop` (PIL,
+    as ocbank); the exported graph through :class:`ExportResizeCrop`. The geometry comes
+    from the model's own settings, so checkpoints store none of it.
+    """
+
+    def __init__(self, resize: int, crop: int | None) -> None:
+        super().__init__(transform=None)
+        self.transform = ResizeCrop(resize, crop)
+        self.export_transform = ExportResizeCrop(resize, crop)
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        return {"transform": None}  # rebuilt from OCBank's hyper-parameters
+
+    def load_checkpoint_config(self, config: dict[str, Any]) -> None:
+        del config  # the geometry is the model's, not the checkpoint's
+
+
+# ---------------------------------------------------------------------- torch model
+def _kwargs_from_config(config: Config) -> dict[str, Any]:
+    """The OCBank hyper-parameters of a Detector config (the rest of it travels in the checkpoint)."""
+    return {
+        "radius": config.bank.radius,
+        "weights": config.backbone.weights,
+        "pool": config.backbone.pool,
+        "sigma": config.scoring.sigma,
+        "max_centroids": config.bank.max_centroids,
+        "scoring_mode": config.scoring.mode,
+        "image_size": config.image_size,
+        "resize": config.data.resize,
+        "radius_images": config.bank.radius_images,
+        "seed": config.bank.seed,
+    }
+
+
+@dataclass
+class _RadiusSample:
+    """The first ``radius_images`` training images' patch features, held until the radius rule runs."""
+
+    spool: FeatureSpool
+    n_images: int = 0
+
+
+class OCBankModel(nn.Module):
+    """anomalib's torch model for :class:`OCBank`: RGB [N, 3, S, S] in [0, 1] -> InferenceBatch.
+
+    ``scorer`` is ocbank's :class:`AnomalyModel` (backbone layers shared with the
+    detector's extractor; the bank's means as buffers); ``detector.bank_`` is the live
+    :class:`ClusterBank` that training streams into. The buffers ``counts`` [K],
+    ``m2`` [K], ``radius`` and ``n_seen`` (with the scorer's means) are the bank in the
+    state dict, so a Lightning checkpoint restores it into a fresh model.
+    """
+
+    def __init__(self, detector: Detector) -> None:
+        super().__init__()
+        self.detector = detector
+        config = detector.config
+        self.spec = MapSpec(config.image_size, config.scoring.sigma)
+        # An unfitted scorer holds one placeholder centroid; forward refuses it (counts is empty).
+        self.scorer = AnomalyModel(detector.extractor, np.zeros((1, FEATURE_DIM), np.float32), self.spec)
+        self.register_buffer("counts", torch.zeros(0, dtype=torch.int64))
+        self.register_buffer("m2", torch.zeros(0, dtype=torch.float64))
+        self.register_buffer("radius", torch.tensor(float("nan"), dtype=torch.float64))
+        self.register_buffer("n_seen", torch.tensor(0, dtype=torch.int64))
+        self._sample: _RadiusSample | None = None
+        self.checkpoint_extras: dict[str, Any] = {}  # set by OCBank.on_load_checkpoint
+        self.register_load_state_dict_post_hook(OCBankModel._after_load)
+
+    def train(self, mode: bool = True) -> OCBankModel:
+        """Lightning's train mode: the flag only. The backbone stays in eval (frozen batch norm), as ocbank's."""
+        super().train(mode)
+        self.scorer.eval()
+        return self
+
+    @property
+    def fitted(self) -> bool:
+        return self.counts.numel() > 0
+
+    # ------------------------------------------------------------------ training
+    def begin(self) -> None:
+        """Start an epoch: a new bank, or, when there is one, stream on into it (ocbank's update)."""
+        det = self.detector
+        if "bank_" in det.__dict__:
+            self._sample = None
+        elif det.config.bank.radius == "auto":
+            self._sample = _RadiusSample(FeatureSpool(FEATURE_DIM, SPOOL_MEMORY_BYTES))
+        else:
+            det.open_bank()
+
+    @torch.no_grad()
+    def stream(self, images: torch.Tensor) -> None:
+        """One training batch [B, 3, S, S] (RGB in [0, 1], pre-processed) into the bank (or the radius sample)."""
+        if self._sample is None and "bank_" not in self.detector.__dict__:
+            self.begin()
+        feats = self.scorer.patch_features(images)  # [B, h, w, 1536]
+        per_image = feats.reshape(feats.shape[0], -1, FEATURE_DIM)
+        sample = self._sample
+        if sample is not None:
+            room = self.detector.config.bank.radius_images - sample.n_images
+            head = per_image[:room]
+            sample.spool.append(head.reshape(-1, FEATURE_DIM).cpu().numpy())
+            sample.n_images += head.shape[0]
+            if sample.n_images < self.detector.config.bank.radius_images:
+                return
+            self._open_bank()
+            per_image = per_image[room:]
+        if per_image.shape[0]:
+            self.detector.bank.add(per_image.reshape(-1, FEATURE_DIM).cpu().numpy())
+
+    def _open_bank(self) -> None:
+        sample, self._sample = self._sample, None
+        with sample.spool:
+            self.detector.open_bank(sample.spool, sample.n_images)
+
+    def finish(self) -> None:
+        """End of an epoch: the radius rule on a sample still open (fewer images than radius_images), then publish."""
+        if self._sample is not None:
+            self._open_bank()  # DataError when no image came
+        self.publish()
+
+    def publish(self) -> None:
+        """Copy the live bank into the scorer and the buffers (what prediction, export and checkpoints use)."""
+        state = self.detector.bank.state()
+        device = self.counts.device
+        self.scorer = AnomalyModel(self.detector.extractor, state.means, self.spec).to(device)
+        self.counts = torch.from_numpy(np.asarray(state.counts, np.int64)).to(device)
+        self.m2 = torch.from_numpy(np.asarray(state.m2, np.float64)).to(device)
+        self.radius = torch.tensor(state.radius, dtype=torch.float64, device=device)
+        self.n_seen = torch.tensor(state.n_seen, dtype=torch.int64, device=device)
+
+    # ------------------------------------------------------------------ state dict
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # The bank's size is data: take the incoming shapes before the default copy.
+        for owner, name in ((self, "counts"), (self, "m2"), (self.scorer, "means_t"), (self.scorer, "means_sq")):
+            key = prefix + ("scorer." if owner is self.scorer else "") + name
+            if key in state_dict:
+                setattr(owner, name, torch.empty_like(state_dict[key], device=self.counts.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @staticmethod
+    def _after_load(module: OCBankModel, incompatible: Any) -> None:
+        del incompatible
+        if module.fitted:
+            module.restore_bank()
+
+    def restore_bank(self) -> None:
+        """Rebuild the detector's ClusterBank (and metadata) from the buffers and checkpoint extras."""
+        extras = self.checkpoint_extras
+        det = self.detector
+        if "config" in extras:
+            det.config = from_dict(extras["config"], source="<anomalib checkpoint>", require_root=False)
+        state = BankState(
+            means=self.scorer.means_t.T.contiguous().cpu().numpy(),
+            counts=self.counts.cpu().numpy(),
+            radius=float(self.radius),
+            dim=FEATURE_DIM,
+            n_seen=int(self.n_seen),
+            m2=self.m2.cpu().numpy(),
+            spread_known=bool(extras.get("spread_known", True)),
+            max_centroids=det.config.bank.max_centroids,
+            radius_growth=float(extras.get("radius_growth", 1.25)),
+            radius_history=list(extras.get("radius_history", [])),
+        )
+        det.bank_ = ClusterBank.from_state(state, device="cpu")
+        det.bank_.search_index = det.config.bank.search_index
+        stats = RadiusStats.from_dict(extras.get("radius_stats"))
+        if stats is not None:
+            det.radius_stats_ = stats
+        for key in ("decision", "lineage"):
+            det.__dict__.pop(f"{key}_", None)
+        _adopt_metadata(det, extras)
+
+    def extras(self) -> dict[str, Any]:
+        """What the state dict does not hold: the full config, radius rule, cap history, thresholds, lineage."""
+        det = self.detector
+        bank = det.bank
+        out = {
+            "config": det.config.to_dict(),
+            "radius_stats": det.radius_stats_.to_dict() if "radius_stats_" in det.__dict__ else {},
+            "spread_known": bank.spread_known_,
+            "radius_growth": bank.radius_growth,
+            "radius_history": bank.radius_history_,
+        }
+        if det.decision is not None:
+            out["decision"] = det.decision.to_dict()
+        if "lineage_" in det.__dict__:
+            out["lineage"] = det.lineage_
+        return out
+
+    # ------------------------------------------------------------------ prediction
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        if not self.fitted:
+            msg = "this OCBank has no bank yet: fit it (Engine.fit), load a checkpoint, or use OCBank.from_bank(path)."
+            raise NotFittedError(msg)
+        if self.detector.config.scoring.mode == "nn":
+            score, amap = self.scorer(images)[:2]
+        else:  # the grid modes score in numpy, as Detector does (not exportable: to_onnx refuses them)
+            grid = self.scorer.distances(self.scorer.patch_features(images))
+            amap = self.scorer.maps(grid)
+            score = torch.from_numpy(self.detector.grid_scores(grid.detach().cpu().numpy())).to(grid.device)
+        return InferenceBatch(pred_score=score, anomaly_map=amap[:, None])
+
+
+def _adopt_metadata(det: Detector, meta: dict[str, Any]) -> None:
+    """Thresholds and lineage from a bank's metadata onto ``det`` (as Detector.load reads them)."""
+    from ..model.calibration import Decision  # noqa: PLC0415
+
+    if meta.get("decision") is not None:
+        det.decision_ = Decision.from_dict(meta["decision"])
+    if "lineage" in meta:
+        det.lineage_ = list(meta["lineage"])
+
+
+# ---------------------------------------------------------------------- lightning module
+class OCBank(MemoryBankMixin, AnomalibModule):
+    """ocbank's online cluster memory bank as an anomalib model (a drop-in for ``Patchcore``).
+
+    Parameters are :class:`~ocbank.model.detector.Detector`'s, with its defaults:
+
+    radius : "auto" (p99 of nearest-other-patch distances of the first ``radius_images``
+        training images) or a number.
+    weights : "imagenet" (torchvision's file, never downloaded: see ``ocbank build``), "none"
+        (random, seeded: tests and demos only) or a ``.pth`` state dict.
+    pool : "none" (the method) or "avg3" (PatchCore's 3x3 averaging).
+    sigma : Gaussian blur of the maps in pixels.
+    max_centroids : hard cap on the bank (the radius grows to keep it), or None.
+    scoring_mode : image score from the distance grid: "nn" (its maximum), "local_mean", "local_gauss".
+    image_size, resize : center crop side S and the square resize before it (None: S * 256 / 224).
+    radius_images, seed : the radius sample's size and the radius rule's seed.
+    pre_processor, post_processor, evaluator, visualizer : anomalib's components; the default
+        pre-processor is ocbank's resize and crop (:class:`OCBankPreProcessor`).
+    """
+
+    def __init__(
+        self,
+        radius: float | str = BankConfig.radius,
+        weights: str = BackboneConfig.weights,
+        pool: str = BackboneConfig.pool,
+        sigma: float = ScoringConfig.sigma,
+        max_centroids: int | None = BankConfig.max_centroids,
+        scoring_mode: str = ScoringConfig.mode,
+        image_size: int = DataConfig.crop,
+        resize: int | None = None,
+        radius_images: int = BankConfig.radius_images,
+        seed: int = BankConfig.seed,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Any = True,
+        visualizer: Any = True,
+    ) -> None:
+        detector = Detector(
+            weights=weights,
+            radius=radius,
+            pool=pool,
+            sigma=sigma,
+            scoring_mode=scoring_mode,
+            image_size=image_size,
+            resize=resize,
+            device="cpu",  # the bank's searches; Lightning moves the scorer to the accelerator
+            radius_images=radius_images,
+            seed=seed,
+            max_centroids=max_centroids,
+        )
+        if pre_processor is True:
+            pre_processor = OCBankPreProcessor(detector.config.data.resize, detector.config.data.crop)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.model: OCBankModel = OCBankModel(detector)
+
+    @classmethod
+    def configure_pre_processor(
+        cls, image_size: tuple[int, int] | int | None = None, resize: int | None = None
+    ) -> OCBankPreProcessor:
+        """ocbank's resize and center crop for a crop side ``image_size`` (default 224, after a 256 resize)."""
+        if isinstance(image_size, (tuple, list)):
+            if image_size[0] != image_size[1]:
+                msg = f"ocbank crops square images, got image_size {tuple(image_size)!r}. Pass one side, e.g. 224."
+                raise ConfigError(msg)
+            image_size = image_size[0]
+        data = Detector(image_size=image_size or DataConfig.crop, resize=resize).config.data
+        return OCBankPreProcessor(data.resize, data.crop)
+
+    @staticmethod
+    def configure_post_processor() -> PostProcessor:
+        return PostProcessor()
+
+    @staticmethod
+    def configure_optimizers() -> None:
+        return None  # nothing is trained by gradient descent
+
+    @property
+    def detector(self) -> Detector:
+        """The ocbank Detector behind this model (its config, extractor and bank)."""
+        return self.model.detector
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        # One pass: each epoch streams its images into the bank, so a second one would count them twice.
+        return {"gradient_clip_val": 0, "max_epochs": 1, "num_sanity_val_steps": 0, "devices": 1}
+
+    @property
+    def learning_type(self) -> LearningType:
+        return LearningType.ONE_CLASS
+
+    # ------------------------------------------------------------------ lightning hooks
+    def on_train_epoch_start(self) -> None:
+        self.model.begin()
+
+    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> torch.Tensor:
+        del args, kwargs
+        self.model.stream(batch.image)
+        return torch.tensor(0.0, requires_grad=True, device=self.device)  # Lightning wants a loss
+
+    def fit(self) -> None:
+        """MemoryBankMixin's hook: close the radius sample if still open and publish the bank."""
+        self.model.finish()
+
+    def on_train_epoch_end(self) -> None:
+        self.fit()  # every epoch, also when updating an already fitted bank
+        self._is_fitted = torch.tensor([True], device=self.device)
+
+    def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Any:
+        del args, kwargs
+        return batch.update(**self.model(batch.image)._asdict())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.model.fitted:
+            checkpoint[CHECKPOINT_KEY] = json.dumps(self.model.extras(), sort_keys=True)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        text = checkpoint.get(CHECKPOINT_KEY)
+        self.model.checkpoint_extras = json.loads(text) if text else {}
+
+    # ------------------------------------------------------------------ export
+    def to_onnx(self, *args: Any, **kwargs: Any) -> Any:
+        settings_from_config(self.detector.config)  # refuses the scoring modes the graph does not compute
+        return super().to_onnx(*args, **kwargs)
+
+    # ------------------------------------------------------------------ bank files
+    @classmethod
+    def from_bank(cls, path: str | os.PathLike[str], **components: Any) -> OCBank:
+        """An OCBank holding the bank of an ``ocbank build`` file (config, radius, thresholds included).
+
+        ``components``: anomalib's ``pre_processor``, ``post_processor``, ``evaluator``, ``visualizer``.
+        The post-processor's normalisation and thresholds still come from a validation run
+        (``Engine.validate``) as for any anomalib model; the bank's own calibrated thresholds
+        travel on to :meth:`to_bank`.
+        """
+        loaded = Detector.load(path, device="cpu")  # validates the file and the weights' sha256
+        model = cls(**_kwargs_from_config(loaded.config), **components)
+        det = model.detector
+        det.config = loaded.config
+        for key, value in loaded.__dict__.items():
+            if key.endswith("_") and not key.startswith("_"):
+                setattr(det, key, value)
+        model.model.publish()
+        model._is_fitted = torch.tensor([True], device=model.device)
+        return model
+
+    def to_bank(self, path: str | os.PathLike[str]) -> None:
+        """Write the bank as an ocbank bank file (atomic; Detector.save's metadata) for predict, serve, update."""
+        if not self.model.fitted:
+            msg = f"this OCBank has no bank to write to {os.fspath(path)!r}. Fit it or load a checkpoint first."
+            raise NotFittedError(msg)
+        self.detector.save(path, extra={"complete": True})
+
+
+__all__ = ["ExportResizeCrop", "OCBank", "OCBankModel", "OCBankPreProcessor", "ResizeCrop"]
