@@ -7,7 +7,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ocbank"
 # Lowest first. Top-level modules not listed (cli, demo, synthetic) sit above everything.
-LAYERS = ["errors", "_version", "jsonio", "engine", "config", "data", "model", "jobs", "serve"]
+LAYERS = ["errors", "_version", "jsonio", "engine", "config", "data", "model", "jobs", "serve", "integrations"]
 
 
 def _layer(module: str) -> int:

@@ -35,13 +35,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from ..config import BackboneConfig, BankConfig, Config, DataConfig, ScoringConfig, from_dict
 from ..data import Transform
-from ..engine import ClusterBank
+from ..engine import ClusterBank, resolve_device
 from ..engine.checkpoint import BankState
 from ..errors import ConfigError, DependencyError, NotFittedError
 from ..model.detector import SPOOL_MEMORY_BYTES, Detector
@@ -114,11 +113,32 @@ def _like(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return tv_tensors.wrap(out, like=ref) if isinstance(ref, tv_tensors.TVTensor) else out
 
 
+def resize_weights(n: int | torch.SymInt, size: int, like: torch.Tensor) -> torch.Tensor:
+    """[n, size] weights of PIL's bilinear resize of a line of n pixels to ``size`` (output j = sum_i x_i w_ij).
+
+    PIL's triangle filter, stretched by the scale when shrinking (its antialiasing), each
+    column normalised to sum 1; built from ``arange`` so that n may be a symbolic size.
+    """
+    i = torch.arange(n, device=like.device, dtype=like.dtype)
+    scale = torch.ones((), device=like.device, dtype=like.dtype) * n / size
+    support = torch.clamp(scale, min=1.0)
+    center = (torch.arange(size, device=like.device, dtype=like.dtype) + 0.5) * scale
+    w = torch.clamp(1.0 - torch.abs((i[:, None] + 0.5 - center[None, :]) / support), min=0.0)
+    return w / w.sum(0, keepdim=True)
+
+
+def _to_level(x: torch.Tensor) -> torch.Tensor:
+    return torch.floor(x + 0.5).clamp(0, 255)  # PIL rounds half up, to 8 bits
+
+
 class ExportResizeCrop(nn.Module):
     """The traceable form of :class:`ResizeCrop` for exported graphs: [B, 3, H, W] in [0, 1] -> [B, 3, S, S].
 
-    8-bit levels, torch's antialiased bilinear resize (within one 8-bit level of PIL's
-    on every pixel; ONNX Resize with antialias, opset 18), the same crop offsets.
+    PIL's resize written as two matrix products (:func:`resize_weights`; rows first, 8-bit
+    rounding after each pass, as PIL does), then the same crop. It exports with dynamic
+    H and W as MatMul nodes that onnxruntime and OpenVINO compute alike (OpenVINO's own
+    antialiased Resize does not match PIL), and stays within one 8-bit level of PIL on
+    every pixel (equal on most: the rest are PIL's fixed-point ties).
     """
 
     def __init__(self, resize: int, crop: int | None) -> None:
@@ -127,11 +147,11 @@ class ExportResizeCrop(nn.Module):
         self.crop = crop or resize
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = (image.clamp(0, 1) * 255).round()
-        x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", antialias=True, align_corners=False)
+        x = _to_level(image.clamp(0, 1) * 255)
+        x = _to_level(torch.matmul(x, resize_weights(x.shape[-1], self.resize, x)))
+        x = _to_level(torch.matmul(resize_weights(x.shape[-2], self.resize, x).T, x))
         off = (self.resize - self.crop) // 2
-        x = x.round().clamp(0, 255)[..., off : off + self.crop, off : off + self.crop]
-        return x / 255.0
+        return x[..., off : off + self.crop, off : off + self.crop] / 255.0
 
 
 class OCBankPreProcessor(PreProcessor):
@@ -299,7 +319,7 @@ class OCBankModel(nn.Module):
             radius_growth=float(extras.get("radius_growth", 1.25)),
             radius_history=list(extras.get("radius_history", [])),
         )
-        det.bank_ = ClusterBank.from_state(state, device="cpu")
+        det.bank_ = ClusterBank.from_state(state, device=resolve_device(det.config.device))
         det.bank_.search_index = det.config.bank.search_index
         stats = RadiusStats.from_dict(extras.get("radius_stats"))
         if stats is not None:
@@ -394,7 +414,6 @@ class OCBank(MemoryBankMixin, AnomalibModule):
             scoring_mode=scoring_mode,
             image_size=image_size,
             resize=resize,
-            device="cpu",  # the bank's searches; Lightning moves the scorer to the accelerator
             radius_images=radius_images,
             seed=seed,
             max_centroids=max_centroids,
@@ -490,7 +509,7 @@ class OCBank(MemoryBankMixin, AnomalibModule):
         (``Engine.validate``) as for any anomalib model; the bank's own calibrated thresholds
         travel on to :meth:`to_bank`.
         """
-        loaded = Detector.load(path, device="cpu")  # validates the file and the weights' sha256
+        loaded = Detector.load(path)  # validates the file and the weights' sha256
         model = cls(**_kwargs_from_config(loaded.config), **components)
         det = model.detector
         det.config = loaded.config
