@@ -221,6 +221,7 @@ class OCBankModel(nn.Module):
         self.register_buffer("radius", torch.tensor(float("nan"), dtype=torch.float64))
         self.register_buffer("n_seen", torch.tensor(0, dtype=torch.int64))
         self._sample: _RadiusSample | None = None
+        self.pending = False  # images streamed since the last publish
         self.checkpoint_extras: dict[str, Any] = {}  # set by OCBank.on_load_checkpoint
         self.register_load_state_dict_post_hook(OCBankModel._after_load)
 
@@ -250,6 +251,7 @@ class OCBankModel(nn.Module):
         """One training batch [B, 3, S, S] (RGB in [0, 1], pre-processed) into the bank (or the radius sample)."""
         if self._sample is None and "bank_" not in self.detector.__dict__:
             self.begin()
+        self.pending = True
         feats = self.scorer.patch_features(images)  # [B, h, w, 1536]
         per_image = feats.reshape(feats.shape[0], -1, FEATURE_DIM)
         sample = self._sample
@@ -278,6 +280,7 @@ class OCBankModel(nn.Module):
 
     def publish(self) -> None:
         """Copy the live bank into the scorer and the buffers (what prediction, export and checkpoints use)."""
+        self.pending = False
         state = self.detector.bank.state()
         device = self.counts.device
         self.scorer = AnomalyModel(self.detector.extractor, state.means, self.spec).to(device)
@@ -475,10 +478,17 @@ class OCBank(MemoryBankMixin, AnomalibModule):
     def fit(self) -> None:
         """MemoryBankMixin's hook: close the radius sample if still open and publish the bank."""
         self.model.finish()
+        self._is_fitted = torch.tensor([True], device=self.device)
+
+    def on_validation_start(self) -> None:
+        # Lightning validates before on_train_epoch_end: publish what this epoch streamed first,
+        # also when it updated an already fitted bank (MemoryBankMixin would only fit once).
+        if self.model.pending:
+            self.fit()
 
     def on_train_epoch_end(self) -> None:
-        self.fit()  # every epoch, also when updating an already fitted bank
-        self._is_fitted = torch.tensor([True], device=self.device)
+        if self.model.pending:
+            self.fit()
 
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Any:
         del args, kwargs

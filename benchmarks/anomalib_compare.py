@@ -1,0 +1,236 @@
+"""PatchCore and OCBank side by side in anomalib's own terms: Engine.fit and Engine.test on one datamodule.
+
+    python -m benchmarks.anomalib_compare --out benchmarks/results
+
+One anomalib ``Folder`` datamodule over a texture class of the demo's synthetic data
+(:mod:`ocbank.synthetic`), the same geometry for every model (resize 256, center crop 224),
+and three models: anomalib's ``Patchcore`` with coreset ratios 0.1 and 0.01 and ocbank's
+``OCBank(radius="auto")``. Each model runs in its own process, so peak RSS is its own.
+Reported per model: fit time (train epoch + memory-bank fit, i.e. until the first validation
+batch), peak RSS (and peak VRAM on CUDA), bank size, image and pixel AUROC from anomalib's
+evaluator (on post-processed scores), the same AUROCs from scikit-learn on the raw scores
+(the cross-check against torchmetrics' sigmoid on raw distances, which reads 0.5), and test img/s.
+
+No weights can be downloaded here: ``Patchcore(pre_trained=False)`` is timm's randomly
+initialised wide_resnet50_2, ``OCBank(weights="none")`` ocbank's seeded random one. The
+AUROCs are those of random features; the fit time and memory comparison does not depend on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may try to download weights
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+MODELS = ("patchcore_10", "patchcore_1", "ocbank")
+RESIZE, CROP = 256, 224
+
+
+def _rss_mb() -> float:
+    """This process's current resident set size in MiB (from /proc; Linux)."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _datamodule(root: Path, batch: int) -> Any:
+    from anomalib.data import Folder
+
+    from ocbank.synthetic import DEFECTS
+
+    return Folder(
+        name=root.name,
+        root=root,
+        normal_dir="train/good",
+        abnormal_dir=[f"test/{d}" for d in DEFECTS],
+        normal_test_dir="test/good",
+        mask_dir=[f"ground_truth/{d}" for d in DEFECTS],
+        train_batch_size=batch,
+        eval_batch_size=batch,
+        num_workers=0,
+        seed=0,
+    )
+
+
+def _model(name: str) -> Any:
+    if name == "ocbank":
+        from ocbank.integrations.anomalib import OCBank
+
+        return OCBank(radius="auto", weights="none", image_size=CROP, resize=RESIZE, visualizer=False)
+    from anomalib.models import Patchcore
+
+    ratio = {"patchcore_10": 0.1, "patchcore_1": 0.01}[name]
+    pre = Patchcore.configure_pre_processor(image_size=(RESIZE, RESIZE), center_crop_size=(CROP, CROP))
+    return Patchcore(pre_trained=False, coreset_sampling_ratio=ratio, pre_processor=pre, visualizer=False)
+
+
+def _bank_size(model: Any) -> dict[str, Any]:
+    if hasattr(model.model, "memory_bank"):
+        bank = model.model.memory_bank
+        return {"bank_rows": int(bank.shape[0]), "bank_bytes": int(bank.numel() * bank.element_size())}
+    bank = model.detector.bank
+    return {"bank_rows": len(bank), "bank_bytes": int(bank.nbytes)}
+
+
+def run_one(name: str, data: Path, batch: int) -> dict[str, Any]:
+    """Fit and test one model in this process; return its figures."""
+    import numpy as np
+    import torch
+    from anomalib.engine import Engine
+    from lightning.pytorch import Callback
+    from sklearn.metrics import roc_auc_score
+
+    class Probe(Callback):
+        """Times and memory around the fit, and the raw test outputs before the post-processor."""
+
+        def __init__(self) -> None:
+            self.marks: dict[str, float] = {}
+            self.scores: list[np.ndarray] = []
+            self.labels: list[np.ndarray] = []
+            self.pixels: list[np.ndarray] = []
+            self.masks: list[np.ndarray] = []
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            self.marks.update(train_start=time.perf_counter(), rss_before_fit_mb=_rss_mb())
+
+        def on_validation_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+            if "fit_end" not in self.marks and "train_start" in self.marks:  # the bank is built by now
+                self.marks.update(fit_end=time.perf_counter(), peak_rss_fit_mb=_peak_rss_mb())
+
+        def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+            self.marks["test_start"] = time.perf_counter()
+
+        def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, *args: Any) -> None:
+            # Callbacks given to the Engine run before the model's own post-processor: these are raw.
+            self.scores.append(outputs.pred_score.detach().float().cpu().numpy().ravel())
+            self.labels.append(outputs.gt_label.detach().cpu().numpy().ravel())
+            self.pixels.append(outputs.anomaly_map.detach().float().cpu().numpy().reshape(-1))
+            self.masks.append(outputs.gt_mask.detach().cpu().numpy().reshape(-1))
+
+        def on_test_end(self, trainer: Any, pl_module: Any) -> None:
+            self.marks["test_end"] = time.perf_counter()
+
+    torch.manual_seed(0)
+    cuda = torch.cuda.is_available()
+    probe = Probe()
+    datamodule = _datamodule(data, batch)
+    model = _model(name)
+    with tempfile.TemporaryDirectory() as project:
+        engine = Engine(logger=False, default_root_dir=project, enable_progress_bar=False, callbacks=[probe],
+                        enable_checkpointing=False)
+        engine.fit(model=model, datamodule=datamodule)
+        metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
+    scores, labels = np.concatenate(probe.scores), np.concatenate(probe.labels)
+    pixels, masks = np.concatenate(probe.pixels), np.concatenate(probe.masks)
+    n_test = len(scores)
+    m = probe.marks
+    return {
+        "model": name,
+        "fit_seconds": m["fit_end"] - m["train_start"],
+        "rss_before_fit_mb": m["rss_before_fit_mb"],
+        "peak_rss_fit_mb": m["peak_rss_fit_mb"],
+        "peak_vram_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        **_bank_size(model),
+        "image_auroc_anomalib": float(metrics["image_AUROC"]),
+        "pixel_auroc_anomalib": float(metrics["pixel_AUROC"]),
+        "image_auroc_sklearn_raw": float(roc_auc_score(labels, scores)),
+        "pixel_auroc_sklearn_raw": float(roc_auc_score(masks > 0, pixels)),
+        "raw_score_range": [float(scores.min()), float(scores.max())],
+        "n_test_images": n_test,
+        "test_images_per_second": n_test / (m["test_end"] - m["test_start"]),
+        "n_train_images": len(datamodule.train_data),
+        "post_processor_image_range": [float(model.post_processor.image_min), float(model.post_processor.image_max)],
+    }
+
+
+def machine(device: str) -> dict[str, Any]:
+    import torch
+
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_at_start": list(os.getloadavg()),
+        "device": device,
+        "note": "shared machine (other jobs running); models run one after another, each in its own process",
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results", help="folder for anomalib_compare_<device>.json")
+    ap.add_argument("--data", default=None, help="dataset folder (default: a temporary one)")
+    ap.add_argument("--texture", default="weave", help="texture class of ocbank.synthetic")
+    ap.add_argument("--n-train", type=int, default=120)
+    ap.add_argument("--n-good-test", type=int, default=30)
+    ap.add_argument("--n-defect-test", type=int, default=15, help="per defect type")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: run one model, print JSON
+    args = ap.parse_args(argv)
+
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.one, Path(args.data), args.batch)))
+        return 0
+
+    import torch
+
+    from ocbank.jsonio import write_json
+    from ocbank.synthetic import make_dataset
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.data or tmp)
+        make_dataset(root, classes=(args.texture,), n_train=args.n_train, n_good_test=args.n_good_test,
+                     n_defect_test=args.n_defect_test, seed=0)
+        rows = []
+        for name in args.models.split(","):
+            cmd = [sys.executable, "-m", "benchmarks.anomalib_compare", "--one", name,
+                   "--data", str(root / args.texture), "--batch", str(args.batch)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not line:
+                print(proc.stderr[-4000:], file=sys.stderr)
+                msg = f"{name} failed with exit code {proc.returncode}. See the error above."
+                raise SystemExit(msg)
+            rows.append(json.loads(line[-1][len("RESULT "):]))
+            print(json.dumps(rows[-1]), flush=True)
+    result = {
+        "machine": machine(device),
+        "weights": "random: no download is possible here. Patchcore(pre_trained=False) uses timm's random "
+                   "wide_resnet50_2 init; OCBank(weights='none') ocbank's seeded random init",
+        "data": {"source": "ocbank.synthetic", "texture": args.texture, "n_train": args.n_train,
+                 "n_good_test": args.n_good_test, "n_defect_test_per_type": args.n_defect_test,
+                 "split": "anomalib Folder: validation = half of the test folder (val_split_mode from_test)"},
+        "geometry": {"resize": RESIZE, "crop": CROP},
+        "batch_size": args.batch,
+        "auroc_note": "anomalib columns: its Evaluator on post-processed (min-max normalised, clamped) scores; "
+                      "sklearn columns: roc_auc_score on the raw scores of the same test batches",
+        "rows": rows,
+    }
+    write_json(Path(args.out) / f"anomalib_compare_{device}.json", result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
