@@ -3,7 +3,7 @@
     python -m benchmarks.anomalib_compare --out benchmarks/results
 
 One anomalib ``Folder`` datamodule over a texture class of the demo's synthetic data
-(:mod:`ocbank.synthetic`), the same geometry for every model (resize 256, center crop 224),
+(:mod:`ocbank.synthetic`), the same geometry for every model (resize 146, center crop 128),
 and three models: anomalib's ``Patchcore`` with coreset ratios 0.1 and 0.01 and ocbank's
 ``OCBank(radius="auto")``. Each model runs in its own process, so peak RSS is its own.
 Reported per model: fit time (train epoch + memory-bank fit, i.e. until the first validation
@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -35,7 +36,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may try to download weig
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 MODELS = ("patchcore_10", "patchcore_1", "ocbank")
-RESIZE, CROP = 256, 224
+# 128 px crops (a 16 x 16 patch grid) keep PatchCore's greedy coreset (its time grows with the
+# patch count times the coreset size) to a few minutes on two CPU cores with 60 training images.
+RESIZE, CROP = 146, 128
 
 
 def _rss_mb() -> float:
@@ -87,7 +90,21 @@ def _bank_size(model: Any) -> dict[str, Any]:
     return {"bank_rows": len(bank), "bank_bytes": int(bank.nbytes)}
 
 
-def run_one(name: str, data: Path, batch: int) -> dict[str, Any]:
+def _guard(max_rss_gb: float, phase: list[str]) -> None:
+    """Abort this process (exit 3, the phase on stderr) when its RSS passes ``max_rss_gb``: the machine is shared."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            if _rss_mb() > max_rss_gb * 1024:
+                print(f"ABORTED rss above {max_rss_gb} GB during {phase[0]}", file=sys.stderr, flush=True)
+                os._exit(3)
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def run_one(name: str, data: Path, batch: int, max_rss_gb: float) -> dict[str, Any]:
     """Fit and test one model in this process; return its figures."""
     import numpy as np
     import torch
@@ -106,13 +123,16 @@ def run_one(name: str, data: Path, batch: int) -> dict[str, Any]:
             self.masks: list[np.ndarray] = []
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            phase[0] = "fit"
             self.marks.update(train_start=time.perf_counter(), rss_before_fit_mb=_rss_mb())
 
         def on_validation_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
             if "fit_end" not in self.marks and "train_start" in self.marks:  # the bank is built by now
                 self.marks.update(fit_end=time.perf_counter(), peak_rss_fit_mb=_peak_rss_mb())
+                phase[0] = "validation"
 
         def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+            phase[0] = "test"
             self.marks["test_start"] = time.perf_counter()
 
         def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, *args: Any) -> None:
@@ -125,14 +145,15 @@ def run_one(name: str, data: Path, batch: int) -> dict[str, Any]:
         def on_test_end(self, trainer: Any, pl_module: Any) -> None:
             self.marks["test_end"] = time.perf_counter()
 
+    phase = ["setup"]
+    _guard(max_rss_gb, phase)
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
     probe = Probe()
     datamodule = _datamodule(data, batch)
     model = _model(name)
     with tempfile.TemporaryDirectory() as project:
-        engine = Engine(logger=False, default_root_dir=project, enable_progress_bar=False, callbacks=[probe],
-                        enable_checkpointing=False)
+        engine = Engine(logger=False, default_root_dir=project, enable_progress_bar=False, callbacks=[probe])
         engine.fit(model=model, datamodule=datamodule)
         metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
     scores, labels = np.concatenate(probe.scores), np.concatenate(probe.labels)
@@ -154,8 +175,29 @@ def run_one(name: str, data: Path, batch: int) -> dict[str, Any]:
         "n_test_images": n_test,
         "test_images_per_second": n_test / (m["test_end"] - m["test_start"]),
         "n_train_images": len(datamodule.train_data),
+        "peak_rss_mb": _peak_rss_mb(),
+        "load_avg_at_end": list(os.getloadavg()),
         "post_processor_image_range": [float(model.post_processor.image_min), float(model.post_processor.image_max)],
     }
+
+
+def _child(name: str, data: Path, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
+    """Run one model in a fresh process; its RESULT line, or the RSS guard's abort as a row."""
+    cmd = [sys.executable, "-m", "benchmarks.anomalib_compare", "--one", name, "--data", str(data),
+           "--batch", str(args.batch), "--max-rss-gb", str(args.max_rss_gb)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if proc.returncode == 3:  # the RSS guard: a result in itself
+        aborted = re.findall(r"ABORTED[^\r\n]*", proc.stderr)
+        row = {"model": name, "aborted": aborted[-1] if aborted else "rss guard"}
+    else:
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            print(proc.stderr[-4000:], file=sys.stderr)
+            msg = f"{name} failed with exit code {proc.returncode}. See the error above."
+            raise SystemExit(msg)
+        row = json.loads(line[-1][len("RESULT "):])
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def machine(device: str) -> dict[str, Any]:
@@ -181,16 +223,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results", help="folder for anomalib_compare_<device>.json")
     ap.add_argument("--data", default=None, help="dataset folder (default: a temporary one)")
     ap.add_argument("--texture", default="weave", help="texture class of ocbank.synthetic")
-    ap.add_argument("--n-train", type=int, default=120)
+    ap.add_argument("--n-train", type=int, default=60)
     ap.add_argument("--n-good-test", type=int, default=30)
     ap.add_argument("--n-defect-test", type=int, default=15, help="per defect type")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--max-rss-gb", type=float, default=8.0, help="abort a model whose process passes this RSS")
+    ap.add_argument("--malloc-mmap-threshold", default="default,131072",
+                    help="comma-separated runs: 'default' (glibc as is) or MALLOC_MMAP_THRESHOLD_ in bytes")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: run one model, print JSON
     args = ap.parse_args(argv)
 
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.one, Path(args.data), args.batch)))
+        print("RESULT " + json.dumps(run_one(args.one, Path(args.data), args.batch, args.max_rss_gb)))
         return 0
 
     import torch
@@ -203,18 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.data or tmp)
         make_dataset(root, classes=(args.texture,), n_train=args.n_train, n_good_test=args.n_good_test,
                      n_defect_test=args.n_defect_test, seed=0)
-        rows = []
-        for name in args.models.split(","):
-            cmd = [sys.executable, "-m", "benchmarks.anomalib_compare", "--one", name,
-                   "--data", str(root / args.texture), "--batch", str(args.batch)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not line:
-                print(proc.stderr[-4000:], file=sys.stderr)
-                msg = f"{name} failed with exit code {proc.returncode}. See the error above."
-                raise SystemExit(msg)
-            rows.append(json.loads(line[-1][len("RESULT "):]))
-            print(json.dumps(rows[-1]), flush=True)
+        runs = []
+        for threshold in args.malloc_mmap_threshold.split(","):
+            env = dict(os.environ)
+            if threshold != "default":
+                env["MALLOC_MMAP_THRESHOLD_"] = threshold
+            rows = [_child(name, root / args.texture, args, env) for name in args.models.split(",")]
+            runs.append({"malloc_mmap_threshold": threshold, "rows": rows})
     result = {
         "machine": machine(device),
         "weights": "random: no download is possible here. Patchcore(pre_trained=False) uses timm's random "
@@ -226,7 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch,
         "auroc_note": "anomalib columns: its Evaluator on post-processed (min-max normalised, clamped) scores; "
                       "sklearn columns: roc_auc_score on the raw scores of the same test batches",
-        "rows": rows,
+        "malloc_note": "glibc's dynamic mmap threshold keeps freed large temporaries in the heap; PatchCore's greedy "
+                       "coreset allocates one [n_patches, proj_dim] temporary per iteration, so its RSS can grow by "
+                       "that much per iteration. 'default' is glibc as installed; a number fixes "
+                       "MALLOC_MMAP_THRESHOLD_ (bytes) for every model's process. A row with 'aborted' passed the "
+                       "--max-rss-gb guard (the machine is shared) during the named phase.",
+        "runs": runs,
     }
     write_json(Path(args.out) / f"anomalib_compare_{device}.json", result)
     return 0
