@@ -44,7 +44,8 @@ setup(
         # `ocbank serve`; includes ray. 2.40+: max_queued_requests (load shedding), batches split by
         # multiplexed model; tested with 2.60.
         "serve": ["ray[serve]>=2.40"],
-        "anomalib": ["anomalib>=2.7"],  # ocbank.integrations.anomalib
+        # ocbank.integrations.anomalib; openvino runs anomalib's OpenVINOInferencer (its only ONNX-reading one)
+        "anomalib": ["anomalib>=2.7", "openvino>=2024.0"],
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         "openvino": ["openvino>=2024.0"],
         "tiff": ["tifffile>=2023.1"],  # 16-bit float TIFFs, which PIL cannot open

@@ -260,6 +260,29 @@ def test_onnx_export_runs_in_onnxruntime_and_anomalib_inferencer(bank_file, tiny
         np.testing.assert_allclose(pred.anomaly_map.reshape(got["anomaly_map"][i].shape), got["anomaly_map"][i], rtol=0, atol=1e-3 * span)
 
 
+@pytest.mark.slow
+def test_torch_export_runs_in_anomalib_torch_inferencer(bank_file, tiny_mvtec, tmp_path):
+    """Engine.export(TORCH) pickles the whole module (the bank rebuilt on load); TorchInferencer scores as the model."""
+    import torch
+    from anomalib.data.utils import read_image
+    from anomalib.deploy import ExportType, TorchInferencer
+
+    from ocbank.integrations.anomalib import OCBank
+
+    model = OCBank.from_bank(bank_file, visualizer=False)
+    pt_file = _engine(tmp_path / "project").export(model=model, export_type=ExportType.TORCH,
+                                                   export_root=tmp_path / "export")
+    inferencer = TorchInferencer(pt_file, device="cpu")
+    loaded = inferencer.model
+    np.testing.assert_array_equal(loaded.model.detector.bank.counts, model.detector.bank.counts)
+    image_file = sorted((tiny_mvtec / "weave" / "test" / "scratch").glob("*.png"))[0]
+    model.eval()
+    with torch.no_grad():
+        want = model(read_image(image_file, as_tensor=True)[None])
+    got = inferencer.predict(image_file)
+    np.testing.assert_allclose(got.pred_score.numpy().ravel(), want.pred_score.numpy(), rtol=1e-6)
+
+
 def test_unfitted_model_and_unexportable_modes_refuse(anomalib_api, tmp_path):
     """No bank: forward and to_bank refuse by name; a grid scoring mode refuses ONNX export before tracing."""
     import torch

@@ -289,6 +289,27 @@ class OCBankModel(nn.Module):
         self.radius = torch.tensor(state.radius, dtype=torch.float64, device=device)
         self.n_seen = torch.tensor(state.n_seen, dtype=torch.int64, device=device)
 
+    # ------------------------------------------------------------------ pickling (anomalib's torch export)
+    def __getstate__(self) -> dict[str, Any]:
+        # The live Detector holds locks and a faiss-backed bank: pickle what rebuilds them instead.
+        state = dict(super().__getstate__())
+        det = state.pop("detector")
+        state["_sample"] = None
+        state["_detector"] = {
+            "config": det.config,
+            "extractor": det.extractor,
+            "extras": self.extras() if self.fitted else {},
+        }
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        saved = state.pop("_detector")
+        super().__setstate__(state)
+        self.detector = Detector.from_config(saved["config"], extractor=saved["extractor"])
+        self.checkpoint_extras = saved["extras"]
+        if self.fitted:
+            self.restore_bank()
+
     # ------------------------------------------------------------------ state dict
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # The bank's size is data: take the incoming shapes before the default copy.
