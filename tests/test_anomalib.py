@@ -261,7 +261,7 @@ def test_onnx_export_runs_in_onnxruntime_and_anomalib_inferencer(bank_file, tiny
 
 
 @pytest.mark.slow
-def test_torch_export_runs_in_anomalib_torch_inferencer(bank_file, tiny_mvtec, tmp_path):
+def test_torch_export_runs_in_anomalib_torch_inferencer(bank_file, tiny_mvtec, tmp_path, monkeypatch):
     """Engine.export(TORCH) pickles the whole module (the bank rebuilt on load); TorchInferencer scores as the model."""
     import torch
     from anomalib.data.utils import read_image
@@ -272,6 +272,7 @@ def test_torch_export_runs_in_anomalib_torch_inferencer(bank_file, tiny_mvtec, t
     model = OCBank.from_bank(bank_file, visualizer=False)
     pt_file = _engine(tmp_path / "project").export(model=model, export_type=ExportType.TORCH,
                                                    export_root=tmp_path / "export")
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")  # anomalib's opt-in to unpickle a .pt file: our own, just written
     inferencer = TorchInferencer(pt_file, device="cpu")
     loaded = inferencer.model
     np.testing.assert_array_equal(loaded.model.detector.bank.counts, model.detector.bank.counts)
@@ -280,7 +281,7 @@ def test_torch_export_runs_in_anomalib_torch_inferencer(bank_file, tiny_mvtec, t
     with torch.no_grad():
         want = model(read_image(image_file, as_tensor=True)[None])
     got = inferencer.predict(image_file)
-    np.testing.assert_allclose(got.pred_score.numpy().ravel(), want.pred_score.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(got.pred_score.detach().numpy().ravel(), want.pred_score.numpy(), rtol=1e-6)
 
 
 def test_unfitted_model_and_unexportable_modes_refuse(anomalib_api, tmp_path):
