@@ -19,10 +19,8 @@ AUROCs are those of random features; the fit time and memory comparison does not
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import resource
 import subprocess
@@ -200,24 +198,6 @@ def _child(name: str, data: Path, args: argparse.Namespace, env: dict[str, str])
     return row
 
 
-def machine(device: str) -> dict[str, Any]:
-    import torch
-
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_avg_at_start": list(os.getloadavg()),
-        "device": device,
-        "note": "shared machine (other jobs running); models run one after another, each in its own process",
-    }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results", help="folder for anomalib_compare_<device>.json")
@@ -240,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from benchmarks.common import machine_info
     from ocbank.jsonio import write_json
     from ocbank.synthetic import make_dataset
 
@@ -256,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             rows = [_child(name, root / args.texture, args, env) for name in args.models.split(",")]
             runs.append({"malloc_mmap_threshold": threshold, "rows": rows})
     result = {
-        "machine": machine(device),
+        "machine": machine_info(device, note="shared machine (other jobs running); models run one after another, "
+                                              "each in its own process"),
         "weights": "random: no download is possible here. Patchcore(pre_trained=False) uses timm's random "
                    "wide_resnet50_2 init; OCBank(weights='none') ocbank's seeded random init",
         "data": {"source": "ocbank.synthetic", "texture": args.texture, "n_train": args.n_train,
