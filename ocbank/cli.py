@@ -19,6 +19,7 @@ import logging
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -355,17 +356,19 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit status (argparse itself exits 2 on usage errors)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="ocbank: %(levelname)s: %(message)s")
-    if args.debug:
-        with _sigterm_as_interrupt():
-            return args.func(args)
     try:
         with _sigterm_as_interrupt():
             return args.func(args)
     except KeyboardInterrupt as exc:
+        # The status follows the signal with or without --debug (which adds the traceback).
         stopped = isinstance(exc, Terminated)
+        if args.debug:
+            traceback.print_exc()
         print(f"ocbank: {'stopped by SIGTERM' if stopped else 'interrupted'}", file=sys.stderr)
         return EXIT_TERMINATED if stopped else EXIT_INTERRUPTED
     except (OcbankError, OSError) as exc:
+        if args.debug:
+            raise
         # Deliberate errors and file problems the user can fix: one line. Anything else
         # is a bug in ocbank and surfaces with its traceback.
         message = " ".join(str(exc).split()) or type(exc).__name__

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from ocbank import cli
 from ocbank.cli import main
 
 from .conftest import tiny_config
@@ -326,3 +327,14 @@ def test_masks_of_any_bit_depth_give_the_same_pixel_metrics(weave, tmp_path):
     assert reports[0]["pixel_auroc"] is not None and 0 < reports[0]["pixel_auroc"] <= 1
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert reports[1][key] == pytest.approx(reports[0][key], abs=1e-9), key
+
+
+@pytest.mark.parametrize("debug", [[], ["--debug"]])
+@pytest.mark.parametrize(("raised", "code"), [(cli.Terminated, 143), (KeyboardInterrupt, 130)])
+def test_exit_status_follows_the_signal_with_or_without_debug(monkeypatch, capsys, debug, raised, code):
+    def stopped(_args):
+        raise raised
+
+    monkeypatch.setattr(cli, "cmd_serve", stopped)
+    assert main([*debug, "serve", "--banks", "x"]) == code
+    assert ("Traceback" in capsys.readouterr().err) == bool(debug)
