@@ -48,7 +48,7 @@ from ocbank.jsonio import write_json
 
 from .common import PeakMemory, gemm_gflops, gemm_rate, machine_info
 
-# The targets for an H100/H200 (recorded next to each figure; null in --smoke).
+# Target figures for an H100/H200 (recorded next to each measured figure; null in --smoke).
 TARGETS = {
     "bank_vectors_per_s": 500_000,
     "e2e_224_img_per_s": 1_000,
