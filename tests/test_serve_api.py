@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from PIL import Image
 from ocbank.data.images import MAX_IMAGE_PIXELS, Transform, open_image
 from ocbank.engine.checkpoint import BankState, write_bank
 from ocbank.errors import CheckpointError, ConfigError, DataError
+from ocbank.serve import server as srv
 from ocbank.serve.api import ApiError, check_length, decode_image, grid_map, query_flags, request_timeout
 from ocbank.serve.banks import list_banks, validate_bank
 from ocbank.serve.options import ServeOptions
@@ -245,3 +247,34 @@ def test_runtimes_score_like_detector_predict(tmp_path, tiny_mvtec):
     assert make_runtime("auto", local, bank, 1).name == "torch"
     with pytest.raises(ConfigError, match="onnxruntime"):
         make_runtime("onnxruntime", local, bank, 1)
+
+
+def test_serve_forever_gives_back_the_callers_signal_handlers(tmp_path, monkeypatch):
+    class FakeServer:
+        warm: dict = {}
+
+        def __init__(self, options):
+            pass
+
+        def start(self):
+            pass
+
+        def stop(self):
+            pass
+
+    def announce(line):
+        if "bank(s) on" in line:
+            signal.raise_signal(signal.SIGTERM)  # runs the installed handler at once
+
+    def mine(signum, frame):
+        raise AssertionError("the caller's handler ran")
+
+    monkeypatch.setattr(srv, "Server", FakeServer)
+    monkeypatch.setattr(srv, "list_banks", lambda folder: {"a": tmp_path / "a.h5"})
+    before = {sig: signal.signal(sig, mine) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert srv.serve_forever(ServeOptions(banks=str(tmp_path)), announce) == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

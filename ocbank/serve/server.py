@@ -130,6 +130,7 @@ def serve_forever(options: ServeOptions, announce: Callable[[str], None] = print
     stopped_by: list[int] = []
     stop = threading.Event()
     server = Server(options)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.start()
 
@@ -152,5 +153,9 @@ def serve_forever(options: ServeOptions, announce: Callable[[str], None] = print
         return stopped_by[0]
     finally:
         began = time.monotonic()
-        server.stop()
+        try:
+            server.stop()
+        finally:
+            for sig, handler in previous.items():  # the caller's handlers again, in-process too
+                signal.signal(sig, handler)
         log.info("stopped in %.1f s", time.monotonic() - began)
