@@ -223,15 +223,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _non_negative_float(text: str) -> float:
+def _float_above(text: str, low: float, inclusive: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not value >= 0 or value == float("inf"):
-        msg = f"must be a number >= 0, got {text!r}"
+    if not (value >= low if inclusive else value > low) or value == float("inf"):
+        msg = f"must be a number {'>=' if inclusive else '>'} {low:g}, got {text!r}"
         raise argparse.ArgumentTypeError(msg)
     return value
+
+
+def _non_negative_float(text: str) -> float:
+    return _float_above(text, 0.0, inclusive=True)
+
+
+def _positive_float(text: str) -> float:
+    return _float_above(text, 0.0, inclusive=False)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -339,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a batch waits to fill (default 10 ms)")
     p.add_argument("--max-queued", type=positive_int, default=64,
                    help="requests queued beyond what the replicas hold; more get 503 (default 64)")
-    p.add_argument("--timeout-ms", type=_non_negative_float, default=60000.0,
+    p.add_argument("--timeout-ms", type=_positive_float, default=60000.0,
                    help="per-request timeout when X-Timeout-Ms is not sent (default 60000)")
     p.add_argument("--runtime", choices=["auto", "torch", "onnxruntime"], default="auto",
                    help="auto: onnxruntime on CPU where its graph is exact, torch otherwise")
@@ -347,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="banks a replica keeps loaded; the least recently used is evicted beyond (default 8)")
     p.add_argument("--address", help="join this Ray cluster (ray://head:10001 or host:port); default: a local Ray")
     p.add_argument("--cpus", type=positive_int, help="CPUs to share among the replicas (default: all of this machine)")
-    p.add_argument("--device", help="override the banks' device (cpu, cuda, cuda:N)")
+    p.add_argument("--device", help="override the banks' device (cpu, cuda, cuda:N, auto)")
     p.set_defaults(func=cmd_serve)
     return parser
 

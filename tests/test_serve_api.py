@@ -148,11 +148,12 @@ def test_list_banks_serves_finished_banks_only(tmp_path):
 
 
 def test_options_share_the_cores_out():
-    two = ServeOptions(banks="b", cpus=2)
+    two = ServeOptions(banks="b", cpus=2, batch_wait_ms=0, device="cuda:1")
     assert (two.replica_cpus, two.replica_threads, two.max_ongoing) == (2.0, 2, 16)
     three = ServeOptions(banks="b", cpus=2, replicas=3)
     assert three.replica_cpus * 3 == pytest.approx(2.0) and three.replica_threads == 1
-    for bad in ({"replicas": 0}, {"max_batch": 0}, {"runtime": "tensorrt"}, {"batch_wait_ms": -1}, {"cpus": 0}):
+    for bad in ({"replicas": 0}, {"max_batch": 0}, {"runtime": "tensorrt"}, {"batch_wait_ms": -1}, {"cpus": 0},
+                {"timeout_s": 0}, {"timeout_s": -1.0}, {"device": "gpu"}, {"device": "cuda:x"}):
         with pytest.raises(ConfigError):
             ServeOptions(banks="b", **bad)
 
@@ -180,7 +181,7 @@ def test_cli_serve_options():
     assert (args.host, args.port, args.replicas, args.max_batch, args.batch_wait_ms, args.runtime) == (
         "127.0.0.1", 8000, 1, 8, 10.0, "auto")
     assert args.address is None
-    for bad in (["--replicas", "0"], ["--runtime", "tensorrt"], ["--batch-wait-ms", "-3"]):
+    for bad in (["--replicas", "0"], ["--runtime", "tensorrt"], ["--batch-wait-ms", "-3"], ["--timeout-ms", "0"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", "--banks", "b", *bad])
 

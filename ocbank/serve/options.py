@@ -6,6 +6,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from ..config import check_device
 from ..errors import ConfigError
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
@@ -46,9 +47,14 @@ class ServeOptions:
                 raise ConfigError(msg)
         for name in ("batch_wait_ms", "timeout_s"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                msg = f"serve option {name} must be a finite number >= 0, got {value!r}."
+            # A zero timeout would answer every request 408; a zero batch wait just means no waiting.
+            low_ok = value >= 0 if name == "batch_wait_ms" else value > 0
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low_ok:
+                bound = ">= 0" if name == "batch_wait_ms" else "> 0"
+                msg = f"serve option {name} must be a finite number {bound}, got {value!r}."
                 raise ConfigError(msg)
+        if self.device is not None:
+            check_device(self.device, where="--device")
         if self.runtime not in RUNTIMES:
             msg = f"--runtime must be one of {RUNTIMES}, got {self.runtime!r}."
             raise ConfigError(msg)
