@@ -319,3 +319,10 @@ def test_saved_files_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
             os.umask(old)
         mode = stat.S_IMODE((tmp_path / f"b{mask}.h5").stat().st_mode)
         assert mode == stat.S_IMODE((tmp_path / f"plain{mask}").stat().st_mode) == 0o666 & ~mask
+
+
+def test_bank_file_names_have_one_home(tmp_path):
+    final, partial = ckpt.bank_file_path(tmp_path, "a.b"), ckpt.bank_file_path(tmp_path, "a.b", partial=True)
+    assert (final.name, partial.name) == ("a.b.h5", "a.b.partial.h5") and final.parent == partial.parent == tmp_path
+    assert ckpt.is_checkpoint_name(partial) and not ckpt.is_checkpoint_name(final)
+    assert final.name.endswith(ckpt.BANK_SUFFIX) and partial.name.endswith(ckpt.PARTIAL_SUFFIX)

@@ -43,6 +43,19 @@ from ..errors import CheckpointError
 FORMAT_NAME = "ocbank.ClusterBank"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
+# A folder of banks: ``<name>.h5`` finished, ``<name>.partial.h5`` a build's checkpoint.
+BANK_SUFFIX = ".h5"
+PARTIAL_SUFFIX = ".partial.h5"
+
+
+def bank_file_path(folder: str | os.PathLike[str], name: str, partial: bool = False) -> Path:
+    """Where bank ``name`` (or its unfinished build checkpoint) lives in ``folder``."""
+    return Path(folder) / f"{name}{PARTIAL_SUFFIX if partial else BANK_SUFFIX}"
+
+
+def is_checkpoint_name(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is named as a build's unfinished checkpoint."""
+    return os.fspath(path).endswith(PARTIAL_SUFFIX)
 
 
 @dataclass

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..config import Config, check_class_name
 from ..data import Sample, calibration_images, class_names, escape_path, load_split
 from ..engine import BankState, ClusterBank, resolve_device
-from ..engine.checkpoint import read_bank
+from ..engine.checkpoint import bank_file_path, read_bank
 from ..errors import CheckpointError, ConfigError, DataError, DependencyError
 from ..jsonio import write_json
 from ..model.detector import Detector
@@ -268,9 +268,9 @@ def finish_class(plan: BuildPlan, job: ClassJob, det: Detector, inputs: ClassInp
     if det.decision is not None:
         summary["image_threshold"] = det.decision.image_threshold
     info = {**_identity(plan, job, inputs), "stream_position": len(inputs.train), "complete": True}
-    det.save(plan.out / f"{job.name}.h5", extra={**info, "progress": done.to_dict(), "summary": summary})
+    det.save(bank_file_path(plan.out, job.name), extra={**info, "progress": done.to_dict(), "summary": summary})
     with contextlib.suppress(FileNotFoundError):
-        (plan.out / f"{job.name}.partial.h5").unlink()
+        bank_file_path(plan.out, job.name, partial=True).unlink()
     for f in done.skipped_files:
         log.warning("class %s: skipped unreadable image %s", job.name, f)
     return summary
@@ -280,7 +280,7 @@ def build_class(plan: BuildPlan, job: ClassJob, extractor: FeatureExtractor | No
     """Build (or resume) ``out_dir/<name>.h5``; return the class's summary row."""
     set_threads(plan.threads)
     cfg = plan.config
-    final, partial = plan.out / f"{job.name}.h5", plan.out / f"{job.name}.partial.h5"
+    final, partial = bank_file_path(plan.out, job.name), bank_file_path(plan.out, job.name, partial=True)
     inputs = class_inputs(plan, job)
     identity = _identity(plan, job, inputs)
     if plan.resume:
@@ -358,7 +358,7 @@ def build_class_sharded(plan: BuildPlan, job: ClassJob, run_shards: ShardRunner)
     inputs = class_inputs(plan, job)
     identity = _identity(plan, job, inputs)
     if plan.resume:
-        stored = _completed(plan.out / f"{job.name}.h5", job.name, identity["config_key"], identity["input_key"])
+        stored = _completed(bank_file_path(plan.out, job.name), job.name, identity["config_key"], identity["input_key"])
         if stored is not None:
             return {**stored, "status": "complete"}
     began = time.perf_counter()

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..config import Config
 from ..data import Sample, class_names, escape_path, fit_name, load_split
+from ..engine.checkpoint import bank_file_path, is_checkpoint_name, read_metadata
 from ..errors import CheckpointError, DataError
 from ..jsonio import write_json
 from ..model import metrics
@@ -48,11 +49,9 @@ def _set_metric(row: dict[str, Any], key: str, value: float, note: str | None) -
 
 def check_complete(bank_file: str | Path, allow_partial: bool = False) -> None:
     """Refuse a build's checkpoint (``*.partial.h5``, metadata ``complete`` false) unless allowed."""
-    from ..engine.checkpoint import read_metadata  # noqa: PLC0415
-
     path = Path(bank_file)
     meta = read_metadata(path)
-    partial = meta.get("complete") is False or path.name.endswith(".partial.h5")
+    partial = meta.get("complete") is False or is_checkpoint_name(path)
     if partial and not allow_partial:
         seen = f"{meta.get('stream_position', '?')} of {meta.get('n_images', '?')}"
         msg = (
@@ -80,9 +79,9 @@ class _ClassScores:
 
 def _bank_file(banks: Path, name: str) -> Path:
     """``<class>.h5``, or the single bank built over every class."""
-    bank_file = banks / f"{name}.h5"
-    if not bank_file.is_file() and (banks / f"{SINGLE_BANK}.h5").is_file():
-        bank_file = banks / f"{SINGLE_BANK}.h5"
+    bank_file = bank_file_path(banks, name)
+    if not bank_file.is_file() and bank_file_path(banks, SINGLE_BANK).is_file():
+        bank_file = bank_file_path(banks, SINGLE_BANK)
     if not bank_file.is_file():
         msg = f"no bank for class {name!r} at {bank_file}. Run ocbank build first, or fix --banks."
         raise DataError(msg)
