@@ -137,12 +137,18 @@ def test_validate_bank_accepts_a_bank_and_refuses_the_rest(tmp_path):
                       "e.h5")
 
 
-def test_list_banks_serves_finished_banks_only(tmp_path):
+def test_list_banks_serves_finished_banks_only(tmp_path, caplog):
     with pytest.raises(DataError):
         list_banks(tmp_path)
-    for name in ("a.h5", "b.partial.h5", ".hidden.h5", "notes.txt"):
+    for name in ("a.h5", "_all_classes.h5", "b.partial.h5", ".hidden.h5", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
-    assert list(list_banks(tmp_path)) == ["a"]
+    (tmp_path / "dir.h5").mkdir()
+    with caplog.at_level("WARNING", logger="ocbank.serve.banks"):
+        assert list(list_banks(tmp_path)) == ["_all_classes", "a"]  # class names, as config.check_class_name says
+    skipped = [r.getMessage() for r in caplog.records]
+    assert len(skipped) == 3 and all(m.startswith("not serving ") for m in skipped), skipped
+    for name in ("b.partial.h5", ".hidden.h5", "dir.h5"):
+        assert sum(name in m for m in skipped) == 1, (name, skipped)
     with pytest.raises(DataError):
         list_banks(tmp_path / "missing")
 

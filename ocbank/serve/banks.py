@@ -10,47 +10,65 @@ its metadata, and the dimensions the backbone gives.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import re
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import from_dict
+from ..config import check_class_name, from_dict
 from ..data.images import Transform
-from ..engine.checkpoint import read_bank
+from ..engine.checkpoint import BANK_SUFFIX, bank_file_path, is_checkpoint_name, read_bank
 from ..errors import CheckpointError, ConfigError, DataError
 from ..jobs.evaluate import check_complete
 from ..model.calibration import Decision
 from ..model.features import FEATURE_DIM, FEATURE_STRIDE
 
-BANK_SUFFIX = ".h5"
-PARTIAL_SUFFIX = ".partial.h5"  # unfinished build checkpoints are never served
-_PRODUCT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+log = logging.getLogger(__name__)
 
 
 def valid_product(name: str) -> bool:
-    """A product name that is a plain file stem (no path, no leading dot)."""
-    return bool(_PRODUCT.fullmatch(name)) and not name.endswith(".partial")
+    """A served product is a class: its name follows :func:`ocbank.config.check_class_name`,
+    and a build's checkpoint name (``<class>.partial``) is never one."""
+    try:
+        check_class_name(name)
+    except ConfigError:
+        return False
+    return not is_checkpoint_name(bank_file_path("", name))
 
 
 def bank_path(folder: str | os.PathLike[str], product: str) -> Path:
-    return Path(folder) / f"{product}{BANK_SUFFIX}"
+    return bank_file_path(folder, product)
+
+
+def _not_served(path: Path) -> str | None:
+    """Why the ``*.h5`` file ``path`` is not served, or None when it is."""
+    if is_checkpoint_name(path):
+        return "an unfinished build checkpoint (finish it with ocbank build --resume)"
+    if not path.is_file():
+        return "not a regular file"
+    try:
+        check_class_name(path.name[: -len(BANK_SUFFIX)], where="its product name")
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 def list_banks(folder: str | os.PathLike[str]) -> dict[str, Path]:
-    """``<product>.h5`` files of ``folder`` (checkpoints and hidden files left out), by product name."""
+    """``<product>.h5`` files of ``folder`` by product name; each other ``*.h5`` file is named in a warning."""
     root = Path(folder)
     if not root.is_dir():
         msg = f"--banks {str(root)!r} is not a folder. Give the folder that holds <product>.h5 bank files."
         raise DataError(msg)
-    found = {
-        p.name[: -len(BANK_SUFFIX)]: p
-        for p in sorted(root.glob(f"*{BANK_SUFFIX}"))
-        if p.is_file() and not p.name.endswith(PARTIAL_SUFFIX) and valid_product(p.name[: -len(BANK_SUFFIX)])
-    }
+    found = {}
+    for path in sorted(root.glob(f"*{BANK_SUFFIX}")):
+        why = _not_served(path)
+        if why is None:
+            found[path.name[: -len(BANK_SUFFIX)]] = path
+        else:
+            log.warning("not serving %s: %s", path, why)
     if not found:
         msg = f"no <product>.h5 bank files in {str(root)!r}. Build banks there with `ocbank build --out {root}`."
         raise DataError(msg)
