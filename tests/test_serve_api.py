@@ -285,3 +285,20 @@ def test_serve_forever_gives_back_the_callers_signal_handlers(tmp_path, monkeypa
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+def test_served_threshold_is_the_one_that_labelled():
+    from types import SimpleNamespace
+
+    from ocbank.model.calibration import Decision
+    from ocbank.serve.runtime import ServedBank
+
+    scores, maps = np.array([1.0, 3.0], np.float32), np.zeros((2, 8, 8), np.float32)
+    decision = Decision(image_threshold=2.0, pixel_threshold=1.0)
+    # The detector's metadata says otherwise: the replica must report its Decision's threshold.
+    detector = SimpleNamespace(decision=decision, metadata_={"decision": {"image_threshold": 9.0, "pixel_threshold": 1.0}})
+    served = ServedBank(detector, lambda pixels: (scores, maps), "sha")
+    rows = served.score(np.zeros((2, 8, 8, 3), np.uint8), [False, False], [False, False])
+    assert [(r["threshold"], r["label"], r["normalized"]) for r in rows] == [(2.0, "OK", 0.5), (2.0, "NG", 1.5)]
+    uncalibrated = ServedBank(SimpleNamespace(decision=None, metadata_={}), lambda pixels: (scores, maps), "sha")
+    assert [r["threshold"] for r in uncalibrated.score(np.zeros((2, 8, 8, 3), np.uint8), [False] * 2, [False] * 2)] == [None, None]

@@ -348,11 +348,11 @@ class Api:
             "bank_sha256": entry.info.sha256,
             "score": result.pop("score"),
             "normalized": result.pop("normalized"),
-            "threshold": entry.info.decision["image_threshold"] if entry.info.decision else None,
+            "threshold": result.pop("threshold"),  # from the Decision that made the label
             "label": result.pop("label"),
             **result,
         }
-        if entry.info.decision is None:
+        if out["threshold"] is None:
             out["note"] = UNCALIBRATED
         out["latency_ms"] = round(1000.0 * (time.perf_counter() - began), 3)
         return JSONResponse(out)

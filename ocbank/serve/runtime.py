@@ -134,7 +134,7 @@ class ServedBank:
         self.detector = detector
         self.runtime = runtime
         self.sha256 = sha256
-        self.decision = Decision.from_metadata(getattr(detector, "metadata_", {}))
+        self.decision: Decision | None = detector.decision  # the one that labels; its threshold is the one reported
 
     @classmethod
     def load(
@@ -154,12 +154,13 @@ class ServedBank:
         return cls(det, make_runtime(kind, det, bank_file, threads), sha256)
 
     def score(self, pixels: np.ndarray, want_mask: list[bool], want_map: list[bool]) -> list[dict[str, Any]]:
-        """uint8 RGB [N, S, S, 3] -> one result dict per image (score, normalized, label, mask, map)."""
+        """uint8 RGB [N, S, S, 3] -> one result dict per image (score, normalized, threshold, label, mask, map)."""
         scores, maps = self.runtime(pixels)
         verdict = self.decision.apply(scores, maps) if self.decision is not None else None
+        threshold = self.decision.image_threshold if self.decision is not None else None
         out = []
         for i in range(len(scores)):
-            row: dict[str, Any] = {"score": float(scores[i]), "normalized": None, "label": None}
+            row: dict[str, Any] = {"score": float(scores[i]), "normalized": None, "threshold": threshold, "label": None}
             if verdict is not None:
                 row["normalized"] = float(verdict.normalized[i])
                 row["label"] = LABELS[int(verdict.ng[i])]
