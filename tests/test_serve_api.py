@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ocbank.data.images import MAX_IMAGE_PIXELS, Transform, open_image
@@ -302,3 +303,16 @@ def test_served_threshold_is_the_one_that_labelled():
     assert [(r["threshold"], r["label"], r["normalized"]) for r in rows] == [(2.0, "OK", 0.5), (2.0, "NG", 1.5)]
     uncalibrated = ServedBank(SimpleNamespace(decision=None, metadata_={}), lambda pixels: (scores, maps), "sha")
     assert [r["threshold"] for r in uncalibrated.score(np.zeros((2, 8, 8, 3), np.uint8), [False] * 2, [False] * 2)] == [None, None]
+
+
+def test_served_crops_take_the_loaders_uint8_to_unit_step():
+    from ocbank.data.images import normalize, rgb8_to_unit
+    from ocbank.serve.runtime import as_input
+
+    px = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    batch = as_input(px)
+    assert batch.shape == (2, 3, 16, 16) and batch.dtype == torch.float32
+    np.testing.assert_array_equal(batch.numpy(), px.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255))
+    loader, rgb = Transform(16, None).image(Image.fromarray(px[1]))  # the loader's tensor for the same crop
+    assert np.array_equal(rgb, px[1]) and torch.equal(normalize(batch[1]), loader)
+    assert torch.equal(rgb8_to_unit(px), batch)

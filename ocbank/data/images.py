@@ -331,6 +331,12 @@ def normalize(rgb: torch.Tensor) -> torch.Tensor:
     return (rgb - mean) / std
 
 
+def rgb8_to_unit(rgb: np.ndarray) -> torch.Tensor:
+    """uint8 RGB [..., H, W, 3] -> float32 [..., 3, H, W] in [0, 1]: the one uint8 -> [0, 1] step
+    (the loader's transform and the served crops both take it)."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).float().div_(255.0).movedim(-1, -3)
+
+
 @dataclass(frozen=True)
 class Transform:
     """Resize to a ``resize`` x ``resize`` square, then center crop to ``crop`` (if set)."""
@@ -353,8 +359,7 @@ class Transform:
         """Image of any mode -> (normalised tensor [3, S, S], uint8 RGB [S, S, 3] for overlays)."""
         rgb8 = open_image(img) if not (isinstance(img, Image.Image) and img.mode == "RGB") else img
         rgb = np.asarray(self._geometry(rgb8, Image.BILINEAR), dtype=np.uint8)
-        t = torch.from_numpy(rgb.astype(np.float32) / 255.0).permute(2, 0, 1)
-        return normalize(t), rgb
+        return normalize(rgb8_to_unit(rgb)), rgb
 
     def mask(self, mask: Image.Image | np.ndarray, image_size: tuple[int, int], where: str) -> np.ndarray:
         """Binary mask uint8 [S, S] (any nonzero pixel is 1); resized nearest if its size differs.

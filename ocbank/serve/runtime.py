@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..config import from_dict
+from ..data.images import rgb8_to_unit
 from ..engine import resolve_device
 from ..engine.checkpoint import read_metadata
 from ..engine.ivf import use_ivf
@@ -38,7 +39,7 @@ class Runtime(Protocol):
 
 def as_input(pixels: np.ndarray) -> torch.Tensor:
     """uint8 RGB [N, S, S, 3] -> float32 [N, 3, S, S] in [0, 1], the layout both runtimes take."""
-    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float().div_(255.0)
+    return rgb8_to_unit(pixels)
 
 
 class TorchRuntime:
