@@ -334,7 +334,8 @@ def normalize(rgb: torch.Tensor) -> torch.Tensor:
 def rgb8_to_unit(rgb: np.ndarray) -> torch.Tensor:
     """uint8 RGB [..., H, W, 3] -> float32 [..., 3, H, W] in [0, 1]: the one uint8 -> [0, 1] step
     (the loader's transform and the served crops both take it)."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).float().div_(255.0).movedim(-1, -3)
+    unit = np.asarray(rgb, dtype=np.float32) / np.float32(255.0)  # a new, writable array (PIL's are read-only)
+    return torch.from_numpy(unit).movedim(-1, -3)
 
 
 @dataclass(frozen=True)
