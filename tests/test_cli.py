@@ -338,3 +338,36 @@ def test_exit_status_follows_the_signal_with_or_without_debug(monkeypatch, capsy
     monkeypatch.setattr(cli, "cmd_serve", stopped)
     assert main([*debug, "serve", "--banks", "x"]) == code
     assert ("Traceback" in capsys.readouterr().err) == bool(debug)
+
+
+@pytest.mark.slow
+def test_evaluate_with_a_nan_score_writes_strict_json_and_says_so(tmp_path, tiny_mvtec, monkeypatch, capsys):
+    from ocbank.model.detector import Detector
+
+    cfg = write_cfg(tmp_path, tiny_config(tiny_mvtec, data={"classes": ["dots"]}))
+    banks = tmp_path / "b"
+    assert main(["-q", "build", "--config", str(cfg), "--out", str(banks)]) == 0
+    real = Detector.score_batches
+
+    def one_nan(self, images, with_masks=False):
+        for i, res in enumerate(real(self, images, with_masks=with_masks)):
+            if i == 0:
+                res.scores[0] = np.nan  # a computation that failed
+            yield res
+
+    monkeypatch.setattr(Detector, "score_batches", one_nan)
+    capsys.readouterr()
+    out = tmp_path / "e"
+    assert main(["-q", "evaluate", "--config", str(cfg), "--banks", str(banks), "--out", str(out)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ocbank: error:")]
+    assert len(err) == 1 and "1 test image(s) got a NaN score" in err[0], err
+    text = (out / "metrics.json").read_text()
+    report = json.loads(text, parse_constant=lambda c: pytest.fail(f"metrics.json holds {c}"))
+    row = report["classes"]["dots"]
+    assert row["n_nan_scores"] == report["n_nan_scores"] == 1
+    assert row["image_auroc"] is None and "not finite" in row["image_auroc_note"]
+    assert row["f1_optimal"] is None and row["f1_optimal_note"]
+    assert row["pixel_auroc"] is not None  # the maps are whole: pixel metrics stay defined
+    if row["calibrated"] is not None:  # NaN is NG by the decision rule
+        cal = row["calibrated"]
+        assert cal["tp"] + cal["fp"] >= 1 and cal["tp"] + cal["fp"] + cal["fn"] + cal["tn"] == row["n_test"]

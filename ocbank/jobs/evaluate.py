@@ -121,10 +121,16 @@ def _class_row(det: Detector, got: _ClassScores, size: int) -> tuple[dict[str, A
     """The class's metrics row (null metrics with a note), and its maps and masks [N, S, S]."""
     maps = np.concatenate(got.maps).astype(np.float32) if got.maps else np.zeros((0, size, size), np.float32)
     masks = np.concatenate(got.masks) if got.masks else np.zeros((0, size, size), np.uint8)
-    labels, scores = np.array(got.labels), np.array(got.scores)
+    labels, scores = np.array(got.labels), np.array(got.scores, dtype=np.float64)
     row: dict[str, Any] = {}
-    image_note = metrics.image_metric_note(labels)
+    # A NaN score is a computation that failed: NG by the decision rule, but it has no rank,
+    # so the metrics that rank scores (AUROC, the F1-optimal threshold) are undefined.
+    n_nan = int((~np.isfinite(scores)).sum())
+    nan_note = f"{n_nan} of {len(scores)} image scores are not finite (a failed computation)" if n_nan else None
+    image_note = metrics.image_metric_note(labels) or nan_note
     pixel_note = metrics.pixel_metric_note(masks)
+    if pixel_note is None and not np.isfinite(maps).all():
+        pixel_note = "some anomaly map values are not finite (a failed computation)"
     nan = float("nan")
     _set_metric(row, "image_auroc", nan if image_note else metrics.image_auroc(labels, scores), image_note)
     _set_metric(row, "pixel_auroc", nan if pixel_note else metrics.pixel_auroc(masks, maps), pixel_note)
@@ -135,10 +141,13 @@ def _class_row(det: Detector, got: _ClassScores, size: int) -> tuple[dict[str, A
         "radius": det.bank.radius,
         "n_test": len(labels),
         "n_skipped": len(got.skipped),
+        "n_nan_scores": n_nan,
         "seconds": got.seconds,
         "images_per_s": len(labels) / got.seconds if got.seconds > 0 else 0.0,
         **_decision_columns(det, labels, scores),
     })
+    if nan_note:
+        row["f1_optimal"], row["f1_optimal_note"] = None, nan_note
     return row, maps, masks
 
 
@@ -197,13 +206,16 @@ def evaluate(
         got = _score_class(det, name, split, out, heatmaps, collected)
         outputs_failed += got.outputs_failed
         results[name], maps, masks = _class_row(det, got, cfg.image_size)
+        if results[name]["n_nan_scores"]:
+            log.warning("class %s: %d test image score(s) are NaN (a failed computation): counted NG, "
+                        "image metrics null", name, results[name]["n_nan_scores"])
         if (results[name]["calibrated"] or {}).get("transfer_warning"):
             log.warning("class %s: %s", name, results[name]["calibrated"]["transfer_warning"])
         collected.end_class(name, masks, maps, getattr(det, "metadata_", {}), map_range(det.bank.radius))
         csv_rows += got.csv_rows
     rows = list(results.values())
     report = {"classes": results, "mean": _mean_row(rows), "n_skipped": sum(r["n_skipped"] for r in rows),
-              "n_outputs_failed": outputs_failed}
+              "n_nan_scores": sum(r["n_nan_scores"] for r in rows), "n_outputs_failed": outputs_failed}
     write_json(out / "metrics.json", report)
     with open(out / "scores.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)

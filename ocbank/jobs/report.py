@@ -134,6 +134,7 @@ def threshold_for(data: ClassData) -> Threshold:
         value, source = (best["threshold"] if best else float("nan")), "f1_optimal"
         note = "F1-optimal on this test set: optimistic, chosen with the labels; calibrate before deployment"
     if math.isnan(value):
-        return Threshold(value, "none", "undefined: the test set has a single class", 0, 0, 0, 0)
+        why = "a score is not finite" if not np.isfinite(scores).all() else "the test set has a single class"
+        return Threshold(value, "none", f"undefined: {why}", 0, 0, 0, 0)
     m = decision_metrics(labels, scores, value)
     return Threshold(value, source, note, m["tp"], m["fp"], m["fn"], m["tn"])

@@ -174,13 +174,14 @@ def decision_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -
 
 
 def f1_optimal_threshold(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any] | None:
-    """The threshold t maximising F1 of ``score > t`` over the observed scores (None with one class only).
+    """The threshold t maximising F1 of ``score > t`` over the observed scores (None with one class
+    only, or when a score is NaN or infinite: such a score has no rank).
 
     Candidates are the midpoints between consecutive distinct scores and just below the lowest.
     """
     y = np.asarray(labels).ravel() > 0
     s = np.asarray(scores, dtype=np.float64).ravel()
-    if y.all() or not y.any():
+    if y.all() or not y.any() or not np.isfinite(s).all():
         return None
     u = np.unique(s)
     cands = np.r_[u[0] - 1.0, (u[:-1] + u[1:]) / 2.0]
