@@ -40,6 +40,7 @@ from torch import nn
 
 from ..config import BackboneConfig, BankConfig, Config, DataConfig, ScoringConfig, from_dict
 from ..data import Transform
+from ..data.images import rgb8_to_unit
 from ..engine import ClusterBank, resolve_device
 from ..engine.checkpoint import BankState
 from ..errors import ConfigError, DependencyError, NotFittedError
@@ -84,7 +85,7 @@ class ResizeCrop:
         geometry = Transform(self.resize, self.crop)
         u8 = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         rgb = np.stack([geometry.image(Image.fromarray(im))[1] for im in u8])
-        out = torch.from_numpy(rgb).permute(0, 3, 1, 2).float().div(255.0).to(images.device)
+        out = rgb8_to_unit(rgb).contiguous().to(images.device)
         return _like(out, images)
 
     def _masks(self, masks: torch.Tensor) -> torch.Tensor:
