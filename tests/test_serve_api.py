@@ -316,3 +316,18 @@ def test_served_crops_take_the_loaders_uint8_to_unit_step():
     loader, rgb = Transform(16, None).image(Image.fromarray(px[1]))  # the loader's tensor for the same crop
     assert np.array_equal(rgb, px[1]) and torch.equal(normalize(batch[1]), loader)
     assert torch.equal(rgb8_to_unit(px), batch)
+
+
+@pytest.mark.parametrize(("edit", "words"), [({"dim": 8}, "1536"), ({"grid": [7, 7]}, "feature grid"),
+                                             ({"decision": {"image_threshold": -1, "pixel_threshold": 1}}, "image_threshold")])
+def test_validation_and_the_replicas_load_refuse_a_bank_alike(tmp_path, edit, words):
+    from ocbank.errors import OcbankError
+    from ocbank.model.detector import Detector
+
+    path = tmp_path / "x.h5"
+    data = _bank(path, tmp_path, **edit)
+    with pytest.raises(CheckpointError) as served:  # 409 at reload
+        validate_bank("x", data, str(path))
+    with pytest.raises(OcbankError) as loaded:  # what a replica's Detector.load says
+        Detector.load(path, device="cpu")
+    assert words in str(served.value) and str(served.value) == str(loaded.value)

@@ -40,8 +40,8 @@ from ..data import Batch, Sample, make_loader, normalize
 from ..data.images import check_unit_range
 from ..data.loader import prefetched
 from ..engine import ClusterBank, resolve_device
-from ..engine.checkpoint import read_bank
-from ..errors import DataError, InputError, InputTypeError, NotFittedError
+from ..engine.checkpoint import BankState, read_bank
+from ..errors import ConfigError, DataError, InputError, InputTypeError, NotFittedError
 from .calibration import Decision, conservative_quantile
 from .features import FEATURE_DIM, FEATURE_STRIDE, FeatureExtractor, file_sha256
 from .progress import FitProgress, FitStep
@@ -155,6 +155,42 @@ class _Inputs:
             return f"tensor[{i}]"
         path = self.samples[i].path  # a file by its path, an in-memory image by its position
         return str(path) if isinstance(path, (str, bytes, os.PathLike)) else f"images[{i}]"
+
+
+def bank_config(state: BankState, where: str, device: str | None = None) -> tuple[Config, Decision | None]:
+    """A bank file's detector config and thresholds, checked against this backbone.
+
+    The one check of a bank file's metadata: :meth:`Detector.load` and the server's
+    validation (:func:`ocbank.serve.banks.validate_bank`) both call it. ``device``
+    overrides the stored one. Raises DataError or ConfigError naming ``where``.
+    """
+    meta = state.metadata
+    if "config" not in meta:
+        msg = f"{where}: this bank file has no detector config in its metadata. Build it with ocbank or Detector.save."
+        raise DataError(msg)
+    raw = dict(meta["config"])
+    if device is not None:
+        raw["device"] = device
+    try:
+        cfg = from_dict(raw, source=where, require_root=False)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, (ConfigError, DataError)):
+            raise
+        msg = f"{where}: its config is not usable: {exc}. Rebuild the bank."
+        raise ConfigError(msg) from None
+    try:
+        decision = Decision.from_metadata(meta)
+    except ConfigError as exc:
+        msg = f"{where}: {exc}"
+        raise ConfigError(msg) from None
+    if state.dim != FEATURE_DIM:
+        msg = f"{where}: the bank holds {state.dim}-d centroids, but the backbone gives {FEATURE_DIM}-d patches. Rebuild it."
+        raise DataError(msg)
+    size, grid = cfg.image_size, meta.get("feature_grid")
+    if size % FEATURE_STRIDE or (grid is not None and list(grid) != [size // FEATURE_STRIDE] * 2):
+        msg = f"{where}: image size {size} and feature grid {grid} disagree (stride {FEATURE_STRIDE}). Rebuild it."
+        raise DataError(msg)
+    return cfg, decision
 
 
 class Detector:
@@ -578,13 +614,8 @@ class Detector:
         """Rebuild a Detector from a file written by :meth:`save` (or ``ocbank build``)."""
         state = read_bank(path)
         meta = state.metadata
-        if "config" not in meta:
-            msg = f"{path}: this bank file has no detector config in its metadata. Build it with ocbank or Detector.save."
-            raise DataError(msg)
-        raw = dict(meta["config"])
-        if device is not None:
-            raw["device"] = device
-        det = cls.from_config(from_dict(raw, source=str(path), require_root=False), extractor=extractor)
+        cfg, decision = bank_config(state, str(path), device)
+        det = cls.from_config(cfg, extractor=extractor)
         det.bank_ = ClusterBank.from_state(
             state, device=resolve_device(det.config.device), **det.config.bank.search_options
         )
@@ -592,7 +623,6 @@ class Detector:
         if stats is not None:
             det.radius_stats_ = stats
         det.metadata_ = meta
-        decision = Decision.from_metadata(meta)
         if decision is not None:
             det.decision_ = decision
             if meta.get("thresholds_predate_update"):  # every consumer loads here: predict, evaluate, serve, export

@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import check_class_name, from_dict
+from ..config import check_class_name
 from ..data.images import Transform
 from ..engine.checkpoint import BANK_SUFFIX, bank_file_path, is_checkpoint_name, read_bank
 from ..errors import CheckpointError, ConfigError, DataError
 from ..jobs.evaluate import check_complete
-from ..model.calibration import Decision
-from ..model.features import FEATURE_DIM, FEATURE_STRIDE
+from ..model.detector import bank_config
 
 log = logging.getLogger(__name__)
 
@@ -126,28 +125,11 @@ def validate_bank(product: str, data: bytes, where: str) -> BankFile:
             check_complete(tmp.name)  # an unfinished build checkpoint is never served
         except CheckpointError as exc:
             raise CheckpointError(str(exc).replace(tmp.name, where)) from None
-    meta = state.metadata
-    if "config" not in meta:
-        msg = f"{where}: the bank has no detector config in its metadata. Build it with ocbank build or Detector.save."
-        raise CheckpointError(msg)
     try:
-        cfg = from_dict(dict(meta["config"]), source=where, require_root=False)
-    except (ConfigError, DataError, TypeError, ValueError) as exc:
-        msg = f"{where}: its config is not usable: {exc}"
-        raise CheckpointError(msg) from None
-    try:
-        Decision.from_metadata(meta)  # thresholds, when present, must be usable
-    except ConfigError as exc:
-        msg = f"{where}: {exc}"
-        raise CheckpointError(msg) from None
-    if state.dim != FEATURE_DIM:
-        msg = f"{where}: the bank holds {state.dim}-d centroids, but the backbone gives {FEATURE_DIM}-d patches. Rebuild it."
-        raise CheckpointError(msg)
-    size = cfg.image_size
-    grid = meta.get("feature_grid")
-    if size % FEATURE_STRIDE or (grid is not None and list(grid) != [size // FEATURE_STRIDE] * 2):
-        msg = f"{where}: image size {size} and feature grid {grid} disagree (stride {FEATURE_STRIDE}). Rebuild it."
-        raise CheckpointError(msg)
+        cfg, _ = bank_config(state, where)  # the checks Detector.load runs in the replica
+    except (ConfigError, DataError) as exc:
+        raise CheckpointError(str(exc)) from None
+    meta, size = state.metadata, cfg.image_size
     return BankFile(
         product=product,
         path=where,
