@@ -25,11 +25,22 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "ocbank.cli", "-q", *args]
 
 
+def _has_content(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
 def _terminate_when(cmd: list[str], ready: Path) -> subprocess.CompletedProcess:
-    """Start ``cmd``, wait until ``ready`` exists (it is working), SIGTERM it at once."""
+    """Start ``cmd``, wait until ``ready`` has content (it is working), SIGTERM it at once.
+
+    Content, not mere existence: the lock file exists from ``open`` on, but its holder's pid is
+    written only once the lock is held, so a signal before then would test lock acquisition.
+    """
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not _has_content(ready) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
