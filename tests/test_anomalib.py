@@ -319,3 +319,21 @@ def test_import_ocbank_works_without_anomalib():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "refused"
+
+
+@pytest.mark.slow
+def test_a_restored_bank_keeps_the_configs_search_options_and_checks_its_thresholds(bank_file):
+    """restore_bank builds the bank as Detector.load does: every search option, and a bad decision is named."""
+    from ocbank.errors import ConfigError
+    from ocbank.integrations.anomalib import OCBank
+
+    model = OCBank.from_bank(bank_file, visualizer=False).model
+    extras = model.extras()
+    extras["config"]["bank"].update(gpu_search="torch", gpu_search_precision="bf16")
+    model.checkpoint_extras = extras
+    model.restore_bank()
+    assert model.detector.bank_.search_backend_["search"] == "torch"
+    assert model.detector.bank_.search_backend_["precision"] == "bf16"
+    model.checkpoint_extras = {**extras, "decision": {"image_threshold": 1.0}}  # no pixel threshold
+    with pytest.raises(ConfigError, match="Recalibrate"):
+        model.restore_bank()

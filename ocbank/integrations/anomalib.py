@@ -344,8 +344,9 @@ class OCBankModel(nn.Module):
             radius_growth=float(extras.get("radius_growth", 1.25)),
             radius_history=list(extras.get("radius_history", [])),
         )
-        det.bank_ = ClusterBank.from_state(state, device=resolve_device(det.config.device))
-        det.bank_.search_index = det.config.bank.search_index
+        det.bank_ = ClusterBank.from_state(
+            state, device=resolve_device(det.config.device), **det.config.bank.search_options
+        )
         stats = RadiusStats.from_dict(extras.get("radius_stats"))
         if stats is not None:
             det.radius_stats_ = stats
@@ -388,8 +389,9 @@ def _adopt_metadata(det: Detector, meta: dict[str, Any]) -> None:
     """Thresholds and lineage from a bank's metadata onto ``det`` (as Detector.load reads them)."""
     from ..model.calibration import Decision  # noqa: PLC0415
 
-    if meta.get("decision") is not None:
-        det.decision_ = Decision.from_dict(meta["decision"])
+    decision = Decision.from_metadata(meta)  # a malformed block is a ConfigError, as in Detector.load
+    if decision is not None:
+        det.decision_ = decision
     if "lineage" in meta:
         det.lineage_ = list(meta["lineage"])
 
