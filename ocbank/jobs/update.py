@@ -46,7 +46,6 @@ def update_bank(job: UpdateJob) -> dict[str, Any]:
     with build_lock(Path(job.out).parent):
         parent = file_sha256(Path(job.bank)) if Path(job.bank).is_file() else "none (no file)"  # its bytes
         det = Detector.load(job.bank, device=job.device)  # a missing or damaged file is refused by name here
-        _check_unchanged(job.bank, parent, "while it was read")
         if det.metadata_.get("complete") is False:
             msg = f"{job.bank} is a partial checkpoint, not a finished bank. Finish the build with --resume first."
             raise DataError(msg)

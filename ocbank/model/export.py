@@ -22,7 +22,6 @@ import torch
 
 from .._version import __version__
 from ..errors import ConfigError, DependencyError
-from .calibration import Decision
 from .module import AnomalyModel, MapSpec
 
 log = logging.getLogger(__name__)
@@ -75,8 +74,7 @@ def build_model(bank_path: str | os.PathLike[str]) -> tuple[AnomalyModel, dict[s
     det = Detector.load(bank_path, device="cpu")
     settings = settings_from_config(det.config)
     meta: dict[str, Any] = getattr(det, "metadata_", {})
-    decision = Decision.from_metadata(meta)
-    model = AnomalyModel(det.extractor, det.bank.means, settings.spec, decision)
+    model = AnomalyModel(det.extractor, det.bank.means, settings.spec, det.decision)  # parsed by Detector.load
     props = {
         "ocbank_version": __version__,
         "input": {"name": "image", "dtype": "float32", "shape": ["N", 3, settings.spec.size, settings.spec.size]},
