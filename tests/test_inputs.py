@@ -191,3 +191,27 @@ def test_save_masks_on_an_uncalibrated_bank_is_refused_by_name(tmp_path, tiny_mv
     assert "--save-masks needs a calibrated bank" in err and str(banks["plain"]) in err
     assert not (out / "scores.csv").exists()
     assert main(argv) == 0  # without masks the same bank scores
+
+
+def test_every_loader_warning_names_its_files_on_one_line(tmp_path, tiny_mvtec):
+    """The skip, unreadable-mask and no-mask warnings escape control characters and non-UTF-8 bytes alike."""
+    import warnings
+
+    from ocbank.data import Sample, escape_path
+    from ocbank.data.loader import ImageDataset
+
+    good = sorted((tiny_mvtec / "weave" / "train" / "good").glob("*.png"))[0]
+    image = tmp_path / "line\nbreak\udce9.png"
+    image.write_bytes(good.read_bytes())
+    mask = tmp_path / "mask\tbad.png"
+    mask.write_bytes(b"not a png")
+    samples = [Sample(str(image), label=1, mask=str(mask)), Sample(str(image), label=1)]
+    data = ImageDataset(samples, Transform(resize=72, crop=64), with_masks=True)
+    for i in range(len(samples)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            data[i]
+        (message,) = [str(w.message) for w in seen]
+        assert "\n" not in message and "\t" not in message, message
+        assert escape_path(image) in message
+        message.encode("utf-8")  # no lone surrogate left

@@ -44,8 +44,7 @@ class ImageDataset(Dataset):
             # One line naming the file; the caller counts the skipped index.
             name = _name(sample.path)
             text = f"skipping image: {exc}" if name in str(exc) else f"skipping unreadable image {name}: {exc}"
-            one_line = text.replace(name, escape_path(name)) if isinstance(sample.path, (str, os.PathLike)) else text
-            warnings.warn(one_line, stacklevel=1)
+            warnings.warn(_one_line(text, sample.path), stacklevel=1)
             return {"index": index, "skipped": True}
         item: dict[str, Any] = {"index": index, "skipped": False, "image": tensor, "rgb": rgb}
         if self.with_masks:
@@ -55,12 +54,22 @@ class ImageDataset(Dataset):
                 try:
                     mask = self.transform.mask(open_mask(sample.mask), img.size, str(sample.mask))
                 except (OcbankError, OSError) as exc:
-                    warnings.warn(f"skipping {_name(sample.path)}: unreadable mask: {exc}", stacklevel=1)
+                    text = f"skipping {_name(sample.path)}: unreadable mask: {exc}"
+                    warnings.warn(_one_line(text, sample.path, sample.mask), stacklevel=1)
                     return {"index": index, "skipped": True}
             elif sample.label == 1:
-                warnings.warn(f"anomalous image {sample.path} has no mask: counted as all-normal pixels", stacklevel=1)
+                text = f"anomalous image {_name(sample.path)} has no mask: counted as all-normal pixels"
+                warnings.warn(_one_line(text, sample.path), stacklevel=1)
             item["mask"] = mask
         return item
+
+
+def _one_line(text: str, *sources: Any) -> str:
+    """``text`` with each file name among ``sources`` escaped (:func:`escape_path`): one line, valid UTF-8."""
+    for source in sources:
+        if isinstance(source, (str, os.PathLike)) and (name := os.fspath(source)):
+            text = text.replace(name, escape_path(name))
+    return text
 
 
 def _name(source: Any) -> str:
