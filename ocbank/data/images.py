@@ -356,10 +356,14 @@ class Transform:
             img = img.crop((off, off, off + self.crop, off + self.crop))
         return img
 
+    def rgb(self, img: Image.Image | np.ndarray) -> np.ndarray:
+        """Image of any mode -> uint8 RGB [S, S, 3], resized and cropped (the geometry alone)."""
+        rgb8 = open_image(img) if not (isinstance(img, Image.Image) and img.mode == "RGB") else img
+        return np.asarray(self._geometry(rgb8, Image.BILINEAR), dtype=np.uint8)
+
     def image(self, img: Image.Image | np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """Image of any mode -> (normalised tensor [3, S, S], uint8 RGB [S, S, 3] for overlays)."""
-        rgb8 = open_image(img) if not (isinstance(img, Image.Image) and img.mode == "RGB") else img
-        rgb = np.asarray(self._geometry(rgb8, Image.BILINEAR), dtype=np.uint8)
+        rgb = self.rgb(img)
         return normalize(rgb8_to_unit(rgb)), rgb
 
     def mask(self, mask: Image.Image | np.ndarray, image_size: tuple[int, int], where: str) -> np.ndarray:

@@ -84,7 +84,7 @@ class ResizeCrop:
     def _images(self, images: torch.Tensor) -> torch.Tensor:
         geometry = Transform(self.resize, self.crop)
         u8 = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        rgb = np.stack([geometry.image(Image.fromarray(im))[1] for im in u8])
+        rgb = np.stack([geometry.rgb(Image.fromarray(im)) for im in u8])
         out = rgb8_to_unit(rgb).contiguous().to(images.device)
         return _like(out, images)
 

@@ -65,7 +65,7 @@ def decode_image(body: bytes, transform: Transform, max_bytes: int) -> np.ndarra
     where = "the request body"
     try:
         image = open_image(body, where=where)
-        _, rgb = transform.image(image)
+        rgb = transform.rgb(image)
     except NotAnImageError as exc:
         raise ApiError(415, "not_an_image", str(exc)) from None
     except ImageTooLargeError as exc:
