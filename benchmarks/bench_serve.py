@@ -24,7 +24,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import platform
 import socket
 import tempfile
 import time
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .common import machine_info, write_result
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -240,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     top = str(max(args.clients))
     result = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "note": "2-core machine shared with other jobs while measuring: absolute figures are noisy"},
+        "machine": machine_info(),  # load averages below say how busy it was
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "settings": {"size": args.size, "images": args.images, "max_batch": args.max_batch,
                      "batch_wait_ms": args.batch_wait_ms, "runtime": args.runtime, "served_runtime": served_runtime,
@@ -255,12 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             "p99_over_p50": remote["clients"][top]["p99_over_p50"],
         },
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    from ocbank.jsonio import write_json
-
-    path = write_json(out / args.name, result)
-    print(json.dumps(result["ratio_at_max_clients"], indent=2))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = write_result(args.out, args.name, result)
     print(f"wrote {path}")
     return 0
 
