@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..model.calibration import Decision, decision_metrics, f1_optimal_threshold, is_ng, transfer_warning
+from ..model.calibration import Decision, decision_metrics, f1_optimal_threshold, transfer_warning
 from ..model.metrics import pro_curve
 
 MAX_CURVE_POINTS = 400
@@ -126,9 +126,6 @@ def threshold_for(data: ClassData) -> Threshold:
         if floor is not None and fa is not None and floor > fa:
             note += (f"; {d.n_images} calibration images certify only 1/(n+1) = {100 * floor:.1f}% "
                      "(the threshold is their largest score): calibrate on more normal images")
-        normal = ~labels
-        warning = transfer_warning(d, int(is_ng(scores[normal], d.image_threshold).sum()), int(normal.sum()))
-        note += f"; warning: {warning}" if warning else ""
     else:
         best = f1_optimal_threshold(labels, scores)
         value, source = (best["threshold"] if best else float("nan")), "f1_optimal"
@@ -137,4 +134,6 @@ def threshold_for(data: ClassData) -> Threshold:
         why = "a score is not finite" if not np.isfinite(scores).all() else "the test set has a single class"
         return Threshold(value, "none", f"undefined: {why}", 0, 0, 0, 0)
     m = decision_metrics(labels, scores, value)
+    if d is not None and (warning := transfer_warning(d, m["fp"], m["fp"] + m["tn"])):  # as evaluate counts it
+        note += f"; warning: {warning}"
     return Threshold(value, source, note, m["tp"], m["fp"], m["fn"], m["tn"])
