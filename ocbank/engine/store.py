@@ -404,8 +404,9 @@ class TorchStore(_StoreBase):
 
     @property
     def means(self) -> np.ndarray:
-        # A copy on every device (on the CPU .numpy() would share the live buffer).
-        return self._means[: self.size].cpu().numpy().copy()
+        # A copy on every device: .cpu() copies off an accelerator; on the CPU .numpy() would share the live buffer.
+        live = self._means[: self.size]
+        return live.numpy().copy() if live.device.type == "cpu" else live.cpu().numpy()
 
     @property
     def counts(self) -> np.ndarray:
