@@ -6,8 +6,8 @@ import csv
 import logging
 import math
 import time
-import warnings
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from ..model.features import FeatureExtractor
 from .build import SINGLE_BANK
 from .report import ReportCollector
 from .report_html import write_report
-from .visualize import map_range, save_overlay
+from .visualize import map_range, save_overlay, write_output
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +107,9 @@ def _score_class(det: Detector, name: str, split: Any, out: Path, heatmaps: int,
         for j in [j for j, s in enumerate(samples) if s.label == 1][: max(heatmaps - shown, 0)]:
             stem = Path(str(samples[j].path)).stem
             target = out / "heatmaps" / name / fit_name(f"{samples[j].defect}_{stem}", ".png")
-            try:
-                save_overlay(target, res.rgb[j], res.maps[j], *map_range(det.bank.radius), res.masks[j])
-            except OSError as exc:  # one overlay that cannot be written loses nothing else
-                warnings.warn(f"could not write {escape_path(target)}: {exc.strerror or exc}", stacklevel=1)
-                got.outputs_failed += 1
+            lo, hi = map_range(det.bank.radius)
+            overlay = partial(save_overlay, rgb=res.rgb[j], amap=res.maps[j], vmin=lo, vmax=hi, mask=res.masks[j])
+            got.outputs_failed += not write_output(target, overlay)  # one that cannot be written loses nothing else
             shown += 1
     got.seconds = time.perf_counter() - start
     return got

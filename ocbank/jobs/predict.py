@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -17,7 +16,7 @@ from ..errors import ConfigError, DataError
 from ..model.calibration import Verdict
 from ..model.detector import Detector
 from .evaluate import check_complete
-from .visualize import map_range, save_overlay
+from .visualize import map_range, save_overlay, write_output
 
 OVERLAYS = ("all", "ng", "none")  # which images get a heatmap overlay PNG
 
@@ -68,7 +67,7 @@ def predict(
             if save_masks:
                 mask = verdict.mask[j].astype(np.uint8) * 255
                 writes.append((out / "masks" / fit_name(stem, ".png"), partial(_save_png, mask)))
-            failed = [target for target, write in writes if not _write(target, write)]
+            failed = [target for target, write in writes if not write_output(target, write)]
             rows[idx] = {"path": str(f), "score": float(res.scores[j]), "status": "ok", **_decision_row(verdict, j),
                          "outputs_failed": len(failed)}
     missing = [str(files[i]) for i, r in enumerate(rows) if r is None]
@@ -83,17 +82,6 @@ def predict(
         writer.writerows({**r, "path": escape_path(r["path"]), "score": "" if r["status"] != "ok" else f"{r['score']:.6f}"}
                          for r in done)
     return done
-
-
-def _write(target: Path, write: Callable[[Path], None]) -> bool:
-    """Write one output file; a failure is named in one warning and loses no other output."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write(target)
-    except OSError as exc:
-        warnings.warn(f"could not write {escape_path(target)}: {exc.strerror or exc}", stacklevel=2)
-        return False
-    return True
 
 
 def _save_npy(amap: np.ndarray, target: Path) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from ..data import escape_path
 
 
 def map_range(radius: float) -> tuple[float, float]:
@@ -32,3 +36,14 @@ def save_overlay(
         panels.append(np.repeat((mask > 0)[..., None] * 255, 3, axis=2).astype(np.uint8))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(panels, axis=1)).save(path)
+
+
+def write_output(target: Path, write: Callable[[Path], None]) -> bool:
+    """Write one output file with ``write(target)``; a failure is named in one warning and loses no other output."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write(target)
+    except OSError as exc:
+        warnings.warn(f"could not write {escape_path(target)}: {exc.strerror or exc}", stacklevel=2)
+        return False
+    return True
