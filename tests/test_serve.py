@@ -324,12 +324,13 @@ def test_bad_input_gets_4xx_and_keeps_the_replica(served, tmp_path):
 
 
 def test_overload_sheds_the_excess_quickly(served):
-    """A burst larger than the queue: 503 (JSON) for the excess within a second, 200 for the rest, memory back."""
+    """Bursts larger than the queue: 503 (JSON) for the excess within a second, 200 for the rest, memory back."""
     c = served["client"]
     proc_pids = _replica_pids(served["proc"].pid) | _replica_pids(served["proc"].pid, "Api")
     rng = np.random.default_rng(0)
-    big = _png(rng.integers(0, 256, (500, 500, 3), dtype=np.uint8))  # ~750 KB: a leak of the burst would show
+    big = _png(rng.integers(0, 256, (1000, 1000, 3), dtype=np.uint8))  # ~3 MB: a leak of bodies would show
     burst = 2 * MAX_BATCH + MAX_QUEUED + 24  # what the replica holds, the queue, and 24 more
+    bursts = 3
 
     def fire() -> list[tuple[int, dict, float]]:
         gate = threading.Barrier(burst)
@@ -342,23 +343,27 @@ def test_overload_sheds_the_excess_quickly(served):
             return list(pool.map(one, range(burst)))
 
     # The first burst warms what a burst needs once (decoder threads, allocator arenas); the
-    # baseline is taken after it, and a second burst must leave memory where it was.
+    # baseline is taken after it. Allocators keep some memory from burst to burst (+-30 MB
+    # seen on two machines); keeping the admitted bodies (~70 MB a burst) would add up.
     first = fire()
+    assert {s for s, _, _ in first} <= {200, 503}
     time.sleep(2.0)
     baseline = _rss(proc_pids)
-    results = fire()
-    for statuses in ([s for s, _, _ in first], [s for s, _, _ in results]):
+    admitted = 0
+    for _ in range(bursts):
+        results = fire()
+        statuses = [s for s, _, _ in results]
         assert set(statuses) <= {200, 503}, statuses
-    statuses = [s for s, _, _ in results]
-    shed = [(b, t) for s, b, t in results if s == 503]
-    assert shed, "no request was shed"
-    assert statuses.count(200) >= MAX_QUEUED
-    assert all(b["error"]["code"] == "overloaded" for b, _ in shed)
-    assert max(t for _, t in shed) < 1.0, sorted(t for _, t in shed)
+        shed = [(b, t) for s, b, t in results if s == 503]
+        assert shed, "no request was shed"
+        assert statuses.count(200) >= MAX_QUEUED
+        assert all(b["error"]["code"] == "overloaded" for b, _ in shed)
+        assert max(t for _, t in shed) < 1.0, sorted(t for _, t in shed)
+        admitted += statuses.count(200) * len(big)
     time.sleep(2.0)
     grown = _rss(proc_pids) - baseline
-    assert grown < len(big) * burst / 2, (grown, baseline, len(big) * burst)  # the burst's bodies were let go
-
+    # Less than one burst's admitted bodies after three bursts: keeping half of them fails (a third: 105 MB against 96 MB, measured).
+    assert grown < admitted / bursts, (grown, baseline, admitted)
 
 def test_hot_reload_under_load(served):
     """Reload under load: nothing fails, the probe's score moves old -> new and never back; a corrupt file -> 409."""
