@@ -48,6 +48,10 @@ from .options import ServeOptions
 log = logging.getLogger(__name__)
 
 DRAIN_POLL_S = 0.05
+# Request bodies (up to 64 MB) are freed after each answer, but glibc's sliding mmap threshold
+# keeps such buffers in the heap once one has been freed, so a burst would stay resident.
+# A fixed threshold returns every buffer of 1 MB or more to the system when it is freed.
+INGRESS_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 OVERLOADED = "the inspection queue is full. Retry after a moment, or add replicas (--replicas)."
 
 
@@ -165,7 +169,8 @@ def _error(exc: ApiError, headers: dict[str, str] | None = None) -> JSONResponse
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
-@serve.deployment(name="Api", num_replicas=1, ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=30)
+@serve.deployment(name="Api", num_replicas=1, graceful_shutdown_timeout_s=30,
+                  ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": INGRESS_ENV}})
 @serve.ingress(api)
 class Api:
     """HTTP ingress: the API of docs/serving.md."""
