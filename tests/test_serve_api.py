@@ -331,3 +331,41 @@ def test_validation_and_the_replicas_load_refuse_a_bank_alike(tmp_path, edit, wo
     with pytest.raises(OcbankError) as loaded:  # what a replica's Detector.load says
         Detector.load(path, device="cpu")
     assert words in str(served.value) and str(served.value) == str(loaded.value)
+
+
+def test_a_replica_holds_bank_bytes_only_while_a_request_waits_for_them():
+    """Scorer._get: the bytes' reference is there for every load (even after a failed one), and gone after."""
+    import asyncio
+    from collections import Counter
+
+    pytest.importorskip("ray.serve")
+    from ocbank.serve.app import Scorer
+
+    scorer = Scorer.func_or_class.__new__(Scorer.func_or_class)
+    scorer._sources, scorer._waiting = {}, Counter()
+    seen: list[object] = []
+
+    async def run() -> None:
+        first_may_fail = asyncio.Event()
+
+        async def multiplexer(model_id: str) -> str:  # records what the load would read
+            seen.append(scorer._sources.get(model_id))
+            if len(seen) == 1:
+                await first_may_fail.wait()
+                raise RuntimeError("load failed")
+            return f"bank {model_id}"
+
+        scorer._bank = multiplexer
+        first = asyncio.ensure_future(scorer._get("p@1", ["bytes-1"]))
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(scorer._get("p@1", ["bytes-1"]))
+        await asyncio.sleep(0)
+        first_may_fail.set()
+        with pytest.raises(RuntimeError, match="load failed"):
+            await first
+        assert await second == "bank p@1"
+        assert await scorer._get("p@2", ["bytes-2"]) == "bank p@2"
+
+    asyncio.run(run())
+    assert seen == ["bytes-1", "bytes-1", "bytes-2"]
+    assert scorer._sources == {} and not scorer._waiting  # a replaced bank's bytes are not pinned

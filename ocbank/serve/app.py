@@ -17,6 +17,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +91,8 @@ class Scorer:
 
         torch.set_num_threads(options.replica_threads)  # this replica's share of the cores
         self.options = options
-        self._sources: dict[str, Any] = {}
+        self._sources: dict[str, Any] = {}  # bank bytes (ObjectRef) while a request for them waits
+        self._waiting: Counter[str] = Counter()
         self._extractors: dict[tuple[str, ...], Any] = {}  # one backbone for every bank that uses it
 
         async def load(model_id: str) -> Any:
@@ -120,13 +122,22 @@ class Scorer:
             finally:
                 os.unlink(path)
 
-        bank = await asyncio.to_thread(build)
-        self._sources.pop(model_id, None)  # the multiplexer keeps the loaded bank; the bytes may go
-        return bank
+        return await asyncio.to_thread(build)
 
     async def _get(self, model_id: str, source: list[Any]) -> Any:
+        """The loaded bank ``model_id``; its bytes ``source[0]`` are held only while a request waits.
+
+        The multiplexer keeps the loaded bank, so once no request for it is waiting the
+        reference goes, and the object store can free a replaced bank's bytes.
+        """
         self._sources.setdefault(model_id, source[0])
-        return await self._bank(model_id)
+        self._waiting[model_id] += 1
+        try:
+            return await self._bank(model_id)
+        finally:
+            self._waiting[model_id] -= 1
+            if not self._waiting[model_id]:
+                del self._waiting[model_id], self._sources[model_id]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def score(self, requests: list[ScoreRequest]) -> list[dict[str, Any]]:
