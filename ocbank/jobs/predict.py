@@ -52,7 +52,7 @@ def predict(
     rows: list[dict[str, Any] | None] = [None] * len(files)
     vmin, vmax = map_range(det.bank.radius)
     for res in det.score_batches([Sample(str(f)) for f in files]):
-        verdict = None if det.decision is None else det.decision.apply(res.scores, res.maps)
+        verdict = None if det.decision is None else det.decision.apply(res.scores, res.maps if save_masks else None)
         for idx in res.skipped:
             rows[idx] = {"path": str(files[idx]), "score": float("nan"), "status": "unreadable"}
         for j, idx in enumerate(res.indices):
