@@ -313,7 +313,9 @@ class Detector:
         for lo in range(0, batch.shape[0], step):
             part = batch[lo : lo + step].float()
             keep, skipped = _in_unit_range(part, lo)
-            part = part[keep].contiguous()  # one memory layout, one conv kernel
+            if skipped:
+                part = part[keep]  # indexing with a list copies: only when something was left out
+            part = part.contiguous()  # one memory layout, one conv kernel
             rgb = (part.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             yield Batch([lo + i for i in keep], skipped, normalize(part), rgb)
 
