@@ -143,6 +143,16 @@ def test_metric_notes_say_why_a_metric_is_undefined():
     masks[1, 2, 2] = 1  # a 0/1 mask is anomalous where it is 1
     assert metrics.pixel_metric_note(masks) is None
     assert metrics.pixel_metric_note(np.full((1, 2, 2), 255, np.uint8)) == "no normal pixel in the masks"
+    # A score or map value that is not finite has no rank: after the label rules, it is the reason.
+    assert metrics.image_metric_note(np.array([0, 1, 0]), np.array([0.1, np.nan, np.inf])) == (
+        "2 of 3 image scores are not finite (a failed computation)")
+    assert metrics.image_metric_note(np.array([0, 1]), np.array([0.1, 0.2])) is None
+    assert metrics.image_metric_note(np.zeros(2), np.array([np.nan, 1.0])) == "no anomalous test image (only normal ones)"
+    masks = np.zeros((1, 2, 2), np.uint8)
+    masks[0, 0, 0] = 1
+    assert metrics.pixel_metric_note(masks, np.array([[[0.0, np.nan], [1.0, 2.0]]])) == (
+        "some anomaly map values are not finite (a failed computation)")
+    assert metrics.pixel_metric_note(masks, np.zeros((1, 2, 2))) is None
     # The notes agree with the metrics: defined exactly when no note is given.
     assert np.isnan(metrics.pixel_auroc(np.zeros((1, 3, 3)), np.ones((1, 3, 3))))
 

@@ -92,22 +92,23 @@ def _score_class(det: Detector, name: str, split: Any, out: Path, heatmaps: int,
     """Score a class's test split batch by batch; write up to ``heatmaps`` overlays of anomalies."""
     got = _ClassScores()
     shown = 0
+    lo, hi = map_range(det.bank.radius)
     start = time.perf_counter()
     for res in det.score_batches(split.test, with_masks=True):
         got.skipped += res.skipped
         samples: list[Sample] = [split.test[i] for i in res.indices]
-        for j, sample in enumerate(samples):
+        as_text = [replace(s, path=escape_path(s.path)) for s in samples]  # names as the CSV and report show them
+        for j, sample in enumerate(as_text):
             got.labels.append(sample.label)
             got.scores.append(float(res.scores[j]))
-            got.csv_rows.append([name, escape_path(sample.path), sample.label, sample.defect, f"{res.scores[j]:.6f}"])
-        collected.add_batch(name, res, [replace(s, path=escape_path(s.path)) for s in samples])  # shown as text
+            got.csv_rows.append([name, sample.path, sample.label, sample.defect, f"{res.scores[j]:.6f}"])
+        collected.add_batch(name, res, as_text)
         got.maps.append(res.maps.astype(np.float16))
         if res.masks is not None:  # None for a batch of unreadable images only
             got.masks.append(res.masks)
         for j in [j for j, s in enumerate(samples) if s.label == 1][: max(heatmaps - shown, 0)]:
             stem = Path(str(samples[j].path)).stem
             target = out / "heatmaps" / name / fit_name(f"{samples[j].defect}_{stem}", ".png")
-            lo, hi = map_range(det.bank.radius)
             overlay = partial(save_overlay, rgb=res.rgb[j], amap=res.maps[j], vmin=lo, vmax=hi, mask=res.masks[j])
             got.outputs_failed += not write_output(target, overlay)  # one that cannot be written loses nothing else
             shown += 1
@@ -121,14 +122,11 @@ def _class_row(det: Detector, got: _ClassScores, size: int) -> tuple[dict[str, A
     masks = np.concatenate(got.masks) if got.masks else np.zeros((0, size, size), np.uint8)
     labels, scores = np.array(got.labels), np.array(got.scores, dtype=np.float64)
     row: dict[str, Any] = {}
-    # A NaN score is a computation that failed: NG by the decision rule, but it has no rank,
-    # so the metrics that rank scores (AUROC, the F1-optimal threshold) are undefined.
+    # A NaN score is NG by the decision rule, but it has no rank, so the metrics that rank
+    # scores (AUROC, the F1-optimal threshold) are undefined.
     n_nan = int((~np.isfinite(scores)).sum())
-    nan_note = f"{n_nan} of {len(scores)} image scores are not finite (a failed computation)" if n_nan else None
-    image_note = metrics.image_metric_note(labels) or nan_note
-    pixel_note = metrics.pixel_metric_note(masks)
-    if pixel_note is None and not np.isfinite(maps).all():
-        pixel_note = "some anomaly map values are not finite (a failed computation)"
+    image_note = metrics.image_metric_note(labels, scores)
+    pixel_note = metrics.pixel_metric_note(masks, maps)
     nan = float("nan")
     _set_metric(row, "image_auroc", nan if image_note else metrics.image_auroc(labels, scores), image_note)
     _set_metric(row, "pixel_auroc", nan if pixel_note else metrics.pixel_auroc(masks, maps), pixel_note)
@@ -144,8 +142,8 @@ def _class_row(det: Detector, got: _ClassScores, size: int) -> tuple[dict[str, A
         "images_per_s": len(labels) / got.seconds if got.seconds > 0 else 0.0,
         **_decision_columns(det, labels, scores),
     })
-    if nan_note:
-        row["f1_optimal"], row["f1_optimal_note"] = None, nan_note
+    if n_nan:  # f1_optimal is None: say why
+        row["f1_optimal_note"] = image_note
     return row, maps, masks
 
 
@@ -209,7 +207,7 @@ def evaluate(
                         "image metrics null", name, results[name]["n_nan_scores"])
         if (results[name]["calibrated"] or {}).get("transfer_warning"):
             log.warning("class %s: %s", name, results[name]["calibrated"]["transfer_warning"])
-        collected.end_class(name, masks, maps, getattr(det, "metadata_", {}), map_range(det.bank.radius))
+        collected.end_class(name, masks, maps, det.decision, map_range(det.bank.radius))
         csv_rows += got.csv_rows
     rows = list(results.values())
     report = {"classes": results, "mean": _mean_row(rows), "n_skipped": sum(r["n_skipped"] for r in rows),

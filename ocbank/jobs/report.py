@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..model.calibration import Decision, decision_metrics, f1_optimal_threshold, transfer_warning
-from ..model.metrics import pro_curve
+from ..model.metrics import image_metric_note, pro_curve
 
 MAX_CURVE_POINTS = 400
 
@@ -92,12 +92,12 @@ class ReportCollector:
                 heapq.heapreplace(heap, item)
 
     def end_class(
-        self, name: str, masks: np.ndarray, maps: np.ndarray, metadata: dict[str, Any], map_range: tuple[float, float]
+        self, name: str, masks: np.ndarray, maps: np.ndarray, decision: Decision | None, map_range: tuple[float, float]
     ) -> None:
-        """Called once a class is scored: its masks/maps [N, S, S] (for the PRO curve), the bank's metadata."""
+        """Called once a class is scored: its masks/maps [N, S, S] (for the PRO curve), the bank's decision."""
         data = self.classes.setdefault(name, ClassData())
         data.pro = _thin(*pro_curve(masks, maps))
-        data.decision = Decision.from_metadata(metadata)
+        data.decision = decision
         data.map_range = map_range
 
 
@@ -131,8 +131,7 @@ def threshold_for(data: ClassData) -> Threshold:
         value, source = (best["threshold"] if best else float("nan")), "f1_optimal"
         note = "F1-optimal on this test set: optimistic, chosen with the labels; calibrate before deployment"
     if math.isnan(value):
-        why = "a score is not finite" if not np.isfinite(scores).all() else "the test set has a single class"
-        return Threshold(value, "none", f"undefined: {why}", 0, 0, 0, 0)
+        return Threshold(value, "none", f"undefined: {image_metric_note(labels, scores)}", 0, 0, 0, 0)
     m = decision_metrics(labels, scores, value)
     if d is not None and (warning := transfer_warning(d, m["fp"], m["fp"] + m["tn"])):  # as evaluate counts it
         note += f"; warning: {warning}"

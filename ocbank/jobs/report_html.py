@@ -23,7 +23,7 @@ import numpy as np
 
 from .._version import __version__
 from ..model.calibration import is_ng
-from ..model.metrics import PRO_FPR_LIMIT
+from ..model.metrics import PRO_FPR_LIMIT, image_metric_note
 from .report import ClassData, ReportCollector, Threshold, threshold_for
 from .visualize import save_overlay
 
@@ -46,7 +46,8 @@ def _plot_curves(data: ClassData, path: Path, threshold: Threshold) -> None:
 
     labels, scores = np.array(data.labels), np.array(data.scores)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(7.6, 3.2), dpi=90)
-    if len(np.unique(labels)) == 2 and np.isfinite(scores).all():
+    why = image_metric_note(labels, scores)  # None when the ROC is defined
+    if why is None:
         fpr, tpr, _ = roc_curve(labels, scores)
         ax1.plot(fpr, tpr, color="#1f5fa8", lw=2)
         ax1.fill_between(fpr, tpr, step=None, alpha=0.12, color="#1f5fa8")
@@ -56,8 +57,7 @@ def _plot_curves(data: ClassData, path: Path, threshold: Threshold) -> None:
             ax1.plot(*op, "o", color="#d1495b", ms=7, label=f"threshold {threshold.value:.3g}")
             ax1.legend(loc="lower right", fontsize=8, frameon=False)
     else:
-        why = "one class only" if len(np.unique(labels)) != 2 else "scores not finite"
-        ax1.text(0.5, 0.5, why, ha="center", va="center")
+        ax1.text(0.5, 0.5, why, ha="center", va="center", wrap=True, fontsize=8)
     ax1.plot([0, 1], [0, 1], ls=":", color="#999")
     ax1.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="false positive rate (normal images)",
             ylabel="true positive rate", title="image ROC")

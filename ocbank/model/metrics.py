@@ -92,8 +92,11 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = PRO_FPR_LIMIT)
     return float(np.trapezoid(pro, fpr) / fpr_limit)
 
 
-def image_metric_note(labels: np.ndarray) -> str | None:
-    """Why image AUROC is undefined for labels [N] (0 normal / 1 anomalous), or None if it is defined."""
+def image_metric_note(labels: np.ndarray, scores: np.ndarray | None = None) -> str | None:
+    """Why image AUROC is undefined for labels [N] (0 normal / 1 anomalous) and scores [N], or None if it is defined.
+
+    A NaN or infinite score is a computation that failed: it has no rank.
+    """
     labels = np.asarray(labels).ravel() > 0
     if labels.size == 0:
         return "no test image could be scored"
@@ -101,11 +104,13 @@ def image_metric_note(labels: np.ndarray) -> str | None:
         return "no normal test image (only anomalous ones)"
     if not labels.any():
         return "no anomalous test image (only normal ones)"
+    if scores is not None and (n_bad := int((~np.isfinite(np.asarray(scores))).sum())):
+        return f"{n_bad} of {labels.size} image scores are not finite (a failed computation)"
     return None
 
 
-def pixel_metric_note(masks: np.ndarray) -> str | None:
-    """Why pixel AUROC and AUPRO are undefined for masks [N, H, W], or None if they are defined."""
+def pixel_metric_note(masks: np.ndarray, maps: np.ndarray | None = None) -> str | None:
+    """Why pixel AUROC and AUPRO are undefined for masks and maps [N, H, W], or None if they are defined."""
     masks = np.asarray(masks) > 0
     if masks.size == 0:
         return "no test image could be scored"
@@ -113,4 +118,6 @@ def pixel_metric_note(masks: np.ndarray) -> str | None:
         return "no anomalous pixel in the masks"
     if masks.all():
         return "no normal pixel in the masks"
+    if maps is not None and not np.isfinite(maps).all():
+        return "some anomaly map values are not finite (a failed computation)"
     return None
