@@ -369,3 +369,17 @@ def test_a_replica_holds_bank_bytes_only_while_a_request_waits_for_them():
     asyncio.run(run())
     assert seen == ["bytes-1", "bytes-1", "bytes-2"]
     assert scorer._sources == {} and not scorer._waiting  # a replaced bank's bytes are not pinned
+
+
+def test_the_graph_is_refused_exactly_when_the_bank_searches_with_ivf():
+    """onnx_refusal asks the bank (ClusterBank.uses_ivf_), the rule its search follows."""
+    from ocbank.engine.bank import ClusterBank
+    from ocbank.model.detector import Detector
+    from ocbank.serve.runtime import onnx_refusal
+
+    x = np.random.default_rng(0).normal(size=(50, 1536)).astype(np.float32)
+    for index, approximate in (("ivf", True), ("flat", False), ("auto", False)):  # auto: IVF only for large banks
+        det = Detector(weights="none", device="cpu")
+        det.bank_ = ClusterBank(1536, 1.0, search_index=index).add(x)
+        assert det.bank_.uses_ivf_ is approximate
+        assert ("IVF" in (onnx_refusal(det) or "")) is approximate, index

@@ -198,6 +198,12 @@ class ClusterBank:
             return {"device": str(store.device), "search": store.search_backend, "precision": store.precision}
         return {"device": "cpu", "search": "faiss", "precision": "fp32"}
 
+    @property
+    def uses_ivf_(self) -> bool:
+        """Whether searches with k <= IVF_MAX_K go through the approximate IVF index (CPU banks, by ``search_index``)."""
+        use = self.search_index == "ivf" or (self.search_index == "auto" and use_ivf(len(self)))
+        return use and isinstance(self._bank_store, CpuStore)
+
     def __len__(self) -> int:
         store = self.__dict__.get("store_")
         return 0 if store is None else store.size
@@ -475,8 +481,7 @@ class ClusterBank:
 
         Called under the read lock, so the centroids cannot change while it is built or used.
         """
-        use = self.search_index == "ivf" or (self.search_index == "auto" and use_ivf(len(self)))
-        if not use or not isinstance(self._bank_store, CpuStore):
+        if not self.uses_ivf_:
             return None
         with self._init_lock:
             if self._ivf is None:

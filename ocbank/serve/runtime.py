@@ -21,7 +21,6 @@ from ..config import from_dict
 from ..data.images import rgb8_to_unit
 from ..engine import resolve_device
 from ..engine.checkpoint import read_metadata
-from ..engine.ivf import use_ivf
 from ..errors import ConfigError, DependencyError
 from ..model.calibration import Decision
 from ..model.detector import Detector
@@ -88,8 +87,7 @@ def onnx_refusal(detector: Detector) -> str | None:
         return "the bank runs on CUDA, where torch uses the GPU; onnxruntime here is the CPU provider"
     if cfg.scoring.mode != "nn":
         return f"scoring.mode is {cfg.scoring.mode!r}; the graph computes the method's max 1-NN score only"
-    search = cfg.bank.search_index
-    if search == "ivf" or (search == "auto" and use_ivf(len(detector.bank))):
+    if detector.bank.uses_ivf_:
         return "the bank searches with IVF (approximate); the graph's 1-NN is exact and would differ"
     try:
         import onnxruntime  # noqa: F401, PLC0415
