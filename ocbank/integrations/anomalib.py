@@ -41,14 +41,13 @@ from torch import nn
 from ..config import BackboneConfig, BankConfig, Config, DataConfig, ScoringConfig, from_dict
 from ..data import Transform
 from ..data.images import rgb8_to_unit
-from ..engine import ClusterBank, resolve_device
 from ..engine.checkpoint import BankState
 from ..errors import ConfigError, DependencyError, NotFittedError
+from ..model.calibration import Decision
 from ..model.detector import SPOOL_MEMORY_BYTES, Detector
 from ..model.export import settings_from_config
 from ..model.features import FEATURE_DIM
 from ..model.module import AnomalyModel, MapSpec
-from ..model.radius import RadiusStats
 from ..model.spool import FeatureSpool
 
 try:
@@ -344,32 +343,18 @@ class OCBankModel(nn.Module):
             radius_growth=float(extras.get("radius_growth", 1.25)),
             radius_history=list(extras.get("radius_history", [])),
         )
-        det.bank_ = ClusterBank.from_state(
-            state, device=resolve_device(det.config.device), **det.config.bank.search_options
-        )
-        stats = RadiusStats.from_dict(extras.get("radius_stats"))
-        if stats is not None:
-            det.radius_stats_ = stats
-        for key in ("decision", "lineage"):
-            det.__dict__.pop(f"{key}_", None)
-        _adopt_metadata(det, extras)
+        det.adopt(state, extras, Decision.from_metadata(extras))  # a malformed block: ConfigError, as on load
 
     def extras(self) -> dict[str, Any]:
         """What the state dict does not hold: the full config, radius rule, cap history, thresholds, lineage."""
         det = self.detector
         bank = det.bank
-        out = {
-            "config": det.config.to_dict(),
-            "radius_stats": det.radius_stats_.to_dict() if "radius_stats_" in det.__dict__ else {},
+        return {
+            **det.fitted_record(),
             "spread_known": bank.spread_known_,
             "radius_growth": bank.radius_growth,
             "radius_history": bank.radius_history_,
         }
-        if det.decision is not None:
-            out["decision"] = det.decision.to_dict()
-        if "lineage_" in det.__dict__:
-            out["lineage"] = det.lineage_
-        return out
 
     # ------------------------------------------------------------------ prediction
     def forward(self, images: torch.Tensor) -> InferenceBatch:
@@ -383,17 +368,6 @@ class OCBankModel(nn.Module):
             amap = self.scorer.maps(grid)
             score = torch.from_numpy(self.detector.grid_scores(grid.detach().cpu().numpy())).to(grid.device)
         return InferenceBatch(pred_score=score, anomaly_map=amap[:, None])
-
-
-def _adopt_metadata(det: Detector, meta: dict[str, Any]) -> None:
-    """Thresholds and lineage from a bank's metadata onto ``det`` (as Detector.load reads them)."""
-    from ..model.calibration import Decision  # noqa: PLC0415
-
-    decision = Decision.from_metadata(meta)  # a malformed block is a ConfigError, as in Detector.load
-    if decision is not None:
-        det.decision_ = decision
-    if "lineage" in meta:
-        det.lineage_ = list(meta["lineage"])
 
 
 # ---------------------------------------------------------------------- lightning module

@@ -585,20 +585,43 @@ class Detector:
     def metadata(self) -> dict[str, Any]:
         """What a bank file needs to rebuild this Detector, and how the bank was made."""
         size = self.config.image_size
-        meta = {
-            "config": self.config.to_dict(),
+        return {
+            **self.fitted_record(),
             "backbone": self.extractor.describe(),
             "feature_grid": [size // FEATURE_STRIDE, size // FEATURE_STRIDE],
             "image_size": size,
             "radius": self.bank.radius,
-            "radius_stats": self.radius_stats_.to_dict() if "radius_stats_" in self.__dict__ else {},
             "search_backend": self.bank.search_backend_,
         }
+
+    def fitted_record(self) -> dict[str, Any]:
+        """What a file keeps beside the bank's arrays to restore this Detector: config, radius rule,
+        thresholds (when calibrated) and update lineage (when updated). :meth:`adopt` reads it back."""
+        record: dict[str, Any] = {
+            "config": self.config.to_dict(),
+            "radius_stats": self.radius_stats_.to_dict() if "radius_stats_" in self.__dict__ else {},
+        }
         if self.decision is not None:
-            meta["decision"] = self.decision.to_dict()
+            record["decision"] = self.decision.to_dict()
         if "lineage_" in self.__dict__:
-            meta["lineage"] = self.lineage_
-        return meta
+            record["lineage"] = self.lineage_
+        return record
+
+    def adopt(self, state: BankState, record: dict[str, Any], decision: Decision | None) -> None:
+        """Take ``state`` as the bank (on this config's device, searching as it says) with the radius
+        rule and lineage of ``record`` (:meth:`fitted_record`, or a bank file's metadata) and ``decision``."""
+        self.bank_ = ClusterBank.from_state(
+            state, device=resolve_device(self.config.device), **self.config.bank.search_options
+        )
+        stats = RadiusStats.from_dict(record.get("radius_stats"))
+        if stats is not None:
+            self.radius_stats_ = stats
+        for key in ("decision_", "lineage_"):
+            self.__dict__.pop(key, None)
+        if decision is not None:
+            self.decision_ = decision
+        if "lineage" in record:
+            self.lineage_ = list(record["lineage"])
 
     def save(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
         """One HDF5 file: the bank plus config, backbone and thresholds in its metadata (atomic)."""
@@ -618,23 +641,14 @@ class Detector:
         meta = state.metadata
         cfg, decision = bank_config(state, str(path), device)
         det = cls.from_config(cfg, extractor=extractor)
-        det.bank_ = ClusterBank.from_state(
-            state, device=resolve_device(det.config.device), **det.config.bank.search_options
-        )
-        stats = RadiusStats.from_dict(meta.get("radius_stats"))
-        if stats is not None:
-            det.radius_stats_ = stats
+        det.adopt(state, meta, decision)
         det.metadata_ = meta
-        if decision is not None:
-            det.decision_ = decision
-            if meta.get("thresholds_predate_update"):  # every consumer loads here: predict, evaluate, serve, export
-                log.warning(
-                    "%s: its OK/NG thresholds were calibrated before its last update (thresholds_predate_update), "
-                    "so labels and masks may be off. Recalibrate: ocbank update ... --calibration DIR of normal images.",
-                    path,
-                )
-        if "lineage" in meta:
-            det.lineage_ = list(meta["lineage"])
+        if decision is not None and meta.get("thresholds_predate_update"):  # every consumer loads here
+            log.warning(
+                "%s: its OK/NG thresholds were calibrated before its last update (thresholds_predate_update), "
+                "so labels and masks may be off. Recalibrate: ocbank update ... --calibration DIR of normal images.",
+                path,
+            )
         sha = meta.get("backbone", {}).get("weights_sha256")
         if extractor is None and sha is not None:
             weights = Path(det.config.backbone.weights)
