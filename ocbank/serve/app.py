@@ -32,6 +32,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import OcbankError
+from .admin import AdminRoutes
+from .admin import router as admin_router
 from .api import (
     TIMEOUT_HEADER,
     UNCALIBRATED,
@@ -43,6 +45,7 @@ from .api import (
     request_timeout,
 )
 from .banks import BankFile, bank_path, list_banks, valid_product, validate_bank
+from .health import HEALTH_STATES
 from .metrics import OTHER_PRODUCT, Metrics
 from .options import ServeOptions
 
@@ -75,8 +78,10 @@ class _Entry:
     ref: Any  # ray.ObjectRef of the file's bytes
 
 
-def _write_temp(data: bytes) -> str:
-    fd, path = tempfile.mkstemp(suffix=".h5", prefix="ocbank-serve-")
+def _write_temp(data: bytes, model_id: str) -> str:
+    # Named by product and version, so that a warning Detector.load logs about the file names the bank.
+    product, sha = model_id.rsplit("@", 1)
+    fd, path = tempfile.mkstemp(suffix=".h5", prefix=f"ocbank-serve-{product}@{sha[:12]}-")
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
     return path
@@ -113,7 +118,7 @@ class Scorer:
         sha = model_id.rsplit("@", 1)[1]
 
         def build() -> ServedBank:
-            path = _write_temp(data)
+            path = _write_temp(data, model_id)
             try:
                 return ServedBank.load(
                     path, sha, self.options.runtime, threads=self.options.replica_threads,
@@ -177,13 +182,16 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
 
 
 def _error(exc: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    return JSONResponse(exc.body(), status_code=exc.status, headers={**exc.headers(), **(headers or {})})
+
+
+api.include_router(admin_router)  # feedback, learn, versions, rollback (ocbank.serve.admin)
 
 
 @serve.deployment(name="Api", num_replicas=1, graceful_shutdown_timeout_s=30,
                   ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": INGRESS_ENV}})
 @serve.ingress(api)
-class Api:
+class Api(AdminRoutes):
     """HTTP ingress: the API of docs/serving.md."""
 
     def __init__(self, scorer: DeploymentHandle, options: ServeOptions) -> None:
@@ -207,6 +215,7 @@ class Api:
         self.capacity = options.replicas * options.max_ongoing + options.max_queued
         self._warming: asyncio.Future[None] | None = None
         self._reload_lock: asyncio.Lock | None = None
+        self.init_admin()
 
     @staticmethod
     def _entry(product: str, data: bytes, where: str) -> _Entry:
@@ -268,26 +277,26 @@ class Api:
 
     @api.get("/metrics")
     async def metrics_text(self) -> Response:
+        for product in self.banks:
+            self.metrics.health(product, self.health(product)["state"], HEALTH_STATES)
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
 
     @api.get("/v1/banks")
     async def list_served(self) -> dict[str, Any]:
         return {
-            "banks": {p: e.info.describe() for p, e in sorted(self.banks.items())},
+            "banks": {p: {**e.info.describe(), "calibration": self.health(p)} for p, e in sorted(self.banks.items())},
             "failed": dict(self.failed),
             "ready": self.ready,
         }
 
     # ------------------------------------------------------------------ reload
     @api.post("/v1/banks/{product}/reload")
-    async def reload(self, product: str) -> JSONResponse:
-        if self._reload_lock is None:
-            self._reload_lock = asyncio.Lock()
-        async with self._reload_lock:  # one reload at a time; inspections go on meanwhile
-            try:
-                return JSONResponse(await self._reload(product))
-            except ApiError as exc:
-                return _error(exc)
+    async def reload(self, product: str, request: Request) -> JSONResponse:
+        try:
+            self.authorize_admin(request, "reload")
+            return JSONResponse(await self.reload_and_announce(product, "reloaded"))  # one at a time; inspections go on
+        except ApiError as exc:
+            return _error(exc)
 
     async def _reload(self, product: str) -> dict[str, Any]:
         path = bank_path(self.options.banks, product)
@@ -346,6 +355,7 @@ class Api:
             raise ApiError(503, "shutting_down", "the server is shutting down. Send the request to another instance.")
         if self.inflight > self.capacity:  # shed before the body is read or decoded: the answer comes at once
             raise ApiError(503, "overloaded", OVERLOADED)
+        self.authorize_inspect(request)
         entry = self.banks.get(product)
         if entry is None:
             if product in self.failed:
@@ -359,6 +369,7 @@ class Api:
         remaining = timeout - (time.perf_counter() - began)
         result = await self._score(entry, ScoreRequest(entry.info.model_id, pixels, [entry.ref], want_mask, want_map), remaining)
         self.metrics.model_call(product, result.pop("call"))
+        self.observe_score(product, entry.info.sha256, result.get("normalized"), inspection=True)
         out: dict[str, Any] = {
             "product": product,
             "bank_sha256": entry.info.sha256,

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 DRAIN_S = 20.0  # in-flight requests get this long to finish after SIGTERM
 WARM_S = 600.0  # the first load of every bank (the ONNX export runs here)
 _CHILD_GRACE_S = 3.0
+EVENTS_TIMEOUT_S = 5.0  # one poll of the ingress's terminal lines
 
 
 def _import_serve() -> tuple[Any, Any]:
@@ -95,6 +96,14 @@ class Server:
         self.warm = self.handle.warm.remote().result(timeout_s=WARM_S)
         return self
 
+    def announce_events(self, seen: int, announce: Callable[[str], None]) -> int:
+        """Print the ingress's lines (reload, learn, rollback) newer than ``seen``; return the newest one's number."""
+        with contextlib.suppress(Exception):  # a busy or restarting ingress: the lines come on the next poll
+            for seq, line in self.handle.events_since.remote(seen).result(timeout_s=EVENTS_TIMEOUT_S):
+                announce(line)
+                seen = max(seen, seq)
+        return seen
+
     def stop(self, drain_s: float = DRAIN_S) -> None:
         procs = _descendants() if self._own_ray else []
         if self.handle is not None:
@@ -125,7 +134,11 @@ class Server:
         self.stop()
 
 
-def serve_forever(options: ServeOptions, announce: Callable[[str], None] = print) -> int:
+def _say(line: str) -> None:
+    print(line, flush=True)  # the terminal's lines appear as they happen, even when stdout is a file
+
+
+def serve_forever(options: ServeOptions, announce: Callable[[str], None] = _say) -> int:
     """Serve until SIGTERM or SIGINT, shut down cleanly, and return the signal's number."""
     stopped_by: list[int] = []
     stop = threading.Event()
@@ -147,8 +160,9 @@ def serve_forever(options: ServeOptions, announce: Callable[[str], None] = print
         banks = sorted(list_banks(options.banks))
         announce(f"ocbank serve: {len(banks) - len(failed)} bank(s) on http://{options.host}:{options.port} "
                  f"(replicas {options.replicas}, runtime {options.runtime}); SIGTERM or Ctrl-C stops it")
+        seen = 0
         while not stop.wait(0.5):
-            pass
+            seen = server.announce_events(seen, announce)
         announce("ocbank serve: stopping (finishing requests in flight)")
         return stopped_by[0]
     finally:
