@@ -12,6 +12,7 @@ import asyncio
 import collections
 import hashlib
 import logging
+import math
 import time
 from typing import Any
 
@@ -159,10 +160,13 @@ class AdminRoutes:
 
     # ------------------------------------------------------------------ learn
     @router.post("/v1/banks/{product}/learn", status_code=202)
-    async def start_learn(self, product: str, request: Request) -> JSONResponse:
+    async def start_learn(self, product: str, request: Request, max_new_centroids: float | None = None) -> JSONResponse:
         try:
             self.authorize_admin(request, "learn")
             entry = self._served(product)
+            if max_new_centroids is not None and not (math.isfinite(max_new_centroids) and max_new_centroids > 0):
+                msg = f"max_new_centroids must be a number > 0 (a fraction of K), got {max_new_centroids!r}."
+                raise ApiError(400, "bad_request", msg)
             running = self.learning.get(product)
             if running is not None and not running.done():
                 msg = f"a learn of {product} is running. Wait for it: GET /v1/banks/{product}/learn."
@@ -175,7 +179,7 @@ class AdminRoutes:
         began = time.time()
         self.last_learn[product] = {"product": product, "state": "running", "old_sha256": entry.info.sha256,
                                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(began))}
-        ref = self._learn_task.remote(self.options.banks, product)
+        ref = self._learn_task.remote(self.options.banks, product, max_new_centroids)
         self.learning[product] = asyncio.ensure_future(self._finish_learn(product, ref, began))
         return JSONResponse({"product": product, "state": "running", "status": f"/v1/banks/{product}/learn"},
                             status_code=202)

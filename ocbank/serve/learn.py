@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..data import escape_path
 from ..engine.checkpoint import read_metadata
 from ..errors import BuildLockError, OcbankError
 from ..jobs.lock import build_lock
@@ -64,17 +65,22 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def gated_update(bank: Path, files: list[Path], *, dry_run: bool = False) -> dict[str, Any]:
-    """The jobs layer's gated update of ``bank`` with ``files``, in place; the answer the learn needs.
+def gated_update(bank: Path, files: list[Path], *, dry_run: bool = False,
+                 max_new_centroids: float | None = None) -> dict[str, Any]:
+    """The gated update of ``bank`` with ``files`` in place (``gate auto``; the parent kept in history).
 
-    Returns ``{"absorbed": [file names], "held_back": [{"file", "score"}], "summary": {...}}``.
+    Returns ``{"absorbed": [paths], "held_back": [{"file", "score"}], "summary": ...}``, each path
+    escaped as the update reports it (:func:`ocbank.data.escape_path`); an image that could not be
+    read counts as held back (score None), so that no learn offers it again.
     """
     from ..jobs.update import UpdateJob, update_bank  # noqa: PLC0415
 
-    if dry_run:
-        return {"absorbed": [f.name for f in files], "held_back": [], "summary": {}}
-    summary = update_bank(UpdateJob(bank=str(bank), inputs=tuple(str(f) for f in files), out=str(bank)))
-    return {"absorbed": [f.name for f in files], "held_back": [], "summary": summary}
+    extra = {} if max_new_centroids is None else {"max_new_centroids": max_new_centroids}
+    summary = update_bank(UpdateJob(bank=str(bank), inputs=tuple(str(f) for f in files), out=str(bank),
+                                    dry_run=dry_run, **extra))
+    held = [{"file": h["image"], "score": h["score"]} for h in summary["held_back"]]
+    held += [{"file": name, "score": None} for name in summary["unreadable"]]
+    return {"absorbed": [a["image"] for a in summary["absorbed"]], "held_back": held, "summary": summary}
 
 
 def _settle(banks: str, product: str, entry: dict[str, Any]) -> None:
@@ -87,6 +93,7 @@ def _settle(banks: str, product: str, entry: dict[str, Any]) -> None:
 
 
 def _decide(banks: str, product: str, result: dict[str, Any], by_file: dict[str, str]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The gate's split of ``result`` as feedback ids (``by_file``: escaped image path -> id)."""
     absorbed = [by_file[name] for name in result["absorbed"] if name in by_file]
     held = [{"id": by_file[h["file"]], "score": h.get("score")} for h in result["held_back"] if h["file"] in by_file]
     return absorbed, held
@@ -106,9 +113,11 @@ def recover(banks: str, product: str) -> dict[str, Any] | None:
             return _journal(banks, product, {**entry, "state": "interrupted", "finished": _now(),
                                              "error": "the learn stopped before it wrote a new version; nothing was absorbed."})
         # The new version landed; its gate decisions are re-derived against the parent it names.
-        by_file = {r["file"]: r["id"] for r in records(banks, product) if r["id"] in entry["candidates"]}
+        offered = [r for r in records(banks, product) if r["id"] in entry["candidates"]]
+        by_file = {escape_path(image_path(banks, product, r)): r["id"] for r in offered}
         parent = _parent_version(bank, entry["old_sha256"])
-        result = gated_update(parent, [feedback_dir(banks, product) / f for f in by_file], dry_run=True)
+        result = gated_update(parent, [image_path(banks, product, r) for r in offered], dry_run=True,
+                              max_new_centroids=entry.get("max_new_centroids"))
         absorbed, held = _decide(banks, product, result, by_file)
         entry = {**entry, "state": "marking", "new_sha256": current, "absorbed": absorbed, "held_back": held,
                  "finished": _now()}
@@ -136,7 +145,7 @@ def _wait_for_lock(folder: Path, deadline: float) -> Any:
             time.sleep(LOCK_POLL_S)
 
 
-def learn(banks: str, product: str, threads: int = 1) -> dict[str, Any]:
+def learn(banks: str, product: str, max_new_centroids: float | None = None, threads: int = 1) -> dict[str, Any]:
     """Absorb ``product``'s pending OK feedback through the gated update; return the journal's last entry.
 
     The task's body: it holds the product's learn lock, finishes an interrupted learn first
@@ -159,17 +168,18 @@ def learn(banks: str, product: str, threads: int = 1) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "product": product, "state": "running", "pid": os.getpid(), "started": _now(), "old_sha256": parent,
             "candidates": [r["id"] for r in todo], "recovered_before": bool(recovered),
+            "max_new_centroids": max_new_centroids,
         }
         if not todo:
             entry.update(state="learned", new_sha256=parent, absorbed=[], held_back=[], finished=_now(),
                          note="no OK feedback was waiting: the bank is unchanged.")
             return _journal(banks, product, {**entry, "seconds": round(time.perf_counter() - began, 3)})
         _journal(banks, product, entry)
-        by_file = {r["file"]: r["id"] for r in todo}
         files = [image_path(banks, product, r) for r in todo]
+        by_file = {escape_path(f): r["id"] for f, r in zip(files, todo)}
         while True:
             try:
-                result = gated_update(bank, files)
+                result = gated_update(bank, files, max_new_centroids=max_new_centroids)
                 break
             except BuildLockError:  # a build, update or rollback of another product holds the folder
                 if time.monotonic() > deadline:
