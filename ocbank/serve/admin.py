@@ -103,15 +103,14 @@ class AdminRoutes:
 
     # ------------------------------------------------------------------ health
     def observe_score(self, product: str, sha256: str, normalized: float | None, inspection: bool) -> None:
-        self.counts.scored_one(sha256)
+        self.counts.scored[f"{product}@{sha256}"] += 1
         if inspection and normalized is not None:
             self.metrics.normalized(product, normalized)
 
     def health(self, product: str) -> dict[str, Any]:
         info = self.banks[product].info
-        sha = info.sha256
-        return calibration_health({"decision": info.decision}, info.stale, self.counts.scored[sha],
-                                  self.counts.false_alarms[sha])
+        return calibration_health({"decision": info.decision}, info.stale, self.counts.scored[info.model_id],
+                                  self.counts.false_alarms[info.model_id])
 
     def _served(self, product: str) -> Any:
         entry = self.banks.get(product)
@@ -154,7 +153,7 @@ class AdminRoutes:
             raise ApiError(507, "not_stored", f"the feedback could not be stored: {_one_line(exc)}. Retry.") from None
         if record["status"] != "duplicate" and record.get("service_label") == "NG" and record.get("bank_sha256"):
             step = 1 if verdict == "OK" else (-1 if record["status"] == "relabelled" else 0)
-            self.counts.false_alarms[record["bank_sha256"]] += step
+            self.counts.false_alarms[f"{product}@{record['bank_sha256']}"] += step
         keys = ("id", "status", "label", "score", "normalized", "service_label", "bank_sha256", "time")
         return {"product": product, **{k: record.get(k) for k in keys}}
 

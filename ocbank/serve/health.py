@@ -28,19 +28,12 @@ RECALIBRATE = ("Recalibrate the thresholds on normal images from the line: ocban
 
 
 class FalseAlarmCounts:
-    """Per bank version (sha256): images scored, and OK feedback on images it called NG."""
+    """Per served bank version (``product@sha256``: two products may serve the same file): images scored,
+    and OK feedback on images it called NG."""
 
     def __init__(self) -> None:
         self.scored: Counter[str] = Counter()
         self.false_alarms: Counter[str] = Counter()
-
-    def scored_one(self, sha256: str) -> None:
-        self.scored[sha256] += 1
-
-    def feedback(self, sha256: str, label: str, service_label: str | None) -> None:
-        """Count a newly stored feedback image: a false alarm when the operator says OK to an NG call."""
-        if label == "OK" and service_label == "NG":
-            self.false_alarms[sha256] += 1
 
 
 def calibration_health(info: dict[str, Any], stale: bool, scored: int, false_alarms: int) -> dict[str, Any]:
