@@ -152,3 +152,73 @@ def test_calibration_health_states():
     assert calibration_health({"decision": DECISION}, False, 400, 10)["state"] == "ok"
     # Feedback without inspections: the images at risk are at least the false alarms.
     assert calibration_health({"decision": DECISION}, False, 0, 10)["state"] == "drifting"
+
+
+# ---------------------------------------------------------------------- learn's crash windows
+class _Crash(Exception):
+    pass
+
+
+@pytest.fixture
+def learn_bank(tmp_path):
+    """A calibrated bank in tmp/banks and six pending OK feedback images (normal, then two defects)."""
+    from ocbank.model.detector import Detector
+    from ocbank.synthetic import make_dataset
+
+    root = make_dataset(tmp_path / "data", n_train=20, n_good_test=4, n_defect_test=1, size=80)
+    banks = tmp_path / "banks"
+    train = sorted((root / "weave" / "train" / "good").glob("*.png"))
+    Detector(weights="none", image_size=64, resize=72, radius="auto", radius_images=3, device="cpu", batch_size=4,
+             false_alarm_rate=0.05).fit(train[:10]).calibrate(train[10:]).save(banks / "weave.h5")
+    files = sorted((root / "weave" / "test" / "good").glob("*.png")) + sorted(
+        (root / "weave" / "test").glob("[bs]*/*.png"))
+    ids = {fb.store(banks, "weave", f.read_bytes(), "OK", {})["id"] for f in files}
+    return banks, ids
+
+
+def _settled_once(banks: Path, ids: set[str]) -> list[dict]:
+    from ocbank.engine.checkpoint import read_metadata
+
+    sidecars = [json.loads((fb.feedback_dir(banks, "weave") / f"{i}.json").read_text()) for i in ids]
+    assert all(bool(s["absorbed_into"]) != bool(s["held_back"]) for s in sidecars), sidecars
+    lineage = read_metadata(banks / "weave.h5").get("lineage") or []
+    assert sum(e["images_added"] for e in lineage) == sum(bool(s["absorbed_into"]) for s in sidecars)
+    return sidecars
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crash_at", ["after_write", "mid_marking"])
+def test_a_learn_cut_short_is_finished_exactly_once(learn_bank, monkeypatch, crash_at):
+    """The two windows a signal cannot show reliably: after the new version is written but before the
+    journal says what it absorbed, and between two sidecar marks."""
+    from ocbank.serve import learn as learn_mod
+
+    banks, ids = learn_bank
+    real_journal, real_mark = learn_mod._journal, learn_mod.mark
+    marks: list[str] = []
+
+    def journal(b, p, record):
+        if crash_at == "after_write" and record["state"] == "marking":
+            raise _Crash
+        return real_journal(b, p, record)
+
+    def mark(b, p, fid, **fields):
+        marks.append(fid)
+        if crash_at == "mid_marking" and len(marks) == 2:
+            raise _Crash
+        return real_mark(b, p, fid, **fields)
+
+    monkeypatch.setattr(learn_mod, "_journal", journal)
+    monkeypatch.setattr(learn_mod, "mark", mark)
+    parent = fb.hashlib.sha256((banks / "weave.h5").read_bytes()).hexdigest()
+    with pytest.raises(_Crash):
+        learn_mod.learn(str(banks), "weave")
+    written = fb.hashlib.sha256((banks / "weave.h5").read_bytes()).hexdigest()
+    assert written != parent  # the crash came after the new version was written
+    monkeypatch.setattr(learn_mod, "_journal", real_journal)
+    monkeypatch.setattr(learn_mod, "mark", real_mark)
+    entry = learn_mod.learn(str(banks), "weave")
+    assert entry["recovered_before"] and entry["candidates"] == [] and entry["new_sha256"] == written
+    sidecars = _settled_once(banks, ids)
+    assert {s["absorbed_into"] for s in sidecars if s["absorbed_into"]} == {written}
+    assert any(s["held_back"] for s in sidecars) and any(s["absorbed_into"] for s in sidecars)
