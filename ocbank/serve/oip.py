@@ -169,28 +169,28 @@ def _binary_elements(data: bytes, n: int) -> list[bytes]:
     out, at = [], 0
     for i in range(n):
         if at + _LENGTH.size > len(data):
-            raise _bad(f"input {INPUT!r}'s binary data ends before element {i} of {n}. {HINT}")
+            raise _bad(f"the binary data of input {INPUT!r} ends before element {i} of {n}. {HINT}")
         (size,) = _LENGTH.unpack_from(data, at)
         at += _LENGTH.size
         if at + size > len(data):
-            raise _bad(f"input {INPUT!r}'s element {i} declares {size} bytes, but only {len(data) - at} follow. {HINT}")
+            raise _bad(f"{element(i)} declares {size} bytes, but only {len(data) - at} follow. {HINT}")
         out.append(data[at : at + size])
         at += size
     if at != len(data):
-        raise _bad(f"input {INPUT!r}'s binary data has {len(data) - at} bytes after its {n} elements. {HINT}")
+        raise _bad(f"the binary data of input {INPUT!r} has {len(data) - at} bytes after its {n} elements. {HINT}")
     return out
 
 
 def _json_elements(data: Any, n: int) -> list[bytes]:
     flat = data[0] if isinstance(data, list) and len(data) == 1 and isinstance(data[0], list) else data
     if not (isinstance(flat, list) and len(flat) == n and all(isinstance(x, str) for x in flat)):
-        raise _bad(f"input {INPUT!r}'s JSON data must be {n} base64 string(s), one per image. {HINT}")
+        raise _bad(f"the JSON data of input {INPUT!r} must be {n} base64 string(s), one per image. {HINT}")
     out = []
     for i, text in enumerate(flat):
         try:
             out.append(base64.b64decode(text, validate=True))
         except (binascii.Error, ValueError):
-            raise _bad(f"input {INPUT!r}'s element {i} is not base64. {HINT}") from None
+            raise _bad(f"{element(i)} is not base64. {HINT}") from None
     return out
 
 

@@ -28,13 +28,13 @@ log = logging.getLogger(__name__)
 DRAIN_S = 20.0  # in-flight requests get this long to finish after SIGTERM
 WARM_S = 600.0  # the first load of every bank (the ONNX export runs here)
 _CHILD_GRACE_S = 3.0
-# Ray's driver-side loggers: their INFO lines (a local Ray started, Serve started, "Connecting to
-# existing Serve app ... will not be applied" from serve.run after serve.start) are Ray's own
-# bookkeeping; ocbank announces what the user needs. Warnings and errors still show.
-_RAY_LOGGERS = ("ray", "ray.serve")
-# A local cluster keeps Ray's default token authentication; saying so explicitly spares the
-# warning Ray prints when the mode is left unset. A RAY_AUTH_MODE the user set is respected.
-_AUTH_MODE = ("RAY_AUTH_MODE", "token")
+# Ray's driver-side loggers and the level below which their lines are Ray's own bookkeeping:
+# INFO (a local Ray started, Serve started, "Connecting to existing Serve app ... will not be
+# applied" from serve.run after serve.start); ocbank announces what the user needs. The token
+# module's one warning says that a new local cluster uses token authentication, Ray's default,
+# which ocbank keeps. Every other warning and error still shows.
+_RAY_LOGGERS = {"ray": logging.WARNING, "ray.serve": logging.WARNING,
+                "ray._private.authentication.authentication_token_setup": logging.ERROR}
 
 
 def _import_serve() -> tuple[Any, Any]:
@@ -48,8 +48,8 @@ def _import_serve() -> tuple[Any, Any]:
 
 
 def _quiet_ray() -> None:
-    for name in _RAY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
+    for name, level in _RAY_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def not_served(failed: dict[str, str]) -> list[str]:
@@ -116,7 +116,6 @@ class Server:
                 # A short private temp dir: Ray's socket paths must stay under ~107 characters,
                 # and this cluster's files never mix with another Ray on the machine.
                 self._temp = tempfile.mkdtemp(prefix="ocbray-", dir="/tmp" if os.path.isdir("/tmp") else None)
-                os.environ.setdefault(*_AUTH_MODE)
                 ray.init(num_cpus=opts.total_cpus, include_dashboard=False, log_to_driver=False,
                          logging_level=logging.WARNING, _temp_dir=self._temp)
                 self._own_ray = True
@@ -128,8 +127,8 @@ class Server:
             self.warm = self.handle.warm.remote().result(timeout_s=WARM_S)
             if not self.warm.get("banks"):
                 failed = self.warm.get("failed") or {}
-                why = "; ".join(f"bank {p!r}: {m}" for p, m in sorted(failed.items()))
-                msg = f"no bank in {opts.banks} can be served ({why}). Fix or remove the files named."
+                why = " ".join(f"bank {p!r}: {m}" for p, m in sorted(failed.items()))
+                msg = f"no bank in {opts.banks} can be served. {why}"
                 raise ServeError(msg)
         except BaseException:
             self.stop()
