@@ -165,11 +165,15 @@ class Server:
         self.stop()
 
 
+def _to_stdout(line: str) -> None:
+    print(line, flush=True)  # at once, also when stdout is a file or a pipe
+
+
 def _to_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def serve_forever(options: ServeOptions, announce: Callable[[str], None] = print,
+def serve_forever(options: ServeOptions, announce: Callable[[str], None] = _to_stdout,
                   complain: Callable[[str], None] = _to_stderr) -> int:
     """Serve until SIGTERM or SIGINT, shut down cleanly, and return the signal's number.
 
