@@ -232,8 +232,7 @@ class Api:
     # ------------------------------------------------------------------ readiness
     async def warm(self) -> dict[str, Any]:
         """Load every bank on a replica once; return {ready, failed}. Idempotent."""
-        if self._warming is None:
-            self._warming = asyncio.ensure_future(self._warm())
+        self._start_warming()
         await asyncio.shield(self._warming)
         return {"ready": self.ready, "banks": sorted(self.banks), "failed": dict(self.failed)}
 
