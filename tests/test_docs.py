@@ -1,16 +1,20 @@
-"""The docs site cannot drift from the code: the config table matches the dataclasses, and every
-generated figure resolves against benchmarks/results/."""
+"""The docs cannot drift from the code: the config table matches the dataclasses, and the CLI
+reference and every figure written into docs/*.md match the parser and benchmarks/results/."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import re
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from ocbank import config
+from ocbank import cli, config
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -59,18 +63,97 @@ def _hook():
     return module
 
 
-@pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")))
-def test_generated_text_resolves(page):
+def test_generated_docs_are_current():
+    """The figures and the CLI reference written into docs/*.md match their sources."""
     hook = _hook()
-    text = (DOCS / page).read_text(encoding="utf-8")
-    out = hook.MARKER.sub(hook.render, text)  # raises MarkerError on a missing file, key or format
-    assert "{{" not in out, f"docs/{page} has a marker the hook does not know"
+    stale = hook.stale_pages()
+    assert not stale, f"{', '.join(f'docs/{n}' for n in stale)}: generated text is stale. Run `{hook.REGENERATE}`."
+    assert hook.REGENERATE == "python docs/hooks/generated.py --write"
+
+
+def test_pages_read_right_as_plain_markdown():
+    """No raw template marker, and no region marker opening a line where GitHub would show the line as raw HTML."""
+    hook = _hook()
+    for page in sorted(DOCS.glob("*.md")):
+        text = page.read_text(encoding="utf-8")
+        assert "{{" not in text, f"docs/{page.name} has a template marker GitHub shows as is"
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.lstrip().startswith(hook.OPEN):
+                kind = line.lstrip()[len(hook.OPEN):].split()[0]
+                assert kind in hook.BLOCK_KINDS and line.rstrip().endswith("-->"), (
+                    f"docs/{page.name}:{number}: an inline region starts the line; move a word in front of it"
+                )
+
+
+def test_a_stale_region_is_found_and_rewritten(tmp_path):
+    hook = _hook()
+    wanted = hook.value("build_cpu.json", "final_centroids", ",d")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "K is <!-- generated:value build_cpu.json final_centroids ,d -->12<!-- /generated --> here.\n\n"
+        "<!-- generated:source build_cpu.json -->\n\nold\n\n<!-- /generated -->\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "fresh.md").write_text(f"K <!-- generated:value build_cpu.json final_centroids ,d -->{wanted}<!-- /generated -->")
+    assert hook.stale_pages(tmp_path) == ["page.md"]
+    assert hook.write(tmp_path) == ["page.md"]
+    assert hook.stale_pages(tmp_path) == []
+    text = page.read_text(encoding="utf-8")
+    assert f"-->{wanted}<!--" in text and f"\n\n{hook.source('build_cpu.json')}\n\n" in text
+    assert hook.strip(text).startswith(f"K is {wanted} here.")
+
+
+def test_the_site_build_refuses_a_stale_or_broken_page():
+    from mkdocs.exceptions import PluginError
+
+    hook = _hook()
+    page = SimpleNamespace(file=SimpleNamespace(src_uri="x.md"))
+    current = hook.regenerate("n = <!-- generated:value build_cpu.json dim d -->0<!-- /generated -->")
+    assert hook.on_page_markdown(current, page) == f"n = {hook.value('build_cpu.json', 'dim', 'd')}"
+    with pytest.raises(PluginError, match=re.escape(hook.REGENERATE)):
+        hook.on_page_markdown("n = <!-- generated:value build_cpu.json dim d -->0<!-- /generated -->", page)
+    with pytest.raises(PluginError, match="needs one"):
+        hook.on_page_markdown("n = <!-- generated:value build_cpu.json dim d -->0", page)
+    with pytest.raises(PluginError, match="no 'nope'"):
+        hook.on_page_markdown("<!-- generated:value build_cpu.json nope d -->0<!-- /generated -->", page)
+
+
+def test_the_cli_reference_covers_every_command_and_option():
+    """Walk the parser independently of the hook: every subcommand has its section, every option its row."""
+    from ocbank.cli import build_parser
+
+    text = _hook().cli()
+    parser = build_parser()
+
+    def walk(title, p):
+        assert f"## `{title}`" in text, f"no section for {title}"
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(f"{title} {name}", sub)
+            elif not isinstance(action, argparse._HelpAction):
+                for option in action.option_strings:
+                    assert re.search(rf"`{re.escape(option)}[ `]", text), f"{title}: {option} is missing"
+
+    walk("ocbank", parser)
+    assert f"| `--checkpoint-every N` | `{cli.DEFAULT_CHECKPOINT_EVERY}` |" in text
+    assert "&lt;class&gt;.h5" in text  # angle brackets escaped: a table cell would swallow them as a tag
+
+
+def test_the_regenerate_command_runs_from_the_checkout():
+    done = subprocess.run(
+        [sys.executable, "docs/hooks/generated.py", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
 
 
 def test_benchmark_figures_come_from_the_json():
     hook = _hook()
     assert hook.value("build_cpu.json", "final_centroids", ",d") == f"{hook._json('build_cpu.json')['final_centroids']:,d}"
     assert "2 CPUs" in hook.source("build_cpu.json")
+    assert f"committed {hook._json('build_cpu.json')['committed']}" in hook.source("build_cpu.json")
+    measured = hook._json("anomalib_compare_cpu.json")["machine"]["date"]
+    assert hook.source("anomalib_compare_cpu.json").endswith(f"; {measured[:10]}.*")
     with pytest.raises(hook.MarkerError, match="no 'nope'"):
         hook.value("build_cpu.json", "nope", ".1f")
     with pytest.raises(hook.MarkerError, match="does not exist"):
