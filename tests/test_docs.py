@@ -4,10 +4,12 @@ reference and every figure written into docs/*.md match the parser and benchmark
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -158,3 +160,39 @@ def test_benchmark_figures_come_from_the_json():
         hook.value("build_cpu.json", "nope", ".1f")
     with pytest.raises(hook.MarkerError, match="does not exist"):
         hook.source("missing.json")
+
+
+def _api_members() -> dict[str, list[str]]:
+    """docs/api.md: object path -> its explicit ``members`` list (the order the page shows them in)."""
+    text = (DOCS / "api.md").read_text(encoding="utf-8")
+    out = {}
+    for match in re.finditer(r"^::: (\S+)\n((?:    .*\n)+)", text, re.M):
+        options = yaml.safe_load(textwrap.dedent(match.group(2)))["options"]
+        if "members" in options:
+            out[match.group(1)] = options["members"]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("path", "first"),
+    [
+        ("ocbank.model.detector.Detector", ["fit", "predict"]),
+        ("ocbank.engine.bank.ClusterBank", ["fit"]),
+        pytest.param("ocbank.integrations.anomalib.OCBank", ["from_bank"], marks=pytest.mark.slow),  # imports anomalib
+    ],
+)
+def test_the_api_page_lists_every_public_member(path, first):
+    """The page orders members by hand (what a user calls first), so a new or renamed one must be listed."""
+    module, _, name = path.rpartition(".")
+    if module.endswith("anomalib"):
+        pytest.importorskip("anomalib")
+    cls = getattr(importlib.import_module(module), name)
+    public = {n for n in vars(cls) if not n.startswith("_")}
+    listed = _api_members()[path]
+    assert len(listed) == len(set(listed)), f"docs/api.md lists a member of {name} twice"
+    assert set(listed) == public, (
+        f"docs/api.md's members of {name}: add {sorted(public - set(listed))}, remove {sorted(set(listed) - public)}"
+    )
+    assert listed[: len(first)] == first
+    for title in ("Prediction", "Decision", "OCBank", "ServeOptions"):
+        assert f"\n## {title}" in (DOCS / "api.md").read_text(encoding="utf-8")
