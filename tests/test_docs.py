@@ -18,6 +18,8 @@ import yaml
 
 from ocbank import cli, config
 
+from .test_layers import LAYERS, PACKAGE
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
@@ -196,3 +198,34 @@ def test_the_api_page_lists_every_public_member(path, first):
     assert listed[: len(first)] == first
     for title in ("Prediction", "Decision", "OCBank", "ServeOptions"):
         assert f"\n## {title}" in (DOCS / "api.md").read_text(encoding="utf-8")
+
+
+def test_architecture_page_matches_the_layers_test():
+    """docs/architecture.md gives test_layers.py's order and names every module under its layer."""
+    text = (DOCS / "architecture.md").read_text(encoding="utf-8")
+    order = " < ".join(f"`{name}`" for name in LAYERS)
+    assert order in text, f"docs/architecture.md must give the layers in test_layers.py's order: {order}"
+    tree = re.search(r"^```\n(.*?)^```", text, re.S | re.M).group(1)
+    sections: dict[str, str] = {}
+    for line in tree.splitlines():
+        if line and not line[0].isspace():
+            head = re.split(r"[/.,\s]", line, maxsplit=1)[0]
+            sections[head] = ""
+        sections[head] += line + "\n"
+    below_cli = [name for name in reversed(sections) if name in LAYERS]
+    assert below_cli == LAYERS and list(sections)[0] not in LAYERS, (
+        f"docs/architecture.md's tree must list the layers highest first: {list(reversed(LAYERS))} under the top-level modules"
+    )
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        if rel.name == "__init__.py":
+            continue
+        if len(rel.parts) == 1:
+            section, name = sections.get(rel.stem) or next(iter(sections.values())), rel.name
+        else:
+            section, name = sections.get(rel.parts[0], ""), rel.stem
+        # listed as an item: "name," / "name (what it does)" / "name" at a line's end
+        if not re.search(rf"(?<![\w.]){re.escape(name)}(?=[\s,(]|$)", section, re.M):
+            missing.append(str(rel))
+    assert not missing, f"docs/architecture.md does not list {missing} under their layer"
