@@ -144,6 +144,21 @@ def test_the_cli_reference_covers_every_command_and_option():
     assert "&lt;class&gt;.h5" in text  # angle brackets escaped: a table cell would swallow them as a tag
 
 
+def test_the_cli_reference_shows_defaults_and_escapes_help():
+    hook = _hook()
+    parser = argparse.ArgumentParser(prog="x")
+    parser.add_argument("--n", type=int, default=0, help="a count (default %(default)s)")
+    parser.add_argument("--on", action="store_true", help="a | b <c>")
+    parser.add_argument("bank", help="the bank")
+    sub = parser.add_subparsers()
+    sub.add_parser("undo", help="undo it").add_argument("--to", required=True)
+    text = "\n\n".join(hook._walk("x", parser, ""))
+    assert "| `--n N` | `0` | a count (default 0) |" in text  # a zero default is still shown
+    assert "| `--on` |  | a \\| b &lt;c&gt; |" in text
+    assert "| `bank` | required | the bank |" in text and "x [options] bank COMMAND ..." in text
+    assert "## `x undo`" in text and "x undo --to TO" in text and "[`undo`](#x-undo)" in text
+
+
 def test_the_regenerate_command_runs_from_the_checkout():
     done = subprocess.run(
         [sys.executable, "docs/hooks/generated.py", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=300

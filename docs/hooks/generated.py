@@ -216,12 +216,13 @@ def _section(title: str, parser: argparse.ArgumentParser, summary: str) -> Itera
     rows = []
     for action in _shown(parser):
         names = [f"`{s}`" for s in action.option_strings[:-1]] + [f"`{_call(action)}`"]
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._VersionAction))  # noqa: SLF001
         if action.required:
             default = "required"
-        elif action.nargs == 0 or action.default in (None, False, argparse.SUPPRESS):
+        elif flag or action.default is None or action.default is False or action.default is argparse.SUPPRESS:
             default = ""
         else:
-            default = f"`{action.default}`"
+            default = "`" + str(action.default).replace("|", "\\|") + "`"
         rows.append(f"| {', '.join(names)} | {default} | {_help(action, parser.prog)} |")
     if rows:
         yield "| option | default | description |\n| --- | --- | --- |\n" + "\n".join(rows)
