@@ -244,3 +244,13 @@ def test_architecture_page_matches_the_layers_test():
         if not re.search(rf"(?<![\w.]){re.escape(name)}(?=[\s,(]|$)", section, re.M):
             missing.append(str(rel))
     assert not missing, f"docs/architecture.md does not list {missing} under their layer"
+
+
+def test_the_paper_is_cited_the_same_way_everywhere():
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text(encoding="utf-8"))
+    paper = cff["preferred-citation"]
+    authors = " and ".join(f"{a['given-names']} {a['family-names']}" for a in paper["authors"])
+    assert cff["license"] == "Apache-2.0" and {a["affiliation"] for a in paper["authors"]} == {"Soongsil University"}
+    for page in (ROOT / "README.md", DOCS / "index.md"):
+        text = " ".join(page.read_text(encoding="utf-8").replace(">", " ").split())
+        assert f"{authors}, *{paper['title']}*, Soongsil University." in text, f"{page.name} does not cite the paper as CITATION.cff does"
