@@ -70,3 +70,7 @@ class VersionNotFoundError(OcbankError, LookupError):
 
 class DependencyError(OcbankError, ImportError):
     """An optional dependency (faiss, Ray, onnx, ...) is missing; the message names the extra."""
+
+
+class ServeError(OcbankError, RuntimeError):
+    """``ocbank serve`` cannot serve: no bank of the folder could be loaded (each is named with why)."""

@@ -1,8 +1,8 @@
 """The service's learning loop and its locks: feedback, learn, versions, rollback, calibration health.
 
 :class:`AdminRoutes` is mixed into the ingress (``Api`` in :mod:`ocbank.serve.app`), whose
-state it uses: ``options``, ``banks`` (product -> served entry), ``_score`` (the inspection
-path), ``_reload`` and ``metrics``. Its routes live on :data:`router`, which the ingress's
+state it uses: ``options``, ``banks`` (product -> served entry), ``_served`` (the entry or the
+404 / 503 that refuses the product), ``_score`` (the inspection path), ``_reload`` and ``metrics``. Its routes live on :data:`router`, which the ingress's
 FastAPI app includes. Reload, feedback, learn and rollback need the admin token when the
 server has one (:mod:`ocbank.serve.auth`); reading (versions, the last learn) stays open.
 """
@@ -24,7 +24,7 @@ from ..errors import BuildLockError, OcbankError
 from . import feedback as fb
 from .api import TIMEOUT_HEADER, ApiError, check_length, decode_image, request_timeout
 from .auth import authorize
-from .banks import bank_path, valid_product
+from .banks import bank_path
 from .health import FalseAlarmCounts, calibration_health
 from .learn import learn, read_journal
 
@@ -111,14 +111,6 @@ class AdminRoutes:
         info = self.banks[product].info
         return calibration_health({"decision": info.decision}, info.stale, self.counts.scored[info.model_id],
                                   self.counts.false_alarms[info.model_id])
-
-    def _served(self, product: str) -> Any:
-        entry = self.banks.get(product)
-        if entry is None:
-            if valid_product(product) and product in self.failed:
-                raise ApiError(503, "bank_unavailable", f"bank {product!r} failed to load: {self.failed[product]}")
-            raise ApiError(404, "unknown_product", f"no bank {product!r}. Served: {sorted(self.banks)}.")
-        return entry
 
     # ------------------------------------------------------------------ feedback
     @router.post("/v1/banks/{product}/feedback", status_code=202)
