@@ -79,6 +79,17 @@ def _log(served) -> str:
     return Path(served["log_path"]).read_text()
 
 
+def _terminal_line(served, text: str, limit_s: float = 30.0) -> str:
+    """The serve terminal's line containing ``text`` (the server prints them as it polls, twice a second)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        found = [x for x in _log(served).splitlines() if text in x]
+        if found or time.monotonic() > deadline:
+            assert found, f"no line with {text!r} in the serve terminal within {limit_s} s"
+            return found[-1]
+        time.sleep(0.25)
+
+
 # ---------------------------------------------------------------------- auth
 MUTATING = [
     ("POST", "/v1/banks/weave/reload"),
@@ -204,7 +215,7 @@ def test_learn_under_load_switches_the_probe_once(served):
     banks = c.call("GET", "/v1/banks")[1]["banks"]["weave"]
     assert banks["sha256"] == new and banks["calibration"]["state"] == "stale"
     assert "Recalibrate" in banks["calibration"]["reason"]
-    line = next(x for x in _log(served).splitlines() if "learned weave" in x)
+    line = _terminal_line(served, "learned weave")
     assert f"{old[:12]} -> {new[:12]}" in line and "K " in line and "recalibrate" in line
     assert "ocbank-serve-" not in line and "/tmp" not in line
     # Nothing is waiting: a second learn changes nothing and absorbs nothing twice.
@@ -227,7 +238,7 @@ def test_versions_and_rollback(served):
     image = _images(served, "good")[3].read_bytes()
     status, answer, _ = c.call("POST", "/v1/inspect/weave", image)
     assert status == 200 and answer["bank_sha256"] == served["original"]
-    line = next(x for x in _log(served).splitlines() if "rolled back weave" in x)
+    line = _terminal_line(served, "rolled back weave")
     assert f"{current[:12]} -> {served['original'][:12]}" in line
     for query, code in (("to=ffffffffffff", 404), ("", 400)):
         status, answer, _ = c.call("POST", f"/v1/banks/weave/rollback?{query}")

@@ -21,6 +21,7 @@ feedback images offered, so none is absorbed twice and none is lost.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -48,8 +49,6 @@ def journal_path(banks: str | os.PathLike[str], product: str) -> Path:
 
 
 def read_journal(banks: str | os.PathLike[str], product: str) -> dict[str, Any] | None:
-    import json  # noqa: PLC0415
-
     try:
         return json.loads(journal_path(banks, product).read_text(encoding="utf-8"))
     except (OSError, ValueError):
