@@ -1,4 +1,4 @@
-"""The learning loop over loopback HTTP, one server (with an admin token) for the module, tests in file order:
+"""The learning loop over loopback HTTP, one server (admin and inspect tokens) for the module, tests in file order:
 auth, feedback, learning under load, versions and rollback, drift, and no token in any log.
 
 Every loop is bounded in count and time. Skipped where the ``serve`` extra is absent.
@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 TOKEN = "admin-5f0c1d2e3b4a69788796a5b4c3d2e1f0"
 WRONG = "wrong-00112233445566778899aabbccddeeff"
+INSPECT = "inspect-0a1b2c3d4e5f60718293a4b5c6d7e8f9"
 FALSE_ALARM_RATE = 0.05
 N_CALIBRATION = 20
 LOAD_CLIENTS = 3
@@ -56,7 +57,11 @@ def served(tmp_path_factory):
     token_file = tmp_path_factory.mktemp("secret") / "admin.token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
-    server = start_server(banks, tmp_path_factory.mktemp("log") / "serve.log", token_file)
+    inspect_file = token_file.with_name("inspect.token")
+    inspect_file.write_text(INSPECT)
+    inspect_file.chmod(0o600)
+    server = start_server(banks, tmp_path_factory.mktemp("log") / "serve.log", token_file,
+                          ("--inspect-token-file", str(inspect_file)))
     info = {**server, "client": Client(server["port"], TOKEN), "banks": banks, "root": root,
             "calibration": calibration, "original": _sha(banks / "weave.h5")}
     try:
@@ -115,9 +120,12 @@ def test_every_mutating_endpoint_needs_the_token(served):
     # With the token: reload and feedback here; learn and rollback in the tests below.
     status, answer, _ = c.call("POST", "/v1/banks/weave/reload")
     assert status == 200 and answer["changed"] is False
-    # Inspection and reading stay open.
-    status, answer, _ = c.call("POST", "/v1/inspect/weave", body, token=None)
-    assert status == 200 and answer["label"] in ("OK", "NG")
+    # Inspection takes its own token (or the admin one); reading stays open.
+    for token, code in ((None, 401), (WRONG, 401), (INSPECT, 200), (TOKEN, 200)):
+        status, answer, _ = c.call("POST", "/v1/inspect/weave", body, token=token)
+        assert status == code, (token, answer)
+    status, answer, _ = c.call("POST", "/v1/banks/weave/reload", token=INSPECT)  # not an admin token
+    assert status == 401, answer
     assert c.call("GET", "/v1/banks/weave/versions", token=None)[0] == 200
     assert c.call("GET", "/v1/banks", token=None)[0] == 200
 
@@ -162,7 +170,7 @@ def test_learn_under_load_switches_the_probe_once(served):
     def inspect(i: int) -> None:
         deadline = time.monotonic() + LOAD_LIMIT_S
         while not done.is_set() and time.monotonic() < deadline:
-            status, answer, _ = Client(served["port"]).call("POST", "/v1/inspect/weave", probe)
+            status, answer, _ = Client(served["port"], INSPECT).call("POST", "/v1/inspect/weave", probe)
             seen[i].append((answer.get("bank_sha256", ""), answer.get("score", float("nan")), status))
 
     workers = [threading.Thread(target=inspect, args=(i,)) for i in range(LOAD_CLIENTS)]
@@ -287,5 +295,5 @@ def test_no_token_in_any_log_or_metric(served):
             if f.is_file() and f.suffix in (".log", ".out", ".err", ".txt", ".json"):
                 texts[str(f)] = f.read_text(errors="replace")
     for where, text in texts.items():
-        assert TOKEN not in text, where
-        assert WRONG not in text, where
+        for secret in (TOKEN, WRONG, INSPECT):
+            assert secret not in text, where

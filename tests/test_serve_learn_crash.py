@@ -99,6 +99,8 @@ def test_sigkill_of_the_learn_task_then_of_the_server(setup):
     server = start_server(banks, setup["log"], setup["token"])
     try:
         client = Client(server["port"], TOKEN)
+        # Without --inspect-token-file, inspection is open.
+        assert client.call("POST", "/v1/inspect/weave", setup["good"][0].read_bytes(), token=None)[0] == 200
         ids = _send(client, setup["good"][:6])
         assert client.call("POST", "/v1/banks/weave/learn")[0] == 202
         journal = _wait_running(banks)
