@@ -126,9 +126,9 @@ def grown_copy(det: Detector, images: list[str]) -> Detector:
     """A copy of ``det`` (sharing its backbone) with ``images`` streamed into its bank; ``det`` is not changed."""
     copy = Detector.from_config(det.config, extractor=det.extractor)
     copy.adopt(det.bank.state(), det.fitted_record(), det.decision)
-    copy.metadata_ = dict(det.metadata_)
-    if "fit_summary_" in det.__dict__:
-        copy.fit_summary_ = det.fit_summary_
+    for name in ("metadata_", "fit_summary_"):  # what Detector.load or fit set, when they did
+        if name in det.__dict__:
+            setattr(copy, name, det.__dict__[name])
     if images:
         copy.partial_fit([Sample(p) for p in images])
     return copy
