@@ -74,14 +74,8 @@ def make_dataset(
     n_defect_test: int = 5,
     size: int = 256,
     seed: int = 0,
-    defect_color: tuple[float, float, float] | None = None,
 ) -> Path:
-    """Write an MVTec-layout dataset under ``root``; return ``root``.
-
-    ``defect_color`` (RGB in [0, 1]) paints every defect in one colour, a recurring defect
-    type; by default each defect gets a random colour. The images are the same either way
-    except for the defects' colour.
-    """
+    """Write an MVTec-layout dataset under ``root``; return ``root``."""
     root = Path(root)
     for ci, name in enumerate(classes):
         texture = TEXTURES[name]
@@ -95,9 +89,7 @@ def make_dataset(
             for i in range(n_defect_test):
                 img = texture(rng, size)
                 mask = _defect(rng, size, kind)
-                color = rng.uniform(0, 1, 3)  # drawn either way, so the rest of the stream is the same
-                if defect_color is not None:
-                    color = np.asarray(defect_color, dtype=np.float64)
+                color = rng.uniform(0, 1, 3)
                 img[mask] = 0.15 * img[mask] + 0.85 * color
                 _to_png(img, base / "test" / kind / f"{i:03d}.png")
                 out = base / "ground_truth" / kind / f"{i:03d}_mask.png"
