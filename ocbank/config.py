@@ -23,7 +23,7 @@ import yaml
 
 from .engine.bank import SEARCH_INDEXES
 from .engine.bank import check_radius as check_radius_value
-from .engine.store import GPU_SEARCH, SEARCH_PRECISIONS, resolve_search
+from .engine.store import SEARCH_PRECISIONS, SEARCHES, resolve_search
 from .errors import ConfigError, InputError
 
 FORMATS = ("mvtec", "realiad", "folder")
@@ -179,6 +179,8 @@ class BankConfig:
     # CUDA search: auto (faiss.knn_gpu if the faiss GPU build is present, else torch) | faiss | torch
     gpu_search: str = "auto"
     gpu_search_precision: str = "fp32"  # fp32 | fp16 | bf16 candidates of the torch search (re-checked in fp32)
+    # CPU exact search's GEMM: auto (the faster here, measured once per machine) | faiss | torch
+    cpu_search: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "radius", check_radius(self.radius))
@@ -187,7 +189,8 @@ class BankConfig:
         if self.max_centroids is not None:
             _int_in("bank.max_centroids", self.max_centroids, 2)
         _choice("bank.search_index", self.search_index, SEARCH_INDEXES)
-        _choice("bank.gpu_search", self.gpu_search, GPU_SEARCH)
+        _choice("bank.gpu_search", self.gpu_search, SEARCHES)
+        _choice("bank.cpu_search", self.cpu_search, SEARCHES)
         _choice("bank.gpu_search_precision", self.gpu_search_precision, SEARCH_PRECISIONS)
         try:  # the engine's rule for the pair (faiss searches fp32 only), reported as a config error
             resolve_search(self.gpu_search, "cpu", self.gpu_search_precision)
@@ -198,11 +201,12 @@ class BankConfig:
     @property
     def search_options(self) -> dict[str, str]:
         """How the bank searches, as :class:`~ocbank.engine.ClusterBank` keywords: search_index,
-        gpu_search and gpu_search_precision (every bank a config makes or loads takes them)."""
+        gpu_search, gpu_search_precision and cpu_search (every bank a config makes or loads takes them)."""
         return {
             "search_index": self.search_index,
             "gpu_search": self.gpu_search,
             "gpu_search_precision": self.gpu_search_precision,
+            "cpu_search": self.cpu_search,
         }
 
 

@@ -144,6 +144,7 @@ def config_key(cfg: Config) -> str:
     raw["data"].pop("batch_size", None)
     raw.pop("device", None)
     raw["bank"].pop("gpu_search", None)  # every backend builds the same bank
+    raw["bank"].pop("cpu_search", None)
     if raw["bank"].get("gpu_search_precision") == "fp32":  # the default leaves earlier keys unchanged
         raw["bank"].pop("gpu_search_precision")
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
