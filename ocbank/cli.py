@@ -1,4 +1,4 @@
-"""The ``ocbank`` command line: build, update, evaluate, predict, suggest-radius, export, serve.
+"""The ``ocbank`` command line: build, update, evaluate, predict, suggest-radius, export, serve, doctor.
 
 Exit status: 0 every input was processed; 1 the command ran but some inputs failed
 (a class that did not build, an image that could not be read: outputs are written for
@@ -260,6 +260,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import main as doctor  # noqa: PLC0415
+
+    return doctor(args.json, measure=not args.no_measure)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ocbank",
@@ -360,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus", type=positive_int, help="CPUs to share among the replicas (default: all of this machine)")
     p.add_argument("--device", help="override the banks' device (cpu, cuda, cuda:N, auto)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("doctor", help="what will run here: versions, BLAS kernels, CPU, CUDA, search rates")
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                   help="write the report as JSON to PATH (alone: print JSON instead of text)")
+    p.add_argument("--no-measure", action="store_true", help="skip the GEMM and search timings (a few seconds)")
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 
