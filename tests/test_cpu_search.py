@@ -127,13 +127,13 @@ def test_auto_picks_the_faster_search(fresh_cache, monkeypatch):
     monkeypatch.setattr(cpu_search.faiss, "knn", slow_faiss)
     assert cpu_search.measure()["choice"] == "torch"
     monkeypatch.setattr(cpu_search.faiss, "knn", real_knn)
-    real_torch = cpu_search.torch_knn
+    real_torch = cpu_search.exact_torch_knn
 
     def slow_torch(*args, **kw):
         time.sleep(0.25)  # far above any noise of a loaded machine on this tiny shape
         return real_torch(*args, **kw)
 
-    monkeypatch.setattr(cpu_search, "torch_knn", slow_torch)
+    monkeypatch.setattr(cpu_search, "exact_torch_knn", slow_torch)
     picked = cpu_search.measure()
     assert picked["choice"] == "faiss" and picked["faiss_knn_gflops"] > picked["torch_knn_gflops"]
 
@@ -199,3 +199,17 @@ def test_cpu_search_does_not_change_the_config_key():
     a = from_dict({"bank": {"cpu_search": "torch"}}, require_root=False)
     b = from_dict({"bank": {"cpu_search": "faiss"}}, require_root=False)
     assert config_key(a) == config_key(b)  # both build the same bank: a resume may switch
+
+
+@pytest.mark.parametrize("search", ["faiss", "torch"])
+def test_exact_knn_matches_brute_force_and_sees_duplicates_at_zero(search):
+    x = clustered(400, 16, 8, 3.0, 0.6, 13)
+    x[300] = x[7]  # an exact copy
+    d, ids = cpu_search.exact_knn(x, x, 2, search)
+    brute = ((x[:, None, :].astype(np.float64) - x[None].astype(np.float64)) ** 2).sum(2)
+    np.testing.assert_array_equal(np.sort(ids[7]), [7, 300])
+    norms = (x.astype(np.float64) ** 2).sum(1)
+    band = 2 * NEAR_TIE_REL * (norms[:, None] + norms[ids])  # the GEMM form's error, in ||q||^2 + ||mu||^2
+    assert (np.abs(d - np.take_along_axis(brute, ids, 1)) <= band).all()
+    if search == "torch":  # direct fp32 distances of the returned neighbours: a copy is at exactly 0
+        assert d[7].max() == 0.0 and (d[:, 0] == 0).all()

@@ -5,7 +5,7 @@ that BLAS it can fall back to a generic SSE kernel that runs several times below
 machine's GEMM rate, while torch's BLAS (or numpy's) runs the same product at full speed.
 Neither is faster everywhere, so ``cpu_search="auto"`` measures both once per machine:
 
-- :func:`measure` times ``faiss.knn`` and :func:`~ocbank.engine.store.torch_knn` (k = 1)
+- :func:`measure` times ``faiss.knn`` and :func:`~ocbank.engine.store.exact_torch_knn` (k = 1)
   side by side, interleaved, on one fixed shape, and picks the faster (torch on a near tie:
   its speed does not hang on the BLAS frozen inside the faiss wheel);
 - :func:`auto_cpu_search` keeps that choice in a small JSON file per machine under
@@ -36,7 +36,7 @@ import numpy as np
 from ..errors import InputError
 from ..jsonio import write_json
 from ._faiss import faiss
-from .store import SEARCH_BACKENDS, SEARCHES, torch_knn
+from .store import SEARCH_BACKENDS, SEARCHES, exact_torch_knn
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def measure(shape: tuple[int, int, int] | None = None, rounds: int = MEASURE_ROU
     means = rng.standard_normal((big_k, dim), dtype=np.float32)
     q_t, m_t = torch.from_numpy(queries), torch.from_numpy(means)
     norms = (m_t.double() ** 2).sum(1)
-    runs = {"faiss": lambda: faiss.knn(queries, means, 1), "torch": lambda: torch_knn(q_t, m_t, norms, 1)}
+    runs = {"faiss": lambda: faiss.knn(queries, means, 1), "torch": lambda: exact_torch_knn(q_t, m_t, norms, 1)}
     best = dict.fromkeys(runs, float("inf"))
     for round_ in range(rounds + 1):
         for name, run in runs.items():
@@ -183,3 +183,19 @@ def resolve_cpu_search(search: str) -> str:
         msg = f"cpu_search must be one of {SEARCHES}, got {search!r}. Use 'auto'."
         raise InputError(msg)
     return auto_cpu_search()["choice"] if search == "auto" else search
+
+
+def exact_knn(queries: np.ndarray, base: np.ndarray, k: int, search: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Exact k-NN of queries [n, dim] among base rows [m, dim] (float32 numpy), like ``faiss.knn``.
+
+    Returns (squared L2 float32 [n, k'], ids int64 [n, k']), k' = min(k, m), on the GEMM
+    ``search`` names (``cpu_search``'s vocabulary; "auto" is the measured choice).
+    """
+    if resolve_cpu_search(search) == "faiss":
+        return faiss.knn(queries, base, k)
+    import torch  # noqa: PLC0415
+
+    q = torch.from_numpy(queries if queries.flags.writeable else queries.copy())
+    b = torch.from_numpy(base if base.flags.writeable else base.copy())
+    dist, ids = exact_torch_knn(q, b, (b.double() ** 2).sum(1), k)
+    return dist.numpy(), ids.numpy()

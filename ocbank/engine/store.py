@@ -211,10 +211,11 @@ def _torch_view(torch: Any, arr: np.ndarray) -> Any:
 class CpuStore(_StoreBase):
     """Doubling numpy buffers of means [cap, dim], counts [cap], m2 [cap].
 
-    ``search`` says whose GEMM forms the distances (both exact fp32, squared L2):
+    ``search`` says whose GEMM forms the distances (fp32, squared L2, ||x||^2 - 2 x mu + ||mu||^2):
     "faiss" (``faiss.pairwise_distances`` / ``faiss.knn``, on the BLAS inside the faiss
-    wheel) or "torch" (``torch.addmm`` / :func:`torch_knn` on tensors that share the numpy
-    buffers, on torch's BLAS). The kernel's decisions and in-place updates are the same.
+    wheel) or "torch" (``torch.addmm`` / :func:`exact_torch_knn` on tensors that share the
+    numpy buffers, on torch's BLAS; its search returns direct fp32 distances of the
+    neighbours it ranked). The kernel's decisions and in-place updates are the same.
     """
 
     def __init__(self, dim: int, radius: float, search: str = "faiss") -> None:
@@ -288,7 +289,8 @@ class CpuStore(_StoreBase):
         torch = self._torch
         size = self.size
         means, norms = torch.from_numpy(self._means[:size]), torch.from_numpy(self._norms[:size])
-        dist, ids = torch_knn(_torch_view(torch, queries), means, norms, k, query_norms=torch.from_numpy(_sq_norms(queries)))
+        query_norms = torch.from_numpy(_sq_norms(queries))
+        dist, ids = exact_torch_knn(_torch_view(torch, queries), means, norms, k, query_norms=query_norms)
         return dist.numpy(), ids.numpy()
 
 
@@ -409,6 +411,17 @@ def rerank_exact(queries: Any, means: Any, cand: Any, k: int, block_bytes: int =
         out_d[lo:hi] = d
         out_i[lo:hi] = torch.gather(cand[lo:hi], 1, pos)
     return out_d, out_i
+
+
+def exact_torch_knn(queries: Any, means: Any, norms: Any, k: int, query_norms: Any = None) -> tuple[Any, Any]:
+    """:func:`torch_knn` (fp32) ranks; the k it returns get exact fp32 distances ||q - mu||^2, re-sorted.
+
+    The GEMM form loses about 1e-7 (||q||^2 + ||mu||^2) to cancellation, so a vector equal to a
+    centroid would score a small positive distance; the direct form gives it 0, and costs only
+    n * k * dim. Shapes as in :func:`torch_knn`.
+    """
+    ids = torch_knn(queries, means, norms, k, query_norms=query_norms)[1]
+    return rerank_exact(queries, means, ids, k)
 
 
 class TorchStore(_StoreBase):

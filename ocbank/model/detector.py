@@ -383,7 +383,7 @@ class Detector:
 
     def _radius_stats(self, features: Any, n_images: int) -> RadiusStats:
         """The radius rule on features [n, 1536] (or a spool): linear-cost p99 with its interval."""
-        estimate = estimate_radius(features, seed=self.config.bank.seed)
+        estimate = estimate_radius(features, seed=self.config.bank.seed, search=self.config.bank.cpu_search)
         if not estimate.radius > 0:
             msg = f"the radius rule gave {estimate.radius} (identical patches?). Set bank.radius explicitly."
             raise DataError(msg)
