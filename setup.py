@@ -16,6 +16,8 @@ setup(
     description="Online cluster memory bank on FAISS for visual anomaly detection",
     long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",  # SPDX expression; the text is LICENSE
+    license_files=["LICENSE"],
     python_requires=">=3.10",
     packages=find_packages(include=["ocbank", "ocbank.*"]),
     # ocbank/configs/ and the report template, read with importlib.resources / jinja2.PackageLoader

@@ -207,7 +207,7 @@ def test_health_readiness_banks_and_metrics(served):
 
     weave = body["banks"]["weave"]
     assert weave["sha256"] == hashlib.sha256((served["banks"] / "weave.h5").read_bytes()).hexdigest()
-    assert weave["calibrated"] and weave["thresholds"]["image_threshold"] > 0 and weave["K"] > 0
+    assert weave["calibrated"] and weave["thresholds"]["image_threshold"] > 0 and weave["n_centroids"] > 0
     assert body["banks"]["dots"]["calibrated"] is False and body["banks"]["dots"]["thresholds"] is None
     status, text, _ = c.get("/metrics")
     assert status == 200 and "# TYPE ocbank_batch_size histogram" in text

@@ -122,6 +122,7 @@ def test_validate_bank_accepts_a_bank_and_refuses_the_rest(tmp_path):
     assert info.sha256 == hashlib.sha256(data).hexdigest() and info.model_id == f"a@{info.sha256}"
     assert (info.n_centroids, info.dim, info.image_size, info.crop, info.resize) == (5, 1536, 64, 64, 72)
     assert info.describe()["thresholds"]["image_threshold"] == 3.0
+    assert info.describe()["n_centroids"] == 5  # the key build, evaluate and update write
     damaged = bytearray(data)
     damaged[len(damaged) // 2 : len(damaged) // 2 + 32] = b"\xff" * 32
     for bad in (bytes(damaged), data[: len(data) // 3], b"not a bank"):
