@@ -14,7 +14,8 @@ do not:
 - ``scoring``: the demo config (weights none, 224^2) fitted on one demo class, then
   ``predict`` on its test images in alternating rounds with either search: img/s, and the
   1-NN search alone per image on the same features;
-- ``auto``: what ``cpu_search: auto`` measures and picks here.
+- ``auto``: what ``cpu_search: auto`` picks here and why (the rule, or a measurement), beside a
+  fresh measurement.
 
 python -m benchmarks.bench_cpu_search --out benchmarks/results [--batches 12] [--clusters 8000]  # -> cpu_search_cpu.json
 """
@@ -110,7 +111,7 @@ def scoring(data: Path, n_train: int, n_test: int, rounds: int) -> dict[str, Any
     from ocbank.synthetic import make_dataset
 
     name = "dots"
-    root = data / "demo_data"
+    root = data / f"demo_data_{n_train}"
     if not (root / name / "train" / "good").is_dir():
         make_dataset(root, classes=(name,), n_train=n_train)
     train = sorted((root / name / "train" / "good").glob("*.png"))[:n_train]
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--clusters", type=int, default=8000, help="bank size K the streaming add starts from")
     ap.add_argument("--radius", type=float, default=26.0)
     ap.add_argument("--batches", type=int, default=12, help="batches of 784 vectors each bank streams")
-    ap.add_argument("--train-images", type=int, default=20, help="demo images the scoring bank is fitted on")
+    ap.add_argument("--train-images", type=int, default=40, help="demo images the scoring bank is fitted on")
     ap.add_argument("--test-images", type=int, default=8, help="demo test images scored per round")
     ap.add_argument("--rounds", type=int, default=2, help="alternating predict rounds per search")
     ap.add_argument("--data", default="/tmp/ocb_bench", help="scratch folder for the demo images")
@@ -182,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "gemm_gflops_at_k": {"k": args.clusters, **gemm},
         "knn_gflops": {"queries": BATCH, "k": args.clusters, **knn, "torch_over_faiss": knn["torch"] / knn["faiss"]},
         "streaming_add": add,
-        "auto": cpu_search.measure(),
+        "auto": {**{k: v for k, v in cpu_search.auto_cpu_search().items() if k != "key"},
+                 "measured_now": cpu_search.measure()},
         "warnings": doctor.collect(measure=False)["warnings"],
     }
     if not args.skip_scoring:

@@ -30,12 +30,6 @@ VECTOR_FLAGS = (
     "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
     "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "neon", "asimd", "sve", "sve2",
 )
-# OpenBLAS kernels (threadpoolctl's "architecture") that use no AVX2: on a CPU that has AVX2 or
-# AVX-512 they mean the library did not recognise the CPU and fell back to an older generic kernel.
-PRE_AVX2_KERNELS = frozenset({
-    "generic", "prescott", "core2", "penryn", "dunnington", "nehalem", "atom", "katmai", "coppermine", "northwood",
-    "banias", "athlon", "opteron", "opteron_sse3", "barcelona", "bobcat", "nano", "sandybridge",
-})
 # Environment variables that change which BLAS kernel or how many threads run.
 BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_ENABLE_INSTRUCTIONS")
 # The short GEMM of the report: one 224^2 image's patches against 4096 centroids.
@@ -169,7 +163,9 @@ def search() -> dict[str, Any]:
 
     gemm = gemm_gflops()
     measured = cpu_search.measure()
-    cached = cpu_search.cached_choice()
+    auto = cpu_search.auto_cpu_search()
+    why = {"rule": "the rule: faiss's BLAS runs a generic kernel", "cache": "cached measurement",
+           "measured": "measured now, cached"}[auto["source"]]
     return {
         "numpy_gemm_gflops": gemm["numpy"],
         "torch_gemm_gflops": gemm["torch"],
@@ -177,21 +173,21 @@ def search() -> dict[str, Any]:
         "torch_knn_gflops": measured["torch_knn_gflops"],
         "knn_shape": measured["shape"],
         "faster_now": measured["choice"],
-        "auto_picks": cached["choice"] if cached else measured["choice"],
-        "auto_source": "cache" if cached else "this measurement (cached at a bank's first use)",
+        "auto_picks": auto["choice"],
+        "auto_source": why,
         "cache_dir": str(cpu_search.cache_dir()),
     }
 
 
 def warnings_for(blas: list[dict[str, Any]], cpu_facts: dict[str, Any]) -> list[str]:
     """One line per BLAS that runs a pre-AVX2 kernel on a CPU with AVX2 or AVX-512."""
+    from .engine.cpu_search import is_generic_kernel  # noqa: PLC0415
+
     have = [f for f in ("avx512f", "avx2") if f in cpu_facts["vector_extensions"]]
-    if not have:
-        return []
     out = []
     for lib in blas:
         arch = lib.get("architecture")
-        if arch and arch.lower() in PRE_AVX2_KERNELS:
+        if is_generic_kernel(arch, cpu_facts["vector_extensions"]):
             out.append(
                 f"{lib['library']} (BLAS {lib['version']}) runs its generic {arch} kernel on a CPU with "
                 f"{'/'.join(have).upper()}: searches on it run far below this CPU's GEMM rate "

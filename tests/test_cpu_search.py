@@ -30,12 +30,14 @@ from .reference import reference_bank
 from .test_engine_m2 import m2_tolerance
 
 ROOT = Path(__file__).resolve().parents[1]
+GENERIC_FAISS_BLAS = cpu_search.generic_faiss_blas
 
 
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
-    """An empty cache folder and no in-process memo."""
+    """An empty cache folder, no in-process memo, and the measurement path (the rule tested on its own)."""
     monkeypatch.setenv(cpu_search.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_search, "generic_faiss_blas", lambda: None)
     monkeypatch.setattr(cpu_search, "_memo", {})
     monkeypatch.setattr(cpu_search, "MEASURE_SHAPE", (16, 64, 32))  # keep the measurement short in tests
     return tmp_path / "cache"
@@ -161,6 +163,7 @@ def test_the_cache_follows_xdg_and_an_unwritable_one_only_costs_a_measurement(tm
     monkeypatch.setenv(cpu_search.CACHE_ENV, str(blocker))  # a file where the folder should be
     monkeypatch.setattr(cpu_search, "_memo", {})
     monkeypatch.setattr(cpu_search, "MEASURE_SHAPE", (16, 64, 32))
+    monkeypatch.setattr(cpu_search, "generic_faiss_blas", lambda: None)
     with caplog.at_level("WARNING"):
         record = cpu_search.auto_cpu_search()
     assert record["choice"] in ("faiss", "torch") and "could not cache" in caplog.text
@@ -171,6 +174,7 @@ def test_concurrent_processes_leave_one_whole_cache_file(tmp_path):
     code = (
         "from ocbank.engine import cpu_search\n"
         "cpu_search.MEASURE_SHAPE = (16, 64, 32)\n"
+        "cpu_search.generic_faiss_blas = lambda: None  # the measurement path, whatever this CPU's faiss BLAS\n"
         "print(cpu_search.auto_cpu_search()['choice'])\n"
     )
     env = {**os.environ, cpu_search.CACHE_ENV: str(tmp_path), "PYTHONPATH": str(ROOT)}
@@ -213,3 +217,29 @@ def test_exact_knn_matches_brute_force_and_sees_duplicates_at_zero(search):
     assert (np.abs(d - np.take_along_axis(brute, ids, 1)) <= band).all()
     if search == "torch":  # direct fp32 distances of the returned neighbours: a copy is at exactly 0
         assert d[7].max() == 0.0 and (d[:, 0] == 0).all()
+
+
+def _fake_blas(monkeypatch, architecture: str, folder: str = "faiss_cpu.libs") -> None:
+    import threadpoolctl
+
+    info = [{"user_api": "blas", "internal_api": "openblas", "version": "0.3.15", "architecture": architecture,
+             "filepath": f"/venv/site-packages/{folder}/libopenblaso-r0.so", "num_threads": 2}]
+    monkeypatch.setattr(threadpoolctl, "threadpool_info", lambda: info)
+    monkeypatch.setattr(cpu_search, "cpu_info", lambda: {"model": "x", "vendor": "x", "flags": ["avx", "avx2"]})
+    monkeypatch.setattr(cpu_search, "generic_faiss_blas", GENERIC_FAISS_BLAS)
+
+
+def test_a_generic_faiss_blas_on_an_avx2_cpu_picks_torch_without_measuring(fresh_cache, monkeypatch):
+    _fake_blas(monkeypatch, "Prescott")
+    monkeypatch.setattr(cpu_search, "measure", lambda *a, **k: pytest.fail("measured although the rule decides"))
+    record = cpu_search.auto_cpu_search()
+    assert record["choice"] == "torch" and record["source"] == "rule"
+    assert record["generic_blas"]["architecture"] == "Prescott"
+    assert not (fresh_cache / "cpu_search").exists()  # nothing to cache: the rule is re-read each process
+
+
+@pytest.mark.parametrize(("architecture", "folder"), [("SkylakeX", "faiss_cpu.libs"), ("Prescott", "numpy.libs")])
+def test_a_fitting_kernel_or_another_librarys_is_measured(fresh_cache, monkeypatch, architecture, folder):
+    _fake_blas(monkeypatch, architecture, folder)
+    assert cpu_search.generic_faiss_blas() is None
+    assert cpu_search.auto_cpu_search()["source"] == "measured"

@@ -5,10 +5,14 @@ that BLAS it can fall back to a generic SSE kernel that runs several times below
 machine's GEMM rate, while torch's BLAS (or numpy's) runs the same product at full speed.
 Neither is faster everywhere, so ``cpu_search="auto"`` measures both once per machine:
 
-- :func:`measure` times ``faiss.knn`` and :func:`~ocbank.engine.store.exact_torch_knn` (k = 1)
-  side by side, interleaved, on one fixed shape, and picks the faster (torch on a near tie:
-  its speed does not hang on the BLAS frozen inside the faiss wheel);
-- :func:`auto_cpu_search` keeps that choice in a small JSON file per machine under
+- the rule first: when the BLAS inside the faiss wheel runs a pre-AVX2 kernel
+  (:data:`PRE_AVX2_KERNELS`, as threadpoolctl reports it) on a CPU that has AVX2, it did not
+  recognise the CPU, and torch is taken without measuring (:func:`generic_faiss_blas`);
+- otherwise :func:`measure` times ``faiss.knn`` and
+  :func:`~ocbank.engine.store.exact_torch_knn` (k = 1) side by side, interleaved, on one
+  fixed shape, and picks the faster (torch on a near tie: its speed does not hang on the
+  BLAS frozen inside the faiss wheel);
+- :func:`auto_cpu_search` keeps a measured choice in a small JSON file per machine under
   :func:`cache_dir` (``$OCBANK_CACHE_DIR``, else ``$XDG_CACHE_HOME/ocbank``, else
   ``~/.cache/ocbank``), keyed by the CPU, the library versions, the thread count and any
   ``OPENBLAS_CORETYPE`` the user set. Concurrent processes may both measure: each writes
@@ -47,6 +51,13 @@ MEASURE_SHAPE = (256, 2048, 1536)  # (queries, centroids, dim)
 MEASURE_ROUNDS = 3
 # faiss is picked only when it is at least this much faster: within the margin the choice is noise.
 FAISS_MARGIN = 1.1
+
+# OpenBLAS kernels (threadpoolctl's "architecture") that use no AVX2: on a CPU that has AVX2 or
+# AVX-512 they mean the library did not recognise the CPU and fell back to an older generic kernel.
+PRE_AVX2_KERNELS = frozenset({
+    "generic", "prescott", "core2", "penryn", "dunnington", "nehalem", "atom", "katmai", "coppermine", "northwood",
+    "banias", "athlon", "opteron", "opteron_sse3", "barcelona", "bobcat", "nano", "sandybridge",
+})
 
 _memo: dict[str, dict[str, Any]] = {}
 _memo_lock = threading.Lock()
@@ -135,6 +146,31 @@ def measure(shape: tuple[int, int, int] | None = None, rounds: int = MEASURE_ROU
     }
 
 
+def is_generic_kernel(architecture: str | None, cpu_flags: list[str]) -> bool:
+    """Whether a BLAS kernel named ``architecture`` leaves a CPU with these flags' AVX2 unused."""
+    return bool(architecture) and architecture.lower() in PRE_AVX2_KERNELS and "avx2" in cpu_flags
+
+
+def generic_faiss_blas() -> dict[str, Any] | None:
+    """The BLAS bundled in the faiss wheel when it runs a pre-AVX2 kernel on an AVX2 CPU, else None.
+
+    Returns {"library", "version", "architecture"} from threadpoolctl; None also when
+    threadpoolctl is missing or faiss links a BLAS outside its wheel (then nothing is known).
+    """
+    try:
+        import threadpoolctl  # noqa: PLC0415
+    except ImportError:
+        return None
+    flags = cpu_info()["flags"]
+    for info in threadpoolctl.threadpool_info():
+        path = Path(info.get("filepath") or "")
+        if info.get("user_api") != "blas" or not any(part.startswith("faiss") for part in path.parent.parts):
+            continue
+        if is_generic_kernel(info.get("architecture"), flags):
+            return {"library": path.name, "version": info.get("version"), "architecture": info.get("architecture")}
+    return None
+
+
 def _cache_path(key: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / "cpu_search" / f"{digest}.json"
@@ -153,28 +189,35 @@ def cached_choice(key: dict[str, Any] | None = None) -> dict[str, Any] | None:
 
 
 def auto_cpu_search() -> dict[str, Any]:
-    """The measurement behind ``cpu_search="auto"`` on this machine: from this process, the cache, or measured now.
+    """What ``cpu_search="auto"`` takes on this machine, and why: the rule, the cache, or a measurement now.
 
-    Returns :func:`measure`'s record plus "key" and "source": "cache" | "measured".
+    Returns {"choice", "source": "rule" | "cache" | "measured", "key"} plus, by source, the
+    generic BLAS that decided ("generic_blas") or :func:`measure`'s rates.
     """
     key = machine_key()
     memo_key = json.dumps(key, sort_keys=True)
-    with _memo_lock:  # one measurement per process, even when banks are made from several threads
+    with _memo_lock:  # one decision per process, even when banks are made from several threads
         record = _memo.get(memo_key)
         if record is None:
-            record = cached_choice(key)
-            if record is not None:
-                record = {**record, "source": "cache"}
-            else:
-                record = {**measure(), "key": key}
-                try:
-                    write_json(_cache_path(key), record)
-                except OSError as exc:
-                    log.warning("could not cache the CPU search choice in %s (%s): it is measured once per process",
-                                cache_dir(), exc)
-                record = {**record, "source": "measured"}
+            record = _decide(key)
             _memo[memo_key] = record
         return record
+
+
+def _decide(key: dict[str, Any]) -> dict[str, Any]:
+    generic = generic_faiss_blas()
+    if generic is not None:
+        return {"choice": "torch", "source": "rule", "generic_blas": generic, "key": key}
+    cached = cached_choice(key)
+    if cached is not None:
+        return {**cached, "source": "cache"}
+    record = {**measure(), "key": key}
+    try:
+        write_json(_cache_path(key), record)
+    except OSError as exc:
+        log.warning("could not cache the CPU search choice in %s (%s): it is measured once per process",
+                    cache_dir(), exc)
+    return {**record, "source": "measured"}
 
 
 def resolve_cpu_search(search: str) -> str:
