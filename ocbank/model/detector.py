@@ -274,7 +274,7 @@ class Detector:
         with self._lock:
             if self._extractor is None:
                 bb = self.config.backbone
-                device = resolve_device(self.config.device)  # "auto" on a CPU machine refuses autocast here
+                device = resolve_device(self.config.device)  # autocast applies only if this is CUDA
                 self._extractor = FeatureExtractor(weights=bb.weights, pool=bb.pool, device=device, autocast=bb.autocast)
             return self._extractor
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import BackboneConfig, check_autocast
-from ..errors import WeightsError
+from ..config import BackboneConfig, autocast_for
+from ..errors import WeightsError, warn_once
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,10 @@ def _load_backbone(weights: str) -> nn.Module:
     from torchvision.models import wide_resnet50_2  # noqa: PLC0415
 
     if weights == "none":
-        log.warning(
-            "backbone.weights is 'none': using a randomly initialised WideResNet-50 (seed %d). "
+        warn_once(
+            log,
+            f"backbone.weights is 'none': using a randomly initialised WideResNet-50 (seed {RANDOM_INIT_SEED}). "
             "Fine for tests and the demo; use ImageNet weights for real inspection.",
-            RANDOM_INIT_SEED,
         )
         return random_wide_resnet50_2(RANDOM_INIT_SEED, upto="layer3")  # the extractor stops at layer3
     with torch.device("meta"):  # no random init (which would advance the global RNG): all loaded below
@@ -166,15 +166,14 @@ class FeatureExtractor(nn.Module):
     def __init__(self, weights: str = "imagenet", pool: str = "none", device: str = "cpu", autocast: str = "none"):
         super().__init__()
         BackboneConfig(weights=weights, pool=pool, autocast=autocast)  # the config's vocabularies
-        check_autocast(autocast, str(device))
         net = _load_backbone(weights)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
         self.layer2 = net.layer2
         self.layer3 = net.layer3
         self.weights = weights
         self.pool = pool
-        self.autocast = autocast
         self.device = torch.device(device)
+        self.autocast = autocast_for(autocast, self.device.type)  # the precision used: fp32 off CUDA
         self.eval().to(self.device)
         if self.device.type == "cuda":
             self.to(memory_format=torch.channels_last)
