@@ -151,7 +151,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_update(args: argparse.Namespace) -> int:
     from .jobs.update import UpdateJob, update_bank  # noqa: PLC0415
 
-    job = UpdateJob(bank=args.bank, inputs=tuple(args.input), out=args.out, calibration=args.calibration, device=args.device)
+    job = UpdateJob(bank=args.bank, inputs=tuple(args.input), out=args.out, calibration=args.calibration, device=args.device,
+                    progress=not args.quiet)
     row = update_bank(job)
     print(
         f"added {row['images_added']} images ({row['images_skipped']} unreadable): "
@@ -176,7 +177,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         allow_partial=args.allow_partial,
     )
     print(evaluate.format_table(report))
-    print(f"metrics: {Path(args.out) / 'metrics.json'}  scores: {Path(args.out) / 'scores.csv'}")
+    print(f"metrics: {Path(args.out) / 'metrics.json'}  scores: {Path(args.out) / 'scores.csv'}  "
+          f"report: {Path(args.out) / 'report.html'}")
     if report["n_skipped"]:
         print(f"ocbank: error: {report['n_skipped']} test image(s) could not be read and were left out "
               "(named in the warnings above)", file=sys.stderr)
@@ -204,7 +206,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"{'unreadable':>10}  {escape_path(row['path'])}")
         else:
             print(f"{row['score']:10.4f} {row.get('label') or '':>3}  {escape_path(row['path'])}")
-    print(f"scores: {Path(args.out) / 'scores.csv'}  heatmaps: {Path(args.out) / 'heatmaps'}")
+    wrote = {"scores": "scores.csv", "heatmaps": "heatmaps" if args.overlays != "none" else None,
+             "maps": "maps" if args.save_maps else None, "masks": "masks" if args.save_masks else None}
+    print("  ".join(f"{what}: {Path(args.out) / name}" for what, name in wrote.items() if name))
     failed = sum(row["status"] != "ok" for row in rows)
     unwritten = sum(row.get("outputs_failed", 0) for row in rows)
     if failed:
@@ -234,6 +238,7 @@ def cmd_suggest_radius(args: argparse.Namespace) -> int:
         from .jsonio import write_json  # noqa: PLC0415
 
         write_json(args.json, stats)
+        print(f"statistics: {args.json}")
     return EXIT_OK
 
 

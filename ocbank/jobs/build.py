@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..config import Config, check_class_name
 from ..data import Sample, calibration_images, class_names, escape_path, load_split
@@ -38,7 +37,7 @@ from ..errors import CheckpointError, ConfigError, DataError, DependencyError
 from ..jsonio import write_json
 from ..model.detector import Detector
 from ..model.features import FEATURE_DIM, FeatureExtractor
-from ..model.progress import FitProgress
+from ..model.progress import FitProgress, progress_bar
 from ..model.radius import RadiusStats
 from . import DEFAULT_CHECKPOINT_EVERY
 from .lock import LOCK_NAME, build_lock
@@ -248,7 +247,8 @@ def finish_class(plan: BuildPlan, job: ClassJob, det: Detector, inputs: ClassInp
     calibration_error = None
     if inputs.calibration:
         try:
-            det.calibrate(inputs.calibration, source=inputs.calibration_source)
+            with progress_bar(f"{job.name} calibration", len(inputs.calibration), plan.progress):
+                det.calibrate(inputs.calibration, source=inputs.calibration_source)
         except DataError as exc:  # the bank is good; say why it has no thresholds rather than lose it
             calibration_error = str(exc)
             log.warning("class %s: written without OK/NG thresholds: %s", job.name, exc)
@@ -299,10 +299,8 @@ def build_class(plan: BuildPlan, job: ClassJob, extractor: FeatureExtractor | No
         before = FitProgress.from_dict(det.metadata_["progress"])
         log.info("class %s: resuming at image %d of %d", job.name, start, len(inputs.train))
     last = start
-    bar = tqdm(total=len(inputs.train), initial=start, desc=job.name, unit="img", disable=not plan.progress, leave=False)
-    with bar:
+    with progress_bar(job.name, len(inputs.train), plan.progress, initial=start):
         for step in det.fit_steps(inputs.train, start=start):
-            bar.update(step.position - bar.n)
             if step.phase == "bank" and step.position - last >= plan.checkpoint_every and step.position < step.n_images:
                 extra = {**identity, "stream_position": step.position, "complete": False}
                 det.save(partial, extra={**extra, "progress": (before + step.done).to_dict()})

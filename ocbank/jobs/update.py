@@ -16,6 +16,7 @@ from ..data import Sample, calibration_images, escape_path, list_inputs
 from ..errors import BankChangedError, DataError
 from ..model.detector import Detector
 from ..model.features import file_sha256
+from ..model.progress import progress_bar
 from .lock import build_lock
 
 
@@ -26,6 +27,7 @@ class UpdateJob:
     out: str  # the new bank file (may equal bank: replaced atomically)
     calibration: str | None = None  # folder of normal images to recalibrate the thresholds on
     device: str | None = None
+    progress: bool = False  # progress bars on stderr for the new images and the calibration
 
 
 # The bank's identity that an update carries over, so that ``build --resume`` recognises
@@ -50,13 +52,15 @@ def update_bank(job: UpdateJob) -> dict[str, Any]:
             msg = f"{job.bank} is a partial checkpoint, not a finished bank. Finish the build with --resume first."
             raise DataError(msg)
         k_before, seen_before = len(det.bank), det.bank.n_seen
-        det.partial_fit([Sample(str(f)) for f in files])
+        with progress_bar("update", len(files), job.progress):
+            det.partial_fit([Sample(str(f)) for f in files])
         added = det.last_partial_fit_
         if added.images_used == 0:
             msg = f"none of the {len(files)} new images could be read; {job.bank} was not changed."
             raise DataError(msg)
         if calibration is not None:
-            det.calibrate(calibration, source="folder")
+            with progress_bar("calibration", len(calibration), job.progress):
+                det.calibrate(calibration, source="folder")
         stale = det.decision is not None and calibration is None
         entry = {
             "parent_sha256": parent,
