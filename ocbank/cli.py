@@ -154,6 +154,8 @@ def cmd_update(args: argparse.Namespace) -> int:
     job = UpdateJob(bank=args.bank, inputs=tuple(args.input), out=args.out, calibration=args.calibration, device=args.device,
                     progress=not args.quiet)
     row = update_bank(job)
+    if row["recalibrated"]:
+        print(f"thresholds: {_thresholds_change(row['thresholds_before'], row['thresholds'])}")
     print(
         f"added {row['images_added']} images ({row['images_skipped']} unreadable): "
         f"K {row['n_centroids_before']} -> {row['n_centroids']}; wrote {args.out}"
@@ -166,6 +168,15 @@ def cmd_update(args: argparse.Namespace) -> int:
               "(see the warnings above)", file=sys.stderr)
         return EXIT_PARTIAL
     return EXIT_OK
+
+
+def _thresholds_change(before: dict[str, float] | None, after: dict[str, float] | None) -> str:
+    """``image 40.53 -> 38.23, pixel 41.20 -> 39.00``: a recalibration's old and new thresholds."""
+
+    def value(t: dict[str, float] | None, key: str) -> str:
+        return "none" if t is None else f"{t[key]:.4g}"
+
+    return ", ".join(f"{key} {value(before, key)} -> {value(after, key)}" for key in ("image", "pixel"))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import BackboneConfig, autocast_for
+from ..data import file_sha256  # re-exported: model code imports it from here
 from ..errors import WeightsError, warn_once
 
 log = logging.getLogger(__name__)
@@ -32,14 +32,6 @@ def imagenet_weights_file() -> tuple[Path, str]:
 
     url = Wide_ResNet50_2_Weights.IMAGENET1K_V1.url
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url), url
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def random_wide_resnet50_2(seed: int = RANDOM_INIT_SEED, upto: str | None = None) -> nn.Module:
