@@ -48,7 +48,7 @@ def test_the_bar_counts_every_image_the_detector_reads(banks, tmp_path):
 
 @pytest.mark.parametrize("quiet", [False, True])
 def test_evaluate_predict_update_show_progress_unless_quiet(banks, tmp_path, capsys, quiet):
-    q = ["-q"] if quiet else []
+    q = ["-q"] if quiet else []  # before the command; "ocbank predict ... -q" is checked below
     normal = banks["root"] / "weave" / "test" / "good"
     bars = {
         "evaluate weave": [*q, "evaluate", "--config", str(banks["cfg"]), "--banks", str(banks["banks"]),
@@ -79,3 +79,11 @@ def test_the_demo_shows_progress_and_says_random_weights_once(tmp_path, capsys, 
     got = capsys.readouterr()
     assert "evaluate dots:" in got.err and "dots calibration:" in got.err
     assert got.out.strip().splitlines()[-1].startswith(f"report: {tmp_path / 'results' / 'report.html'}")
+
+
+def test_quiet_after_the_command_too(banks, tmp_path, capsys):
+    normal = str(banks["root"] / "weave" / "test" / "good")
+    _, err = _run(["predict", "--bank", str(banks["bank"]), "--input", normal, "--out", str(tmp_path / "p"), "-q"], capsys)
+    assert "predict:" not in err
+    _, err = _run(["predict", "--bank", str(banks["bank"]), "--input", normal, "--out", str(tmp_path / "p")], capsys)
+    assert "predict:" in err
