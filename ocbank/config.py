@@ -1,10 +1,12 @@
 """Typed run configuration: one frozen dataclass per section, each default written once.
 
 A YAML file (or a nested dict) maps onto :class:`Config`; unknown keys are errors that
-name the key, and every value is validated when its section is constructed. A config
-serialises back to a plain dict (:meth:`Config.to_dict`) for bank metadata.
+name the key and list the known ones, and every value is validated when its section is
+constructed. Overrides (the CLI's ``--set section.key=value`` and ``--data-root``) merge on
+top before validation. A config serialises back to a plain dict (:meth:`Config.to_dict`)
+for bank metadata.
 
-    cfg = load("configs/mvtec.yaml")            # or a bundled config by name: load("mvtec")
+    cfg = load("mvtec", data_root="/data/mvtec_ad", overrides={"bank.radius": 0.5})  # or a YAML path
     cfg.scoring.sigma, cfg.data.resize, cfg.bank.radius
 """
 
