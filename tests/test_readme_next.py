@@ -51,7 +51,7 @@ def test_the_block_runs_against_the_demo_output(tmp_path, monkeypatch, capsys):
             path = re.sub(r"^https?://[^/]+", "", next(a for a in args if a.startswith("http")))
             assert (method, re.sub(r"/dots(?=/|$)", "/{product}", path)) in routes, path
         else:
-            assert args[:4] == [".venv/bin/pip", "install", "-q", "-e"] and args[4] == ".[serve]"
+            pytest.fail(f"the block runs only ocbank and curl, got {args}")
     assert (tmp_path / "demo_out" / "predict" / "scores.csv").is_file()
     after = ClusterBank.load("demo_out/banks/dots.h5")
     assert after.n_seen > before and len(after.metadata_["lineage"]) == 1
