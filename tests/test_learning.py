@@ -21,7 +21,7 @@ from ocbank.cli import main
 from ocbank.errors import BuildLockError
 from ocbank.jobs import AUTO_GATE_MULTIPLE, versions
 from ocbank.jobs.lock import build_lock
-from ocbank.jobs.update import UpdateJob, report_path, update_bank
+from ocbank.jobs.update import UpdateJob, grown_copy, report_path, update_bank
 from ocbank.model.detector import Detector
 from ocbank.model.features import file_sha256
 from ocbank.synthetic import TEXTURES, make_dataset
@@ -140,6 +140,15 @@ def test_another_products_folder_is_refused_by_the_growth_guard_with_the_bank_un
     # more of the same product passes the same guard
     same = _folder(tmp_path / "same", line["dots"]["good"][:10])
     assert main(["-q", "update", "--bank", str(bank), "--input", str(same), "--out", str(bank), "--gate", "off"]) == 0
+
+
+def test_the_growth_is_measured_on_a_copy_leaving_the_parent_detector_as_it_was(line):
+    det = Detector.load(line["tmp"] / "banks" / "dots.h5")
+    means, n_seen = det.bank.means.copy(), det.bank.n_seen
+    grown = grown_copy(det, [str(p) for p in line["weave"]["train"][:3]])
+    assert len(grown.bank) > len(means) and grown.bank.n_seen > n_seen
+    assert det.bank.n_seen == n_seen and np.array_equal(det.bank.means, means)
+    assert grown.decision == det.decision and grown.extractor is det.extractor
 
 
 def test_an_uncalibrated_bank_is_refused_unless_the_gate_is_off(line, tmp_path, capsys):

@@ -44,6 +44,8 @@ REPORT_SUFFIX = ".update.json"
 
 @dataclass(frozen=True)
 class UpdateJob:
+    """What :func:`update_bank` does: which bank, which new images, where to write, and its guards."""
+
     bank: str  # the parent bank file
     inputs: tuple[str, ...]  # new normal images: files or folders
     out: str  # the new bank file (may equal bank: replaced atomically, the parent kept in history/)
