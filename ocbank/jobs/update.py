@@ -28,13 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from ..data import Sample, calibration_images, escape_path, list_inputs
+from ..data import Sample, SharedImage, calibration_images, escape_path, list_inputs, shared_images
 from ..errors import BankChangedError, DataError, UpdateRefusedError
 from ..jsonio import write_json
 from ..model.calibration import Decision
 from ..model.detector import Detector
 from ..model.features import file_sha256
+from ..model.progress import progress_bar
 from . import AUTO_GATE_MULTIPLE, DEFAULT_KEEP_HISTORY, DEFAULT_MAX_NEW_CENTROIDS, GATE_AUTO, GATE_OFF, versions
+from .build import training_images, warn_calibration_in_bank
 from .lock import build_lock
 
 REPORT_SUFFIX = ".update.json"
@@ -42,6 +44,8 @@ REPORT_SUFFIX = ".update.json"
 
 @dataclass(frozen=True)
 class UpdateJob:
+    """What :func:`update_bank` does: which bank, which new images, where to write, and its guards."""
+
     bank: str  # the parent bank file
     inputs: tuple[str, ...]  # new normal images: files or folders
     out: str  # the new bank file (may equal bank: replaced atomically, the parent kept in history/)
@@ -51,6 +55,7 @@ class UpdateJob:
     max_new_centroids: float = DEFAULT_MAX_NEW_CENTROIDS  # refuse an update adding more than this x K centroids
     keep_history: int = DEFAULT_KEEP_HISTORY  # earlier versions kept in <out's folder>/history
     dry_run: bool = False  # score, gate and measure the growth; write nothing
+    progress: bool = False  # progress bars on stderr for the new images and the calibration
 
 
 @dataclass(frozen=True)
@@ -126,9 +131,9 @@ def grown_copy(det: Detector, images: list[str]) -> Detector:
     """A copy of ``det`` (sharing its backbone) with ``images`` streamed into its bank; ``det`` is not changed."""
     copy = Detector.from_config(det.config, extractor=det.extractor)
     copy.adopt(det.bank.state(), det.fitted_record(), det.decision)
-    copy.metadata_ = dict(det.metadata_)
-    if "fit_summary_" in det.__dict__:
-        copy.fit_summary_ = det.fit_summary_
+    for name in ("metadata_", "fit_summary_"):  # what Detector.load or fit set, when they did
+        if name in det.__dict__:
+            setattr(copy, name, det.__dict__[name])
     if images:
         copy.partial_fit([Sample(p) for p in images])
     return copy
@@ -185,9 +190,11 @@ def update_bank(job: UpdateJob) -> dict[str, Any]:
             msg = f"{job.bank} is a partial checkpoint, not a finished bank. Finish the build with --resume first."
             raise DataError(msg)
         multiple = gate_multiple(job.gate, det.decision, job.bank)
-        gated = apply_gate(det, files, multiple)
+        with progress_bar("gate", len(files), job.progress and multiple is not None):
+            gated = apply_gate(det, files, multiple)
         k_before, seen_before = len(det.bank), det.bank.n_seen
-        new = grown_copy(det, gated.absorbed)
+        with progress_bar("update", len(gated.absorbed), job.progress):
+            new = grown_copy(det, gated.absorbed)
         added = new.__dict__.get("last_partial_fit_")
         images_added = added.images_used if added is not None else 0
         skipped = len(gated.unreadable) + (added.images_skipped if added is not None else 0)
@@ -198,8 +205,13 @@ def update_bank(job: UpdateJob) -> dict[str, Any]:
         if refused is not None and not job.dry_run:
             raise UpdateRefusedError(refused)
         write = (images_added > 0 or calibration is not None) and refused is None and not job.dry_run
+        before = _thresholds(det)
+        shared: list[SharedImage] = []
         if write and calibration is not None:
-            new.calibrate(calibration, source="folder")
+            shared = calibration_in_bank(new, calibration, [Path(p) for p in gated.absorbed])
+            warn_calibration_in_bank(shared, len(calibration), str(job.bank))
+            with progress_bar("calibration", len(calibration), job.progress):
+                new.calibrate(calibration, source="folder")
         stale = new.decision is not None and calibration is None and (
             images_added > 0 or bool(det.metadata_.get("thresholds_predate_update")))
         entry = {
@@ -226,6 +238,9 @@ def update_bank(job: UpdateJob) -> dict[str, Any]:
             "new_centroids": len(new.bank) - k_before,
             "max_new_centroids": job.max_new_centroids,
             "thresholds_predate_update": stale,
+            "thresholds_before": before,
+            "thresholds": _thresholds(new),
+            "calibration_in_bank": [str(x) for x in shared],
             "written": False,
             "dry_run": job.dry_run,
             "refused": refused,
@@ -257,6 +272,19 @@ def _keep_parents(bank: str, out: Path, keep: int) -> str | None:
     if out.is_file() and out.resolve() != Path(bank).resolve():
         versions.archive(out, keep)
     return escape_path(kept) if kept else None
+
+
+def _thresholds(det: Detector) -> dict[str, float] | None:
+    """The bank's OK/NG thresholds (image, pixel), or None when it has none."""
+    d = det.decision
+    return None if d is None else {"image": d.image_threshold, "pixel": d.pixel_threshold}
+
+
+def calibration_in_bank(det: Detector, calibration: list[Sample], new_files: list[Path]) -> list[SharedImage]:
+    """The calibration images the bank holds: in the build's training list (:func:`training_images`,
+    when its dataset is still there) or among this update's new images; by resolved path or content."""
+    trained = training_images(det) or []
+    return shared_images(calibration, [*trained, *(Sample(str(f)) for f in new_files)])
 
 
 def _check_unchanged(bank: str, sha: str, when: str) -> None:

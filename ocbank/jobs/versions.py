@@ -45,6 +45,7 @@ class Version:
     n_centroids: int | None  # K, when the file records it
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (what ``ocbank history --json`` prints per version)."""
         return asdict(self)
 
 
