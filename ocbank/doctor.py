@@ -164,7 +164,7 @@ def search() -> dict[str, Any]:
     gemm = gemm_gflops()
     measured = cpu_search.measure()
     auto = cpu_search.auto_cpu_search()
-    why = {"rule": "the rule: faiss's BLAS runs a generic kernel", "cache": "cached measurement",
+    why = {"env": f"${cpu_search.CHOICE_ENV}", "rule": "the rule: faiss's BLAS runs a generic kernel", "cache": "cached measurement",
            "measured": "measured now, cached"}[auto["source"]]
     return {
         "numpy_gemm_gflops": gemm["numpy"],

@@ -11,10 +11,15 @@ import pytest
 def pytest_configure(config: pytest.Config) -> None:
     # Banks with cpu_search: auto cache their measured choice per machine: keep it out of the user's cache.
     os.environ["OCBANK_CACHE_DIR"] = tempfile.mkdtemp(prefix="ocbank-test-cache-")
+    # One CPU search in this process and every child it starts (CLI runs, Ray workers): the auto
+    # choice is otherwise measured per process and thread count, and on a loaded machine two
+    # measurements may disagree. tests/test_cpu_search.py unsets it to test the measured choice.
+    os.environ["OCBANK_CPU_SEARCH"] = "torch"
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(os.environ.pop("OCBANK_CACHE_DIR", ""), ignore_errors=True)
+    os.environ.pop("OCBANK_CPU_SEARCH", None)
 
 
 def clustered(n: int, dim: int, n_clusters: int, spread: float, noise: float, seed: int) -> np.ndarray:

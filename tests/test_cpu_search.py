@@ -20,10 +20,12 @@ import pytest
 from ocbank import ClusterBank
 from ocbank.config import from_dict
 from ocbank.engine import cpu_search
+from ocbank.engine import store as engine_store
 from ocbank.engine._faiss import faiss
 from ocbank.engine.kernel import NEAR_TIE_REL
 from ocbank.engine.store import CpuStore
 from ocbank.errors import ConfigError, InputError
+from ocbank.model.radius import estimate_radius
 
 from .conftest import STREAMS, assert_close_across_runs, clustered
 from .reference import reference_bank
@@ -37,6 +39,7 @@ GENERIC_FAISS_BLAS = cpu_search.generic_faiss_blas
 def fresh_cache(tmp_path, monkeypatch):
     """An empty cache folder, no in-process memo, and the measurement path (the rule tested on its own)."""
     monkeypatch.setenv(cpu_search.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(cpu_search.CHOICE_ENV, raising=False)  # conftest pins the choice for the other tests
     monkeypatch.setattr(cpu_search, "generic_faiss_blas", lambda: None)
     monkeypatch.setattr(cpu_search, "_memo", {})
     monkeypatch.setattr(cpu_search, "MEASURE_SHAPE", (16, 64, 32))  # keep the measurement short in tests
@@ -129,13 +132,13 @@ def test_auto_picks_the_faster_search(fresh_cache, monkeypatch):
     monkeypatch.setattr(cpu_search.faiss, "knn", slow_faiss)
     assert cpu_search.measure()["choice"] == "torch"
     monkeypatch.setattr(cpu_search.faiss, "knn", real_knn)
-    real_torch = cpu_search.exact_torch_knn
+    real_torch = engine_store.torch_knn
 
     def slow_torch(*args, **kw):
         time.sleep(0.25)  # far above any noise of a loaded machine on this tiny shape
         return real_torch(*args, **kw)
 
-    monkeypatch.setattr(cpu_search, "exact_torch_knn", slow_torch)
+    monkeypatch.setattr(engine_store, "torch_knn", slow_torch)
     picked = cpu_search.measure()
     assert picked["choice"] == "faiss" and picked["faiss_knn_gflops"] > picked["torch_knn_gflops"]
 
@@ -154,6 +157,7 @@ def test_a_changed_machine_or_a_bad_file_is_measured_again(fresh_cache, monkeypa
 
 def test_the_cache_follows_xdg_and_an_unwritable_one_only_costs_a_measurement(tmp_path, monkeypatch, caplog):
     monkeypatch.delenv(cpu_search.CACHE_ENV)
+    monkeypatch.delenv(cpu_search.CHOICE_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cpu_search.cache_dir() == tmp_path / "xdg" / "ocbank"
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # invalid per the XDG spec: ignored
@@ -178,6 +182,7 @@ def test_concurrent_processes_leave_one_whole_cache_file(tmp_path):
         "print(cpu_search.auto_cpu_search()['choice'])\n"
     )
     env = {**os.environ, cpu_search.CACHE_ENV: str(tmp_path), "PYTHONPATH": str(ROOT)}
+    env.pop(cpu_search.CHOICE_ENV, None)
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
              for _ in range(4)]
     outs = [p.communicate(timeout=240)[0].strip() for p in procs]
@@ -215,8 +220,53 @@ def test_exact_knn_matches_brute_force_and_sees_duplicates_at_zero(search):
     norms = (x.astype(np.float64) ** 2).sum(1)
     band = 2 * NEAR_TIE_REL * (norms[:, None] + norms[ids])  # the GEMM form's error, in ||q||^2 + ||mu||^2
     assert (np.abs(d - np.take_along_axis(brute, ids, 1)) <= band).all()
-    if search == "torch":  # direct fp32 distances of the returned neighbours: a copy is at exactly 0
-        assert d[7].max() == 0.0 and (d[:, 0] == 0).all()
+    # Direct fp32 distances of the returned neighbours, whichever GEMM ranked: a copy is at exactly 0.
+    assert d[7].max() == 0.0 and (d[:, 0] == 0).all()
+
+
+def _cpu_store(means: np.ndarray, search: str) -> CpuStore:
+    store = CpuStore(means.shape[1], 1.0, search=search)
+    store.set_state(means, np.ones(len(means), dtype=np.int64), np.zeros(len(means)))
+    return store
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_faiss_and_torch_return_the_same_distances_for_the_same_neighbours(k):
+    # Large, offset features (like a backbone's): the GEMM form's rounding, which differs between
+    # the two BLASes and with a row's place in the batch, is then far above fp32's last bit.
+    means = clustered(700, 96, 30, 3.0, 0.8, 21) + 40.0
+    queries = clustered(900, 96, 30, 3.0, 0.9, 22) + 40.0
+    got = {search: _cpu_store(means, search).search(queries, k) for search in ("faiss", "torch")}
+    (d_f, i_f), (d_t, i_t) = got["faiss"], got["torch"]
+    same = (i_f == i_t).all(axis=1)
+    assert same.mean() > 0.99  # only exact or near ties may be listed otherwise
+    np.testing.assert_array_equal(d_f[same], d_t[same])
+    # ... and a query scores the same alone as inside a batch.
+    for row in (0, 451, 899):
+        np.testing.assert_array_equal(_cpu_store(means, "faiss").search(queries[row : row + 1], k)[0][0], d_f[row])
+
+
+def test_the_radius_is_the_same_under_both_cpu_searches():
+    x = clustered(3000, 64, 25, 3.0, 0.7, 23) + 30.0
+    x[2500] = x[11]  # a duplicate: its nearest other is at exactly 0 under both
+    for max_queries in (4096, 500):  # the exact rule and the sampled estimate
+        faiss_est = estimate_radius(x, max_queries=max_queries, search="faiss")
+        torch_est = estimate_radius(x, max_queries=max_queries, search="torch")
+        assert faiss_est.radius == torch_est.radius
+        assert faiss_est.as_stats() == torch_est.as_stats()  # the interval and percentiles too
+
+
+def test_the_environment_pins_the_auto_choice(fresh_cache, monkeypatch):
+    monkeypatch.setattr(cpu_search, "measure", lambda *a, **k: pytest.fail("measured although the choice is pinned"))
+    for choice in ("faiss", "torch"):
+        monkeypatch.setenv(cpu_search.CHOICE_ENV, choice)
+        record = cpu_search.auto_cpu_search()
+        assert record == {"choice": choice, "source": "env", "key": cpu_search.machine_key()}
+        assert ClusterBank(8, 1.0).add(np.eye(8, dtype=np.float32)).search_backend_["search"] == choice
+    monkeypatch.setenv(cpu_search.CHOICE_ENV, "mkl")
+    with pytest.raises(InputError, match="OCBANK_CPU_SEARCH.*'mkl'"):
+        cpu_search.resolve_cpu_search("auto")
+    assert not (fresh_cache / "cpu_search").exists()
 
 
 def _fake_blas(monkeypatch, architecture: str, folder: str = "faiss_cpu.libs") -> None:

@@ -78,6 +78,7 @@ def test_cpu_info_without_proc_cpuinfo(monkeypatch):
 
 def test_cli_doctor_writes_strict_json_and_measures(bare_machine, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(cpu_search.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(cpu_search.CHOICE_ENV, raising=False)
     monkeypatch.setattr(cpu_search, "MEASURE_SHAPE", (16, 64, 32))
     monkeypatch.setattr(doctor, "GEMM_SHAPE", (16, 64, 32))
     out = tmp_path / "doctor.json"

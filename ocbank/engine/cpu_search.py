@@ -8,8 +8,8 @@ Neither is faster everywhere, so ``cpu_search="auto"`` measures both once per ma
 - the rule first: when the BLAS inside the faiss wheel runs a pre-AVX2 kernel
   (:data:`PRE_AVX2_KERNELS`, as threadpoolctl reports it) on a CPU that has AVX2, it did not
   recognise the CPU, and torch is taken without measuring (:func:`generic_faiss_blas`);
-- otherwise :func:`measure` times ``faiss.knn`` and
-  :func:`~ocbank.engine.store.exact_torch_knn` (k = 1) side by side, interleaved, on one
+- otherwise :func:`measure` times :func:`~ocbank.engine.store.cpu_knn` (k = 1) ranked by
+  ``faiss.knn`` and by ``torch_knn`` side by side, interleaved, on one
   fixed shape, and picks the faster (torch on a near tie: its speed does not hang on the
   BLAS frozen inside the faiss wheel);
 - :func:`auto_cpu_search` keeps a measured choice in a small JSON file per machine under
@@ -17,7 +17,12 @@ Neither is faster everywhere, so ``cpu_search="auto"`` measures both once per ma
   ``~/.cache/ocbank``), keyed by the CPU, the library versions, the thread count and any
   ``OPENBLAS_CORETYPE`` the user set. Concurrent processes may both measure: each writes
   atomically, so a reader sees a whole file or none. An unwritable cache only costs a
-  measurement per process.
+  measurement per process;
+- ``$OCBANK_CPU_SEARCH`` ("faiss" | "torch"), when set, is taken before all of these.
+
+Either choice returns the same distances for the same neighbours
+(:func:`~ocbank.engine.store.cpu_knn` recomputes them exactly), and a build re-decides its
+near-ties from exact distances (engine/kernel.py), so the choice is about speed only.
 
 No BLAS core type is ever forced here: a forced kernel can compute wrong results on a CPU
 it does not fit. This module and the bank file are the engine's only file I/O.
@@ -32,6 +37,7 @@ import os
 import platform
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +46,14 @@ import numpy as np
 from ..errors import InputError
 from ..jsonio import write_json
 from ._faiss import faiss
-from .store import SEARCH_BACKENDS, SEARCHES, exact_torch_knn
+from .store import SEARCH_BACKENDS, SEARCHES, cpu_knn
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "OCBANK_CACHE_DIR"
+# Names the search "auto" takes without measuring (a fleet that wants one choice on every machine,
+# or a test session whose processes must not each measure on a loaded machine).
+CHOICE_ENV = "OCBANK_CPU_SEARCH"
 # The measured shape: one 224^2 image's patches against a mid-sized bank of WideResNet-50 features.
 # A smaller product (fewer queries or centroids) ranked the two GEMMs differently from the real
 # searches on a loaded machine; this one ranks them as builds and scoring do, in about a second idle.
@@ -121,15 +130,12 @@ def measure(shape: tuple[int, int, int] | None = None, rounds: int = MEASURE_ROU
     Each rate is the best of ``rounds`` (after one warm-up), so a burst of load on a shared machine
     lowers both sides' worst runs rather than deciding the choice.
     """
-    import torch  # noqa: PLC0415
-
     n, big_k, dim = MEASURE_SHAPE if shape is None else shape
     rng = np.random.default_rng(0)
     queries = rng.standard_normal((n, dim), dtype=np.float32)
     means = rng.standard_normal((big_k, dim), dtype=np.float32)
-    q_t, m_t = torch.from_numpy(queries), torch.from_numpy(means)
-    norms = (m_t.double() ** 2).sum(1)
-    runs = {"faiss": lambda: faiss.knn(queries, means, 1), "torch": lambda: exact_torch_knn(q_t, m_t, norms, 1)}
+    norms = (means.astype(np.float64) ** 2).sum(1)
+    runs = {name: partial(cpu_knn, queries, means, 1, name, norms) for name in SEARCH_BACKENDS}
     best = dict.fromkeys(runs, float("inf"))
     for round_ in range(rounds + 1):
         for name, run in runs.items():
@@ -190,12 +196,18 @@ def cached_choice(key: dict[str, Any] | None = None) -> dict[str, Any] | None:
 
 
 def auto_cpu_search() -> dict[str, Any]:
-    """What ``cpu_search="auto"`` takes on this machine, and why: the rule, the cache, or a measurement now.
+    """What ``cpu_search="auto"`` takes on this machine, and why: $OCBANK_CPU_SEARCH, the rule, the cache, or a measurement now.
 
-    Returns {"choice", "source": "rule" | "cache" | "measured", "key"} plus, by source, the
+    Returns {"choice", "source": "env" | "rule" | "cache" | "measured", "key"} plus, by source, the
     generic BLAS that decided ("generic_blas") or :func:`measure`'s rates.
     """
     key = machine_key()
+    pinned = os.environ.get(CHOICE_ENV)
+    if pinned:
+        if pinned not in SEARCH_BACKENDS:
+            msg = f"${CHOICE_ENV} must be one of {SEARCH_BACKENDS}, got {pinned!r}. Set one, or unset it to measure."
+            raise InputError(msg)
+        return {"choice": pinned, "source": "env", "key": key}
     memo_key = json.dumps(key, sort_keys=True)
     with _memo_lock:  # one decision per process, even when banks are made from several threads
         record = _memo.get(memo_key)
@@ -232,14 +244,8 @@ def resolve_cpu_search(search: str) -> str:
 def exact_knn(queries: np.ndarray, base: np.ndarray, k: int, search: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Exact k-NN of queries [n, dim] among base rows [m, dim] (float32 numpy), like ``faiss.knn``.
 
-    Returns (squared L2 float32 [n, k'], ids int64 [n, k']), k' = min(k, m), on the GEMM
-    ``search`` names (``cpu_search``'s vocabulary; "auto" is the measured choice).
+    Returns (squared L2 float32 [n, k'], ids int64 [n, k']), k' = min(k, m): ranked on the GEMM
+    ``search`` names (``cpu_search``'s vocabulary; "auto" is the measured choice), with
+    :func:`~ocbank.engine.store.cpu_knn`'s exact distances, the same for either GEMM.
     """
-    if resolve_cpu_search(search) == "faiss":
-        return faiss.knn(queries, base, k)
-    import torch  # noqa: PLC0415
-
-    q = torch.from_numpy(queries if queries.flags.writeable else queries.copy())
-    b = torch.from_numpy(base if base.flags.writeable else base.copy())
-    dist, ids = exact_torch_knn(q, b, (b.double() ** 2).sum(1), k)
-    return dist.numpy(), ids.numpy()
+    return cpu_knn(queries, base, k, resolve_cpu_search(search))

@@ -213,9 +213,9 @@ class CpuStore(_StoreBase):
 
     ``search`` says whose GEMM forms the distances (fp32, squared L2, ||x||^2 - 2 x mu + ||mu||^2):
     "faiss" (``faiss.pairwise_distances`` / ``faiss.knn``, on the BLAS inside the faiss
-    wheel) or "torch" (``torch.addmm`` / :func:`exact_torch_knn` on tensors that share the
-    numpy buffers, on torch's BLAS; its search returns direct fp32 distances of the
-    neighbours it ranked). The kernel's decisions and in-place updates are the same.
+    wheel) or "torch" (``torch.addmm`` / :func:`torch_knn` on tensors that share the
+    numpy buffers, on torch's BLAS). The kernel's decisions and in-place updates are the same,
+    and :meth:`search` returns both searches' neighbours with the same exact distances (:func:`cpu_knn`).
     """
 
     def __init__(self, dim: int, radius: float, search: str = "faiss") -> None:
@@ -283,15 +283,12 @@ class CpuStore(_StoreBase):
         self._norms[touched] = _sq_norms(self._means[touched])
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """queries [n, dim] float32 -> (squared distances [n, k] float32, ids [n, k] int64)."""
-        if self._torch is None:
-            return faiss.knn(queries, self._means[: self.size], k)
-        torch = self._torch
+        """queries [n, dim] float32 -> (squared distances [n, k'] float32, ids [n, k'] int64), k' = min(k, size).
+
+        The distances are :func:`cpu_knn`'s exact ones: the same whichever GEMM ranked.
+        """
         size = self.size
-        means, norms = torch.from_numpy(self._means[:size]), torch.from_numpy(self._norms[:size])
-        query_norms = torch.from_numpy(_sq_norms(queries))
-        dist, ids = exact_torch_knn(_torch_view(torch, queries), means, norms, k, query_norms=query_norms)
-        return dist.numpy(), ids.numpy()
+        return cpu_knn(queries, self._means[:size], k, self.search_backend, self._norms[:size])
 
 
 def resolve_search(search: str, device: str, precision: str = "fp32") -> str:
@@ -422,6 +419,36 @@ def exact_torch_knn(queries: Any, means: Any, norms: Any, k: int, query_norms: A
     """
     ids = torch_knn(queries, means, norms, k, query_norms=query_norms)[1]
     return rerank_exact(queries, means, ids, k)
+
+
+def cpu_knn(
+    queries: np.ndarray, base: np.ndarray, k: int, search: str, norms: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k-NN of queries [n, dim] among base rows [m, dim] (float32 numpy) on the CPU.
+
+    ``search`` ("faiss" | "torch") names whose GEMM ranks: ``faiss.knn`` or :func:`torch_knn`
+    (``norms`` [m] = ||mu||^2 in float64 when the caller keeps them). The neighbours either
+    returns then get exact fp32 distances ||q - mu||^2, re-sorted (:func:`rerank_exact`), in
+    this one place: the GEMM form's rounding differs between the two BLASes (and with a row's
+    place in the batch), so a result (a radius, a score) must not take its distances from it.
+    Returns (squared L2 float32 [n, k'], ids int64 [n, k']), k' = min(k, m).
+    """
+    import torch  # noqa: PLC0415
+
+    if search not in SEARCH_BACKENDS:
+        msg = f"a CPU search is one of {SEARCH_BACKENDS}, got {search!r}. Resolve 'auto' first."
+        raise InputError(msg)
+    kk = min(int(k), base.shape[0])
+    if kk <= 0:
+        return np.zeros((queries.shape[0], 0), dtype=np.float32), np.zeros((queries.shape[0], 0), dtype=np.int64)
+    q, b = _torch_view(torch, queries), _torch_view(torch, base)
+    if search == "faiss":
+        ids = torch.from_numpy(faiss.knn(queries, base, kk)[1])
+    else:
+        base_norms = torch.from_numpy(_sq_norms(base) if norms is None else norms)
+        ids = torch_knn(q, b, base_norms, kk)[1]
+    dist, ids = rerank_exact(q, b, ids, kk)
+    return dist.numpy(), ids.numpy()
 
 
 class TorchStore(_StoreBase):
