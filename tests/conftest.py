@@ -14,7 +14,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # One CPU search in this process and every child it starts (CLI runs, Ray workers): the auto
     # choice is otherwise measured per process and thread count, and on a loaded machine two
     # measurements may disagree. tests/test_cpu_search.py unsets it to test the measured choice.
-    os.environ["OCBANK_CPU_SEARCH"] = "torch"
+    # OCBANK_CPU_SEARCH=faiss runs the session on faiss's GEMM instead.
+    os.environ.setdefault("OCBANK_CPU_SEARCH", "torch")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

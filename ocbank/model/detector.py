@@ -579,6 +579,14 @@ class Detector:
         image_t = conservative_quantile(pred.scores[ok], rate)
         pixel_t = conservative_quantile(pred.maps[ok].reshape(int(ok.sum()), -1).max(axis=1), rate)
         n = int(ok.sum())
+        if not (image_t > 0 and pixel_t > 0):
+            # Exact distances: an image whose every patch is a centroid of the bank scores 0.
+            msg = (
+                f"the calibration images score at most {float(pred.scores[ok].max()):.4g}, so no threshold above 0 "
+                "can be set: the bank holds their patches (they are its training images). "
+                "Calibrate on normal images the bank never saw."
+            )
+            raise DataError(msg)
         self.decision_ = Decision(float(image_t), float(pixel_t), rate, n, source, attainable_false_alarm_rate=1 / (n + 1))
         if not self.decision_.target_met:
             log.warning(
