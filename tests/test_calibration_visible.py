@@ -6,13 +6,16 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import yaml
 
-from ocbank import ClusterBank
+from ocbank import ClusterBank, Detector
 from ocbank.cli import main
 from ocbank.data import Sample, shared_images
+from ocbank.errors import DataError
 
 from .conftest import tiny_config
 from .test_update import UNGUARDED  # these updates are about calibration, not the gate or the growth guard
@@ -110,3 +113,16 @@ def test_build_names_a_calibration_folder_that_is_its_training_folder(tiny_mvtec
                      str(Path(tiny_mvtec) / "dots" / "train" / "good")]) == 0
     assert any("class dots: 6 of the 6 calibration image(s) are already in the bank" in r.getMessage()
                and "(same file as " in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_calibration_images_that_all_score_zero_are_refused_by_name(bank, monkeypatch):
+    # Exact distances: images whose every patch is one of the bank's centroids score exactly 0.
+    det = Detector.load(bank)
+    before = det.decision
+    zeros = SimpleNamespace(scores=np.zeros(3), maps=np.zeros((3, 8, 8), dtype=np.float32))
+    monkeypatch.setattr(det, "predict", lambda images: zeros)
+    with pytest.raises(DataError, match="score at most 0, so no threshold above 0 can be set.*never saw"):
+        det.calibrate(["a.png", "b.png", "c.png"])
+    assert det.decision == before  # the bank's thresholds are kept
+

@@ -65,11 +65,18 @@ def test_update_recalibrates_when_given_images(tmp_path, tiny_mvtec, capsys, cap
     cfg_file.write_text(yaml.safe_dump(tiny_config(tiny_mvtec, bank={"radius": 5.0})))
     out = tmp_path / "b"
     assert main(["-q", "build", "--config", str(cfg_file), "--out", str(out), "--classes", "dots"]) == 0
-    good = Path(tiny_mvtec) / "dots" / "test" / "good"
-    assert main(["-q", "update", "--bank", str(out / "dots.h5"), "--input", str(good), "--out", str(out / "dots.h5"),
-                 "--calibration", str(good), *UNGUARDED]) == 0
+    # New images and calibration images apart: with each patch its own centroid (radius 5.0), images the
+    # update adds score exactly 0 and cannot set a threshold (Detector.calibrate refuses them).
+    good = sorted((Path(tiny_mvtec) / "dots" / "test" / "good").glob("*.png"))
+    new, calibration = tmp_path / "new", tmp_path / "cal"
+    for folder, images in ((new, good[:1]), (calibration, good[1:])):
+        folder.mkdir()
+        for p in images:
+            shutil.copy(p, folder / p.name)
+    assert main(["-q", "update", "--bank", str(out / "dots.h5"), "--input", str(new), "--out", str(out / "dots.h5"),
+                 "--calibration", str(calibration), *UNGUARDED]) == 0
     meta = ClusterBank.load(out / "dots.h5").metadata_
-    assert meta["decision"]["source"] == "folder" and meta["decision"]["n_images"] == 3
+    assert meta["decision"]["source"] == "folder" and meta["decision"]["n_images"] == 2
     assert meta["thresholds_predate_update"] is False and meta["lineage"][0]["recalibrated"] is True
     with caplog.at_level("WARNING"):
         Detector.load(out / "dots.h5")
