@@ -62,3 +62,7 @@ class BankChangedError(OcbankError, RuntimeError):
 
 class DependencyError(OcbankError, ImportError):
     """An optional dependency (faiss, Ray, onnx, ...) is missing; the message names the extra."""
+
+
+class PortInUseError(OcbankError, OSError):
+    """A server's port that something else already listens on, or that cannot be listened on."""

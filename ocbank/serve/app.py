@@ -30,9 +30,11 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import OcbankError
 from .api import (
+    CLIENT_CLOSED,
     TIMEOUT_HEADER,
     UNCALIBRATED,
     ApiError,
@@ -40,9 +42,10 @@ from .api import (
     decode_image,
     error_body,
     query_flags,
+    read_body,
     request_timeout,
 )
-from .banks import BankFile, bank_path, list_banks, valid_product, validate_bank
+from .banks import BankFile, bank_path, is_bank_file, list_banks, read_bank_bytes, valid_product, validate_bank
 from .metrics import OTHER_PRODUCT, Metrics
 from .options import ServeOptions
 
@@ -54,6 +57,10 @@ DRAIN_POLL_S = 0.05
 # A fixed threshold returns every buffer of 1 MB or more to the system when it is freed.
 INGRESS_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 OVERLOADED = "the inspection queue is full. Retry after a moment, or add replicas (--replicas)."
+# Uploads the ingress receives at once besides the requests it holds for scoring. Requests
+# still being received take none of the scoring capacity, so slow or stalled uploads cannot
+# starve complete ones; each holds its slot at most until its deadline (408).
+MAX_RECEIVING = 256
 
 
 @dataclass(frozen=True)
@@ -176,8 +183,16 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
     return JSONResponse(error_body("bad_request", " ".join(str(exc).split())), status_code=400)
 
 
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    # Any route's bug: still JSON, never Starlette's plain-text 500; logged with its traceback.
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(error_body("internal", f"internal error ({type(exc).__name__}); see the server log."),
+                        status_code=500)
+
+
 def _error(exc: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    return JSONResponse(exc.body(), status_code=exc.status, headers={**exc.headers, **(headers or {})})
 
 
 @serve.deployment(name="Api", num_replicas=1, graceful_shutdown_timeout_s=30,
@@ -197,12 +212,13 @@ class Api:
         self.failed: dict[str, str] = {}  # product -> why it is not served
         for product, path in list_banks(options.banks).items():
             try:
-                self.banks[product] = self._entry(product, path.read_bytes(), str(path))
+                self.banks[product] = self._entry(product, read_bank_bytes(path), str(path))
             except (OcbankError, OSError) as exc:
                 self.failed[product] = " ".join(str(exc).split())
         self.prepared: set[str] = set()  # model ids loaded once by a replica
         self.draining = False
-        self.inflight = 0  # inspections between arrival and answer
+        self.receiving = 0  # inspections whose body is still arriving
+        self.inflight = 0  # inspections between their whole body and their answer
         # What the model replicas hold plus Serve's queue (max_queued_requests): beyond it, 503.
         self.capacity = options.replicas * options.max_ongoing + options.max_queued
         self._warming: asyncio.Future[None] | None = None
@@ -243,9 +259,9 @@ class Api:
         """Refuse new inspections (503) and wait for the ones in flight; return how many were left."""
         self.draining = True
         deadline = time.monotonic() + timeout_s
-        while self.inflight and time.monotonic() < deadline:
+        while self.inflight + self.receiving and time.monotonic() < deadline:
             await asyncio.sleep(DRAIN_POLL_S)
-        return self.inflight
+        return self.inflight + self.receiving
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
@@ -292,10 +308,10 @@ class Api:
     async def _reload(self, product: str) -> dict[str, Any]:
         path = bank_path(self.options.banks, product)
         known = product in self.banks or product in self.failed
-        if not valid_product(product) or (not known and not path.is_file()):
+        if not valid_product(product) or (not known and not is_bank_file(path)):
             raise ApiError(404, "unknown_product", f"no bank {product!r} in {self.options.banks}. Served: {sorted(self.banks)}.")
         try:
-            data = await asyncio.to_thread(path.read_bytes)
+            data = await asyncio.to_thread(read_bank_bytes, path)
             info = await asyncio.to_thread(validate_bank, product, data, str(path))
         except (OcbankError, OSError) as exc:
             message = " ".join(str(exc).split()) + " The bank in service is unchanged."
@@ -325,7 +341,6 @@ class Api:
         began = time.perf_counter()
         label = product if product in self.banks else OTHER_PRODUCT
         status = 500
-        self.inflight += 1
         try:
             response = await self._inspect(product, request, mask, map, began)
             status = 200
@@ -334,17 +349,31 @@ class Api:
             status = exc.status
             headers = {"Retry-After": "1"} if exc.status == 503 else None
             return _error(exc, headers)
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED  # Serve cancels a request whose client hung up
+            raise
         except Exception as exc:  # a bug in ocbank: still JSON, and logged with its traceback
             log.exception("inspect %s failed", product)
             return _error(ApiError(500, "internal", f"internal error ({type(exc).__name__}); see the server log."))
         finally:
-            self.inflight -= 1
             self.metrics.request(label, status, time.perf_counter() - began)
+
+    async def _body(self, request: Request, timeout_s: float) -> bytes:
+        """The request's body within ``timeout_s`` and the size limit (408 / 413), counted as receiving meanwhile."""
+        self.receiving += 1
+        try:
+            return await read_body(request.stream(), self.options.max_body_bytes, timeout_s)
+        except (ClientDisconnect, ray.exceptions.TaskCancelledError):
+            # Starlette's word for a hang-up, or Serve's: the proxy's receive was cancelled with the request.
+            msg = "the client closed the connection before its body arrived."
+            raise ApiError(CLIENT_CLOSED, "client_closed", msg) from None
+        finally:
+            self.receiving -= 1
 
     async def _inspect(self, product: str, request: Request, mask: str | None, map_: str | None, began: float) -> JSONResponse:
         if self.draining:
             raise ApiError(503, "shutting_down", "the server is shutting down. Send the request to another instance.")
-        if self.inflight > self.capacity:  # shed before the body is read or decoded: the answer comes at once
+        if self.inflight >= self.capacity:  # shed before the body is read or decoded: the answer comes at once
             raise ApiError(503, "overloaded", OVERLOADED)
         entry = self.banks.get(product)
         if entry is None:
@@ -354,10 +383,18 @@ class Api:
         want_mask, want_map = query_flags(mask, map_)
         timeout = request_timeout(request.headers.get(TIMEOUT_HEADER), self.options.timeout_s)
         check_length(request.headers.get("content-length"), self.options.max_body_bytes)
-        body = await request.body()
-        pixels = await asyncio.to_thread(decode_image, body, entry.info.transform, self.options.max_body_bytes)
-        remaining = timeout - (time.perf_counter() - began)
-        result = await self._score(entry, ScoreRequest(entry.info.model_id, pixels, [entry.ref], want_mask, want_map), remaining)
+        body = await self._body(request, timeout - (time.perf_counter() - began))
+        self.inflight += 1  # admitted only now: an upload still arriving holds no scoring capacity
+        try:
+            if self.inflight > self.capacity:
+                raise ApiError(503, "overloaded", OVERLOADED)
+            pixels = await asyncio.to_thread(decode_image, body, entry.info.transform, self.options.max_body_bytes)
+            del body
+            remaining = timeout - (time.perf_counter() - began)
+            request_ = ScoreRequest(entry.info.model_id, pixels, [entry.ref], want_mask, want_map)
+            result = await self._score(entry, request_, remaining)
+        finally:
+            self.inflight -= 1
         self.metrics.model_call(product, result.pop("call"))
         out: dict[str, Any] = {
             "product": product,
@@ -402,6 +439,7 @@ def build_app(options: ServeOptions) -> Any:
         max_queued_requests=options.max_queued,
         ray_actor_options={"num_cpus": options.replica_cpus},
     ).bind(options)
-    # The ingress holds every request until its answer: enough for the replicas' share plus the queue.
-    ingress_ongoing = options.replicas * options.max_ongoing + options.max_queued + 64
+    # The ingress holds every request until its answer: enough for the replicas' share plus the queue,
+    # the uploads still arriving, and the other routes.
+    ingress_ongoing = options.replicas * options.max_ongoing + options.max_queued + MAX_RECEIVING + 64
     return Api.options(max_ongoing_requests=ingress_ongoing).bind(scorer, options)
