@@ -1,4 +1,4 @@
-"""The ``ocbank`` command line: build, update, evaluate, predict, suggest-radius, export, serve.
+"""The ``ocbank`` command line: build, update, evaluate, predict, suggest-radius, export, serve, doctor.
 
 Exit status: 0 every input was processed; 1 the command ran but some inputs failed
 (a class that did not build, an image that could not be read: outputs are written for
@@ -108,13 +108,32 @@ def _classes(value: list[str] | None) -> list[str] | None:
     return value or None
 
 
+def device_arg(text: str) -> str:
+    """argparse type: a device (cpu, cuda, cuda:N, auto), refused at the door before any slow start-up."""
+    from .config import check_device  # noqa: PLC0415
+
+    try:
+        return check_device(text, "--device")
+    except OcbankError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """``--config`` and what adjusts it, the same on every subcommand that reads a config."""
+    p.add_argument("--config", required=True, help="a YAML file, or a bundled config by name (mvtec, realiad, ...)")
+    p.add_argument("--data-root", metavar="DIR", help="the dataset folder (sets data.root)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                   help="override one config key, typed as in the YAML (repeatable): --set bank.radius=0.5")
+
+
 def _load_config(args: argparse.Namespace) -> Any:
+    """The config of ``--config`` with ``--set``, ``--data-root`` and ``--device`` on top."""
     from . import config  # noqa: PLC0415
 
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = dict(config.parse_assignment(text) for text in args.overrides)
     if getattr(args, "device", None):
         overrides["device"] = args.device
-    return config.load(args.config, overrides=overrides)
+    return config.load(args.config, overrides=overrides, data_root=args.data_root)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -150,8 +169,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_update(args: argparse.Namespace) -> int:
     from .jobs.update import UpdateJob, update_bank  # noqa: PLC0415
 
-    job = UpdateJob(bank=args.bank, inputs=tuple(args.input), out=args.out, calibration=args.calibration, device=args.device)
+    job = UpdateJob(bank=args.bank, inputs=tuple(args.input), out=args.out, calibration=args.calibration, device=args.device,
+                    progress=not args.quiet)
     row = update_bank(job)
+    if row["recalibrated"]:
+        print(f"thresholds: {_thresholds_change(row['thresholds_before'], row['thresholds'])}")
     print(
         f"added {row['images_added']} images ({row['images_skipped']} unreadable): "
         f"K {row['n_centroids_before']} -> {row['n_centroids']}; wrote {args.out}"
@@ -166,6 +188,15 @@ def cmd_update(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _thresholds_change(before: dict[str, float] | None, after: dict[str, float] | None) -> str:
+    """``image 40.53 -> 38.23, pixel 41.20 -> 39.00``: a recalibration's old and new thresholds."""
+
+    def value(t: dict[str, float] | None, key: str) -> str:
+        return "none" if t is None else f"{t[key]:.4g}"
+
+    return ", ".join(f"{key} {value(before, key)} -> {value(after, key)}" for key in ("image", "pixel"))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .jobs import evaluate  # noqa: PLC0415
 
@@ -175,9 +206,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         allow_partial=args.allow_partial,
     )
     print(evaluate.format_table(report))
-    print(f"metrics: {Path(args.out) / 'metrics.json'}  scores: {Path(args.out) / 'scores.csv'}")
-    if report["n_skipped"]:
-        print(f"ocbank: error: {report['n_skipped']} test image(s) could not be read and were left out "
+    print(f"metrics: {Path(args.out) / 'metrics.json'}  scores: {Path(args.out) / 'scores.csv'}  "
+          f"report: {Path(args.out) / 'report.html'}")
+    if report["images_skipped"]:
+        print(f"ocbank: error: {report['images_skipped']} test image(s) could not be read and were left out "
               "(named in the warnings above)", file=sys.stderr)
     if report["n_nan_scores"]:
         print(f"ocbank: error: {report['n_nan_scores']} test image(s) got a NaN score (a failed computation): "
@@ -187,7 +219,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               "above); metrics.json and scores.csv hold every score", file=sys.stderr)
     if not any(row["n_test"] for row in report["classes"].values()):
         return EXIT_ERROR  # no test image scored: nothing to read the metrics from
-    return EXIT_PARTIAL if report["n_skipped"] or report["n_nan_scores"] or report["n_outputs_failed"] else EXIT_OK
+    return EXIT_PARTIAL if report["images_skipped"] or report["n_nan_scores"] or report["n_outputs_failed"] else EXIT_OK
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -203,7 +235,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"{'unreadable':>10}  {escape_path(row['path'])}")
         else:
             print(f"{row['score']:10.4f} {row.get('label') or '':>3}  {escape_path(row['path'])}")
-    print(f"scores: {Path(args.out) / 'scores.csv'}  heatmaps: {Path(args.out) / 'heatmaps'}")
+    wrote = {"scores": "scores.csv", "heatmaps": "heatmaps" if args.overlays != "none" else None,
+             "maps": "maps" if args.save_maps else None, "masks": "masks" if args.save_masks else None}
+    print("  ".join(f"{what}: {Path(args.out) / name}" for what, name in wrote.items() if name))
     failed = sum(row["status"] != "ok" for row in rows)
     unwritten = sum(row.get("outputs_failed", 0) for row in rows)
     if failed:
@@ -233,6 +267,7 @@ def cmd_suggest_radius(args: argparse.Namespace) -> int:
         from .jsonio import write_json  # noqa: PLC0415
 
         write_json(args.json, stats)
+        print(f"statistics: {args.json}")
     return EXIT_OK
 
 
@@ -282,6 +317,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import main as doctor  # noqa: PLC0415
+
+    return doctor(args.json, measure=not args.no_measure)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ocbank",
@@ -295,10 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("build", help="build one bank per class (checkpointed, resumable)")
-    p.add_argument("--config", required=True)
+    add_config_arguments(p)
     p.add_argument("--out", required=True, help="output folder for <class>.h5")
     p.add_argument("--classes", type=class_list, help="comma-separated subset of classes")
-    p.add_argument("--device", help="override the config's device")
+    p.add_argument("--device", type=device_arg, help="override the config's device (cpu, cuda, cuda:N, auto)")
     p.add_argument("--checkpoint-every", type=positive_int, default=DEFAULT_CHECKPOINT_EVERY, metavar="N",
                    help=f"rewrite <class>.partial.h5 every N images (default {DEFAULT_CHECKPOINT_EVERY})")
     p.add_argument("--resume", action="store_true",
@@ -321,16 +362,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, nargs="+", help="new normal images: files or folders")
     p.add_argument("--out", required=True, help="the new bank file (atomic; may be the same path)")
     p.add_argument("--calibration", metavar="DIR", help="normal images to recalibrate the thresholds on")
-    p.add_argument("--device")
+    p.add_argument("--device", type=device_arg, help="override the bank's device (cpu, cuda, cuda:N, auto)")
     p.set_defaults(func=cmd_update)
 
     p = sub.add_parser("evaluate", help="score test splits, write metrics.json and scores.csv")
-    p.add_argument("--config", required=True)
+    add_config_arguments(p)
     p.add_argument("--banks", required=True, help="folder with <class>.h5 banks")
     p.add_argument("--out", required=True)
     p.add_argument("--classes", type=class_list, help="comma-separated subset of classes")
     p.add_argument("--heatmaps", type=non_negative_int, default=4, help="overlay PNGs per class (default 4)")
-    p.add_argument("--device")
+    p.add_argument("--device", type=device_arg, help="override the config's device (cpu, cuda, cuda:N, auto)")
     p.add_argument("--allow-partial", action="store_true",
                    help="accept unfinished build checkpoints (*.partial.h5)")
     p.set_defaults(func=cmd_evaluate)
@@ -343,15 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-masks", action="store_true", help="also write binary defect masks as PNG (calibrated banks)")
     p.add_argument("--overlays", choices=["all", "ng", "none"], default="all",
                    help="heatmap overlay PNGs for every image (default), NG images only (calibrated banks), or none")
-    p.add_argument("--device")
+    p.add_argument("--device", type=device_arg, help="override the bank's device (cpu, cuda, cuda:N, auto)")
     p.add_argument("--allow-partial", action="store_true",
                    help="accept an unfinished build checkpoint (*.partial.h5)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("suggest-radius", help="print the radius rule's percentiles per class")
-    p.add_argument("--config", required=True)
+    add_config_arguments(p)
     p.add_argument("--classes", type=class_list, help="comma-separated subset of classes")
-    p.add_argument("--device")
+    p.add_argument("--device", type=device_arg, help="override the config's device (cpu, cuda, cuda:N, auto)")
     p.add_argument("--json", help="also write the statistics to this JSON file")
     p.set_defaults(func=cmd_suggest_radius)
 
@@ -380,8 +421,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="banks a replica keeps loaded; the least recently used is evicted beyond (default 8)")
     p.add_argument("--address", help="join this Ray cluster (ray://head:10001 or host:port); default: a local Ray")
     p.add_argument("--cpus", type=positive_int, help="CPUs to share among the replicas (default: all of this machine)")
-    p.add_argument("--device", help="override the banks' device (cpu, cuda, cuda:N, auto)")
+    p.add_argument("--device", type=device_arg, help="override the banks' device (cpu, cuda, cuda:N, auto)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("doctor", help="what will run here: versions, BLAS kernels, CPU, CUDA, search rates")
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                   help="write the report as JSON to PATH (alone: print JSON instead of text)")
+    p.add_argument("--no-measure", action="store_true", help="skip the GEMM and search timings (a few seconds)")
+    p.set_defaults(func=cmd_doctor)
+
+    for p in sub.choices.values():  # -q also after the command; SUPPRESS keeps a -q given before it
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     return parser
 
 

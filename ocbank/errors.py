@@ -7,6 +7,21 @@ into one line; anything else is a bug and surfaces with its traceback.
 
 from __future__ import annotations
 
+import logging
+
+_SAID: set[str] = set()
+
+
+def warn_once(logger: logging.Logger, message: str) -> None:
+    """Log ``message`` as a warning the first time this process sees it.
+
+    For notes about a whole run (random weights, autocast off on the CPU) that each of the
+    run's steps would otherwise repeat: a build and the evaluation after it load a backbone each.
+    """
+    if message not in _SAID:
+        _SAID.add(message)
+        logger.warning("%s", message)
+
 
 class OcbankError(Exception):
     """Base of every error ocbank raises deliberately; the message names the value and the fix."""
@@ -62,6 +77,10 @@ class BankChangedError(OcbankError, RuntimeError):
 
 class DependencyError(OcbankError, ImportError):
     """An optional dependency (faiss, Ray, onnx, ...) is missing; the message names the extra."""
+
+
+class ServeError(OcbankError, RuntimeError):
+    """``ocbank serve`` cannot serve: no bank of the folder could be loaded (each is named with why)."""
 
 
 class PortInUseError(OcbankError, OSError):

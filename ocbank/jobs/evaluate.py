@@ -22,6 +22,7 @@ from ..model import metrics
 from ..model.calibration import decision_metrics, f1_optimal_threshold, transfer_warning
 from ..model.detector import Detector
 from ..model.features import FeatureExtractor
+from ..model.progress import progress_bar, with_progress
 from .build import SINGLE_BANK
 from .report import ReportCollector
 from .report_html import write_report
@@ -88,13 +89,15 @@ def _bank_file(banks: Path, name: str) -> Path:
     return bank_file
 
 
-def _score_class(det: Detector, name: str, split: Any, out: Path, heatmaps: int, collected: ReportCollector) -> _ClassScores:
+def _score_class(
+    det: Detector, name: str, split: Any, out: Path, heatmaps: int, collected: ReportCollector, progress: bool = False
+) -> _ClassScores:
     """Score a class's test split batch by batch; write up to ``heatmaps`` overlays of anomalies."""
     got = _ClassScores()
     shown = 0
     lo, hi = map_range(det.bank.radius)
     start = time.perf_counter()
-    for res in det.score_batches(split.test, with_masks=True):
+    for res in with_progress(det.score_batches(split.test, with_masks=True), f"evaluate {name}", len(split.test), progress):
         got.skipped += res.skipped
         samples: list[Sample] = [split.test[i] for i in res.indices]
         as_text = [replace(s, path=escape_path(s.path)) for s in samples]  # names as the CSV and report show them
@@ -136,7 +139,7 @@ def _class_row(det: Detector, got: _ClassScores, size: int) -> tuple[dict[str, A
         "bank_bytes": det.bank.nbytes,
         "radius": det.bank.radius,
         "n_test": len(labels),
-        "n_skipped": len(got.skipped),
+        "images_skipped": len(got.skipped),
         "n_nan_scores": n_nan,
         "seconds": got.seconds,
         "images_per_s": len(labels) / got.seconds if got.seconds > 0 else 0.0,
@@ -199,7 +202,7 @@ def evaluate(
             extractor = det.extractor
             last = (bank_file, det)
         det = last[1]
-        got = _score_class(det, name, split, out, heatmaps, collected)
+        got = _score_class(det, name, split, out, heatmaps, collected, progress)
         outputs_failed += got.outputs_failed
         results[name], maps, masks = _class_row(det, got, cfg.image_size)
         if results[name]["n_nan_scores"]:
@@ -210,7 +213,7 @@ def evaluate(
         collected.end_class(name, masks, maps, det.decision, map_range(det.bank.radius))
         csv_rows += got.csv_rows
     rows = list(results.values())
-    report = {"classes": results, "mean": _mean_row(rows), "n_skipped": sum(r["n_skipped"] for r in rows),
+    report = {"classes": results, "mean": _mean_row(rows), "images_skipped": sum(r["images_skipped"] for r in rows),
               "n_nan_scores": sum(r["n_nan_scores"] for r in rows), "n_outputs_failed": outputs_failed}
     write_json(out / "metrics.json", report)
     with open(out / "scores.csv", "w", newline="", encoding="utf-8") as fh:
@@ -299,5 +302,6 @@ def suggest_radius(cfg: Config, classes: list[str] | None = None, progress: bool
             raise DataError(msg)
         det = Detector.from_config(cfg_auto, extractor=extractor)
         extractor = det.extractor
-        out[name] = det.radius_statistics(split.train).to_dict()
+        with progress_bar(f"radius {name}", det.n_radius_images(len(split.train)), progress):
+            out[name] = det.radius_statistics(split.train).to_dict()
     return out

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data import Sample, calibration_images, escape_path, list_inputs
+from ..data import Sample, SharedImage, calibration_images, escape_path, list_inputs, shared_images
 from ..errors import BankChangedError, DataError
 from ..model.detector import Detector
 from ..model.features import file_sha256
+from ..model.progress import progress_bar
+from .build import training_images, warn_calibration_in_bank
 from .lock import build_lock
 
 
@@ -26,6 +28,7 @@ class UpdateJob:
     out: str  # the new bank file (may equal bank: replaced atomically)
     calibration: str | None = None  # folder of normal images to recalibrate the thresholds on
     device: str | None = None
+    progress: bool = False  # progress bars on stderr for the new images and the calibration
 
 
 # The bank's identity that an update carries over, so that ``build --resume`` recognises
@@ -50,13 +53,19 @@ def update_bank(job: UpdateJob) -> dict[str, Any]:
             msg = f"{job.bank} is a partial checkpoint, not a finished bank. Finish the build with --resume first."
             raise DataError(msg)
         k_before, seen_before = len(det.bank), det.bank.n_seen
-        det.partial_fit([Sample(str(f)) for f in files])
+        with progress_bar("update", len(files), job.progress):
+            det.partial_fit([Sample(str(f)) for f in files])
         added = det.last_partial_fit_
         if added.images_used == 0:
             msg = f"none of the {len(files)} new images could be read; {job.bank} was not changed."
             raise DataError(msg)
+        before = _thresholds(det)
+        shared: list[SharedImage] = []
         if calibration is not None:
-            det.calibrate(calibration, source="folder")
+            shared = calibration_in_bank(det, calibration, files)
+            warn_calibration_in_bank(shared, len(calibration), str(job.bank))
+            with progress_bar("calibration", len(calibration), job.progress):
+                det.calibrate(calibration, source="folder")
         stale = det.decision is not None and calibration is None
         entry = {
             "parent_sha256": parent,
@@ -79,8 +88,24 @@ def update_bank(job: UpdateJob) -> dict[str, Any]:
         "n_centroids_before": k_before,
         "n_centroids": len(det.bank),
         "thresholds_predate_update": stale,
+        "thresholds_before": before,
+        "thresholds": _thresholds(det),
+        "calibration_in_bank": [str(x) for x in shared],
         "seconds": time.perf_counter() - began,
     }
+
+
+def _thresholds(det: Detector) -> dict[str, float] | None:
+    """The bank's OK/NG thresholds (image, pixel), or None when it has none."""
+    d = det.decision
+    return None if d is None else {"image": d.image_threshold, "pixel": d.pixel_threshold}
+
+
+def calibration_in_bank(det: Detector, calibration: list[Sample], new_files: list[Path]) -> list[SharedImage]:
+    """The calibration images the bank holds: in the build's training list (:func:`training_images`,
+    when its dataset is still there) or among this update's new images; by resolved path or content."""
+    trained = training_images(det) or []
+    return shared_images(calibration, [*trained, *(Sample(str(f)) for f in new_files)])
 
 
 def _check_unchanged(bank: str, sha: str, when: str) -> None:

@@ -44,7 +44,7 @@ from ..engine.checkpoint import BankState, read_bank
 from ..errors import ConfigError, DataError, InputError, InputTypeError, NotFittedError
 from .calibration import Decision, conservative_quantile
 from .features import FEATURE_DIM, FEATURE_STRIDE, FeatureExtractor, file_sha256
-from .progress import FitProgress, FitStep
+from .progress import FitProgress, FitStep, advance
 from .radius import RadiusStats, estimate_radius, sample_images
 from .scoring import anomaly_maps, image_scores
 from .spool import FeatureSpool
@@ -196,16 +196,26 @@ def bank_config(state: BankState, where: str, device: str | None = None) -> tupl
 class Detector:
     """WideResNet-50 patch features streamed into a :class:`ClusterBank`.
 
-    Parameters (defaults are the method's; each is a field of :class:`ocbank.config.Config`)
+    Defaults are the method's; each parameter is a field of :class:`ocbank.config.Config`.
+
+    Parameters
     ----------
-    weights : "imagenet", "none" (random, seeded: tests and demos only) or a ``.pth`` state dict.
-    radius : "auto" (p99 of nearest-other-patch distances) or a number.
-    pool : "none" (the method) or "avg3" (PatchCore's 3x3 averaging).
-    sigma : Gaussian blur of the maps in pixels.
-    scoring_mode : image score from the distance grid: "nn" (its maximum, the method), "local_mean", "local_gauss".
-    image_size : side S of the model input (the center crop).
-    resize : side of the square resize before the crop (None: image_size * 256 / 224).
-    device : "cpu", "cuda", "cuda:N" or "auto".
+    weights
+        "imagenet", "none" (random, seeded: tests and demos only) or a ``.pth`` state dict.
+    radius
+        "auto" (p99 of nearest-other-patch distances) or a number.
+    pool
+        "none" (the method) or "avg3" (PatchCore's 3x3 averaging).
+    sigma
+        Gaussian blur of the maps in pixels.
+    scoring_mode
+        Image score from the distance grid: "nn" (its maximum, the method), "local_mean", "local_gauss".
+    image_size
+        Side S of the model input (the center crop).
+    resize
+        Side of the square resize before the crop (None: image_size * 256 / 224).
+    device
+        "cpu", "cuda", "cuda:N" or "auto".
     """
 
     def __init__(
@@ -274,7 +284,7 @@ class Detector:
         with self._lock:
             if self._extractor is None:
                 bb = self.config.backbone
-                device = resolve_device(self.config.device)  # "auto" on a CPU machine refuses autocast here
+                device = resolve_device(self.config.device)  # autocast applies only if this is CUDA
                 self._extractor = FeatureExtractor(weights=bb.weights, pool=bb.pool, device=device, autocast=bb.autocast)
             return self._extractor
 
@@ -333,10 +343,8 @@ class Detector:
             if self.config.data.num_workers == 0:  # decode the next batch while the backbone runs
                 batches = prefetched(batches)
         for batch in batches:
-            if not batch.index:
-                yield batch, torch.zeros((0, 0, 0, FEATURE_DIM))
-                continue
-            yield batch, self.extractor(batch.image)
+            yield batch, self.extractor(batch.image) if batch.index else torch.zeros((0, 0, 0, FEATURE_DIM))
+            advance(len(batch.index) + len(batch.skipped))  # the open progress bar, once the batch is used
 
     # ------------------------------------------------------------------ build
     def _reset(self) -> None:
@@ -383,7 +391,7 @@ class Detector:
 
     def _radius_stats(self, features: Any, n_images: int) -> RadiusStats:
         """The radius rule on features [n, 1536] (or a spool): linear-cost p99 with its interval."""
-        estimate = estimate_radius(features, seed=self.config.bank.seed)
+        estimate = estimate_radius(features, seed=self.config.bank.seed, search=self.config.bank.cpu_search)
         if not estimate.radius > 0:
             msg = f"the radius rule gave {estimate.radius} (identical patches?). Set bank.radius explicitly."
             raise DataError(msg)

@@ -12,12 +12,14 @@
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at run time.
 import asyncio
+import contextlib
 import logging
 import os
 import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,15 +34,20 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from .._version import __version__
 from ..errors import OcbankError
+from . import oip
 from .api import (
     CLIENT_CLOSED,
+    HTTP_CODES,
+    HTTP_ERROR,
     TIMEOUT_HEADER,
     UNCALIBRATED,
     ApiError,
     check_length,
     decode_image,
     error_body,
+    plain_error,
     query_flags,
     read_body,
     request_timeout,
@@ -172,27 +179,36 @@ class Scorer:
 api = FastAPI(title="ocbank", summary="Anomaly inspection with ocbank banks")
 
 
+def _error_for(request: Request, exc: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """``exc`` in the shape of the request's API: ocbank's {code, message}, or the v2 protocol's {"error": message}."""
+    body = oip.error_body(exc.message) if oip.is_v2(request.url.path) else exc.body()
+    return JSONResponse(body, status_code=exc.status, headers={**exc.headers, **(headers or {})})
+
+
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = HTTP_CODES.get(exc.status_code, HTTP_ERROR)
+    return _error_for(request, ApiError(exc.status_code, code, str(exc.detail)))
 
 
 @api.exception_handler(RequestValidationError)
-async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse(error_body("bad_request", " ".join(str(exc).split())), status_code=400)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error_for(request, ApiError(400, "bad_request", " ".join(str(exc).split())))
 
 
 @api.exception_handler(Exception)
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     # Any route's bug: still JSON, never Starlette's plain-text 500; logged with its traceback.
     log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-    return JSONResponse(error_body("internal", f"internal error ({type(exc).__name__}); see the server log."),
-                        status_code=500)
+    return _error_for(request, ApiError(500, "internal", f"internal error ({type(exc).__name__}); see the server log."))
 
 
 def _error(exc: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers={**exc.headers, **(headers or {})})
+
+
+def _retry_headers(exc: ApiError) -> dict[str, str] | None:
+    return {"Retry-After": "1"} if exc.status == 503 else None
 
 
 @serve.deployment(name="Api", num_replicas=1, graceful_shutdown_timeout_s=30,
@@ -232,17 +248,16 @@ class Api:
     # ------------------------------------------------------------------ readiness
     async def warm(self) -> dict[str, Any]:
         """Load every bank on a replica once; return {ready, failed}. Idempotent."""
-        if self._warming is None:
-            self._warming = asyncio.ensure_future(self._warm())
+        self._start_warming()
         await asyncio.shield(self._warming)
-        return {"ready": self.ready, "failed": dict(self.failed)}
+        return {"ready": self.ready, "banks": sorted(self.banks), "failed": dict(self.failed)}
 
     async def _warm(self) -> None:
         for product, entry in list(self.banks.items()):
             try:
                 await self._prepare(entry)
             except Exception as exc:  # noqa: BLE001 - a bank that cannot load is reported, not fatal
-                self.failed[product] = " ".join(str(exc).split())[:500]
+                self.failed[product] = plain_error(exc)  # ocbank's message, not Ray's traceback
                 self.banks.pop(product, None)
 
     async def _prepare(self, entry: _Entry) -> dict[str, Any]:
@@ -253,7 +268,20 @@ class Api:
 
     @property
     def ready(self) -> bool:
-        return not self.failed and all(e.info.model_id in self.prepared for e in self.banks.values())
+        """Every bank that can be served is loaded on a replica (those that cannot are named in ``failed``)."""
+        return bool(self.banks) and all(e.info.model_id in self.prepared for e in self.banks.values())
+
+    def not_ready_reason(self) -> str:
+        if self.draining:
+            return "shutting down"
+        if not self.banks:
+            return "no bank can be served: " + "; ".join(f"{p}: {m}" for p, m in sorted(self.failed.items()))
+        waiting = sorted(p for p, e in self.banks.items() if e.info.model_id not in self.prepared)
+        return f"loading banks: {', '.join(waiting)}"
+
+    def _start_warming(self) -> None:
+        if self._warming is None:
+            self._warming = asyncio.ensure_future(self._warm())
 
     async def drain(self, timeout_s: float) -> int:
         """Refuse new inspections (503) and wait for the ones in flight; return how many were left."""
@@ -269,18 +297,10 @@ class Api:
 
     @api.get("/readyz")
     async def readyz(self) -> JSONResponse:
-        if self._warming is None:
-            self._warming = asyncio.ensure_future(self._warm())
+        self._start_warming()
         if self.ready and not self.draining:
-            return JSONResponse({"ready": True, "banks": sorted(self.banks)})
-        if self.draining:
-            message = "shutting down"
-        elif self.failed:
-            message = "banks that failed to load: " + "; ".join(f"{p}: {m}" for p, m in sorted(self.failed.items()))
-        else:
-            waiting = sorted(p for p, e in self.banks.items() if e.info.model_id not in self.prepared)
-            message = f"loading banks: {', '.join(waiting)}"
-        return JSONResponse(error_body("not_ready", message), status_code=503)
+            return JSONResponse({"ready": True, "banks": sorted(self.banks), "failed": dict(self.failed)})
+        return JSONResponse(error_body("not_ready", self.not_ready_reason()), status_code=503)
 
     @api.get("/metrics")
     async def metrics_text(self) -> Response:
@@ -323,7 +343,7 @@ class Api:
         try:
             described = await self._prepare(entry)  # a replica loads it before anyone is sent to it
         except Exception as exc:  # noqa: BLE001 - any load failure keeps the old bank
-            message = f"{path} passed validation but a replica could not load it: {' '.join(str(exc).split())[:400]}"
+            message = f"{path} passed validation but a replica could not load it: {plain_error(exc, 400)}"
             raise ApiError(409, "bank_rejected", message + " The bank in service is unchanged.") from None
         self.banks[product] = entry  # the swap: requests from now on name the new model id
         self.failed.pop(product, None)
@@ -337,32 +357,49 @@ class Api:
 
     # ------------------------------------------------------------------ inspect
     @api.post("/v1/inspect/{product}")
-    async def inspect(self, product: str, request: Request, mask: str | None = None, map: str | None = None) -> JSONResponse:  # noqa: A002
+    async def inspect(self, product: str, request: Request, mask: str | None = None, map: str | None = None) -> Response:  # noqa: A002
+        return await self._counted(product, request, lambda began: self._inspect(product, request, mask, map, began))
+
+    async def _counted(self, product: str, request: Request, work: Callable[[float], Awaitable[Response]]) -> Response:
+        """Run one inspection (``/v1/inspect`` or v2 ``infer``): counted in the metrics, errors as JSON."""
         began = time.perf_counter()
         label = product if product in self.banks else OTHER_PRODUCT
         status = 500
         try:
-            response = await self._inspect(product, request, mask, map, began)
+            response = await work(began)
             status = 200
             return response
         except ApiError as exc:
             status = exc.status
-            headers = {"Retry-After": "1"} if exc.status == 503 else None
-            return _error(exc, headers)
+            return _error_for(request, exc, _retry_headers(exc))
         except asyncio.CancelledError:
             status = CLIENT_CLOSED  # Serve cancels a request whose client hung up
             raise
         except Exception as exc:  # a bug in ocbank: still JSON, and logged with its traceback
             log.exception("inspect %s failed", product)
-            return _error(ApiError(500, "internal", f"internal error ({type(exc).__name__}); see the server log."))
+            return _error_for(request, ApiError(500, "internal", f"internal error ({type(exc).__name__}); see the server log."))
         finally:
             self.metrics.request(label, status, time.perf_counter() - began)
 
-    async def _body(self, request: Request, timeout_s: float) -> bytes:
-        """The request's body within ``timeout_s`` and the size limit (408 / 413), counted as receiving meanwhile."""
+    def _admit(self, product: str) -> _Entry:
+        """The served bank for a new inspection, or the 503 / 404 that refuses it before its body is read."""
+        if self.draining:
+            raise ApiError(503, "shutting_down", "the server is shutting down. Send the request to another instance.")
+        if self.inflight >= self.capacity:  # shed before the body is read or decoded: the answer comes at once
+            raise ApiError(503, "overloaded", OVERLOADED)
+        return self._served(product)
+
+    async def _body(self, request: Request, began: float, timeout_s: float) -> bytes:
+        """The request's body within what is left of its deadline and the size limit (408 / 413).
+
+        Counted as receiving meanwhile, not in flight: an upload still arriving holds none
+        of the scoring capacity, so stalled ones cannot starve complete requests.
+        """
+        check_length(request.headers.get("content-length"), self.options.max_body_bytes)
         self.receiving += 1
         try:
-            return await read_body(request.stream(), self.options.max_body_bytes, timeout_s)
+            left = timeout_s - (time.perf_counter() - began)
+            return await read_body(request.stream(), self.options.max_body_bytes, left)
         except (ClientDisconnect, ray.exceptions.TaskCancelledError):
             # Starlette's word for a hang-up, or Serve's: the proxy's receive was cancelled with the request.
             msg = "the client closed the connection before its body arrived."
@@ -370,31 +407,37 @@ class Api:
         finally:
             self.receiving -= 1
 
-    async def _inspect(self, product: str, request: Request, mask: str | None, map_: str | None, began: float) -> JSONResponse:
-        if self.draining:
-            raise ApiError(503, "shutting_down", "the server is shutting down. Send the request to another instance.")
-        if self.inflight >= self.capacity:  # shed before the body is read or decoded: the answer comes at once
-            raise ApiError(503, "overloaded", OVERLOADED)
+    @contextlib.asynccontextmanager
+    async def _in_flight(self) -> AsyncIterator[None]:
+        """An inspection whose whole body arrived, counted toward the overload limit while it is decoded and scored."""
+        self.inflight += 1
+        try:
+            if self.inflight > self.capacity:
+                raise ApiError(503, "overloaded", OVERLOADED)
+            yield
+        finally:
+            self.inflight -= 1
+
+    def _served(self, product: str) -> _Entry:
         entry = self.banks.get(product)
         if entry is None:
             if product in self.failed:
                 raise ApiError(503, "bank_unavailable", f"bank {product!r} failed to load: {self.failed[product]}")
             raise ApiError(404, "unknown_product", f"no bank {product!r}. Served: {sorted(self.banks)}.")
+        return entry
+
+    async def _inspect(self, product: str, request: Request, mask: str | None, map_: str | None, began: float) -> JSONResponse:
+        entry = self._admit(product)
         want_mask, want_map = query_flags(mask, map_)
         timeout = request_timeout(request.headers.get(TIMEOUT_HEADER), self.options.timeout_s)
-        check_length(request.headers.get("content-length"), self.options.max_body_bytes)
-        body = await self._body(request, timeout - (time.perf_counter() - began))
-        self.inflight += 1  # admitted only now: an upload still arriving holds no scoring capacity
-        try:
-            if self.inflight > self.capacity:
-                raise ApiError(503, "overloaded", OVERLOADED)
-            pixels = await asyncio.to_thread(decode_image, body, entry.info.transform, self.options.max_body_bytes)
+        body = await self._body(request, began, timeout)
+        async with self._in_flight():
+            pixels = await asyncio.to_thread(decode_image, body, entry.info.transform, self.options.max_body_bytes,
+                                             request.headers.get("content-type"))
             del body
             remaining = timeout - (time.perf_counter() - began)
             request_ = ScoreRequest(entry.info.model_id, pixels, [entry.ref], want_mask, want_map)
             result = await self._score(entry, request_, remaining)
-        finally:
-            self.inflight -= 1
         self.metrics.model_call(product, result.pop("call"))
         out: dict[str, Any] = {
             "product": product,
@@ -409,6 +452,99 @@ class Api:
             out["note"] = UNCALIBRATED
         out["latency_ms"] = round(1000.0 * (time.perf_counter() - began), 3)
         return JSONResponse(out)
+
+    # ------------------------------------------------------------------ Open Inference Protocol v2 (ocbank/serve/oip.py)
+    @api.get("/v2")
+    async def v2_server(self) -> JSONResponse:
+        return JSONResponse(oip.server_metadata(__version__))
+
+    @api.get("/v2/health/live")
+    async def v2_live(self) -> JSONResponse:
+        return JSONResponse({"live": True})
+
+    @api.get("/v2/health/ready")
+    async def v2_ready(self) -> JSONResponse:
+        self._start_warming()
+        if self.ready and not self.draining:
+            return JSONResponse({"ready": True})
+        return JSONResponse(oip.error_body(self.not_ready_reason()), status_code=400)  # the protocol: 4xx = not ready
+
+    @api.get("/v2/models/{product}")
+    async def v2_model(self, product: str, request: Request) -> JSONResponse:
+        return self._v2_model(product, None, request)
+
+    @api.get("/v2/models/{product}/versions/{version}")
+    async def v2_model_version(self, product: str, version: str, request: Request) -> JSONResponse:
+        return self._v2_model(product, version, request)
+
+    def _v2_model(self, product: str, version: str | None, request: Request) -> JSONResponse:
+        try:
+            entry = self._served(product)
+            oip.check_version(entry.info, version)
+        except ApiError as exc:
+            return _error_for(request, exc)
+        return JSONResponse(oip.model_metadata(entry.info))
+
+    @api.get("/v2/models/{product}/ready")
+    async def v2_model_ready(self, product: str, request: Request) -> JSONResponse:
+        return self._v2_model_ready(product, None, request)
+
+    @api.get("/v2/models/{product}/versions/{version}/ready")
+    async def v2_model_version_ready(self, product: str, version: str, request: Request) -> JSONResponse:
+        return self._v2_model_ready(product, version, request)
+
+    def _v2_model_ready(self, product: str, version: str | None, request: Request) -> JSONResponse:
+        try:
+            entry = self._served(product)
+            oip.check_version(entry.info, version)
+        except ApiError as exc:
+            return _error_for(request, exc)
+        if entry.info.model_id not in self.prepared or self.draining:
+            reason = "shutting down" if self.draining else f"bank {product!r} is loading"
+            return JSONResponse(oip.error_body(reason), status_code=400)
+        return JSONResponse({"name": product, "ready": True})
+
+    @api.post("/v2/models/{product}/infer")
+    async def v2_infer(self, product: str, request: Request) -> Response:
+        return await self._counted(product, request, lambda began: self._v2_infer(product, None, request, began))
+
+    @api.post("/v2/models/{product}/versions/{version}/infer")
+    async def v2_infer_version(self, product: str, version: str, request: Request) -> Response:
+        return await self._counted(product, request, lambda began: self._v2_infer(product, version, request, began))
+
+    async def _v2_infer(self, product: str, version: str | None, request: Request, began: float) -> Response:
+        """One v2 inference request: its images scored like ``/v1/inspect``'s, concurrently, so they batch together."""
+        entry = self._admit(product)
+        oip.check_version(entry.info, version)
+        timeout = request_timeout(request.headers.get(TIMEOUT_HEADER), self.options.timeout_s)
+        if request.headers.get("content-encoding", "identity").lower() != "identity":
+            msg = f"Content-Encoding {request.headers['content-encoding']!r} is not accepted; send the request uncompressed."
+            raise ApiError(415, "unsupported_encoding", msg)
+        body = await self._body(request, began, timeout)
+        async with self._in_flight():
+            return await self._v2_scored(entry, body, request, began, timeout)
+
+    async def _v2_scored(self, entry: _Entry, body: bytes, request: Request, began: float, timeout: float) -> Response:
+        """The rest of :meth:`_v2_infer` once its body arrived: the images decoded and scored concurrently."""
+        product = entry.info.product
+        limit = self.options.max_body_bytes
+        parsed = await asyncio.to_thread(oip.parse_infer, body, request.headers.get(oip.HEADER_LENGTH), entry.info,
+                                         self.options.max_batch)
+        pixels = await asyncio.gather(*(
+            asyncio.to_thread(decode_image, image, entry.info.transform, limit, where=oip.element(i), hint=oip.HINT)
+            for i, image in enumerate(parsed.images)))
+        remaining = timeout - (time.perf_counter() - began)
+        want_mask = parsed.wants("mask")
+        results = await asyncio.gather(
+            *(self._score(entry, ScoreRequest(entry.info.model_id, px, [entry.ref], want_mask, False), remaining)
+              for px in pixels), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        for result in results:
+            self.metrics.model_call(product, result.pop("call"))
+        content, headers = await asyncio.to_thread(oip.infer_response, entry.info, parsed, list(results))
+        return Response(content, headers=headers)
 
     @staticmethod
     async def _await(response: Any) -> Any:
