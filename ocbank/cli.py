@@ -1,4 +1,5 @@
-"""The ``ocbank`` command line: build, update, evaluate, predict, suggest-radius, export, serve, doctor.
+"""The ``ocbank`` command line: build, update, history, rollback, evaluate, predict, suggest-radius, export, serve,
+doctor.
 
 Exit status: 0 every input was processed; 1 the command ran but some inputs failed
 (a class that did not build, an image that could not be read: outputs are written for
@@ -26,7 +27,14 @@ from typing import Any
 
 from . import __version__
 from .errors import OcbankError
-from .jobs import DEFAULT_CHECKPOINT_EVERY
+from .jobs import (
+    AUTO_GATE_MULTIPLE,
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_KEEP_HISTORY,
+    DEFAULT_MAX_NEW_CENTROIDS,
+    GATE_AUTO,
+    GATE_OFF,
+)
 
 EXIT_OK, EXIT_PARTIAL, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 128 + signal.SIGTERM
 
@@ -166,25 +174,83 @@ def cmd_build(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if report["failed"] or unreadable else EXIT_OK
 
 
+def gate_value(text: str) -> str | float:
+    """argparse type of --gate: "auto", "off", or a multiple >= 1 of the NG threshold."""
+    if text in (GATE_AUTO, GATE_OFF):
+        return text
+    try:
+        return _float_above(text, 1.0, inclusive=True)
+    except argparse.ArgumentTypeError:
+        msg = f"must be 'auto', 'off' or a multiple >= 1 of the NG threshold, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
 def cmd_update(args: argparse.Namespace) -> int:
     from .jobs.update import UpdateJob, update_bank  # noqa: PLC0415
 
-    job = UpdateJob(bank=args.bank, inputs=tuple(args.input), out=args.out, calibration=args.calibration, device=args.device,
+    job = UpdateJob(bank=args.bank, inputs=tuple(args.input), out=args.out, calibration=args.calibration,
+                    device=args.device, gate=args.gate, max_new_centroids=args.max_new_centroids,
+                    keep_history=args.keep_history, dry_run=args.dry_run,
                     progress=not args.quiet)
     row = update_bank(job)
-    if row["recalibrated"]:
+    if row["recalibrated"] and row["written"]:
         print(f"thresholds: {_thresholds_change(row['thresholds_before'], row['thresholds'])}")
-    print(
-        f"added {row['images_added']} images ({row['images_skipped']} unreadable): "
-        f"K {row['n_centroids_before']} -> {row['n_centroids']}; wrote {args.out}"
-    )
-    if row["thresholds_predate_update"]:
+    for held in row["held_back"]:
+        print(f"held back {held['normalized']:8.3f} x threshold (score {held['score']:.4f})  {held['image']}")
+    verb = "would add" if row["dry_run"] else "added"
+    gate = "off" if row["gate"] is None else f"{row['gate']:g} x threshold (score {row['gate_score']:.4f})"
+    print(f"{verb} {row['images_added']} images, held back {row['images_held']} above the gate at {gate} "
+          f"({row['images_skipped']} unreadable): K {row['n_centroids_before']} -> {row['n_centroids']}")
+    if row["dry_run"]:
+        print("dry run: nothing written")
+        if row["refused"]:
+            print(f"ocbank: error: {row['refused']}", file=sys.stderr)
+            return EXIT_ERROR
+    elif row["written"]:
+        print(f"wrote {args.out} (sha256 {row['sha256'][:12]}); parent kept as {row['history']}; report {row['report']}")
+    else:
+        print(f"no new version: every readable image was held back; {args.out} unchanged; report {row['report']}")
+    if row["thresholds_predate_update"] and (row["written"] or row["dry_run"]):
         print("ocbank: warning: the OK/NG thresholds predate this update; pass --calibration to refresh them.",
+              file=sys.stderr)
+    if row["images_held"]:
+        print(f"ocbank: error: {row['images_held']} new image(s) scored above the gate and were held back "
+              "(listed above); check them, and pass --gate with a higher multiple only if they are normal",
               file=sys.stderr)
     if row["images_skipped"]:
         print(f"ocbank: error: {row['images_skipped']} new image(s) could not be read and were left out "
               "(see the warnings above)", file=sys.stderr)
-        return EXIT_PARTIAL
+    return EXIT_PARTIAL if row["images_held"] or row["images_skipped"] else EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from .jobs.versions import list_versions  # noqa: PLC0415
+    from .jsonio import dumps  # noqa: PLC0415
+
+    rows = list_versions(args.bank)
+    if args.json:
+        print(dumps([v.to_dict() for v in rows]), end="")
+        return EXIT_OK
+
+    def show(value: Any) -> str:
+        return "-" if value is None else ("yes" if value is True else "no" if value is False else str(value))
+
+    print(f"{'sha256':<14}{'time':<22}{'added':>6}{'held':>6}  {'recalibrated':<13}{'':<8}file")
+    for v in rows:
+        print(f"{v.sha256[:12]:<14}{v.time:<22}{show(v.images_added):>6}{show(v.images_held):>6}  "
+              f"{show(v.recalibrated):<13}{'current' if v.current else '':<8}{v.path}")
+    return EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from .jobs.versions import rollback  # noqa: PLC0415
+
+    row = rollback(args.bank, args.to, keep=args.keep_history)
+    if not row["changed"]:
+        print(f"{row['bank']} already is version {row['new_sha256'][:12]}: nothing to do")
+    else:
+        print(f"restored {row['bank']} to {row['new_sha256'][:12]} (from {row['restored_from']}); "
+              f"the replaced version {row['old_sha256'][:12] if row['old_sha256'] else 'none'} kept as {row['archived']}")
     return EXIT_OK
 
 
@@ -306,7 +372,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         banks=args.banks, host=args.host, port=args.port, replicas=args.replicas, max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms, address=args.address, runtime=args.runtime, max_queued=args.max_queued,
         timeout_s=args.timeout_ms / 1000.0, max_banks_per_replica=args.max_banks_per_replica, cpus=args.cpus,
-        device=args.device,
+        device=args.device, admin_token_file=args.admin_token_file, inspect_token_file=args.inspect_token_file,
+        allow_unauthenticated=args.allow_unauthenticated,
     )
     if not options.address:
         check_port_free(options.host, options.port)  # at once, before Ray or the models are even imported
@@ -363,7 +430,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the new bank file (atomic; may be the same path)")
     p.add_argument("--calibration", metavar="DIR", help="normal images to recalibrate the thresholds on")
     p.add_argument("--device", type=device_arg, help="override the bank's device (cpu, cuda, cuda:N, auto)")
+    p.add_argument("--gate", type=gate_value, default=GATE_AUTO, metavar="GATE",
+                   help="auto, off or a MULTIPLE: hold back new images scoring above MULTIPLE x the NG threshold; auto: "
+                   f"{AUTO_GATE_MULTIPLE:g} (needs a calibrated bank); off: absorb everything (default {GATE_AUTO})")
+    p.add_argument("--max-new-centroids", type=_positive_float, default=DEFAULT_MAX_NEW_CENTROIDS, metavar="FRACTION",
+                   help="refuse the whole update if it would add more than FRACTION x K centroids "
+                   f"(another product's images; default {DEFAULT_MAX_NEW_CENTROIDS:g})")
+    p.add_argument("--keep-history", type=positive_int, default=DEFAULT_KEEP_HISTORY, metavar="N",
+                   help=f"earlier versions kept in <out's folder>/history (default {DEFAULT_KEEP_HISTORY})")
+    p.add_argument("--dry-run", action="store_true", help="report what would be absorbed, held back and added; write nothing")
     p.set_defaults(func=cmd_update)
+
+    p = sub.add_parser("history", help="list a bank's versions (kept by every update)")
+    p.add_argument("--bank", required=True, help="the bank file")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("rollback", help="restore a kept version of a bank (atomic; keeps the version it replaces)")
+    p.add_argument("--bank", required=True, help="the bank file")
+    p.add_argument("--to", required=True, metavar="SHA", help="the version's sha256 or a prefix of it (ocbank history)")
+    p.add_argument("--keep-history", type=positive_int, default=DEFAULT_KEEP_HISTORY, metavar="N",
+                   help=f"earlier versions kept (default {DEFAULT_KEEP_HISTORY})")
+    p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("evaluate", help="score test splits, write metrics.json and scores.csv")
     add_config_arguments(p)
@@ -422,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="join this Ray cluster (ray://head:10001 or host:port); default: a local Ray")
     p.add_argument("--cpus", type=positive_int, help="CPUs to share among the replicas (default: all of this machine)")
     p.add_argument("--device", type=device_arg, help="override the banks' device (cpu, cuda, cuda:N, auto)")
+    p.add_argument("--admin-token-file", metavar="FILE",
+                   help="reload, feedback, learn and rollback need Authorization: Bearer <the token in FILE>")
+    p.add_argument("--inspect-token-file", metavar="FILE",
+                   help="inspection needs Authorization: Bearer <this token, or the admin one> (default: open)")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="serve on a non-loopback --host without --admin-token-file (a trusted network only)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("doctor", help="what will run here: versions, BLAS kernels, CPU, CUDA, search rates")

@@ -75,6 +75,14 @@ class BankChangedError(OcbankError, RuntimeError):
     """A bank file changed under an update that read it (another writer); nothing was written."""
 
 
+class UpdateRefusedError(OcbankError, ValueError):
+    """An update refused as a whole before anything was written (the growth guard, or no threshold to gate on)."""
+
+
+class VersionNotFoundError(OcbankError, LookupError):
+    """No kept bank version, or more than one, matches the sha256 prefix asked for."""
+
+
 class DependencyError(OcbankError, ImportError):
     """An optional dependency (faiss, Ray, onnx, ...) is missing; the message names the extra."""
 

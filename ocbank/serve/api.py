@@ -45,10 +45,15 @@ class ApiError(OcbankError):
         self.status = status
         self.code = code
         self.message = message
-        self.headers = headers or {}
+        self._headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
         return error_body(self.code, self.message)
+
+    def headers(self) -> dict[str, str]:
+        """Headers the refusal carries: a 401 names the scheme that opens the endpoint (RFC 9110);
+        others those it was raised with (a 408 for a body still arriving closes the connection)."""
+        return {**({"WWW-Authenticate": "Bearer"} if self.status == 401 else {}), **self._headers}
 
 
 def error_body(code: str, message: str) -> dict[str, Any]:

@@ -105,6 +105,7 @@ class BankFile:
     crop: int | None
     image_size: int  # S: the crop, or the resize when there is none
     decision: dict[str, Any] | None  # the calibrated thresholds, None when uncalibrated
+    stale: bool = False  # the thresholds predate the bank's last update (thresholds_predate_update)
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -128,6 +129,7 @@ class BankFile:
             "image_size": self.image_size,
             "thresholds": thresholds,
             "calibrated": self.decision is not None,
+            "thresholds_predate_update": self.stale,
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
         }
 
@@ -158,4 +160,5 @@ def validate_bank(product: str, data: bytes, where: str) -> BankFile:
         crop=cfg.data.crop,
         image_size=size,
         decision=meta.get("decision"),
+        stale=bool(meta.get("thresholds_predate_update", False)),
     )
