@@ -158,8 +158,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     print(evaluate.format_table(report))
     print(f"metrics: {Path(args.out) / 'metrics.json'}  scores: {Path(args.out) / 'scores.csv'}")
-    if report["n_skipped"]:
-        print(f"ocbank: error: {report['n_skipped']} test image(s) could not be read and were left out "
+    if report["images_skipped"]:
+        print(f"ocbank: error: {report['images_skipped']} test image(s) could not be read and were left out "
               "(named in the warnings above)", file=sys.stderr)
     if report["n_nan_scores"]:
         print(f"ocbank: error: {report['n_nan_scores']} test image(s) got a NaN score (a failed computation): "
@@ -169,7 +169,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               "above); metrics.json and scores.csv hold every score", file=sys.stderr)
     if not any(row["n_test"] for row in report["classes"].values()):
         return EXIT_ERROR  # no test image scored: nothing to read the metrics from
-    return EXIT_PARTIAL if report["n_skipped"] or report["n_nan_scores"] or report["n_outputs_failed"] else EXIT_OK
+    return EXIT_PARTIAL if report["images_skipped"] or report["n_nan_scores"] or report["n_outputs_failed"] else EXIT_OK
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -282,7 +282,7 @@ def test_undefined_metrics_are_null_with_a_reason_and_skips_exit_1(weave, tmp_pa
     assert row["image_auroc"] is None and "no anomalous test image" in row["image_auroc_note"]
     assert row["pixel_auroc"] is None and row["pixel_auroc_note"] == "no anomalous pixel in the masks"
     assert row["aupro"] is None and row["aupro_note"] == "no anomalous pixel in the masks"
-    assert row["n_test"] == 3 and row["n_skipped"] == 1 and report["n_skipped"] == 1
+    assert row["n_test"] == 3 and row["images_skipped"] == 1 and report["images_skipped"] == 1
     assert report["mean"]["image_auroc"] is None and report["mean"]["n_classes"] == {
         "image_auroc": 0, "pixel_auroc": 0, "aupro": 0}
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -22,21 +23,42 @@ def test_import_without_faiss_names_the_extras():
     assert "ocbank[cpu]" in out and "ocbank[gpu]" in out
 
 
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """ocbank's wheel, built once from this checkout."""
+    wheels = tmp_path_factory.mktemp("wheels")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
+        check=True,
+        cwd=wheels,
+    )
+    return next(wheels.glob("ocbank-*.whl"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_wheel_carries_the_license(wheel):
+    """The wheel's metadata names the license of LICENSE, and ships LICENSE itself."""
+    with zipfile.ZipFile(wheel) as whl:
+        names = whl.namelist()
+        meta = whl.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        shipped = [n for n in names if n.endswith("/LICENSE") and ".dist-info/" in n]
+        assert shipped, f"LICENSE is not in the wheel: {names}"
+        assert whl.read(shipped[0]).decode() == (ROOT / "LICENSE").read_text(encoding="utf-8")
+    fields = {line.partition(": ")[0]: line.partition(": ")[2] for line in meta.split("\n\n")[0].splitlines()}
+    declared = fields.get("License-Expression") or fields.get("License")
+    assert declared == "Apache-2.0", f"METADATA declares license {declared!r}"
+    assert "Apache License" in (ROOT / "LICENSE").read_text(encoding="utf-8").splitlines()[0]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_wheel_runs_the_demo_outside_the_checkout(tmp_path):
-    """Build the wheel, install it into a fresh venv, run the demo's smallest setting from elsewhere.
+def test_wheel_runs_the_demo_outside_the_checkout(wheel, tmp_path):
+    """Install the wheel into a fresh venv, run the demo's smallest setting from elsewhere.
 
     The fresh venv borrows this environment's dependencies (torch, faiss, ...) through a .pth
     file, so nothing is downloaded; ocbank itself comes only from the wheel.
     """
-    wheels = tmp_path / "wheels"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
-        check=True,
-        cwd=tmp_path,
-    )
-    wheel = next(wheels.glob("ocbank-*.whl"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"

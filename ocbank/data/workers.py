@@ -1,7 +1,7 @@
 """DataLoader worker setup: single-threaded, and gone as soon as the parent process is.
 
 A spawned worker is a separate process; if its parent is SIGKILLed (OOM killer, a
-scheduler's timeout) nothing tells it to stop, and each keeps ~600 MB alive. Two
+scheduler's timeout) nothing tells it to stop, and each keeps its memory (torch, decoded images) alive. Two
 guards, because either alone has a gap:
 
 - Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)``: the kernel kills the worker the moment

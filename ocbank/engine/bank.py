@@ -441,12 +441,16 @@ class ClusterBank:
         Parameters
         ----------
         q : array or tensor [n, dim]
-        k : int, number of neighbours, 1 <= k <= 2048 (:data:`MAX_K`).
+            Query rows.
+        k : int
+            Number of neighbours, 1 <= k <= 2048 (:data:`MAX_K`).
 
         Returns
         -------
-        distances : float32 [n, k], plain L2 (not squared); inf where K < k.
-        ids : int64 [n, k]; -1 where K < k.
+        distances : float32 [n, k]
+            Plain L2 (not squared); inf where K < k.
+        ids : int64 [n, k]
+            Centroid ids; -1 where K < k.
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
             msg = f"k must be an integer in 1..{MAX_K}, got {k!r}. Ask for fewer neighbours."

@@ -21,9 +21,10 @@ from ._faiss import faiss
 
 # Below this many centroids flat search is fast enough and exact: use IVF above it.
 IVF_MIN_CENTROIDS = 50_000
-# k-means training points per list (FAISS warns below 39; 20 keeps recall, see bench_search --ivf)
-# and iterations. Training costs ~ 2 * d * nlist^2 * points per list * iterations, the build's
-# dominant term: ~0.9 TFLOP at K = 117k (nlist 1372).
+# k-means training points per list and iterations. Training costs ~ 2 * d * nlist^2 * points
+# per list * iterations, the IVF build's dominant term, so both are kept low: the lists only route
+# queries, and nprobe lists are scanned exactly (FAISS warns below 39 points per list; recall at
+# these settings: benchmarks/results/ivf_cpu.json).
 TRAIN_POINTS_PER_LIST = 20
 KMEANS_ITERATIONS = 10
 

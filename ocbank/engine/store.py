@@ -44,8 +44,8 @@ GPU_SEARCH = ("auto", "faiss", "torch")
 SEARCH_PRECISIONS = ("fp32", "fp16", "bf16")
 # Upper bound, in bytes, on one distance block [query rows, centroid columns] of the torch
 # search: queries (and, past 64M centroids, centroids) are cut into blocks below it. 256 MiB
-# keeps the scratch a small share of any GPU's memory while blocks stay big enough for the
-# GEMM to run at full rate (at K = 140k centroids a fp32 block still holds ~480 query rows).
+# keeps the scratch a small share of any GPU's memory while a block still holds hundreds of
+# query rows against a large bank, tall enough for the GEMM to run at full rate.
 TORCH_SEARCH_BLOCK_BYTES = 256 << 20
 # Candidates per query of a half-precision search before the exact fp32 re-ranking.
 HALF_SEARCH_CANDIDATES = 16

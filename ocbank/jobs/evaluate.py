@@ -120,7 +120,7 @@ def _class_row(det: Detector, got: _ClassScores, size: int) -> tuple[dict[str, A
         "bank_bytes": det.bank.nbytes,
         "radius": det.bank.radius,
         "n_test": len(labels),
-        "n_skipped": len(got.skipped),
+        "images_skipped": len(got.skipped),
         "n_nan_scores": n_nan,
         "seconds": got.seconds,
         "images_per_s": len(labels) / got.seconds if got.seconds > 0 else 0.0,
@@ -193,7 +193,7 @@ def evaluate(
         collected.end_class(name, masks, maps, det.decision, map_range(det.bank.radius))
         csv_rows += got.csv_rows
     rows = list(results.values())
-    report = {"classes": results, "mean": _mean_row(rows), "n_skipped": sum(r["n_skipped"] for r in rows),
+    report = {"classes": results, "mean": _mean_row(rows), "images_skipped": sum(r["images_skipped"] for r in rows),
               "n_nan_scores": sum(r["n_nan_scores"] for r in rows), "n_outputs_failed": outputs_failed}
     write_json(out / "metrics.json", report)
     with open(out / "scores.csv", "w", newline="", encoding="utf-8") as fh:

@@ -120,7 +120,7 @@ def transfer_p_value(false_alarms: int, n_normal: int, false_alarm_rate: float, 
     the number of false alarms among m images is then beta-binomial(m, n + 1 - r, r). This
     accounts for both the calibration count (few images: a wide spread) and the test count.
     """
-    from scipy.stats import betabinom  # noqa: PLC0415  (scipy loads in ~0.3 s; only evaluate needs it)
+    from scipy.stats import betabinom  # noqa: PLC0415  (scipy.stats is slow to import; only evaluate needs it)
 
     r = conformal_rank(n_calibration, false_alarm_rate)
     return float(betabinom.sf(false_alarms - 1, n_normal, n_calibration + 1 - r, r))

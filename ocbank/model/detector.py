@@ -160,16 +160,26 @@ class _Inputs:
 class Detector:
     """WideResNet-50 patch features streamed into a :class:`ClusterBank`.
 
-    Parameters (defaults are the method's; each is a field of :class:`ocbank.config.Config`)
+    Defaults are the method's; each parameter is a field of :class:`ocbank.config.Config`.
+
+    Parameters
     ----------
-    weights : "imagenet", "none" (random, seeded: tests and demos only) or a ``.pth`` state dict.
-    radius : "auto" (p99 of nearest-other-patch distances) or a number.
-    pool : "none" (the method) or "avg3" (PatchCore's 3x3 averaging).
-    sigma : Gaussian blur of the maps in pixels.
-    scoring_mode : image score from the distance grid: "nn" (its maximum, the method), "local_mean", "local_gauss".
-    image_size : side S of the model input (the center crop).
-    resize : side of the square resize before the crop (None: image_size * 256 / 224).
-    device : "cpu", "cuda", "cuda:N" or "auto".
+    weights
+        "imagenet", "none" (random, seeded: tests and demos only) or a ``.pth`` state dict.
+    radius
+        "auto" (p99 of nearest-other-patch distances) or a number.
+    pool
+        "none" (the method) or "avg3" (PatchCore's 3x3 averaging).
+    sigma
+        Gaussian blur of the maps in pixels.
+    scoring_mode
+        Image score from the distance grid: "nn" (its maximum, the method), "local_mean", "local_gauss".
+    image_size
+        Side S of the model input (the center crop).
+    resize
+        Side of the square resize before the crop (None: image_size * 256 / 224).
+    device
+        "cpu", "cuda", "cuda:N" or "auto".
     """
 
     def __init__(

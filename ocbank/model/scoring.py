@@ -51,7 +51,7 @@ def local_mean(grid: np.ndarray, window: int = 3) -> np.ndarray:
     """
     grid = _grid(grid)
     if window < 1 or window % 2 == 0:
-        msg = f"window must be an odd integer >= 1, got {window!r}. Use 3 (the measured default) or 1 (off)."
+        msg = f"window must be an odd integer >= 1, got {window!r}. Use 3 (the default: a patch and its neighbours) or 1 (off)."
         raise ConfigError(msg)
     if window == 1:
         return grid.astype(np.float64)
@@ -78,7 +78,7 @@ def local_gauss(grid: np.ndarray, sigma: float = 1.0) -> np.ndarray:
 
     grid = _grid(grid)
     if not sigma > 0:
-        msg = f"sigma must be > 0 patches, got {sigma!r}. Use 1.0 (the measured default)."
+        msg = f"sigma must be > 0 patches, got {sigma!r}. Use 1.0 (the default: one patch)."
         raise ConfigError(msg)
     return gaussian_filter(grid.astype(np.float64), sigma=(0, sigma, sigma), mode="nearest", truncate=GAUSS_TRUNCATE)
 

@@ -105,7 +105,7 @@ class BankFile:
         return {
             "sha256": self.sha256,
             "path": self.path,
-            "K": self.n_centroids,
+            "n_centroids": self.n_centroids,
             "radius": self.radius,
             "image_size": self.image_size,
             "thresholds": thresholds,
