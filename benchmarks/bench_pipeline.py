@@ -140,8 +140,7 @@ def bank_for(data: Path, cache: Path, name: str, size: int) -> tuple[Any, Any]:
     bank = ClusterBank(DIM, est.radius)
     bank.add(x)
     det = Detector.from_config(detector_config(size))
-    det.bank_ = bank
-    det.radius_stats_ = RadiusStats(est.radius, est, RADIUS_IMAGES)
+    det.use_bank(bank, RadiusStats(est.radius, est, RADIUS_IMAGES))
     return det, est
 
 
