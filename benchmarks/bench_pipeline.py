@@ -171,7 +171,7 @@ def instrumented_predict(det: Any, samples: list[Any], out: Path, overlays: int 
     clock = StageClock()
     size = det.config.image_size
     sigma = det.config.scoring.sigma
-    vmin, vmax = map_range(det.bank.radius)
+    vmin, vmax = map_range(det.bank.radius_)
     written = 0
     t_all = t = time.perf_counter()
     loader = iter(make_loader(samples, det.config))
@@ -210,7 +210,7 @@ def prefetched_predict(
 
     size = det.config.image_size
     sigma = det.config.scoring.sigma
-    vmin, vmax = map_range(det.bank.radius)
+    vmin, vmax = map_range(det.bank.radius_)
     q: queue.Queue = queue.Queue(maxsize=2)
 
     def produce() -> None:
