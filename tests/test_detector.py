@@ -13,6 +13,7 @@ from PIL import Image
 from ocbank import Detector
 from ocbank.config import ConfigError
 from ocbank.data import DataError, Transform, open_image
+from ocbank.engine.checkpoint import read_metadata
 from ocbank.errors import InputError, InputTypeError, NotFittedError
 from ocbank.model.calibration import conservative_quantile
 from ocbank.model.features import FEATURE_DIM
@@ -196,8 +197,9 @@ def test_save_load_round_trip(fitted, tiny_mvtec, tmp_path):
     again = Detector.load(tmp_path / "det.h5")
     paths = [str(p) for p in _test_images(tiny_mvtec)[:4]]
     np.testing.assert_allclose(again.predict(paths).scores, fitted.predict(paths).scores, rtol=1e-5)
-    assert again.metadata_["backbone"]["weights"] == "none"
-    assert again.metadata_["feature_grid"] == [8, 8]
+    meta = read_metadata(tmp_path / "det.h5")
+    assert meta["backbone"]["weights"] == "none"
+    assert meta["feature_grid"] == [8, 8]
     assert again.config == fitted.config
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -38,16 +38,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..config import BackboneConfig, BankConfig, Config, DataConfig, ScoringConfig, from_dict
+from ..config import BackboneConfig, BankConfig, Config, DataConfig, ScoringConfig
 from ..data import Transform
 from ..data.images import rgb8_to_unit
 from ..engine.checkpoint import BankState
 from ..errors import ConfigError, DependencyError, NotFittedError
-from ..model.calibration import Decision
 from ..model.detector import SPOOL_MEMORY_BYTES, Detector
 from ..model.export import settings_from_config
 from ..model.features import FEATURE_DIM
 from ..model.module import AnomalyModel, MapSpec
+from ..model.record import BankRecord, open_bank
 from ..model.spool import FeatureSpool
 
 try:
@@ -63,6 +63,8 @@ except ImportError as exc:  # pragma: no cover - the extra is missing
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "ocbank"  # the Lightning checkpoint entry with the bank's metadata (JSON text)
+# Keys of that entry that hold the bank's own state (the rest is its record, as in a bank file).
+_BANK_EXTRAS = ("spread_known", "radius_growth", "radius_history")
 
 
 # ---------------------------------------------------------------------- pre-processing
@@ -239,17 +241,17 @@ class OCBankModel(nn.Module):
     def begin(self) -> None:
         """Start an epoch: a new bank, or, when there is one, stream on into it (ocbank's update)."""
         det = self.detector
-        if "bank_" in det.__dict__:
+        if det.is_fitted:
             self._sample = None
         elif det.config.bank.radius == "auto":
             self._sample = _RadiusSample(FeatureSpool(FEATURE_DIM, SPOOL_MEMORY_BYTES))
         else:
-            det.open_bank()
+            det.start_bank()
 
     @torch.no_grad()
     def stream(self, images: torch.Tensor) -> None:
         """One training batch [B, 3, S, S] (RGB in [0, 1], pre-processed) into the bank (or the radius sample)."""
-        if self._sample is None and "bank_" not in self.detector.__dict__:
+        if self._sample is None and not self.detector.is_fitted:
             self.begin()
         self.pending = True
         feats = self.scorer.patch_features(images)  # [B, h, w, 1536]
@@ -270,7 +272,7 @@ class OCBankModel(nn.Module):
     def _open_bank(self) -> None:
         sample, self._sample = self._sample, None
         with sample.spool:
-            self.detector.open_bank(sample.spool, sample.n_images)
+            self.detector.start_bank(sample.spool, sample.n_images)
 
     def finish(self) -> None:
         """End of an epoch: the radius rule on a sample still open (fewer images than radius_images), then publish."""
@@ -327,10 +329,11 @@ class OCBankModel(nn.Module):
 
     def restore_bank(self) -> None:
         """Rebuild the detector's ClusterBank (and metadata) from the buffers and checkpoint extras."""
-        extras = self.checkpoint_extras
         det = self.detector
-        if "config" in extras:
-            det.config = from_dict(extras["config"], source="<anomalib checkpoint>", require_root=False)
+        extras = dict(self.checkpoint_extras)
+        bank = {key: extras.pop(key) for key in _BANK_EXTRAS if key in extras}
+        # The rest is the bank file's record; a malformed config or decision: ConfigError, as on load.
+        record = BankRecord.from_metadata({"config": det.config.to_dict(), **extras}, "<anomalib checkpoint>")
         state = BankState(
             means=self.scorer.means_t.T.contiguous().cpu().numpy(),
             counts=self.counts.cpu().numpy(),
@@ -338,19 +341,19 @@ class OCBankModel(nn.Module):
             dim=FEATURE_DIM,
             n_seen=int(self.n_seen),
             m2=self.m2.cpu().numpy(),
-            spread_known=bool(extras.get("spread_known", True)),
-            max_centroids=det.config.bank.max_centroids,
-            radius_growth=float(extras.get("radius_growth", 1.25)),
-            radius_history=list(extras.get("radius_history", [])),
+            spread_known=bool(bank.get("spread_known", True)),
+            max_centroids=record.config.bank.max_centroids,
+            radius_growth=float(bank.get("radius_growth", 1.25)),
+            radius_history=list(bank.get("radius_history", [])),
         )
-        det.adopt(state, extras, Decision.from_metadata(extras))  # a malformed block: ConfigError, as on load
+        det.adopt(state, record)
 
     def extras(self) -> dict[str, Any]:
         """What the state dict does not hold: the full config, radius rule, cap history, thresholds, lineage."""
         det = self.detector
         bank = det.bank
         return {
-            **det.fitted_record(),
+            **det.record().to_metadata(),
             "spread_known": bank.spread_known_,
             "radius_growth": bank.radius_growth,
             "radius_history": bank.radius_history_,
@@ -517,13 +520,9 @@ class OCBank(MemoryBankMixin, AnomalibModule):
         (``Engine.validate``) as for any anomalib model; the bank's own calibrated thresholds
         travel on to :meth:`to_bank`.
         """
-        loaded = Detector.load(path)  # validates the file and the weights' sha256
-        model = cls(**_kwargs_from_config(loaded.config), **components)
-        det = model.detector
-        det.config = loaded.config
-        for key, value in loaded.__dict__.items():
-            if key.endswith("_") and not key.startswith("_"):
-                setattr(det, key, value)
+        opened = open_bank(path)  # validates the file and the weights' sha256
+        model = cls(**_kwargs_from_config(opened.record.config), **components)
+        model.detector.adopt(opened.state, opened.record)
         model.model.publish()
         model._is_fitted = torch.tensor([True], device=model.device)
         return model
@@ -533,7 +532,7 @@ class OCBank(MemoryBankMixin, AnomalibModule):
         if not self.model.fitted:
             msg = f"this OCBank has no bank to write to {os.fspath(path)!r}. Fit it or load a checkpoint first."
             raise NotFittedError(msg)
-        self.detector.save(path, extra={"complete": True})
+        self.detector.save(path, build=replace(self.detector.record().build, complete=True))
 
 
 __all__ = ["ExportResizeCrop", "OCBank", "OCBankModel", "OCBankPreProcessor", "ResizeCrop"]

@@ -15,8 +15,8 @@ import numpy as np
 
 from ..config import Config
 from ..data import Sample, class_names, escape_path, fit_name, load_split
-from ..engine.checkpoint import bank_file_path, is_checkpoint_name, read_metadata
-from ..errors import CheckpointError, DataError
+from ..engine.checkpoint import bank_file_path
+from ..errors import DataError
 from ..jsonio import write_json
 from ..model import metrics
 from ..model.calibration import decision_metrics, f1_optimal_threshold, transfer_warning
@@ -45,22 +45,6 @@ def _set_metric(row: dict[str, Any], key: str, value: float, note: str | None) -
         return
     row[key] = None
     row[f"{key}_note"] = note or f"{key} is undefined for this data"
-
-
-def check_complete(bank_file: str | Path, allow_partial: bool = False) -> None:
-    """Refuse a build's checkpoint (``*.partial.h5``, metadata ``complete`` false) unless allowed."""
-    path = Path(bank_file)
-    meta = read_metadata(path)
-    partial = meta.get("complete") is False or is_checkpoint_name(path)
-    if partial and not allow_partial:
-        seen = f"{meta.get('stream_position', '?')} of {meta.get('n_images', '?')}"
-        msg = (
-            f"{path} is an unfinished build checkpoint (complete: false; images streamed: {seen}). "
-            "Finish it with ocbank build --resume, or pass --allow-partial to score with it anyway."
-        )
-        raise CheckpointError(msg)
-    if partial:
-        log.warning("scoring with the unfinished checkpoint %s (--allow-partial)", path)
 
 
 @dataclass
@@ -192,8 +176,7 @@ def evaluate(
             msg = f"class {name!r} has no test images to evaluate under {cfg.data.root}."
             raise DataError(msg)
         if last is None or last[0] != bank_file:
-            check_complete(bank_file, allow_partial)
-            det = Detector.load(bank_file, device=cfg.device, extractor=extractor)
+            det = Detector.load(bank_file, device=cfg.device, extractor=extractor, allow_partial=allow_partial)
             _check_compatible(det.config, cfg, bank_file)
             det.config = cfg  # the evaluation's data settings; the bank keeps its own metadata
             extractor = det.extractor

@@ -15,7 +15,6 @@ from ..data import Sample, escape_path, fit_name, list_inputs
 from ..errors import ConfigError, DataError
 from ..model.calibration import Verdict
 from ..model.detector import Detector
-from .evaluate import check_complete
 from .visualize import map_range, save_overlay, write_output
 
 OVERLAYS = ("all", "ng", "none")  # which images get a heatmap overlay PNG
@@ -37,8 +36,7 @@ def predict(
     ``allow_partial``; ``overlays="ng"`` and ``save_masks`` need a calibrated bank.
     """
     files = list_inputs(inputs)
-    check_complete(bank_file, allow_partial)
-    det = Detector.load(bank_file, device=device)
+    det = Detector.load(bank_file, device=device, allow_partial=allow_partial)
     if overlays not in OVERLAYS:
         msg = f"overlays must be one of {OVERLAYS}, got {overlays!r}."
         raise ConfigError(msg)

@@ -16,6 +16,7 @@ from ..data import Sample, calibration_images, escape_path, list_inputs
 from ..errors import BankChangedError, DataError
 from ..model.detector import Detector
 from ..model.features import file_sha256
+from ..model.record import open_bank
 from .lock import build_lock
 
 
@@ -26,11 +27,6 @@ class UpdateJob:
     out: str  # the new bank file (may equal bank: replaced atomically)
     calibration: str | None = None  # folder of normal images to recalibrate the thresholds on
     device: str | None = None
-
-
-# The bank's identity that an update carries over, so that ``build --resume`` recognises
-# the file as its own training list, extended (the lineage says by what).
-_IDENTITY_KEYS = ("class", "dataset", "config_key", "input_key", "n_images", "stream_position", "complete", "progress")
 
 
 def update_bank(job: UpdateJob) -> dict[str, Any]:
@@ -45,10 +41,8 @@ def update_bank(job: UpdateJob) -> dict[str, Any]:
     calibration = calibration_images(job.calibration) if job.calibration else None
     with build_lock(Path(job.out).parent):
         parent = file_sha256(Path(job.bank)) if Path(job.bank).is_file() else "none (no file)"  # its bytes
-        det = Detector.load(job.bank, device=job.device)  # a missing or damaged file is refused by name here
-        if det.metadata_.get("complete") is False:
-            msg = f"{job.bank} is a partial checkpoint, not a finished bank. Finish the build with --resume first."
-            raise DataError(msg)
+        # A missing, damaged or unfinished file is refused by name here.
+        det = Detector.from_opened(open_bank(job.bank, device=job.device))
         k_before, seen_before = len(det.bank), det.bank.n_seen
         det.partial_fit([Sample(str(f)) for f in files])
         added = det.last_partial_fit_
@@ -67,13 +61,11 @@ def update_bank(job: UpdateJob) -> dict[str, Any]:
             "recalibrated": calibration is not None,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        det.lineage_ = [*det.__dict__.get("lineage_", []), entry]
-        keep = {k: v for k, v in det.metadata_.items() if k in _IDENTITY_KEYS}
-        if "summary" in det.metadata_:  # the build's row, brought up to date
-            keep["summary"] = {**det.metadata_["summary"], "n_centroids": len(det.bank), "bank_bytes": det.bank.nbytes,
-                               "updates": len(det.lineage_)}
+        # The build's identity stays, so that ``build --resume`` recognises the file as its own
+        # training list, extended (the lineage says by what).
+        det.note_update(entry, thresholds_predate_update=stale)
         _check_unchanged(job.bank, parent, "while this update ran")  # last look, under the lock
-        det.save(job.out, extra={**keep, "thresholds_predate_update": stale})
+        det.save(job.out)
     return {
         **entry,
         "n_centroids_before": k_before,
