@@ -183,12 +183,22 @@ def test_from_bank_to_bank_round_trip_exactly(bank_file, tmp_path, tiny_mvtec):
 
 
 @pytest.mark.slow
-def test_from_bank_scores_like_the_bank(bank_file, tiny_mvtec):
-    """OCBank.from_bank(file) scores anomalib-decoded images as Detector.load(file).predict scores the files."""
+@pytest.mark.parametrize("mode", ["nn", "local_mean", "local_gauss"])
+def test_from_bank_scores_like_the_bank(bank_file, tiny_mvtec, tmp_path, mode):
+    """OCBank.from_bank(file) scores anomalib-decoded images as Detector.load(file).predict scores the files,
+    in every scoring mode: one AnomalyModel, searching by GEMM on the means (adapter) or the bank (Detector)."""
+    import dataclasses
+
     from ocbank.integrations.anomalib import OCBank
     from ocbank.model.detector import Detector
 
+    if mode != "nn":
+        det = Detector.load(bank_file)
+        det.config = dataclasses.replace(det.config, scoring=dataclasses.replace(det.config.scoring, mode=mode))
+        bank_file = tmp_path / f"{mode}.h5"
+        det.save(bank_file)
     model = OCBank.from_bank(bank_file, visualizer=False)
+    assert model.model.scorer.score.mode == mode
     dm = _folder(tiny_mvtec / "weave")
     dm.setup()
     paths, scores, maps = _raw_scores(model, dm.test_data)
