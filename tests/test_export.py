@@ -195,9 +195,8 @@ def test_module_refuses_bad_settings(extractor):
         MatmulNearest(np.zeros((0, 1536), np.float32))
     with pytest.raises(ConfigError, match="image_threshold"):
         Decision(float("nan"), 1.0)
-    assert Decision.from_metadata({}) is None
     with pytest.raises(ConfigError, match="lacks"):
-        Decision.from_metadata({"decision": {"image_threshold": 1.0}})
+        Decision.from_dict({"image_threshold": 1.0})
 
 
 def test_export_format_and_missing_openvino(banks, monkeypatch):

@@ -113,8 +113,9 @@ class BankRecord:
                 raise
             msg = f"{where}: its config is not usable: {exc}. Rebuild the bank."
             raise ConfigError(msg) from None
+        block = meta.get("decision")
         try:
-            decision = Decision.from_metadata(meta)
+            decision = None if block is None else Decision.from_dict(block)
         except ConfigError as exc:
             msg = f"{where}: {exc}"
             raise ConfigError(msg) from None

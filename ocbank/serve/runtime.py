@@ -150,6 +150,7 @@ class ServedBank:
         key = _backbone_key(opened.record.config)
         shared = extractors.get(key) if extractors is not None and key is not None else None
         det = Detector.from_opened(opened, extractor=shared)
+        del opened  # the file's arrays: the bank holds its own copy now
         # Score a whole served batch in one backbone call.
         det.config = dataclasses.replace(det.config, data=dataclasses.replace(det.config.data, batch_size=batch))
         served = cls(det, make_runtime(kind, det, bank_file, threads), sha256)
