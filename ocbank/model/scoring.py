@@ -36,7 +36,6 @@ from ..errors import ConfigError, InputError
 
 MODES = SCORING_MODES  # the config's choices for scoring.mode
 TRUNCATE = 4.0  # kernel radius in sigmas (scipy.ndimage.gaussian_filter's default)
-GAUSS_TRUNCATE = TRUNCATE
 
 
 def kernel_radius(sigma: float) -> int:
