@@ -44,8 +44,9 @@ setup(
         "gpu": ["faiss-gpu>=1.15.1"],
         "ray": ["ray>=2.9"],
         # `ocbank serve`; includes ray. 2.40+: max_queued_requests (load shedding), batches split by
-        # multiplexed model; tested with 2.60.
-        "serve": ["ray[serve]>=2.40"],
+        # multiplexed model; tested with 2.60. python-multipart: FastAPI's form parser, for form uploads
+        # (0.0.13+ is importable as python_multipart).
+        "serve": ["ray[serve]>=2.40", "python-multipart>=0.0.13"],
         # ocbank.integrations.anomalib; openvino runs anomalib's OpenVINOInferencer (its only ONNX-reading one)
         "anomalib": ["anomalib>=2.7", "openvino>=2024.0"],
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
@@ -61,6 +62,8 @@ setup(
             "onnx>=1.16",
             "onnxruntime>=1.18",
             "onnxscript>=0.1",
+            # A real Open Inference Protocol client for the v2 routes' tests (tests only).
+            "tritonclient[http]>=2.40",
             *DOCS,
         ],
     },

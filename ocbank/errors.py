@@ -62,3 +62,7 @@ class BankChangedError(OcbankError, RuntimeError):
 
 class DependencyError(OcbankError, ImportError):
     """An optional dependency (faiss, Ray, onnx, ...) is missing; the message names the extra."""
+
+
+class ServeError(OcbankError, RuntimeError):
+    """``ocbank serve`` cannot serve: no bank of the folder could be loaded (each is named with why)."""

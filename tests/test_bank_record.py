@@ -80,6 +80,16 @@ def _with_metadata(tmp_path: Path, name: str, **changes) -> Path:
     return path
 
 
+def test_a_partial_decision_block_and_unknown_keys_survive_load_and_save(tmp_path):
+    path = _with_metadata(tmp_path, "b.h5", decision={"image_threshold": 2.0, "pixel_threshold": 1.0},
+                          written_by_a_newer_ocbank=[1, {"x": None}])
+    Detector.load(path).save(tmp_path / "c.h5")
+    before, after = read_metadata(path), read_metadata(tmp_path / "c.h5")
+    assert {k: v for k, v in after.items() if k != "decision"} == {k: v for k, v in before.items() if k != "decision"}
+    # The block's keys come back as they were (plus the one field with a default, its normalization rule).
+    assert after["decision"] == {**before["decision"], "normalization": "score / image_threshold"}
+
+
 @pytest.mark.parametrize("how", ["complete: false", "named .partial.h5"])
 def test_one_unfinished_checkpoint_rule_for_every_reader(tmp_path, how):
     """open_bank refuses an unfinished checkpoint whichever way it is marked, with one error, for every reader."""

@@ -132,7 +132,12 @@ def _png_declaring(width: int, height: int) -> bytes:
 # ---------------------------------------------------------------------- the server
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """Banks (weave calibrated, dots uncalibrated, probe for reloads) and a running ``ocbank serve``."""
+    """Banks (weave calibrated, dots uncalibrated, probe for reloads) and a running ``ocbank serve``.
+
+    Beside them, banks that cannot be loaded: ``broken`` (a corrupt file, refused by the ingress)
+    and, on a machine without CUDA, ``gpu_only`` (its config asks for CUDA: refused by the replica).
+    """
+    from ocbank.engine import cuda_available
     from ocbank.model.detector import Detector
     from ocbank.synthetic import make_dataset
 
@@ -150,6 +155,13 @@ def served(tmp_path_factory):
     detector().fit(dots[:6]).save(banks / "dots.h5")
     shutil.copy(banks / "weave.h5", banks / "probe.h5")
     detector().fit(dots[:4]).calibrate(dots[4:]).save(spare / "probe_new.h5")  # a different bank for the reload
+    corrupt = bytearray((banks / "dots.h5").read_bytes())
+    corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 64] = b"\x00" * 64
+    (banks / "broken.h5").write_bytes(bytes(corrupt))
+    unservable = ["broken"]
+    if not cuda_available():
+        _with_device(banks / "weave.h5", banks / "gpu_only.h5", "cuda")
+        unservable.append("gpu_only")
 
     port = _free_port()
     log = open(tmp_path_factory.mktemp("log") / "serve.log", "w+")  # noqa: SIM115 - closed in teardown
@@ -167,7 +179,8 @@ def served(tmp_path_factory):
                 ready = True
                 break
         time.sleep(1.0)
-    info = {"proc": proc, "client": client, "banks": banks, "spare": spare, "root": root, "log": log}
+    info = {"proc": proc, "client": client, "banks": banks, "spare": spare, "root": root, "log": log, "port": port,
+            "unservable": unservable}
     try:
         if not ready:
             log.seek(0)
@@ -186,6 +199,23 @@ def served(tmp_path_factory):
             with contextlib.suppress(psutil.Error):
                 p.kill()
         log.close()
+
+
+def _with_device(src: Path, dst: Path, device: str) -> None:
+    """A copy of the bank ``src`` whose config asks for ``device``."""
+    import dataclasses
+
+    from ocbank.engine.checkpoint import read_bank, write_bank
+
+    state = read_bank(src)
+    meta = dict(state.metadata)
+    meta["config"] = {**meta["config"], "device": device}
+    write_bank(dst, dataclasses.replace(state, metadata=meta))
+
+
+def _log(served) -> str:
+    served["log"].flush()
+    return Path(served["log"].name).read_text(errors="replace")
 
 
 def _test_images(served, n: int = 20) -> list[Path]:
@@ -256,6 +286,88 @@ def test_uncalibrated_bank_says_so(served):
     assert status == 200 and body["score"] > 0
     assert body["label"] is None and body["normalized"] is None and body["threshold"] is None
     assert body["mask"] is None and "no calibrated thresholds" in body["note"]
+
+
+def test_a_form_upload_scores_like_the_raw_body(served):
+    """curl -F file=@part.png (multipart/form-data, one file) gets the raw upload's answer."""
+    c = served["client"]
+    for f in _test_images(served, 3):
+        data = f.read_bytes()
+        boundary = "ocbank-test-boundary"
+        form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{f.name}\"\r\n"
+                f"Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        status, raw, _ = c.inspect("weave", data, "?mask=png")
+        got, answer, _ = c.inspect("weave", form, "?mask=png",
+                                   headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert (status, got) == (200, 200), answer
+        assert answer["score"] == pytest.approx(raw["score"], abs=1e-5 * max(1.0, abs(raw["score"])))
+        assert (answer["label"], answer["threshold"], answer["bank_sha256"]) == (raw["label"], raw["threshold"],
+                                                                                 raw["bank_sha256"])
+        assert answer["mask"] == raw["mask"]
+
+
+def test_open_inference_protocol_with_tritonclient(served, tmp_path):
+    """tritonclient.http: health, ready, metadata; 20 images score as ``ocbank predict`` (1e-4 of the map range), same labels."""
+    httpclient = pytest.importorskip("tritonclient.http")
+    from tritonclient.utils import InferenceServerException
+
+    from ocbank.jobs.predict import predict
+    from ocbank.model.detector import Detector
+
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{served['port']}", network_timeout=HTTP_TIMEOUT_S)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("weave") and not client.is_model_ready("broken")
+    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    bank = served["banks"] / "weave.h5"
+    import hashlib
+
+    sha = hashlib.sha256(bank.read_bytes()).hexdigest()
+    meta = client.get_model_metadata("weave")
+    assert meta["name"] == "weave" and meta["versions"] == [sha]
+    assert meta["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+    assert {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]} == {
+        "score": ("FP64", [-1]), "normalized": ("FP64", [-1]), "threshold": ("FP64", [-1]),
+        "label": ("BYTES", [-1]), "mask": ("BOOL", [-1, 64, 64])}
+    assert client.get_model_metadata("weave", model_version=sha)["versions"] == [sha]
+    assert [o["name"] for o in client.get_model_metadata("dots")["outputs"]] == ["score"]  # uncalibrated
+
+    files = _test_images(served)
+    rows = predict(bank, [str(f) for f in files], tmp_path / "pred", progress=False, overlays="none")
+    ref = Detector.load(bank).predict([str(f) for f in files])
+    span = float(np.nanmax(ref.maps) - np.nanmin(ref.maps))
+    threshold = Detector.load(bank).decision.image_threshold
+    names = ("score", "normalized", "threshold", "label", "mask")
+    got: dict[str, list] = {n: [] for n in names}
+    for start in range(0, len(files), 4):  # four images a request, all in binary (tritonclient's default)
+        part = files[start : start + 4]
+        image = httpclient.InferInput("image", [len(part)], "BYTES")
+        image.set_data_from_numpy(np.array([f.read_bytes() for f in part], dtype=object))
+        result = client.infer("weave", [image], request_id=f"batch-{start}",
+                              outputs=[httpclient.InferRequestedOutput(n) for n in names])
+        assert result.get_response()["id"] == f"batch-{start}" and result.get_response()["model_version"] == sha
+        for n in names:
+            got[n].extend(result.as_numpy(n))
+    for i, (f, row) in enumerate(zip(files, rows)):
+        assert abs(got["score"][i] - row["score"]) <= 1e-4 * span, f
+        assert got["threshold"][i] == pytest.approx(threshold)
+        assert got["normalized"][i] == pytest.approx(row["normalized_score"], rel=1e-4)
+        if abs(row["score"] - threshold) > 1e-4 * span:  # a score at the threshold may tip either way
+            assert got["label"][i].decode() == row["label"], f
+        assert got["mask"][i].shape == (64, 64) and (got["mask"][i] == ref.masks[i]).mean() >= 0.99
+    assert {label.decode() for label in got["label"]} == {"OK", "NG"}
+
+    # JSON tensors (the image as base64), and the protocol's error shape.
+    image = httpclient.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([base64.b64encode(files[0].read_bytes())], dtype=object), binary_data=False)
+    result = client.infer("weave", [image], outputs=[httpclient.InferRequestedOutput("score", binary_data=False)])
+    assert abs(float(result.as_numpy("score")[0]) - rows[0]["score"]) <= 1e-4 * span
+    with pytest.raises(InferenceServerException, match="no bank 'nope'"):
+        client.infer("nope", [image])
+    status, body, _ = served["client"].call("POST", "/v2/models/weave/infer", b"{not json")
+    assert status == 400 and isinstance(body["error"], str) and "not JSON" in body["error"]
+    status, body, _ = served["client"].get("/v2/models/weave/no-such-route")
+    assert status == 404 and isinstance(body["error"], str)
+    client.close()
 
 
 def test_batching_with_eight_clients(served):
@@ -368,6 +480,30 @@ def test_overload_sheds_the_excess_quickly(served):
     grown = _private_bytes(proc_pids) - baseline
     # Less than one burst's admitted bodies after four bursts: keeping a third of them fails.
     assert grown < admitted / bursts, (grown, baseline, admitted)
+
+def test_banks_that_cannot_load_are_named_and_the_others_served(served):
+    """A corrupt bank and one for a missing device: one plain line each at start, named in JSON, the others served."""
+    c = served["client"]
+    log = _log(served)
+    for product in served["unservable"]:
+        lines = [line for line in log.splitlines() if line.startswith(f"ocbank: error: bank {product!r} is not served: ")]
+        assert len(lines) == 1, (product, log[-3000:])
+    assert "checksum" in log and ("gpu_only" not in served["unservable"] or "sees no CUDA GPU" in log)
+    assert "ocbank serve: 3 bank(s) on" in log
+    for noise in ("\x1b[", "Traceback", "ray::", "Connecting to existing Serve app", "Token authentication"):
+        assert noise not in log, (noise, log[-3000:])
+    status, body, _ = c.get("/readyz")
+    assert status == 200 and sorted(body["failed"]) == sorted(served["unservable"])
+    listing = c.get("/v1/banks")[1]
+    assert sorted(listing["failed"]) == sorted(served["unservable"]) and sorted(listing["banks"]) == ["dots", "probe", "weave"]
+    body = _test_images(served, 1)[0].read_bytes()
+    for product in served["unservable"]:
+        status, answer, _ = c.inspect(product, body)
+        assert status == 503 and answer["error"]["code"] == "bank_unavailable", answer
+        message = answer["error"]["message"]
+        assert message == f"bank {product!r} failed to load: {listing['failed'][product]}"
+        assert "\x1b[" not in message and "Traceback" not in message and "ray::" not in message and "\n" not in message
+
 
 def test_hot_reload_under_load(served):
     """Reload under load: nothing fails, the probe's score moves old -> new and never back; a corrupt file -> 409."""
@@ -491,3 +627,21 @@ def test_sigterm_finishes_in_flight_and_leaves_nothing(served):
     time.sleep(1.0)
     alive = [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [(p.pid, p.name()) for p in alive]
+
+
+def test_serve_on_a_device_this_machine_lacks_exits_2_with_one_line(tmp_path):
+    """``serve --device cuda`` without CUDA: exit 2 within the start-up time, one ``ocbank: error:`` line, nothing else."""
+    from ocbank.engine import cuda_available
+
+    if cuda_available():
+        pytest.skip("this machine has CUDA")
+    (tmp_path / "a.h5").write_bytes(b"a bank is not read before the device is checked")
+    cmd = [sys.executable, "-m", "ocbank.cli", "serve", "--banks", str(tmp_path), "--port", str(_free_port()),
+           "--device", "cuda"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    began = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=START_S, check=False)
+    assert done.returncode == 2 and time.monotonic() - began < START_S, (done.returncode, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ocbank: error: ") and "no CUDA GPU" in lines[0], done.stderr
+    assert done.stdout == "" and "\x1b[" not in done.stderr

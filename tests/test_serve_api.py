@@ -384,3 +384,263 @@ def test_the_graph_is_refused_exactly_when_the_bank_searches_with_ivf():
         det.bank_ = ClusterBank(1536, 1.0, search_index=index).add(x)
         assert det.bank_.uses_ivf_ is approximate
         assert ("IVF" in (onnx_refusal(det) or "")) is approximate, index
+
+
+# ---------------------------------------------------------------------- plain errors, forms, the v2 protocol
+def test_plain_error_gives_ocbanks_message_from_rays_wrapping():
+    """A replica's error reaches the ingress wrapped by Ray (traceback, ANSI colours): one line, ocbank's message."""
+    from ocbank.errors import DeviceError
+    from ocbank.serve.api import plain_error
+
+    cause = DeviceError("device='cuda' was requested, but torch sees no CUDA GPU. Use device='cpu'.")
+    coloured = "\x1b[36mray::ServeReplica:ocbank:Scorer.handle_request()\x1b[39m (pid=1)\n  File \"x.py\", line 1"
+    exceptions = pytest.importorskip("ray.exceptions")
+    wrapped = exceptions.RayTaskError("handle_request", coloured, cause)
+    for exc in (wrapped, wrapped.as_instanceof_cause(), exceptions.RayTaskError("outer", coloured, wrapped)):
+        assert plain_error(exc) == str(cause)
+    died = exceptions.ActorDiedError()  # no cause: its own message, one line, named by its type
+    text = plain_error(died)
+    assert text.startswith("ActorDiedError: ") and "\n" not in text
+    assert plain_error(RuntimeError("\x1b[31mred\x1b[0m\n  text"), limit=30) == "RuntimeError: red text"
+    assert len(plain_error(ValueError("x" * 1000), limit=50)) == 50
+
+
+def _form(files: dict, data: dict | None = None) -> tuple[bytes, str]:
+    requests = pytest.importorskip("requests")
+    prepared = requests.Request("POST", "http://localhost/", files=files, data=data).prepare()
+    return prepared.body, prepared.headers["Content-Type"]
+
+
+def test_a_form_upload_is_read_like_the_raw_body(rgb):
+    """multipart/form-data with one file: the same pixels as the raw body; any other form is a 400 naming why."""
+    pytest.importorskip("python_multipart")
+    png = _encode(rgb)
+    body, content_type = _form({"file": ("part.png", png, "image/png")})
+    assert np.array_equal(decode_image(body, T, 1 << 24, content_type), decode_image(png, T, 1 << 24))
+    no_name, content_type_2 = _form({"file": ("", png)})
+    assert np.array_equal(decode_image(no_name, T, 1 << 24, content_type_2), decode_image(png, T, 1 << 24))
+    bad = {
+        "two files": _form({"a": ("a.png", png), "b": ("b.png", png)}),
+        "a field beside the file": _form({"file": ("p.png", png)}, {"mask": "png"}),
+        "truncated": (body[:-40], content_type),
+        "no boundary": (body, "multipart/form-data"),
+        "not a form": (b"garbage" * 10, content_type),
+    }
+    for name, (data, kind) in bad.items():
+        with pytest.raises(ApiError) as err:
+            decode_image(data, T, 1 << 24, kind)
+        assert (err.value.status, err.value.code) == (400, "bad_form"), name
+        assert "\n" not in err.value.message, name
+    assert "['mask', 'file']" in _message(bad["a field beside the file"])
+    with pytest.raises(ApiError) as err:  # bounded like a raw body: the whole form counts
+        decode_image(body, T, len(body) - 1, content_type)
+    assert err.value.code == "too_large"
+    empty, content_type_3 = _form({"file": ("p.png", b"")})
+    with pytest.raises(ApiError) as err:  # an empty file in the form
+        decode_image(empty, T, 1 << 24, content_type_3)
+    assert err.value.code == "empty_body"
+    with pytest.raises(ApiError) as err:  # not an image: the message names both ways to send one
+        decode_image(b"this is text, not an image" * 4, T, 1 << 24)
+    assert err.value.status == 415 and "--data-binary" in err.value.message and "-F file=@" in err.value.message
+
+
+def _message(case: tuple[bytes, str]) -> str:
+    with pytest.raises(ApiError) as err:
+        decode_image(case[0], T, 1 << 24, case[1])
+    return err.value.message
+
+
+def _codes_in_source() -> dict[str, set[str]]:
+    """Every error code the service can send, read from its source: ApiError(status, "code", ...) calls,
+    error_body("code", ...) calls, and the codes Starlette's own errors are given (HTTP_CODES, HTTP_ERROR)."""
+    import ast
+
+    from ocbank.serve.api import HTTP_CODES, HTTP_ERROR
+
+    found: dict[str, set[str]] = {}
+    for path in sorted((REPO / "ocbank" / "serve").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", getattr(node.func, "attr", ""))
+            index = {"ApiError": 1, "error_body": 0}.get(name)
+            if index is None or len(node.args) <= index:
+                continue
+            arg = node.args[index]
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                found.setdefault(arg.value, set()).add(path.name)
+            else:
+                assert path.name == "app.py" or name == "error_body", (path, ast.dump(arg))
+    for code in (*HTTP_CODES.values(), HTTP_ERROR):
+        found.setdefault(code, set()).add("api.py")
+    return found
+
+
+def test_every_error_code_the_service_sends_is_in_the_docs_table():
+    """docs/serving.md's error table lists exactly the codes the code can send."""
+    import re
+
+    codes = _codes_in_source()
+    assert {"bank_unavailable", "method_not_allowed", "not_an_image", "bad_form", "timeout"} <= set(codes)
+    text = (REPO / "docs" / "serving.md").read_text()
+    table = text.split("### Errors", 1)[1].split("\n\n", 2)[1].splitlines()
+    assert table[1].startswith("|---"), table[:2]
+    documented = set(re.findall(r"`([a-z_]+)`", " ".join(row.split("|")[2] for row in table[2:])))
+    assert set(codes) - documented == set(), f"codes sent but not documented: {sorted(set(codes) - documented)}"
+    assert documented - set(codes) == set(), f"codes documented but never sent: {sorted(documented - set(codes))}"
+
+
+def _v2_bank(calibrated: bool = True):
+    from ocbank.serve.banks import BankFile
+
+    decision = {"image_threshold": 2.0, "pixel_threshold": 1.0} if calibrated else None
+    return BankFile("weave", "weave.h5", "ab" * 32, 5, 1536, 1.0, 72, 64, 64, decision)
+
+
+def _triton_request(images: list[bytes], outputs: list | None = None, binary: bool = True, request_id: str = "r-1"):
+    """What tritonclient.http sends for ``images``: (body, Inference-Header-Content-Length or None)."""
+    th = pytest.importorskip("tritonclient.http")
+    from tritonclient.http._utils import _get_inference_request
+
+    tensor = th.InferInput("image", [len(images)], "BYTES")
+    import base64
+
+    values = images if binary else [base64.b64encode(b) for b in images]
+    tensor.set_data_from_numpy(np.array(values, dtype=object), binary_data=binary)
+    body, header_length = _get_inference_request(
+        inputs=[tensor], request_id=request_id, outputs=outputs, sequence_id=0, sequence_start=False,
+        sequence_end=False, priority=0, timeout=None, custom_parameters=None)
+    return body, None if header_length is None else str(header_length)
+
+
+def test_v2_requests_and_responses_round_trip_through_tritonclient(rgb):
+    """tritonclient's own request encoder and response decoder (binary and JSON) against ocbank.serve.oip."""
+    th = pytest.importorskip("tritonclient.http")
+    from ocbank.serve import oip
+    from ocbank.serve.api import mask_png
+
+    info = _v2_bank()
+    pngs = [_encode(rgb), _encode(rgb[::-1])]
+    mask = np.zeros((64, 64), bool)
+    mask[3:9, 20:41] = True
+    rows = [{"score": 1.5, "normalized": 0.75, "threshold": 2.0, "label": "OK", "mask": mask_png(mask)},
+            {"score": 3.25, "normalized": 1.625, "threshold": 2.0, "label": "NG", "mask": mask_png(~mask)}]
+    for binary in (True, False):
+        outputs = [th.InferRequestedOutput(n, binary_data=binary) for n in ("score", "label", "threshold", "mask")]
+        body, header_length = _triton_request(pngs, outputs, binary=binary)
+        parsed = oip.parse_infer(body, header_length, info, max_images=8)
+        assert parsed.images == pngs and parsed.id == "r-1" and parsed.wants("mask")
+        content, headers = oip.infer_response(info, parsed, rows)
+        length = headers.get(oip.HEADER_LENGTH)
+        result = th.InferResult.from_response_body(content, header_length=None if length is None else int(length))
+        assert (length is not None) is binary
+        assert result.get_response()["id"] == "r-1" and result.get_response()["model_version"] == info.sha256
+        np.testing.assert_array_equal(result.as_numpy("score"), [1.5, 3.25])
+        np.testing.assert_array_equal(result.as_numpy("threshold"), [2.0, 2.0])
+        assert [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("label")] == ["OK", "NG"]
+        masks = result.as_numpy("mask")
+        assert masks.shape == (2, 64, 64) and np.array_equal(masks[0], mask) and np.array_equal(masks[1], ~mask)
+    body, header_length = _triton_request(pngs, None)  # no outputs named: the defaults, all binary
+    parsed = oip.parse_infer(body, header_length, info, max_images=8)
+    assert parsed.outputs == [("score", True), ("normalized", True), ("threshold", True), ("label", True)]
+    meta = oip.model_metadata(info)
+    assert meta["versions"] == [info.sha256] and meta["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+    assert {o["name"]: o["shape"] for o in meta["outputs"]}["mask"] == [-1, 64, 64]
+    uncalibrated = _v2_bank(calibrated=False)
+    assert [o["name"] for o in oip.model_metadata(uncalibrated)["outputs"]] == ["score"]
+
+
+def test_v2_bad_requests_are_named(rgb):
+    """Each malformed inference request is a 400 whose one-line message names what is wrong."""
+    th = pytest.importorskip("tritonclient.http")
+    from ocbank.serve import oip
+
+    info = _v2_bank()
+    png = _encode(rgb)
+    body, length = _triton_request([png])
+    header = json.loads(body[: int(length)])
+
+    def refused(data: bytes, header_length: str | None, words: str, bank=info) -> None:
+        with pytest.raises(ApiError) as err:
+            oip.parse_infer(data, header_length, bank, max_images=4)
+        assert err.value.status == 400 and words in err.value.message and "\n" not in err.value.message
+
+    def with_header(edit: dict) -> bytes:
+        return json.dumps({**header, **edit}).encode()
+
+    binary = body[int(length):]
+    refused(body, str(len(body) + 1), "Inference-Header-Content-Length")
+    refused(body[:-3], length, "binary_data_size")
+    refused(body + b"xx", length, "binary_data_size")
+    refused(body, None, "not JSON")
+    refused(b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [NaN]}]}', None, "NaN")
+    refused(b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}', None, "base64")
+    renamed = with_header({"inputs": [{**header["inputs"][0], "name": "INPUT0"}]})
+    refused(renamed + binary, str(len(renamed)), "'image'")
+    five = _triton_request([png] * 5)
+    refused(five[0], five[1], "1 to 4")
+    short = struct_len(binary, 1)
+    refused(body[: int(length)] + short, length, "element 0 of input 'image' declares")
+    unknown = _triton_request([png], [th.InferRequestedOutput("heatmap")])
+    refused(*unknown, "no output 'heatmap'")
+    label = _triton_request([png], [th.InferRequestedOutput("label")])
+    refused(*label, "no calibrated thresholds", bank=_v2_bank(calibrated=False))
+    with pytest.raises(ApiError) as err:
+        oip.check_version(info, "1")
+    assert err.value.status == 404 and info.sha256 in err.value.message
+    oip.check_version(info, info.sha256)
+
+
+def struct_len(binary: bytes, extra: int) -> bytes:
+    """``binary`` with its first element's declared length raised by ``extra`` (more than follows)."""
+    import struct
+
+    (n,) = struct.unpack_from("<I", binary)
+    return struct.pack("<I", n + extra) + binary[4:]
+
+
+def test_server_start_stops_everything_and_names_each_bank_when_none_can_be_served(tmp_path):
+    """No bank loads: ServeError names each bank and why, and Serve (and the Ray it started) is stopped first."""
+    from ocbank.errors import ServeError
+
+    (tmp_path / "a.h5").write_bytes(b"x")
+    calls: list[str] = []
+
+    class Handle:
+        class warm:  # noqa: N801 - Serve's handle method
+            @staticmethod
+            def remote():
+                return type("R", (), {"result": staticmethod(lambda timeout_s: {
+                    "banks": [], "ready": False, "failed": {"a": "device='cuda' was requested", "b": "checksum mismatch"}})})
+
+        class drain:  # noqa: N801
+            @staticmethod
+            def remote(_s):
+                calls.append("drain")
+                return type("R", (), {"result": staticmethod(lambda timeout_s: 0)})
+
+    class Serve:
+        def start(self, **_kw):
+            calls.append("start")
+
+        def run(self, *_a, **_kw):
+            return Handle()
+
+        def delete(self, _name):
+            calls.append("delete")
+
+    class Ray:
+        def is_initialized(self):
+            return True
+
+    server = srv.Server.__new__(srv.Server)
+    server.__init__ = None
+    server.options, server._ray, server._serve = ServeOptions(banks=str(tmp_path)), Ray(), Serve()
+    server._temp, server._own_ray, server._connected, server.handle, server.warm = None, False, False, None, {}
+    with pytest.raises(ServeError) as err:
+        server.start()
+    message = str(err.value)
+    assert "bank 'a': device='cuda' was requested" in message and "bank 'b': checksum mismatch" in message
+    assert calls == ["start", "drain", "delete"] and server.handle is None
+    assert srv.not_served({"b": "why b", "a": "why a"}) == [
+        "ocbank: error: bank 'a' is not served: why a", "ocbank: error: bank 'b' is not served: why b"]

@@ -78,7 +78,8 @@ class Decision:
         return Verdict(is_ng(scores, self.image_threshold), scores / self.image_threshold, mask)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields that are set (None means the calibration did not say), as a bank file stores them."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Decision:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,15 @@ from ..errors import DataError, ImageTooLargeError, InputTypeError, NotAnImageEr
 TIMEOUT_HEADER = "x-timeout-ms"
 LABELS = {0: "OK", 1: "NG"}
 UNCALIBRATED = "this bank has no calibrated thresholds: label and mask are null. Rebuild or update it with calibration."
+HOW_TO_SEND = ("The image goes as the request body (curl --data-binary @part.png URL) "
+               "or as the one file of a multipart form (curl -F file=@part.png URL).")
+# The codes of the errors Starlette raises itself (no route, wrong method); any other status is http_error.
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+HTTP_ERROR = "http_error"
+# A form carries one image; more parts than this are refused before they are looked at.
+MAX_FORM_PARTS = 8
+_PLAIN_ENCODINGS = ("", "binary", "8bit", "7bit")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 class ApiError(OcbankError):
@@ -40,6 +50,88 @@ def error_body(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 
 
+def plain_error(exc: BaseException, limit: int = 500) -> str:
+    """One line for an error that reached the ingress from a replica: ocbank's own message.
+
+    Ray wraps an exception raised in a replica (``RayTaskError``, ``RayActorError``) with
+    the remote traceback and ANSI colour codes; its ``cause`` is the exception that was
+    raised. Any other error is named by its type, its message cut at ``limit`` characters.
+    """
+    seen: set[int] = set()
+    while isinstance(getattr(exc, "cause", None), BaseException) and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.cause  # type: ignore[attr-defined]
+    text = " ".join(_ANSI.sub("", str(exc)).split())
+    if not isinstance(exc, OcbankError):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def form_file(body: bytes, content_type: str) -> bytes:
+    """The bytes of the one part of a ``multipart/form-data`` body (``curl -F file=@part.png``).
+
+    400 ``bad_form``: no boundary, a truncated or malformed form, a transfer encoding
+    other than binary, or not exactly one part.
+    """
+    from python_multipart.exceptions import FormParserError  # noqa: PLC0415 - the serve extra's form parser
+    from python_multipart.multipart import MultipartParser, parse_options_header  # noqa: PLC0415
+
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise ApiError(400, "bad_form", f"a multipart/form-data body needs a boundary in its Content-Type, got {content_type!r}.")
+    parts: list[dict[str, Any]] = []
+    header: list[bytes] = [b"", b""]  # the field and value of the header being read
+    ended: list[bool] = []
+
+    def part_begin() -> None:
+        if len(parts) >= MAX_FORM_PARTS:
+            raise ApiError(400, "bad_form", f"the form has more than {MAX_FORM_PARTS} parts. Send one image per request.")
+        parts.append({"headers": {}, "data": []})
+
+    def header_field(data: bytes, start: int, end: int) -> None:
+        header[0] += data[start:end]
+
+    def header_value(data: bytes, start: int, end: int) -> None:
+        header[1] += data[start:end]
+
+    def header_end() -> None:
+        parts[-1]["headers"][header[0].decode("latin-1").strip().lower()] = header[1].decode("latin-1").strip()
+        header[0], header[1] = b"", b""
+
+    def part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1]["data"].append(data[start:end])
+
+    callbacks = {"on_part_begin": part_begin, "on_header_field": header_field, "on_header_value": header_value,
+                 "on_header_end": header_end, "on_part_data": part_data, "on_end": lambda: ended.append(True)}
+    try:
+        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        parser.write(body)
+        parser.finalize()
+    except FormParserError as exc:
+        raise ApiError(400, "bad_form", f"the multipart form could not be read: {exc}. {HOW_TO_SEND}") from None
+    if not ended:
+        raise ApiError(400, "bad_form", f"the multipart form ends before its closing boundary (truncated?). {HOW_TO_SEND}")
+    if len(parts) != 1:
+        names = [_form_name(p["headers"]) for p in parts]
+        raise ApiError(400, "bad_form", f"the form must hold exactly one file, got {len(parts)} part(s) {names}. {HOW_TO_SEND}")
+    encoding = parts[0]["headers"].get("content-transfer-encoding", "").lower()
+    if encoding not in _PLAIN_ENCODINGS:
+        raise ApiError(400, "bad_form", f"the form's file has Content-Transfer-Encoding {encoding!r}; send its bytes as they are (binary).")
+    return b"".join(parts[0]["data"])
+
+
+def _form_name(headers: dict[str, str]) -> str:
+    from python_multipart.multipart import parse_options_header  # noqa: PLC0415
+
+    _, params = parse_options_header(headers.get("content-disposition", ""))
+    return params.get(b"name", b"").decode("latin-1")
+
+
+def is_form(content_type: str | None) -> bool:
+    return (content_type or "").split(";", 1)[0].strip().lower() == "multipart/form-data"
+
+
 def check_length(declared: str | None, max_bytes: int) -> None:
     """Refuse a Content-Length over ``max_bytes`` (413) before the body is read."""
     if declared is None:
@@ -52,22 +144,27 @@ def check_length(declared: str | None, max_bytes: int) -> None:
         raise ApiError(413, "too_large", f"the body is {n} bytes, over the limit of {max_bytes}. Send a smaller image.")
 
 
-def decode_image(body: bytes, transform: Transform, max_bytes: int) -> np.ndarray:
+def decode_image(body: bytes, transform: Transform, max_bytes: int, content_type: str | None = None, *,
+                 where: str = "the request body", hint: str = HOW_TO_SEND) -> np.ndarray:
     """Encoded image bytes -> the model's input, uint8 RGB [S, S, 3] (resized and cropped as ``predict`` does).
 
-    400: empty or undecodable; 413: over ``max_bytes`` or the pixel limit; 415: not an image.
+    The image is the body itself, or, when ``content_type`` is ``multipart/form-data``, the
+    form's one file (:func:`form_file`); the whole body is bounded by ``max_bytes`` either way.
+    ``where`` names the image in messages; ``hint`` says how to send one.
+    400: empty, undecodable or a bad form; 413: over ``max_bytes`` or the pixel limit; 415: not an image.
     """
-    if not body:
-        raise ApiError(400, "empty_body", "the request body is empty. POST the encoded image (PNG, JPEG, BMP, TIFF).")
     if len(body) > max_bytes:
-        msg = f"the body is {len(body)} bytes, over the limit of {max_bytes}. Send a smaller image."
+        msg = f"{where} is {len(body)} bytes, over the limit of {max_bytes}. Send a smaller image."
         raise ApiError(413, "too_large", msg)
-    where = "the request body"
+    if body and is_form(content_type):
+        body = form_file(body, content_type or "")
+    if not body:
+        raise ApiError(400, "empty_body", f"{where} holds no image. {hint}")
     try:
         image = open_image(body, where=where)
         rgb = transform.rgb(image)
     except NotAnImageError as exc:
-        raise ApiError(415, "not_an_image", str(exc)) from None
+        raise ApiError(415, "not_an_image", f"{exc} {hint}") from None
     except ImageTooLargeError as exc:
         raise ApiError(413, "too_large", str(exc)) from None
     except (DataError, InputTypeError, OSError) as exc:

@@ -18,6 +18,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,14 +32,19 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .._version import __version__
 from ..errors import OcbankError
+from . import oip
 from .api import (
+    HTTP_CODES,
+    HTTP_ERROR,
     TIMEOUT_HEADER,
     UNCALIBRATED,
     ApiError,
     check_length,
     decode_image,
     error_body,
+    plain_error,
     query_flags,
     request_timeout,
 )
@@ -165,19 +171,29 @@ class Scorer:
 api = FastAPI(title="ocbank", summary="Anomaly inspection with ocbank banks")
 
 
+def _error_for(request: Request, exc: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """``exc`` in the shape of the request's API: ocbank's {code, message}, or the v2 protocol's {"error": message}."""
+    body = oip.error_body(exc.message) if oip.is_v2(request.url.path) else exc.body()
+    return JSONResponse(body, status_code=exc.status, headers=headers)
+
+
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = HTTP_CODES.get(exc.status_code, HTTP_ERROR)
+    return _error_for(request, ApiError(exc.status_code, code, str(exc.detail)))
 
 
 @api.exception_handler(RequestValidationError)
-async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse(error_body("bad_request", " ".join(str(exc).split())), status_code=400)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error_for(request, ApiError(400, "bad_request", " ".join(str(exc).split())))
 
 
 def _error(exc: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def _retry_headers(exc: ApiError) -> dict[str, str] | None:
+    return {"Retry-After": "1"} if exc.status == 503 else None
 
 
 @serve.deployment(name="Api", num_replicas=1, graceful_shutdown_timeout_s=30,
@@ -216,17 +232,16 @@ class Api:
     # ------------------------------------------------------------------ readiness
     async def warm(self) -> dict[str, Any]:
         """Load every bank on a replica once; return {ready, failed}. Idempotent."""
-        if self._warming is None:
-            self._warming = asyncio.ensure_future(self._warm())
+        self._start_warming()
         await asyncio.shield(self._warming)
-        return {"ready": self.ready, "failed": dict(self.failed)}
+        return {"ready": self.ready, "banks": sorted(self.banks), "failed": dict(self.failed)}
 
     async def _warm(self) -> None:
         for product, entry in list(self.banks.items()):
             try:
                 await self._prepare(entry)
             except Exception as exc:  # noqa: BLE001 - a bank that cannot load is reported, not fatal
-                self.failed[product] = " ".join(str(exc).split())[:500]
+                self.failed[product] = plain_error(exc)  # ocbank's message, not Ray's traceback
                 self.banks.pop(product, None)
 
     async def _prepare(self, entry: _Entry) -> dict[str, Any]:
@@ -237,7 +252,20 @@ class Api:
 
     @property
     def ready(self) -> bool:
-        return not self.failed and all(e.info.model_id in self.prepared for e in self.banks.values())
+        """Every bank that can be served is loaded on a replica (those that cannot are named in ``failed``)."""
+        return bool(self.banks) and all(e.info.model_id in self.prepared for e in self.banks.values())
+
+    def not_ready_reason(self) -> str:
+        if self.draining:
+            return "shutting down"
+        if not self.banks:
+            return "no bank can be served: " + "; ".join(f"{p}: {m}" for p, m in sorted(self.failed.items()))
+        waiting = sorted(p for p, e in self.banks.items() if e.info.model_id not in self.prepared)
+        return f"loading banks: {', '.join(waiting)}"
+
+    def _start_warming(self) -> None:
+        if self._warming is None:
+            self._warming = asyncio.ensure_future(self._warm())
 
     async def drain(self, timeout_s: float) -> int:
         """Refuse new inspections (503) and wait for the ones in flight; return how many were left."""
@@ -253,18 +281,10 @@ class Api:
 
     @api.get("/readyz")
     async def readyz(self) -> JSONResponse:
-        if self._warming is None:
-            self._warming = asyncio.ensure_future(self._warm())
+        self._start_warming()
         if self.ready and not self.draining:
-            return JSONResponse({"ready": True, "banks": sorted(self.banks)})
-        if self.draining:
-            message = "shutting down"
-        elif self.failed:
-            message = "banks that failed to load: " + "; ".join(f"{p}: {m}" for p, m in sorted(self.failed.items()))
-        else:
-            waiting = sorted(p for p, e in self.banks.items() if e.info.model_id not in self.prepared)
-            message = f"loading banks: {', '.join(waiting)}"
-        return JSONResponse(error_body("not_ready", message), status_code=503)
+            return JSONResponse({"ready": True, "banks": sorted(self.banks), "failed": dict(self.failed)})
+        return JSONResponse(error_body("not_ready", self.not_ready_reason()), status_code=503)
 
     @api.get("/metrics")
     async def metrics_text(self) -> Response:
@@ -307,7 +327,7 @@ class Api:
         try:
             described = await self._prepare(entry)  # a replica loads it before anyone is sent to it
         except Exception as exc:  # noqa: BLE001 - any load failure keeps the old bank
-            message = f"{path} passed validation but a replica could not load it: {' '.join(str(exc).split())[:400]}"
+            message = f"{path} passed validation but a replica could not load it: {plain_error(exc, 400)}"
             raise ApiError(409, "bank_rejected", message + " The bank in service is unchanged.") from None
         self.banks[product] = entry  # the swap: requests from now on name the new model id
         self.failed.pop(product, None)
@@ -321,41 +341,53 @@ class Api:
 
     # ------------------------------------------------------------------ inspect
     @api.post("/v1/inspect/{product}")
-    async def inspect(self, product: str, request: Request, mask: str | None = None, map: str | None = None) -> JSONResponse:  # noqa: A002
+    async def inspect(self, product: str, request: Request, mask: str | None = None, map: str | None = None) -> Response:  # noqa: A002
+        return await self._counted(product, request, lambda began: self._inspect(product, request, mask, map, began))
+
+    async def _counted(self, product: str, request: Request, work: Callable[[float], Awaitable[Response]]) -> Response:
+        """Run one inspection (``/v1/inspect`` or v2 ``infer``): counted in flight and in the metrics, errors as JSON."""
         began = time.perf_counter()
         label = product if product in self.banks else OTHER_PRODUCT
         status = 500
         self.inflight += 1
         try:
-            response = await self._inspect(product, request, mask, map, began)
+            response = await work(began)
             status = 200
             return response
         except ApiError as exc:
             status = exc.status
-            headers = {"Retry-After": "1"} if exc.status == 503 else None
-            return _error(exc, headers)
+            return _error_for(request, exc, _retry_headers(exc))
         except Exception as exc:  # a bug in ocbank: still JSON, and logged with its traceback
             log.exception("inspect %s failed", product)
-            return _error(ApiError(500, "internal", f"internal error ({type(exc).__name__}); see the server log."))
+            return _error_for(request, ApiError(500, "internal", f"internal error ({type(exc).__name__}); see the server log."))
         finally:
             self.inflight -= 1
             self.metrics.request(label, status, time.perf_counter() - began)
 
-    async def _inspect(self, product: str, request: Request, mask: str | None, map_: str | None, began: float) -> JSONResponse:
+    def _admit(self, product: str) -> _Entry:
+        """The served bank for a new inspection, or the 503 / 404 that refuses it before its body is read."""
         if self.draining:
             raise ApiError(503, "shutting_down", "the server is shutting down. Send the request to another instance.")
         if self.inflight > self.capacity:  # shed before the body is read or decoded: the answer comes at once
             raise ApiError(503, "overloaded", OVERLOADED)
+        return self._served(product)
+
+    def _served(self, product: str) -> _Entry:
         entry = self.banks.get(product)
         if entry is None:
             if product in self.failed:
                 raise ApiError(503, "bank_unavailable", f"bank {product!r} failed to load: {self.failed[product]}")
             raise ApiError(404, "unknown_product", f"no bank {product!r}. Served: {sorted(self.banks)}.")
+        return entry
+
+    async def _inspect(self, product: str, request: Request, mask: str | None, map_: str | None, began: float) -> JSONResponse:
+        entry = self._admit(product)
         want_mask, want_map = query_flags(mask, map_)
         timeout = request_timeout(request.headers.get(TIMEOUT_HEADER), self.options.timeout_s)
         check_length(request.headers.get("content-length"), self.options.max_body_bytes)
         body = await request.body()
-        pixels = await asyncio.to_thread(decode_image, body, entry.info.transform, self.options.max_body_bytes)
+        pixels = await asyncio.to_thread(decode_image, body, entry.info.transform, self.options.max_body_bytes,
+                                         request.headers.get("content-type"))
         remaining = timeout - (time.perf_counter() - began)
         result = await self._score(entry, ScoreRequest(entry.info.model_id, pixels, [entry.ref], want_mask, want_map), remaining)
         self.metrics.model_call(product, result.pop("call"))
@@ -372,6 +404,94 @@ class Api:
             out["note"] = UNCALIBRATED
         out["latency_ms"] = round(1000.0 * (time.perf_counter() - began), 3)
         return JSONResponse(out)
+
+    # ------------------------------------------------------------------ Open Inference Protocol v2 (ocbank/serve/oip.py)
+    @api.get("/v2")
+    async def v2_server(self) -> JSONResponse:
+        return JSONResponse(oip.server_metadata(__version__))
+
+    @api.get("/v2/health/live")
+    async def v2_live(self) -> JSONResponse:
+        return JSONResponse({"live": True})
+
+    @api.get("/v2/health/ready")
+    async def v2_ready(self) -> JSONResponse:
+        self._start_warming()
+        if self.ready and not self.draining:
+            return JSONResponse({"ready": True})
+        return JSONResponse(oip.error_body(self.not_ready_reason()), status_code=400)  # the protocol: 4xx = not ready
+
+    @api.get("/v2/models/{product}")
+    async def v2_model(self, product: str, request: Request) -> JSONResponse:
+        return self._v2_model(product, None, request)
+
+    @api.get("/v2/models/{product}/versions/{version}")
+    async def v2_model_version(self, product: str, version: str, request: Request) -> JSONResponse:
+        return self._v2_model(product, version, request)
+
+    def _v2_model(self, product: str, version: str | None, request: Request) -> JSONResponse:
+        try:
+            entry = self._served(product)
+            oip.check_version(entry.info, version)
+        except ApiError as exc:
+            return _error_for(request, exc)
+        return JSONResponse(oip.model_metadata(entry.info))
+
+    @api.get("/v2/models/{product}/ready")
+    async def v2_model_ready(self, product: str, request: Request) -> JSONResponse:
+        return self._v2_model_ready(product, None, request)
+
+    @api.get("/v2/models/{product}/versions/{version}/ready")
+    async def v2_model_version_ready(self, product: str, version: str, request: Request) -> JSONResponse:
+        return self._v2_model_ready(product, version, request)
+
+    def _v2_model_ready(self, product: str, version: str | None, request: Request) -> JSONResponse:
+        try:
+            entry = self._served(product)
+            oip.check_version(entry.info, version)
+        except ApiError as exc:
+            return _error_for(request, exc)
+        if entry.info.model_id not in self.prepared or self.draining:
+            reason = "shutting down" if self.draining else f"bank {product!r} is loading"
+            return JSONResponse(oip.error_body(reason), status_code=400)
+        return JSONResponse({"name": product, "ready": True})
+
+    @api.post("/v2/models/{product}/infer")
+    async def v2_infer(self, product: str, request: Request) -> Response:
+        return await self._counted(product, request, lambda began: self._v2_infer(product, None, request, began))
+
+    @api.post("/v2/models/{product}/versions/{version}/infer")
+    async def v2_infer_version(self, product: str, version: str, request: Request) -> Response:
+        return await self._counted(product, request, lambda began: self._v2_infer(product, version, request, began))
+
+    async def _v2_infer(self, product: str, version: str | None, request: Request, began: float) -> Response:
+        """One v2 inference request: its images scored like ``/v1/inspect``'s, concurrently, so they batch together."""
+        entry = self._admit(product)
+        oip.check_version(entry.info, version)
+        timeout = request_timeout(request.headers.get(TIMEOUT_HEADER), self.options.timeout_s)
+        check_length(request.headers.get("content-length"), self.options.max_body_bytes)
+        if request.headers.get("content-encoding", "identity").lower() != "identity":
+            msg = f"Content-Encoding {request.headers['content-encoding']!r} is not accepted; send the request uncompressed."
+            raise ApiError(415, "unsupported_encoding", msg)
+        body = await request.body()
+        limit = self.options.max_body_bytes
+        parsed = await asyncio.to_thread(oip.parse_infer, body, request.headers.get(oip.HEADER_LENGTH), entry.info,
+                                         self.options.max_batch)
+        pixels = await asyncio.gather(*(
+            asyncio.to_thread(decode_image, image, entry.info.transform, limit, where=oip.element(i), hint=oip.HINT)
+            for i, image in enumerate(parsed.images)))
+        remaining = timeout - (time.perf_counter() - began)
+        want_mask = parsed.wants("mask")
+        results = await asyncio.gather(
+            *(self._score(entry, ScoreRequest(entry.info.model_id, px, [entry.ref], want_mask, False), remaining)
+              for px in pixels), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        for result in results:
+            self.metrics.model_call(product, result.pop("call"))
+        content, headers = await asyncio.to_thread(oip.infer_response, entry.info, parsed, list(results))
+        return Response(content, headers=headers)
 
     @staticmethod
     async def _await(response: Any) -> Any:

@@ -12,13 +12,14 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import DependencyError
+from ..errors import DependencyError, ServeError
 from .banks import list_banks
 from .options import APP_NAME, ServeOptions
 
@@ -27,6 +28,13 @@ log = logging.getLogger(__name__)
 DRAIN_S = 20.0  # in-flight requests get this long to finish after SIGTERM
 WARM_S = 600.0  # the first load of every bank (the ONNX export runs here)
 _CHILD_GRACE_S = 3.0
+# Ray's driver-side loggers and the level below which their lines are Ray's own bookkeeping:
+# INFO (a local Ray started, Serve started, "Connecting to existing Serve app ... will not be
+# applied" from serve.run after serve.start); ocbank announces what the user needs. The token
+# module's one warning says that a new local cluster uses token authentication, Ray's default,
+# which ocbank keeps. Every other warning and error still shows.
+_RAY_LOGGERS = {"ray": logging.WARNING, "ray.serve": logging.WARNING,
+                "ray._private.authentication.authentication_token_setup": logging.ERROR}
 
 
 def _import_serve() -> tuple[Any, Any]:
@@ -37,6 +45,16 @@ def _import_serve() -> tuple[Any, Any]:
         msg = f"ocbank serve needs Ray Serve: {exc}. Install the extra: pip install 'ocbank[serve]'."
         raise DependencyError(msg) from exc
     return ray, serve
+
+
+def _quiet_ray() -> None:
+    for name, level in _RAY_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def not_served(failed: dict[str, str]) -> list[str]:
+    """One ``ocbank: error:`` line per bank that could not be loaded, naming it and why."""
+    return [f"ocbank: error: bank {product!r} is not served: {why}" for product, why in sorted(failed.items())]
 
 
 def _descendants() -> list[Any]:
@@ -74,25 +92,47 @@ class Server:
         self.warm: dict[str, Any] = {}
 
     def start(self) -> Server:
+        """Start Ray and the application, and load every bank once.
+
+        :class:`ServeError` (everything started is stopped first) when no bank could be
+        loaded; the banks that could not are in ``self.warm["failed"]``, by product.
+        """
         opts = self.options
         list_banks(opts.banks)  # refuse an empty or missing folder before starting anything
+        if opts.device is not None and not opts.address:
+            from ..engine import resolve_device  # noqa: PLC0415
+
+            # A local Ray's replicas see this machine's devices: refuse an unusable one now,
+            # with the message predict gives, not after Ray has started.
+            resolve_device(opts.device)
         ray = self._ray
+        _quiet_ray()
         if not ray.is_initialized():
             self._connected = True
             if opts.address:
-                ray.init(address=opts.address, include_dashboard=False, log_to_driver=False)
+                ray.init(address=opts.address, include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.WARNING)
             else:
                 # A short private temp dir: Ray's socket paths must stay under ~107 characters,
                 # and this cluster's files never mix with another Ray on the machine.
                 self._temp = tempfile.mkdtemp(prefix="ocbray-", dir="/tmp" if os.path.isdir("/tmp") else None)
                 ray.init(num_cpus=opts.total_cpus, include_dashboard=False, log_to_driver=False,
-                         _temp_dir=self._temp)
+                         logging_level=logging.WARNING, _temp_dir=self._temp)
                 self._own_ray = True
         from .app import build_app  # noqa: PLC0415
 
-        self._serve.start(http_options={"host": opts.host, "port": opts.port})
-        self.handle = self._serve.run(build_app(opts), name=APP_NAME, route_prefix="/", blocking=False)
-        self.warm = self.handle.warm.remote().result(timeout_s=WARM_S)
+        try:
+            self._serve.start(http_options={"host": opts.host, "port": opts.port})
+            self.handle = self._serve.run(build_app(opts), name=APP_NAME, route_prefix="/", blocking=False)
+            self.warm = self.handle.warm.remote().result(timeout_s=WARM_S)
+            if not self.warm.get("banks"):
+                failed = self.warm.get("failed") or {}
+                why = " ".join(f"bank {p!r}: {m}" for p, m in sorted(failed.items()))
+                msg = f"no bank in {opts.banks} can be served. {why}"
+                raise ServeError(msg)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self, drain_s: float = DRAIN_S) -> None:
@@ -125,8 +165,21 @@ class Server:
         self.stop()
 
 
-def serve_forever(options: ServeOptions, announce: Callable[[str], None] = print) -> int:
-    """Serve until SIGTERM or SIGINT, shut down cleanly, and return the signal's number."""
+def _to_stdout(line: str) -> None:
+    print(line, flush=True)  # at once, also when stdout is a file or a pipe
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def serve_forever(options: ServeOptions, announce: Callable[[str], None] = _to_stdout,
+                  complain: Callable[[str], None] = _to_stderr) -> int:
+    """Serve until SIGTERM or SIGINT, shut down cleanly, and return the signal's number.
+
+    Each bank that could not be loaded is named on ``complain`` and the others are served;
+    :class:`ServeError` when none could be.
+    """
     stopped_by: list[int] = []
     stop = threading.Event()
     server = Server(options)
@@ -141,11 +194,10 @@ def serve_forever(options: ServeOptions, announce: Callable[[str], None] = print
         # After ray.init, which installs its own SIGTERM handler for drivers.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
-        failed = server.warm.get("failed") or {}
-        for product, why in failed.items():
-            announce(f"ocbank: error: bank {product!r} is not served: {why}")
-        banks = sorted(list_banks(options.banks))
-        announce(f"ocbank serve: {len(banks) - len(failed)} bank(s) on http://{options.host}:{options.port} "
+        for line in not_served(server.warm.get("failed") or {}):
+            complain(line)
+        banks = server.warm.get("banks") or []
+        announce(f"ocbank serve: {len(banks)} bank(s) on http://{options.host}:{options.port} "
                  f"(replicas {options.replicas}, runtime {options.runtime}); SIGTERM or Ctrl-C stops it")
         while not stop.wait(0.5):
             pass
