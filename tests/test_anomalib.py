@@ -88,8 +88,8 @@ def test_scores_equal_detector_predict(fitted):
     kwargs = {"weights": "none", "image_size": IMAGE_SIZE}
     # The radius rule runs on the first RADIUS_IMAGES images (Detector: its sample of RADIUS_IMAGES of them = all).
     sample = Detector(radius="auto", radius_images=RADIUS_IMAGES, **kwargs).fit(train_files[:RADIUS_IMAGES])
-    assert model.detector.bank.radius == pytest.approx(sample.bank.radius, rel=1e-4)
-    det = Detector(radius=model.detector.bank.radius, **kwargs).fit(train_files)
+    assert model.detector.bank.radius_ == pytest.approx(sample.bank.radius_, rel=1e-4)
+    det = Detector(radius=model.detector.bank.radius_, **kwargs).fit(train_files)
     assert len(model.detector.bank) == len(det.bank)
     assert model.detector.bank.n_seen == det.bank.n_seen == len(train_files) * (IMAGE_SIZE // 8) ** 2
 

@@ -65,11 +65,11 @@ def test_init_validates_and_does_nothing_else():
 
 @pytest.mark.slow
 def test_fit_records_radius_and_summary(fitted, tiny_mvtec):
-    assert fitted.bank.radius == pytest.approx(fitted.radius_stats_.estimate.percentiles["p99"])
+    assert fitted.bank.radius_ == pytest.approx(fitted.radius_stats_.estimate.percentiles["p99"])
     # One pass: the radius comes from the sampled images' features, exactly as the rule on them alone.
     sample = [_train(tiny_mvtec)[i] for i in fitted.training_order(6)[:3]]
     feats = fitted.extractor(_normalised([Path(p) for p in sample])).reshape(-1, FEATURE_DIM).numpy()
-    assert fitted.bank.radius == pytest.approx(float(np.percentile(nearest_other_distances(feats), 99)), rel=1e-5)
+    assert fitted.bank.radius_ == pytest.approx(float(np.percentile(nearest_other_distances(feats), 99)), rel=1e-5)
     assert fitted.fit_summary_.images_used == 6 and len(fitted.bank) > 0
     assert fitted.bank.n_seen == 6 * 8 * 8
 
@@ -183,7 +183,7 @@ def test_tensor_fit_equals_path_fit(tiny_mvtec, extractor, radius):
     cfg = tiny_config(tiny_mvtec, bank={"radius": radius})
     a = Detector.from_config(cfg, extractor=extractor).fit([str(p) for p in paths])
     b = Detector.from_config(cfg, extractor=extractor).fit(_as_batch(paths))
-    assert a.bank.radius == pytest.approx(b.bank.radius, rel=1e-6)
+    assert a.bank.radius_ == pytest.approx(b.bank.radius_, rel=1e-6)
     np.testing.assert_array_equal(a.bank.counts, b.bank.counts)
     np.testing.assert_allclose(a.bank.means, b.bank.means, rtol=1e-5, atol=1e-5)
     with pytest.raises(InputTypeError):  # a failed fit leaves nothing half-built
@@ -258,7 +258,7 @@ def test_radius_sample_spills_to_disk_and_gives_the_same_bank(tiny_mvtec, extrac
     ref = Detector.from_config(tiny_config(tiny_mvtec), extractor=extractor).fit(_train(tiny_mvtec))
     monkeypatch.setattr(detector_mod, "SPOOL_MEMORY_BYTES", 4 * FEATURE_DIM * 70)  # 70 rows, then a memmap
     spilled = Detector.from_config(tiny_config(tiny_mvtec), extractor=extractor).fit(_train(tiny_mvtec))
-    assert spilled.bank.radius == ref.bank.radius
+    assert spilled.bank.radius_ == ref.bank.radius_
     np.testing.assert_array_equal(spilled.bank.counts, ref.bank.counts)
     np.testing.assert_array_equal(spilled.bank.means, ref.bank.means)
 
@@ -267,8 +267,8 @@ def test_radius_sample_spills_to_disk_and_gives_the_same_bank(tiny_mvtec, extrac
 def test_memory_cap_from_config_bounds_the_bank_and_is_saved(tiny_mvtec, extractor, tmp_path):
     det = Detector.from_config(tiny_config(tiny_mvtec, bank={"radius": 1.0, "max_centroids": 20}), extractor=extractor)
     det.fit(_train(tiny_mvtec))
-    assert len(det.bank) < 20 and det.bank.radius > 1.0 and det.bank.n_seen == 6 * 8 * 8
-    assert det.bank.radius_history_ and det.bank.radius_history_[-1]["new"] == det.bank.radius
+    assert len(det.bank) < 20 and det.bank.radius_ > 1.0 and det.bank.n_seen == 6 * 8 * 8
+    assert det.bank.radius_history_ and det.bank.radius_history_[-1]["new"] == det.bank.radius_
     det.save(tmp_path / "capped.h5")
     again = Detector.load(tmp_path / "capped.h5")
     assert again.bank.max_centroids == 20 and again.bank.radius_history_ == det.bank.radius_history_

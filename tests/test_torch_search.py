@@ -68,7 +68,7 @@ def test_capped_torch_bank_equals_capped_reference():
     assert len(bank) <= 40
     np.testing.assert_array_equal(bank.counts, ref.counts)
     np.testing.assert_allclose(bank.means, ref.means, rtol=0, atol=1e-5)
-    assert bank.radius == pytest.approx(ref.radius) and len(bank.radius_history_) == len(ref.history)
+    assert bank.radius_ == pytest.approx(ref.radius) and len(bank.radius_history_) == len(ref.history)
     assert (np.abs(bank.m2 - ref.m2) <= m2_tolerance(X, ref.counts, 1e-6)).all()
 
 

@@ -261,7 +261,7 @@ def finish_class(plan: BuildPlan, job: ClassJob, det: Detector, inputs: ClassInp
     summary = {
         "n_centroids": len(bank),
         "bank_bytes": bank.nbytes,
-        "radius": bank.radius,
+        "radius": bank.radius_,
         **done.to_dict(),  # images_used, images_skipped, skipped_files, seconds
         "skipped_files": [escape_path(f) for f in done.skipped_files],  # JSON any reader takes
         "vectors_per_s": bank.n_seen / max(done.seconds, 1e-9),
@@ -373,7 +373,7 @@ def build_class_sharded(plan: BuildPlan, job: ClassJob, run_shards: ShardRunner)
     if plan.config.bank.radius == "auto":
         # The shards need r before they start: fit the radius sample alone for it.
         probe = Detector.from_config(plan.config).fit([inputs.train[i] for i in order[: det.n_radius_images(len(order))]])
-        radius, stats = probe.bank.radius, probe.radius_stats_
+        radius, stats = probe.bank.radius_, probe.radius_stats_
     else:
         radius = float(plan.config.bank.radius)
         stats = RadiusStats(radius)

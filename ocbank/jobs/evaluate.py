@@ -76,7 +76,7 @@ def _score_class(det: Detector, name: str, split: Any, out: Path, heatmaps: int,
     """Score a class's test split batch by batch; write up to ``heatmaps`` overlays of anomalies."""
     got = _ClassScores()
     shown = 0
-    lo, hi = map_range(det.bank.radius)
+    lo, hi = map_range(det.bank.radius_)
     start = time.perf_counter()
     for res in det.score_batches(split.test, with_masks=True):
         got.skipped += res.skipped
@@ -118,7 +118,7 @@ def _class_row(det: Detector, got: _ClassScores, size: int) -> tuple[dict[str, A
     row.update({
         "n_centroids": len(det.bank),
         "bank_bytes": det.bank.nbytes,
-        "radius": det.bank.radius,
+        "radius": det.bank.radius_,
         "n_test": len(labels),
         "images_skipped": len(got.skipped),
         "n_nan_scores": n_nan,
@@ -190,7 +190,7 @@ def evaluate(
                         "image metrics null", name, results[name]["n_nan_scores"])
         if (results[name]["calibrated"] or {}).get("transfer_warning"):
             log.warning("class %s: %s", name, results[name]["calibrated"]["transfer_warning"])
-        collected.end_class(name, masks, maps, det.decision, map_range(det.bank.radius))
+        collected.end_class(name, masks, maps, det.decision, map_range(det.bank.radius_))
         csv_rows += got.csv_rows
     rows = list(results.values())
     report = {"classes": results, "mean": _mean_row(rows), "images_skipped": sum(r["images_skipped"] for r in rows),

@@ -48,7 +48,7 @@ def predict(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any] | None] = [None] * len(files)
-    vmin, vmax = map_range(det.bank.radius)
+    vmin, vmax = map_range(det.bank.radius_)
     for res in det.score_batches([Sample(str(f)) for f in files]):
         verdict = None if det.decision is None else det.decision.apply(res.scores, res.maps if save_masks else None)
         for idx in res.skipped:

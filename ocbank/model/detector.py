@@ -583,7 +583,7 @@ class Detector:
             "backbone": self.extractor.describe(),
             "feature_grid": [size // FEATURE_STRIDE, size // FEATURE_STRIDE],
             "image_size": size,
-            "radius": self.bank.radius,
+            "radius": self.bank.radius_,
             "search_backend": self.bank.search_backend_,
         }
         return {**self.record().to_metadata(), **described}

@@ -91,7 +91,7 @@ def model_of(det: Detector, source: str) -> tuple[AnomalyModel, dict[str, str]]:
         "preprocess": asdict(settings.preprocess),
         "scoring": {**asdict(settings.spec), "score": "max over the grid of 1-NN L2 distances"},
         "outputs": list(model.output_names),
-        "bank": {"n_centroids": len(det.bank), "dim": det.bank.dim, "radius": det.bank.radius, "source": source},
+        "bank": {"n_centroids": len(det.bank), "dim": det.bank.dim, "radius": det.bank.radius_, "source": source},
         "backbone": det.extractor.describe(),
         "decision": None if det.decision is None else det.decision.to_dict(),
     }
