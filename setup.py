@@ -37,6 +37,7 @@ setup(
         "matplotlib>=3.7",
         "jinja2>=3.0",
         "psutil>=5.9",
+        "threadpoolctl>=3.1",
     ],
     extras_require={
         # Mutually exclusive: both wheels install the same `faiss` module.

@@ -34,14 +34,25 @@ BENCH_CLASSES = ("weave", "dots", "grain")
 
 # ---------------------------------------------------------------------- machine, timing, results
 def machine_info(device: str = "cpu", note: str | None = None) -> dict[str, Any]:
-    """The machine a result was measured on, and when (UTC)."""
+    """The machine a result was measured on, and when (UTC).
+
+    ``cpu_model`` and ``blas`` (each loaded BLAS: library, version, kernel architecture,
+    threads) say which kernels produced a figure, so it can be compared with another
+    machine's; ``doctor`` is ``ocbank doctor``'s block without its timings.
+    """
+    from ocbank import doctor  # noqa: PLC0415
+
+    report = doctor.collect(measure=False)
     info: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "processor": platform.processor(),
+        "cpu_model": report["cpu"]["model"],
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "blas": [{k: lib[k] for k in ("library", "version", "architecture", "threads")} for lib in report["blas"]],
         "load_avg_at_start": list(os.getloadavg()),
+        "doctor": report,
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))

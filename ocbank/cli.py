@@ -1,4 +1,5 @@
-"""The ``ocbank`` command line: build, update, evaluate, predict, suggest-radius, export, serve.
+"""The ``ocbank`` command line: build, update, history, rollback, evaluate, predict, suggest-radius, export, serve,
+doctor.
 
 Exit status: 0 every input was processed; 1 the command ran but some inputs failed
 (a class that did not build, an image that could not be read: outputs are written for
@@ -26,7 +27,14 @@ from typing import Any
 
 from . import __version__
 from .errors import OcbankError
-from .jobs import DEFAULT_CHECKPOINT_EVERY
+from .jobs import (
+    AUTO_GATE_MULTIPLE,
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_KEEP_HISTORY,
+    DEFAULT_MAX_NEW_CENTROIDS,
+    GATE_AUTO,
+    GATE_OFF,
+)
 
 EXIT_OK, EXIT_PARTIAL, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 128 + signal.SIGTERM
 
@@ -90,13 +98,32 @@ def _classes(value: list[str] | None) -> list[str] | None:
     return value or None
 
 
+def device_arg(text: str) -> str:
+    """argparse type: a device (cpu, cuda, cuda:N, auto), refused at the door before any slow start-up."""
+    from .config import check_device  # noqa: PLC0415
+
+    try:
+        return check_device(text, "--device")
+    except OcbankError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """``--config`` and what adjusts it, the same on every subcommand that reads a config."""
+    p.add_argument("--config", required=True, help="a YAML file, or a bundled config by name (mvtec, realiad, ...)")
+    p.add_argument("--data-root", metavar="DIR", help="the dataset folder (sets data.root)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                   help="override one config key, typed as in the YAML (repeatable): --set bank.radius=0.5")
+
+
 def _load_config(args: argparse.Namespace) -> Any:
+    """The config of ``--config`` with ``--set``, ``--data-root`` and ``--device`` on top."""
     from . import config  # noqa: PLC0415
 
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = dict(config.parse_assignment(text) for text in args.overrides)
     if getattr(args, "device", None):
         overrides["device"] = args.device
-    return config.load(args.config, overrides=overrides)
+    return config.load(args.config, overrides=overrides, data_root=args.data_root)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -129,23 +156,93 @@ def cmd_build(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if report["failed"] or unreadable else EXIT_OK
 
 
+def gate_value(text: str) -> str | float:
+    """argparse type of --gate: "auto", "off", or a multiple >= 1 of the NG threshold."""
+    if text in (GATE_AUTO, GATE_OFF):
+        return text
+    try:
+        return _float_above(text, 1.0, inclusive=True)
+    except argparse.ArgumentTypeError:
+        msg = f"must be 'auto', 'off' or a multiple >= 1 of the NG threshold, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
 def cmd_update(args: argparse.Namespace) -> int:
     from .jobs.update import UpdateJob, update_bank  # noqa: PLC0415
 
-    job = UpdateJob(bank=args.bank, inputs=tuple(args.input), out=args.out, calibration=args.calibration, device=args.device)
+    job = UpdateJob(bank=args.bank, inputs=tuple(args.input), out=args.out, calibration=args.calibration,
+                    device=args.device, gate=args.gate, max_new_centroids=args.max_new_centroids,
+                    keep_history=args.keep_history, dry_run=args.dry_run,
+                    progress=not args.quiet)
     row = update_bank(job)
-    print(
-        f"added {row['images_added']} images ({row['images_skipped']} unreadable): "
-        f"K {row['n_centroids_before']} -> {row['n_centroids']}; wrote {args.out}"
-    )
-    if row["thresholds_predate_update"]:
+    if row["recalibrated"] and row["written"]:
+        print(f"thresholds: {_thresholds_change(row['thresholds_before'], row['thresholds'])}")
+    for held in row["held_back"]:
+        print(f"held back {held['normalized']:8.3f} x threshold (score {held['score']:.4f})  {held['image']}")
+    verb = "would add" if row["dry_run"] else "added"
+    gate = "off" if row["gate"] is None else f"{row['gate']:g} x threshold (score {row['gate_score']:.4f})"
+    print(f"{verb} {row['images_added']} images, held back {row['images_held']} above the gate at {gate} "
+          f"({row['images_skipped']} unreadable): K {row['n_centroids_before']} -> {row['n_centroids']}")
+    if row["dry_run"]:
+        print("dry run: nothing written")
+        if row["refused"]:
+            print(f"ocbank: error: {row['refused']}", file=sys.stderr)
+            return EXIT_ERROR
+    elif row["written"]:
+        print(f"wrote {args.out} (sha256 {row['sha256'][:12]}); parent kept as {row['history']}; report {row['report']}")
+    else:
+        print(f"no new version: every readable image was held back; {args.out} unchanged; report {row['report']}")
+    if row["thresholds_predate_update"] and (row["written"] or row["dry_run"]):
         print("ocbank: warning: the OK/NG thresholds predate this update; pass --calibration to refresh them.",
+              file=sys.stderr)
+    if row["images_held"]:
+        print(f"ocbank: error: {row['images_held']} new image(s) scored above the gate and were held back "
+              "(listed above); check them, and pass --gate with a higher multiple only if they are normal",
               file=sys.stderr)
     if row["images_skipped"]:
         print(f"ocbank: error: {row['images_skipped']} new image(s) could not be read and were left out "
               "(see the warnings above)", file=sys.stderr)
-        return EXIT_PARTIAL
+    return EXIT_PARTIAL if row["images_held"] or row["images_skipped"] else EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from .jobs.versions import list_versions  # noqa: PLC0415
+    from .jsonio import dumps  # noqa: PLC0415
+
+    rows = list_versions(args.bank)
+    if args.json:
+        print(dumps([v.to_dict() for v in rows]), end="")
+        return EXIT_OK
+
+    def show(value: Any) -> str:
+        return "-" if value is None else ("yes" if value is True else "no" if value is False else str(value))
+
+    print(f"{'sha256':<14}{'time':<22}{'added':>6}{'held':>6}  {'recalibrated':<13}{'':<8}file")
+    for v in rows:
+        print(f"{v.sha256[:12]:<14}{v.time:<22}{show(v.images_added):>6}{show(v.images_held):>6}  "
+              f"{show(v.recalibrated):<13}{'current' if v.current else '':<8}{v.path}")
     return EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from .jobs.versions import rollback  # noqa: PLC0415
+
+    row = rollback(args.bank, args.to, keep=args.keep_history)
+    if not row["changed"]:
+        print(f"{row['bank']} already is version {row['new_sha256'][:12]}: nothing to do")
+    else:
+        print(f"restored {row['bank']} to {row['new_sha256'][:12]} (from {row['restored_from']}); "
+              f"the replaced version {row['old_sha256'][:12] if row['old_sha256'] else 'none'} kept as {row['archived']}")
+    return EXIT_OK
+
+
+def _thresholds_change(before: dict[str, float] | None, after: dict[str, float] | None) -> str:
+    """``image 40.53 -> 38.23, pixel 41.20 -> 39.00``: a recalibration's old and new thresholds."""
+
+    def value(t: dict[str, float] | None, key: str) -> str:
+        return "none" if t is None else f"{t[key]:.4g}"
+
+    return ", ".join(f"{key} {value(before, key)} -> {value(after, key)}" for key in ("image", "pixel"))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -157,7 +254,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         allow_partial=args.allow_partial,
     )
     print(evaluate.format_table(report))
-    print(f"metrics: {Path(args.out) / 'metrics.json'}  scores: {Path(args.out) / 'scores.csv'}")
+    print(f"metrics: {Path(args.out) / 'metrics.json'}  scores: {Path(args.out) / 'scores.csv'}  "
+          f"report: {Path(args.out) / 'report.html'}")
     if report["images_skipped"]:
         print(f"ocbank: error: {report['images_skipped']} test image(s) could not be read and were left out "
               "(named in the warnings above)", file=sys.stderr)
@@ -185,7 +283,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"{'unreadable':>10}  {escape_path(row['path'])}")
         else:
             print(f"{row['score']:10.4f} {row.get('label') or '':>3}  {escape_path(row['path'])}")
-    print(f"scores: {Path(args.out) / 'scores.csv'}  heatmaps: {Path(args.out) / 'heatmaps'}")
+    wrote = {"scores": "scores.csv", "heatmaps": "heatmaps" if args.overlays != "none" else None,
+             "maps": "maps" if args.save_maps else None, "masks": "masks" if args.save_masks else None}
+    print("  ".join(f"{what}: {Path(args.out) / name}" for what, name in wrote.items() if name))
     failed = sum(row["status"] != "ok" for row in rows)
     unwritten = sum(row.get("outputs_failed", 0) for row in rows)
     if failed:
@@ -215,6 +315,7 @@ def cmd_suggest_radius(args: argparse.Namespace) -> int:
         from .jsonio import write_json  # noqa: PLC0415
 
         write_json(args.json, stats)
+        print(f"statistics: {args.json}")
     return EXIT_OK
 
 
@@ -260,6 +361,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import main as doctor  # noqa: PLC0415
+
+    return doctor(args.json, measure=not args.no_measure)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ocbank",
@@ -273,10 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("build", help="build one bank per class (checkpointed, resumable)")
-    p.add_argument("--config", required=True)
+    add_config_arguments(p)
     p.add_argument("--out", required=True, help="output folder for <class>.h5")
     p.add_argument("--classes", type=class_list, help="comma-separated subset of classes")
-    p.add_argument("--device", help="override the config's device")
+    p.add_argument("--device", type=device_arg, help="override the config's device (cpu, cuda, cuda:N, auto)")
     p.add_argument("--checkpoint-every", type=positive_int, default=DEFAULT_CHECKPOINT_EVERY, metavar="N",
                    help=f"rewrite <class>.partial.h5 every N images (default {DEFAULT_CHECKPOINT_EVERY})")
     p.add_argument("--resume", action="store_true",
@@ -299,16 +406,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, nargs="+", help="new normal images: files or folders")
     p.add_argument("--out", required=True, help="the new bank file (atomic; may be the same path)")
     p.add_argument("--calibration", metavar="DIR", help="normal images to recalibrate the thresholds on")
-    p.add_argument("--device")
+    p.add_argument("--device", type=device_arg, help="override the bank's device (cpu, cuda, cuda:N, auto)")
+    p.add_argument("--gate", type=gate_value, default=GATE_AUTO, metavar="GATE",
+                   help="auto, off or a MULTIPLE: hold back new images scoring above MULTIPLE x the NG threshold; auto: "
+                   f"{AUTO_GATE_MULTIPLE:g} (needs a calibrated bank); off: absorb everything (default {GATE_AUTO})")
+    p.add_argument("--max-new-centroids", type=_positive_float, default=DEFAULT_MAX_NEW_CENTROIDS, metavar="FRACTION",
+                   help="refuse the whole update if it would add more than FRACTION x K centroids "
+                   f"(another product's images; default {DEFAULT_MAX_NEW_CENTROIDS:g})")
+    p.add_argument("--keep-history", type=positive_int, default=DEFAULT_KEEP_HISTORY, metavar="N",
+                   help=f"earlier versions kept in <out's folder>/history (default {DEFAULT_KEEP_HISTORY})")
+    p.add_argument("--dry-run", action="store_true", help="report what would be absorbed, held back and added; write nothing")
     p.set_defaults(func=cmd_update)
 
+    p = sub.add_parser("history", help="list a bank's versions (kept by every update)")
+    p.add_argument("--bank", required=True, help="the bank file")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("rollback", help="restore a kept version of a bank (atomic; keeps the version it replaces)")
+    p.add_argument("--bank", required=True, help="the bank file")
+    p.add_argument("--to", required=True, metavar="SHA", help="the version's sha256 or a prefix of it (ocbank history)")
+    p.add_argument("--keep-history", type=positive_int, default=DEFAULT_KEEP_HISTORY, metavar="N",
+                   help=f"earlier versions kept (default {DEFAULT_KEEP_HISTORY})")
+    p.set_defaults(func=cmd_rollback)
+
     p = sub.add_parser("evaluate", help="score test splits, write metrics.json and scores.csv")
-    p.add_argument("--config", required=True)
+    add_config_arguments(p)
     p.add_argument("--banks", required=True, help="folder with <class>.h5 banks")
     p.add_argument("--out", required=True)
     p.add_argument("--classes", type=class_list, help="comma-separated subset of classes")
     p.add_argument("--heatmaps", type=non_negative_int, default=4, help="overlay PNGs per class (default 4)")
-    p.add_argument("--device")
+    p.add_argument("--device", type=device_arg, help="override the config's device (cpu, cuda, cuda:N, auto)")
     p.add_argument("--allow-partial", action="store_true",
                    help="accept unfinished build checkpoints (*.partial.h5)")
     p.set_defaults(func=cmd_evaluate)
@@ -321,15 +449,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-masks", action="store_true", help="also write binary defect masks as PNG (calibrated banks)")
     p.add_argument("--overlays", choices=["all", "ng", "none"], default="all",
                    help="heatmap overlay PNGs for every image (default), NG images only (calibrated banks), or none")
-    p.add_argument("--device")
+    p.add_argument("--device", type=device_arg, help="override the bank's device (cpu, cuda, cuda:N, auto)")
     p.add_argument("--allow-partial", action="store_true",
                    help="accept an unfinished build checkpoint (*.partial.h5)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("suggest-radius", help="print the radius rule's percentiles per class")
-    p.add_argument("--config", required=True)
+    add_config_arguments(p)
     p.add_argument("--classes", type=class_list, help="comma-separated subset of classes")
-    p.add_argument("--device")
+    p.add_argument("--device", type=device_arg, help="override the config's device (cpu, cuda, cuda:N, auto)")
     p.add_argument("--json", help="also write the statistics to this JSON file")
     p.set_defaults(func=cmd_suggest_radius)
 
@@ -358,8 +486,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="banks a replica keeps loaded; the least recently used is evicted beyond (default 8)")
     p.add_argument("--address", help="join this Ray cluster (ray://head:10001 or host:port); default: a local Ray")
     p.add_argument("--cpus", type=positive_int, help="CPUs to share among the replicas (default: all of this machine)")
-    p.add_argument("--device", help="override the banks' device (cpu, cuda, cuda:N, auto)")
+    p.add_argument("--device", type=device_arg, help="override the banks' device (cpu, cuda, cuda:N, auto)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("doctor", help="what will run here: versions, BLAS kernels, CPU, CUDA, search rates")
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                   help="write the report as JSON to PATH (alone: print JSON instead of text)")
+    p.add_argument("--no-measure", action="store_true", help="skip the GEMM and search timings (a few seconds)")
+    p.set_defaults(func=cmd_doctor)
+
+    for p in sub.choices.values():  # -q also after the command; SUPPRESS keeps a -q given before it
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     return parser
 
 

@@ -1,10 +1,12 @@
 """Typed run configuration: one frozen dataclass per section, each default written once.
 
 A YAML file (or a nested dict) maps onto :class:`Config`; unknown keys are errors that
-name the key, and every value is validated when its section is constructed. A config
-serialises back to a plain dict (:meth:`Config.to_dict`) for bank metadata.
+name the key and list the known ones, and every value is validated when its section is
+constructed. Overrides (the CLI's ``--set section.key=value`` and ``--data-root``) merge on
+top before validation. A config serialises back to a plain dict (:meth:`Config.to_dict`)
+for bank metadata.
 
-    cfg = load("configs/mvtec.yaml")            # or a bundled config by name: load("mvtec")
+    cfg = load("mvtec", data_root="/data/mvtec_ad", overrides={"bank.radius": 0.5})  # or a YAML path
     cfg.scoring.sigma, cfg.data.resize, cfg.bank.radius
 """
 
@@ -12,8 +14,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -23,8 +27,8 @@ import yaml
 
 from .engine.bank import SEARCH_INDEXES
 from .engine.bank import check_radius as check_radius_value
-from .engine.store import GPU_SEARCH, SEARCH_PRECISIONS, resolve_search
-from .errors import ConfigError, InputError
+from .engine.store import SEARCH_PRECISIONS, SEARCHES, resolve_search
+from .errors import ConfigError, InputError, warn_once
 
 FORMATS = ("mvtec", "realiad", "folder")
 POOLS = ("none", "avg3")
@@ -35,7 +39,10 @@ MAX_NUM_WORKERS = 64
 MAX_IMAGE_SIDE = 8192
 MAX_BATCH_SIZE = 4096
 MAX_SIGMA = 64.0
+BUNDLED_PREFIX = "<bundled "  # the source of a config read from the package: "<bundled mvtec.yaml>"
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+log = logging.getLogger(__name__)
 
 
 def _is_int(value: Any) -> bool:
@@ -49,7 +56,7 @@ def _is_number(value: Any) -> bool:
 def _int_in(where: str, value: Any, low: int, high: int | None = None) -> None:
     if not _is_int(value) or value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        msg = f"{where} must be an integer {bound}, got {value!r}. Fix it in the config."
+        msg = f"{where} must be an integer {bound}, got {value!r}."
         raise ConfigError(msg)
 
 
@@ -153,18 +160,21 @@ def check_radius(value: Any, where: str = "bank.radius") -> float | str:
         raise ConfigError(msg) from exc
 
 
-def check_autocast(autocast: str, device: str) -> None:
-    """The one autocast rule: fp16/bf16 run on CUDA only, so a CPU device refuses them.
+def autocast_for(autocast: str, device: str) -> str:
+    """The one autocast rule: fp16/bf16 apply on CUDA only; elsewhere the backbone runs in fp32.
 
-    ``device`` is a config device ("auto" passes: it may resolve to CUDA) or a resolved one.
-    CPU autocast is slow or unsupported and changes the scores: refuse it rather than guess.
+    ``device`` is a resolved device ("cpu", "cuda", "cuda:N"). A bundled config that asks for
+    autocast (Real-IAD's, for the GPU) still runs on a CPU machine: the extractor calls this,
+    says once that autocast is off there, and computes exact fp32 features.
     """
-    if autocast != "none" and device != "auto" and not str(device).startswith("cuda"):
-        msg = (
-            f"backbone.autocast {autocast!r} needs a CUDA device, got device {device!r}. "
-            "Set backbone.autocast: none for CPU runs."
-        )
-        raise ConfigError(msg)
+    if autocast == "none" or str(device).startswith("cuda"):
+        return autocast
+    warn_once(
+        log,
+        f"backbone.autocast {autocast!r} applies on CUDA only; on device {device!r} the backbone runs in fp32. "
+        "Set backbone.autocast: none (or --set backbone.autocast=none) to silence this.",
+    )
+    return "none"
 
 
 @dataclass(frozen=True)
@@ -179,6 +189,8 @@ class BankConfig:
     # CUDA search: auto (faiss.knn_gpu if the faiss GPU build is present, else torch) | faiss | torch
     gpu_search: str = "auto"
     gpu_search_precision: str = "fp32"  # fp32 | fp16 | bf16 candidates of the torch search (re-checked in fp32)
+    # CPU exact search's GEMM: auto (the faster here, measured once per machine) | faiss | torch
+    cpu_search: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "radius", check_radius(self.radius))
@@ -187,7 +199,8 @@ class BankConfig:
         if self.max_centroids is not None:
             _int_in("bank.max_centroids", self.max_centroids, 2)
         _choice("bank.search_index", self.search_index, SEARCH_INDEXES)
-        _choice("bank.gpu_search", self.gpu_search, GPU_SEARCH)
+        _choice("bank.gpu_search", self.gpu_search, SEARCHES)
+        _choice("bank.cpu_search", self.cpu_search, SEARCHES)
         _choice("bank.gpu_search_precision", self.gpu_search_precision, SEARCH_PRECISIONS)
         try:  # the engine's rule for the pair (faiss searches fp32 only), reported as a config error
             resolve_search(self.gpu_search, "cpu", self.gpu_search_precision)
@@ -198,11 +211,12 @@ class BankConfig:
     @property
     def search_options(self) -> dict[str, str]:
         """How the bank searches, as :class:`~ocbank.engine.ClusterBank` keywords: search_index,
-        gpu_search and gpu_search_precision (every bank a config makes or loads takes them)."""
+        gpu_search, gpu_search_precision and cpu_search (every bank a config makes or loads takes them)."""
         return {
             "search_index": self.search_index,
             "gpu_search": self.gpu_search,
             "gpu_search_precision": self.gpu_search_precision,
+            "cpu_search": self.cpu_search,
         }
 
 
@@ -281,7 +295,6 @@ class Config:
 
     def __post_init__(self) -> None:
         check_device(self.device)
-        check_autocast(self.backbone.autocast, self.device)
 
     @property
     def image_size(self) -> int:
@@ -300,13 +313,7 @@ class Config:
 
     def replace(self, **changes: Any) -> Config:
         """A copy with sections or fields replaced: ``cfg.replace(device="cpu", data={"root": "x"})``."""
-        given = self.to_dict()
-        for key, value in changes.items():
-            if isinstance(value, dict) and isinstance(given.get(key), dict):
-                given[key] = {**given[key], **value}
-            else:
-                given[key] = value
-        return from_dict(given, source=self.source, require_root=False)
+        return from_dict(apply_overrides(self.to_dict(), changes), source=self.source, require_root=False)
 
 
 def _section(name: str, cls: type, given: Any) -> Any:
@@ -316,8 +323,7 @@ def _section(name: str, cls: type, given: Any) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     for key in given:
         if key not in known:
-            msg = f"unknown config key '{name}.{key}'. Known keys here: {', '.join(sorted(known))}."
-            raise ConfigError(msg)
+            raise _unknown_key(f"{name}.{key}")
     return cls(**given)
 
 
@@ -328,8 +334,7 @@ def from_dict(given: Any, source: str = "<dict>", require_root: bool = True) -> 
         raise ConfigError(msg)
     for key in given:
         if key not in (*_SECTIONS, "device"):
-            msg = f"unknown config key {key!r}. Known keys here: {', '.join(sorted([*_SECTIONS, 'device']))}."
-            raise ConfigError(msg)
+            raise _unknown_key(str(key))
     sections = {name: _section(name, cls, given.get(name, {})) for name, cls in _SECTIONS.items()}
     cfg = Config(**sections, device=check_device(given.get("device", "auto")), source=source)
     if require_root:
@@ -337,15 +342,76 @@ def from_dict(given: Any, source: str = "<dict>", require_root: bool = True) -> 
     return cfg
 
 
+def is_bundled(cfg: Config) -> bool:
+    """Whether ``cfg`` was read from a config shipped inside the package (one a user cannot edit)."""
+    return cfg.source.startswith(BUNDLED_PREFIX)
+
+
 def check_root(cfg: Config) -> None:
     """data.root must be set and be an existing folder."""
     root = cfg.data.root
+    fix = "Pass --data-root DIR (Python: config.load(..., data_root=DIR))"
+    if not is_bundled(cfg):
+        fix += f", or set data.root in {cfg.source}"
     if not root:
-        msg = f"{cfg.source}: data.root is not set. Point it at the dataset folder."
+        msg = f"{cfg.source}: data.root is not set. {fix}."
         raise ConfigError(msg)
     if not Path(root).is_dir():
-        msg = f"data.root {root!r} does not exist or is not a folder. Fix the path in {cfg.source}."
+        msg = f"data.root {root!r} does not exist or is not a folder. {fix}."
         raise ConfigError(msg)
+
+
+def known_keys() -> list[str]:
+    """Every key a config can set, dotted as ``--set`` takes them: ``data.root``, ..., ``device``."""
+    return [*(f"{name}.{f.name}" for name, cls in _SECTIONS.items() for f in dataclasses.fields(cls)), "device"]
+
+
+def _unknown_key(key: str) -> ConfigError:
+    """The one message for a key that is not in the config (a file's, a dict's or ``--set``'s)."""
+    return ConfigError(f"unknown config key {key!r}. Known keys: {', '.join(known_keys())}.")
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``section.key=value`` (the CLI's ``--set``) -> (dotted key, value as YAML types it).
+
+    The value is read as a YAML scalar or flow list, exactly as the key would be read from a
+    config file (``0.5`` a number, ``null`` none, ``[a, b]`` a list, ``'0.5'`` a string).
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        msg = f"--set takes section.key=value, got {text!r}. Known keys: {', '.join(known_keys())}."
+        raise ConfigError(msg)
+    if key not in known_keys():
+        raise _unknown_key(key)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        msg = f"--set {key}: the value {raw!r} is not a YAML value ({' '.join(str(exc).split())}). Quote it."
+        raise ConfigError(msg) from exc
+    return key, value
+
+
+def apply_overrides(given: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the config dict ``given`` with ``overrides`` on top.
+
+    An override is a dotted key (``{"bank.radius": 0.5}``, as ``--set`` gives them), a section
+    merged key by key (``{"bank": {"radius": 0.5}}``) or ``device``. A dotted key that is not a
+    config key is refused, naming every known key; the values are validated with the rest.
+    """
+    out = copy.deepcopy(given)
+    for key, value in overrides.items():
+        if "." in key:
+            if key not in known_keys():
+                raise _unknown_key(key)
+            section, name = key.split(".")
+            current = out.get(section)
+            out[section] = {**(current if isinstance(current, dict) else {}), name: value}
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
 
 
 def bundled_configs() -> list[str]:
@@ -363,7 +429,7 @@ def _read_yaml(path: str | Path) -> tuple[Any, str]:
     if "/" not in name and "\\" not in name and not p.suffix:
         bundled = resources.files("ocbank") / "configs" / f"{name}.yaml"
         if bundled.is_file():
-            return bundled.read_text(encoding="utf-8"), f"<bundled {name}.yaml>"
+            return bundled.read_text(encoding="utf-8"), f"{BUNDLED_PREFIX}{name}.yaml>"
     msg = (
         f"config file {path} does not exist. Pass --config with a YAML file, or a bundled config by name "
         f"({', '.join(bundled_configs())})."
@@ -371,23 +437,27 @@ def _read_yaml(path: str | Path) -> tuple[Any, str]:
     raise ConfigError(msg)
 
 
-def load(path: str | Path, overrides: dict[str, Any] | None = None, require_root: bool = True) -> Config:
-    """Read a YAML config file (or a bundled one by name) and validate it; ``overrides`` merge on top."""
+def load(
+    path: str | Path,
+    overrides: Mapping[str, Any] | None = None,
+    require_root: bool = True,
+    data_root: str | Path | None = None,
+) -> Config:
+    """Read a YAML config file (or a bundled one by name) and validate it.
+
+    ``overrides`` merge on top (:func:`apply_overrides`: ``{"bank.radius": 0.5}`` or
+    ``{"bank": {"radius": 0.5}}``), then ``data_root`` sets ``data.root``: how a bundled
+    config is pointed at the data, ``config.load("mvtec", data_root="/data/mvtec_ad")``.
+    """
     text, source = _read_yaml(path)
     try:
         given = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         msg = f"{source} is not valid YAML: {exc}".replace("\n", " ")
         raise ConfigError(msg) from exc
-    if overrides:
+    if overrides or data_root is not None:
         if not isinstance(given, dict):
             msg = f"{source}: a config must be a YAML mapping, got {type(given).__name__}."
             raise ConfigError(msg)
-        given = copy.deepcopy(given)
-        for section, values in overrides.items():
-            if isinstance(values, dict):
-                current = given.get(section) or {}
-                given[section] = {**current, **values} if isinstance(current, dict) else values
-            else:
-                given[section] = values
+        given = apply_overrides(given, {**(overrides or {}), **({} if data_root is None else {"data.root": str(data_root)})})
     return from_dict(given, source=source, require_root=require_root)

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="demo_out", help="output folder (data, banks, results)")
     ap.add_argument("--config", default=DEMO_CONFIG, help="a YAML path or a bundled config name")
-    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--smoke", action="store_true", help="the smallest setting: 6 training images per class at 64x64")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="ocbank: %(levelname)s: %(message)s")

@@ -7,6 +7,21 @@ into one line; anything else is a bug and surfaces with its traceback.
 
 from __future__ import annotations
 
+import logging
+
+_SAID: set[str] = set()
+
+
+def warn_once(logger: logging.Logger, message: str) -> None:
+    """Log ``message`` as a warning the first time this process sees it.
+
+    For notes about a whole run (random weights, autocast off on the CPU) that each of the
+    run's steps would otherwise repeat: a build and the evaluation after it load a backbone each.
+    """
+    if message not in _SAID:
+        _SAID.add(message)
+        logger.warning("%s", message)
+
 
 class OcbankError(Exception):
     """Base of every error ocbank raises deliberately; the message names the value and the fix."""
@@ -58,6 +73,14 @@ class BuildLockError(OcbankError, RuntimeError):
 
 class BankChangedError(OcbankError, RuntimeError):
     """A bank file changed under an update that read it (another writer); nothing was written."""
+
+
+class UpdateRefusedError(OcbankError, ValueError):
+    """An update refused as a whole before anything was written (the growth guard, or no threshold to gate on)."""
+
+
+class VersionNotFoundError(OcbankError, LookupError):
+    """No kept bank version, or more than one, matches the sha256 prefix asked for."""
 
 
 class DependencyError(OcbankError, ImportError):

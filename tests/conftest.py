@@ -1,7 +1,20 @@
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Banks with cpu_search: auto cache their measured choice per machine: keep it out of the user's cache.
+    os.environ["OCBANK_CACHE_DIR"] = tempfile.mkdtemp(prefix="ocbank-test-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ.pop("OCBANK_CACHE_DIR", ""), ignore_errors=True)
 
 
 def clustered(n: int, dim: int, n_clusters: int, spread: float, noise: float, seed: int) -> np.ndarray:

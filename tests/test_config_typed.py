@@ -45,7 +45,7 @@ def test_to_dict_round_trips_through_yaml():
         ({"data": {"classes": ["a/b"]}}, "plain name"),
         ({"data": {"classes": [""]}}, "plain name"),
         ({"data": {"classes": []}}, "data.classes"),
-        ({"device": "cpu", "backbone": {"autocast": "fp16"}}, "autocast"),
+        ({"backbone": {"autocast": "fp32"}}, "autocast"),
         ({"bank": {"max_centroids": 0}}, "bank.max_centroids"),
         ({"decision": {"false_alarm_rate": 0}}, "false_alarm_rate"),
         ({"device": "cuda:x"}, "device"),

@@ -18,6 +18,7 @@ import yaml
 
 from ocbank import ClusterBank, config
 from ocbank.cli import main
+from ocbank.engine.cpu_search import resolve_cpu_search
 from ocbank.jobs import build as jobs
 
 from .conftest import assert_close_across_runs, tiny_config
@@ -78,7 +79,7 @@ def test_build_writes_summary_and_resume_skips_complete(tmp_path, cfg_file, refe
     assert row["status"] == "built" and row["images_used"] == 5 and row["n_centroids"] > 0
     assert row["calibration"] == {"source": "holdout", "n_images": 1} and row["image_threshold"] > 0
     assert row["vectors_per_s"] > 0 and row["bank_bytes"] == row["n_centroids"] * (1536 * 4 + 8)
-    assert row["search_backend"] == {"device": "cpu", "search": "faiss", "precision": "fp32"}
+    assert row["search_backend"] == {"device": "cpu", "search": resolve_cpu_search("auto"), "precision": "fp32"}
     before = {p.name: p.stat().st_mtime_ns for p in reference.glob("*.h5")}
     assert main(["-q", "build", "--config", str(cfg_file), "--out", str(reference), "--resume"]) == 0
     assert "complete" in capsys.readouterr().out

@@ -47,7 +47,7 @@ def test_no_layer_imports_a_higher_one():
 
 def test_engine_opens_no_files_but_its_format():
     for path in (PACKAGE / "engine").glob("*.py"):
-        if path.name == "checkpoint.py":
+        if path.name in ("checkpoint.py", "cpu_search.py"):  # the bank file; the per-machine search choice
             continue
         text = path.read_text()
         assert "open(" not in text.replace("h5py.File", "") or path.name == "checkpoint.py", path

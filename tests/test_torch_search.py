@@ -198,7 +198,9 @@ def test_store_choice_follows_device_and_gpu_search(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"gpu_search": "cublas"}, {"gpu_search_precision": "fp8"}, {"gpu_search": "faiss", "gpu_search_precision": "bf16"}]
+    "kwargs",
+    [{"gpu_search": "cublas"}, {"gpu_search_precision": "fp8"}, {"gpu_search": "faiss", "gpu_search_precision": "bf16"},
+     {"cpu_search": "mkl"}],
 )
 def test_bad_search_options_are_refused_by_name(kwargs):
     with pytest.raises(InputError, match=next(iter(kwargs))):
@@ -237,11 +239,11 @@ def test_every_bank_a_config_makes_takes_its_search_options():
     from ocbank.jobs.build import merge_shards
     from ocbank.model.detector import Detector
 
-    options = {"search_index": "flat", "gpu_search": "torch", "gpu_search_precision": "bf16"}
+    options = {"search_index": "flat", "gpu_search": "torch", "gpu_search_precision": "bf16", "cpu_search": "faiss"}
     cfg = from_dict({"bank": {**options, "radius": 1.0}}, require_root=False)
     assert cfg.bank.search_options == options
     for bank in (Detector.from_config(cfg)._new_bank(1.0), merge_shards([], 1.0, "cpu", **cfg.bank.search_options)):
-        assert bank.search_index == "flat"
+        assert bank.search_index == "flat" and bank.cpu_search == "faiss"
         assert bank.search_backend_ == {"device": "cpu", "search": "torch", "precision": "bf16"}
 
 

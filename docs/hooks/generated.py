@@ -18,8 +18,8 @@ Regions (KIND and its arguments, after ``generated:``):
   machine it records and its date.
 - ``value FILE PATH FORMAT``: one number from ``benchmarks/results/FILE``. PATH is split on ``/``
   (``classes/weave_224/bank_centroids``; a list index is a number; quote a path with spaces);
-  FORMAT is a Python format spec (``,.0f``, ``.1%``, ``.2f``), ``x`` for a ratio (``2.6×``) or
-  ``pct`` (0.862 → ``86.2``).
+  FORMAT is a Python format spec (``,.0f``, ``.1%``, ``.2f``), ``x`` for a ratio (``2.6×``),
+  ``pct`` (0.862 → ``86.2``) or ``s`` for a recorded name (a string).
 - ``harness DIR``: the mean-over-classes table that ``benchmarks/run.py`` wrote into
   ``benchmarks/results/DIR/results.md`` from its ``results.json``.
 
@@ -107,6 +107,8 @@ def value(name: str, path: str, fmt: str) -> str:
         except (KeyError, IndexError, ValueError, TypeError) as exc:
             msg = f"benchmarks/results/{name} has no {path!r} (failed at {part!r})"
             raise MarkerError(msg) from exc
+    if fmt == "s" and isinstance(node, str):  # a recorded name, e.g. the BLAS kernel that ran
+        return node
     if not isinstance(node, (int, float)) or isinstance(node, bool):
         msg = f"benchmarks/results/{name}: {path!r} is {node!r}, not a number"
         raise MarkerError(msg)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +131,61 @@ def calibration_images(folder: str | Path) -> list[Sample]:
         msg = f"no images found in the calibration folder {p}. Supported suffixes: {sorted(IMAGE_SUFFIXES)}."
         raise DataError(msg)
     return [Sample(str(f)) for f in files]
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 hex digest of a file's bytes, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class SharedImage:
+    """An image of one list that is also in another: ``path``, the ``match`` there and ``how`` they are the same."""
+
+    path: str
+    match: str
+    how: str  # "same file" (one resolved path) or "same content" (equal SHA-256: a copy)
+
+    def __str__(self) -> str:
+        return f"{escape_path(self.path)} ({self.how} as {escape_path(self.match)})"
+
+
+def shared_images(candidates: Sequence[Sample], pool: Sequence[Sample]) -> list[SharedImage]:
+    """The files of ``candidates`` that are also in ``pool``, by resolved path or else by content.
+
+    A file in both lists under one resolved path is the same file; a file whose SHA-256 equals
+    one in ``pool`` is a copy of it. Only files whose size matches a pool file's are hashed, so
+    a check against a large training list reads little. In-memory images are not compared.
+    """
+
+    def files(samples: Sequence[Sample]) -> list[Path]:
+        return [Path(s.path) for s in samples if isinstance(s.path, (str, os.PathLike)) and Path(s.path).is_file()]
+
+    pool_files = files(pool)
+    by_path = {p.resolve(): p for p in pool_files}
+    by_size: dict[int, list[Path]] = {}
+    for p in pool_files:
+        by_size.setdefault(p.stat().st_size, []).append(p)
+    digests: dict[Path, str] = {}
+
+    def digest(p: Path) -> str:
+        if p not in digests:
+            digests[p] = file_sha256(p)
+        return digests[p]
+
+    found: list[SharedImage] = []
+    for p in files(candidates):
+        if p.resolve() in by_path:
+            found.append(SharedImage(str(p), str(by_path[p.resolve()]), "same file"))
+            continue
+        copy = next((q for q in by_size.get(p.stat().st_size, []) if digest(q) == digest(p)), None)
+        if copy is not None:
+            found.append(SharedImage(str(p), str(copy), "same content"))
+    return found
 
 
 # ---------------------------------------------------------------------- layouts

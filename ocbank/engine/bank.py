@@ -14,9 +14,10 @@ import numpy as np
 from ..errors import InputError, InputTypeError
 from . import checkpoint
 from ._rwlock import RWLock
+from .cpu_search import resolve_cpu_search
 from .device import resolve_device
 from .ivf import IvfSearch, use_ivf
-from .store import NO_LIMIT, CpuStore, Store, TorchStore, resolve_search
+from .store import NO_LIMIT, SEARCHES, CpuStore, Store, TorchStore, resolve_search
 
 _DEVICES = ("cpu", "cuda", "auto")
 # "auto": exact flat search, or IVF (approximate) on CPU from ivf.IVF_MIN_CENTROIDS centroids on.
@@ -91,7 +92,13 @@ class ClusterBank:
         (a GEMM plus ``topk``; works with faiss-cpu); "auto" picks faiss when its GPU
         build is present (and the precision is fp32), else torch. On ``device="cpu"``,
         "torch" runs that same torch store on CPU tensors (for tests and checks;
-        the faiss CPU store is faster there); "auto" and "faiss" use the faiss CPU store.
+        the CPU store is faster there); "auto" and "faiss" use the CPU store.
+    cpu_search : {"auto", "faiss", "torch"}
+        Whose GEMM runs the CPU store's exact searches (adding and ``search``):
+        faiss's (the BLAS inside the faiss wheel) or torch's. "auto" takes the faster on
+        this machine, measured once and cached (:mod:`ocbank.engine.cpu_search`). Both
+        give the same bank and the same squared fp32 distances; IVF search (see
+        ``search_index``) always runs on faiss.
     gpu_search_precision : {"fp32", "fp16", "bf16"}
         Precision of the torch search's candidate GEMM. fp16/bf16 candidates are
         re-checked in exact fp32 (adds decide on fp32 distances; searches re-rank
@@ -109,6 +116,7 @@ class ClusterBank:
         search_index: str = "auto",
         gpu_search: str = "auto",
         gpu_search_precision: str = "fp32",
+        cpu_search: str = "auto",
     ) -> None:
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
             msg = f"dim must be a positive integer, got {dim!r}. Pass the feature size, e.g. dim=1536."
@@ -145,6 +153,10 @@ class ClusterBank:
         resolve_search(gpu_search, "cpu", gpu_search_precision)  # validates both names
         self.gpu_search = gpu_search
         self.gpu_search_precision = gpu_search_precision
+        if cpu_search not in SEARCHES:
+            msg = f"cpu_search must be one of {SEARCHES}, got {cpu_search!r}. Use 'auto'."
+            raise InputError(msg)
+        self.cpu_search = cpu_search
         self._ivf: IvfSearch | None = None
         self.radius_history_: list[dict[str, Any]] = []
         self.spread_known_ = True
@@ -158,7 +170,7 @@ class ClusterBank:
         device = resolve_device(self.device)
         search = resolve_search(self.gpu_search, device, self.gpu_search_precision)
         if device == "cpu" and search == "faiss":
-            return CpuStore(self.dim, self.radius_)
+            return CpuStore(self.dim, self.radius_, search=resolve_cpu_search(self.cpu_search))
         return TorchStore(self.dim, self.radius_, device, search=search, precision=self.gpu_search_precision)
 
     @property
@@ -194,11 +206,12 @@ class ClusterBank:
         """Which search this bank runs: {"device", "search": "faiss" | "torch", "precision"}.
 
         Detectors write it into their bank file's metadata; builds into their summaries.
+        On a CPU bank "search" is ``cpu_search`` resolved ("auto": the faster measured here).
         """
         store = self._bank_store
         if isinstance(store, TorchStore):
             return {"device": str(store.device), "search": store.search_backend, "precision": store.precision}
-        return {"device": "cpu", "search": "faiss", "precision": "fp32"}
+        return {"device": "cpu", "search": store.search_backend, "precision": "fp32"}
 
     @property
     def uses_ivf_(self) -> bool:
@@ -215,10 +228,15 @@ class ClusterBank:
         search = "" if self.gpu_search == "auto" else f", gpu_search={self.gpu_search!r}"
         if self.gpu_search_precision != "fp32":
             search += f", gpu_search_precision={self.gpu_search_precision!r}"
+        if self.cpu_search != "auto":
+            search += f", cpu_search={self.cpu_search!r}"
+        # The search in use once the store exists (asking earlier would run cpu_search's measurement).
+        store = self.__dict__.get("store_")
+        runs = "" if store is None else f", searched with {self.search_backend_['search']}"
         grown = f" (grown to radius_={self.radius_})" if self.radius_ != self.radius else ""
         return (
             f"ClusterBank(dim={self.dim}, radius={self.radius}, device={self.device!r}{cap}{search}) "
-            f"with {len(self)} centroids from {self.n_seen} vectors{grown}"
+            f"with {len(self)} centroids from {self.n_seen} vectors{runs}{grown}"
         )
 
     @property
@@ -534,7 +552,7 @@ class ClusterBank:
     def load(cls, path: str | os.PathLike[str], device: str = "cpu", **search: str) -> ClusterBank:
         """Read and validate a bank file; raise :class:`CheckpointError` if it is unusable.
 
-        ``search`` takes ``search_index``, ``gpu_search`` and ``gpu_search_precision`` (see the class).
+        ``search`` takes ``search_index``, ``gpu_search``, ``gpu_search_precision`` and ``cpu_search`` (see the class).
         """
         return cls.from_state(checkpoint.read_bank(path), device=device, **search)
 

@@ -11,7 +11,9 @@ decisions are applied to the means. Neither keeps a copy of the vectors in a
 separate index, so the searched structure can never go stale.
 
 - :class:`CpuStore`: numpy buffers searched with ``faiss.pairwise_distances`` and
-  ``faiss.knn`` (faiss-cpu); the kernel updates the means in place (Welford).
+  ``faiss.knn`` (faiss-cpu), or with the same exact products on torch's GEMM
+  (``search="torch"``, tensors sharing the numpy buffers); the kernel updates the means
+  in place (Welford).
 - :class:`TorchStore`: torch buffers on a device (CUDA in production), searched
   with ``faiss.knn_gpu`` (``search="faiss"``, needs a faiss GPU build) or with
   torch itself (``search="torch"``, :func:`torch_knn`: a GEMM plus ``topk``,
@@ -36,10 +38,15 @@ from ..errors import DeviceError, InputError
 from ._faiss import faiss, faiss_has_gpu
 from .kernel import FULL, Book, Chunk, Search, resolve_chunk
 
-# How a torch store searches: "faiss" (faiss.knn_gpu, needs a faiss GPU build), "torch"
-# (GEMM + topk in torch), or "auto" (faiss when its GPU build is present and the
-# precision is fp32, else torch). ``bank.gpu_search`` in the config takes these values.
-GPU_SEARCH = ("auto", "faiss", "torch")
+# How a bank searches, one vocabulary for both devices. ``bank.gpu_search`` (a CUDA bank):
+# "faiss" (faiss.knn_gpu, needs a faiss GPU build), "torch" (GEMM + topk in torch), or "auto"
+# (faiss when its GPU build is present and the precision is fp32, else torch).
+# ``bank.cpu_search`` (a CPU bank's exact searches): "faiss" (faiss.knn and
+# faiss.pairwise_distances, on the BLAS inside the faiss wheel), "torch" (the same products on
+# torch's BLAS), or "auto" (the faster on this machine, measured once: see cpu_search.py).
+SEARCHES = ("auto", "faiss", "torch")
+# The concrete searches "auto" resolves to, as ``ClusterBank.search_backend_["search"]`` records them.
+SEARCH_BACKENDS = ("faiss", "torch")
 # Precision of the torch search's candidate GEMM; fp16/bf16 candidates are re-checked in fp32.
 SEARCH_PRECISIONS = ("fp32", "fp16", "bf16")
 # Upper bound, in bytes, on one distance block [query rows, centroid columns] of the torch
@@ -196,11 +203,32 @@ class _StoreBase:
         return start
 
 
-class CpuStore(_StoreBase):
-    """Doubling numpy buffers of means [cap, dim], counts [cap], m2 [cap]."""
+def _torch_view(torch: Any, arr: np.ndarray) -> Any:
+    """A CPU tensor sharing ``arr``'s memory (a copy only of a read-only array, which torch cannot wrap)."""
+    return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
 
-    def __init__(self, dim: int, radius: float) -> None:
+
+class CpuStore(_StoreBase):
+    """Doubling numpy buffers of means [cap, dim], counts [cap], m2 [cap].
+
+    ``search`` says whose GEMM forms the distances (fp32, squared L2, ||x||^2 - 2 x mu + ||mu||^2):
+    "faiss" (``faiss.pairwise_distances`` / ``faiss.knn``, on the BLAS inside the faiss
+    wheel) or "torch" (``torch.addmm`` / :func:`exact_torch_knn` on tensors that share the
+    numpy buffers, on torch's BLAS; its search returns direct fp32 distances of the
+    neighbours it ranked). The kernel's decisions and in-place updates are the same.
+    """
+
+    def __init__(self, dim: int, radius: float, search: str = "faiss") -> None:
         super().__init__(dim, radius)
+        if search not in SEARCH_BACKENDS:
+            msg = f"a CPU store searches with one of {SEARCH_BACKENDS}, got {search!r}. Resolve 'auto' first."
+            raise InputError(msg)
+        self.search_backend = search
+        self._torch = None
+        if search == "torch":
+            import torch  # noqa: PLC0415
+
+            self._torch = torch
         self._means = np.zeros((0, dim), dtype=np.float32)
         self._norms = np.zeros(0, dtype=np.float64)
 
@@ -224,14 +252,30 @@ class CpuStore(_StoreBase):
 
     def _prepare(self, chunk: np.ndarray, weights: np.ndarray, pm2: np.ndarray, k0: int) -> tuple[Chunk, Search, Book]:
         b = chunk.shape[0]
-        if k0:
+        xn = _sq_norms(chunk)
+        if not k0:
+            dist = np.zeros((b, 0), dtype=np.float32)
+        elif self._torch is None:
             dist = faiss.pairwise_distances(chunk, self._means[:k0])
         else:
-            dist = np.zeros((b, 0), dtype=np.float32)
-        ch = Chunk(chunk, weights, pm2, _sq_norms(chunk), chunk @ chunk.T)
+            dist = self._torch_distances(chunk, xn, k0)
+        ch = Chunk(chunk, weights, pm2, xn, chunk @ chunk.T)
         cand = np.zeros((b, 0), dtype=np.int64)
         se = Search(dist, np.arange(k0, dtype=np.int64), self._norms[:k0], cand, True, True)
         return ch, se, Book(self._means, self._counts, self._m2)
+
+    def _torch_distances(self, chunk: np.ndarray, xn: np.ndarray, k0: int) -> np.ndarray:
+        """Squared L2 [b, k0] float32 of chunk [b, dim] to the first k0 means: ||x||^2 - 2 x mu^T + ||mu||^2, >= 0.
+
+        The form ``faiss.pairwise_distances`` computes, on torch's GEMM.
+        """
+        torch = self._torch
+        x = _torch_view(torch, chunk)
+        means = torch.from_numpy(self._means[:k0])
+        norms = torch.from_numpy(self._norms[:k0]).float()
+        dist = torch.addmm(norms[None, :], x, means.T, beta=1, alpha=-2)
+        dist += torch.from_numpy(xn).float()[:, None]
+        return dist.clamp_(min=0).numpy()
 
     def _apply(self, chunk: np.ndarray, weights: np.ndarray, assign: np.ndarray, k_new: int) -> None:
         # The kernel moved the means in place; refresh the norms it touched.
@@ -240,7 +284,14 @@ class CpuStore(_StoreBase):
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries [n, dim] float32 -> (squared distances [n, k] float32, ids [n, k] int64)."""
-        return faiss.knn(queries, self._means[: self.size], k)
+        if self._torch is None:
+            return faiss.knn(queries, self._means[: self.size], k)
+        torch = self._torch
+        size = self.size
+        means, norms = torch.from_numpy(self._means[:size]), torch.from_numpy(self._norms[:size])
+        query_norms = torch.from_numpy(_sq_norms(queries))
+        dist, ids = exact_torch_knn(_torch_view(torch, queries), means, norms, k, query_norms=query_norms)
+        return dist.numpy(), ids.numpy()
 
 
 def resolve_search(search: str, device: str, precision: str = "fp32") -> str:
@@ -250,8 +301,8 @@ def resolve_search(search: str, device: str, precision: str = "fp32") -> str:
     torch store on CPU tensors. On CUDA, "auto" picks faiss when its GPU build is present
     and the precision is fp32 (faiss searches fp32 only here), else torch.
     """
-    if search not in GPU_SEARCH:
-        msg = f"gpu_search must be one of {GPU_SEARCH}, got {search!r}. Use 'auto'."
+    if search not in SEARCHES:
+        msg = f"gpu_search must be one of {SEARCHES}, got {search!r}. Use 'auto'."
         raise InputError(msg)
     if precision not in SEARCH_PRECISIONS:
         msg = f"gpu_search_precision must be one of {SEARCH_PRECISIONS}, got {precision!r}. Use 'fp32'."
@@ -286,13 +337,18 @@ def torch_knn(
     k: int,
     precision: str = "fp32",
     block_bytes: int = TORCH_SEARCH_BLOCK_BYTES,
+    query_norms: Any = None,
 ) -> tuple[Any, Any]:
     """k nearest centroids by GEMM + ``topk``: (squared L2 float32 [n, k'], ids int64 [n, k']), k' = min(k, K).
 
-    queries [n, dim] float32 and means [K, dim] float32 on one device, norms [K] = ||mu||^2.
-    The distance ||q||^2 - 2 q mu^T + ||mu||^2 (clamped >= 0) is formed in ``precision``
-    one block [rows, cols] at a time, each block at most ``block_bytes``; blocks of
-    centroid columns (only past ``block_bytes / itemsize`` centroids) merge their top-k.
+    queries [n, dim] float32 and means [K, dim] float32 on one device, norms [K] = ||mu||^2,
+    ``query_norms`` [n] = ||q||^2 when the caller has them (else computed here, in float64).
+    The ranking key ||mu||^2 - 2 q mu^T is formed in ``precision`` one block [rows, cols] at a
+    time, each block at most ``block_bytes``; blocks of centroid columns (only past
+    ``block_bytes / itemsize`` centroids) merge their top-k. ||q||^2 is the same along a row,
+    so it is added (and the result clamped >= 0) to the k selected entries only: the same
+    ||q||^2 - 2 q mu^T + ||mu||^2 values as adding it to the whole block, without two passes
+    over it. For k = 1 the selection is a row minimum (ties: the lowest id).
     fp16/bf16 inputs are scaled by the largest norm first, so no dot product overflows
     fp16's range; the distances are then approximate (use them as candidates).
     """
@@ -303,7 +359,7 @@ def torch_knn(
     item = torch.finfo(dtype).bits // 8
     cols = max(kk, min(big_k, block_bytes // item))
     rows = max(1, min(n, block_bytes // (item * cols)))
-    qn = (queries.double() ** 2).sum(1)
+    qn = (queries.double() ** 2).sum(1) if query_norms is None else query_norms.double()
     mn = norms.double()
     scale = 1.0
     if precision != "fp32" and n and big_k:
@@ -320,9 +376,10 @@ def torch_knn(
         for c0 in range(0, big_k, cols):
             c1 = min(big_k, c0 + cols)
             block = torch.addmm(mn[None, c0:c1], q[lo:hi], m[c0:c1].T, beta=1, alpha=-2)
-            block += qn[lo:hi, None]
-            block.clamp_(min=0)
-            d, i = torch.topk(block, min(kk, c1 - c0), dim=1, largest=False, sorted=True)
+            if kk == 1:
+                d, i = block.min(dim=1, keepdim=True)
+            else:
+                d, i = torch.topk(block, min(kk, c1 - c0), dim=1, largest=False, sorted=True)
             del block
             i += c0
             if best_d is not None:
@@ -330,7 +387,8 @@ def torch_knn(
                 d, pos = torch.topk(d, kk, dim=1, largest=False, sorted=True)
                 i = torch.gather(i, 1, pos)
             best_d, best_i = d, i
-        out_d[lo:hi] = best_d.float() * scale**2
+        best_d += qn[lo:hi, None]
+        out_d[lo:hi] = best_d.clamp_(min=0).float() * scale**2
         out_i[lo:hi] = best_i
     return out_d, out_i
 
@@ -353,6 +411,17 @@ def rerank_exact(queries: Any, means: Any, cand: Any, k: int, block_bytes: int =
         out_d[lo:hi] = d
         out_i[lo:hi] = torch.gather(cand[lo:hi], 1, pos)
     return out_d, out_i
+
+
+def exact_torch_knn(queries: Any, means: Any, norms: Any, k: int, query_norms: Any = None) -> tuple[Any, Any]:
+    """:func:`torch_knn` (fp32) ranks; the k it returns get exact fp32 distances ||q - mu||^2, re-sorted.
+
+    The GEMM form loses about 1e-7 (||q||^2 + ||mu||^2) to cancellation, so a vector equal to a
+    centroid would score a small positive distance; the direct form gives it 0, and costs only
+    n * k * dim. Shapes as in :func:`torch_knn`.
+    """
+    ids = torch_knn(queries, means, norms, k, query_norms=query_norms)[1]
+    return rerank_exact(queries, means, ids, k)
 
 
 class TorchStore(_StoreBase):

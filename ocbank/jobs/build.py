@@ -28,17 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..config import Config, check_class_name
-from ..data import Sample, calibration_images, class_names, escape_path, load_split
+from ..data import Sample, SharedImage, calibration_images, class_names, escape_path, load_split, shared_images
 from ..engine import BankState, ClusterBank, resolve_device
 from ..engine.checkpoint import bank_file_path
 from ..errors import CheckpointError, ConfigError, DataError, DependencyError
 from ..jsonio import write_json
 from ..model.detector import Detector
 from ..model.features import FEATURE_DIM, FeatureExtractor
-from ..model.progress import FitProgress
+from ..model.progress import FitProgress, progress_bar
 from ..model.radius import RadiusStats
 from ..model.record import BuildIdentity, open_bank
 from . import DEFAULT_CHECKPOINT_EVERY
@@ -48,6 +47,7 @@ log = logging.getLogger(__name__)
 
 SINGLE_BANK = "_all_classes"  # --single-bank writes DIR/_all_classes.h5
 SUMMARY_NAME = "build_summary.json"
+MAX_NAMED = 5  # images a warning names before it says "and N more"
 
 __all__ = [
     "LOCK_NAME",
@@ -145,6 +145,7 @@ def config_key(cfg: Config) -> str:
     raw["data"].pop("batch_size", None)
     raw.pop("device", None)
     raw["bank"].pop("gpu_search", None)  # every backend builds the same bank
+    raw["bank"].pop("cpu_search", None)
     if raw["bank"].get("gpu_search_precision") == "fp32":  # the default leaves earlier keys unchanged
         raw["bank"].pop("gpu_search_precision")
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
@@ -182,14 +183,55 @@ def class_inputs(plan: BuildPlan, job: ClassJob) -> ClassInputs:
         msg = f"class {job.name!r} has no training images under {cfg.data.root}. Check data.root and the layout."
         raise DataError(msg)
     if plan.calibration:
-        return ClassInputs(samples, calibration_images(plan.calibration), "folder")
+        calibration = calibration_images(plan.calibration)
+        warn_calibration_in_bank(shared_images(calibration, samples), len(calibration), f"class {job.name}")
+        return ClassInputs(samples, calibration, "folder")
+    train, held = holdout_split(samples, cfg)
+    return ClassInputs(train, held, "holdout") if held else ClassInputs(samples)
+
+
+def holdout_split(samples: list[Sample], cfg: Config) -> tuple[list[Sample], list[Sample]]:
+    """(training images, held-out calibration images): a seeded ``decision.holdout`` share is
+    held out when no calibration folder is given (none when either part would be empty)."""
     n_hold = math.ceil(cfg.decision.holdout * len(samples))
     if len(samples) - n_hold < 1 or n_hold < 1:
-        return ClassInputs(samples)
+        return samples, []
     rng = np.random.default_rng(cfg.bank.seed)
     held = set(rng.choice(len(samples), size=n_hold, replace=False).tolist())
-    train = [s for i, s in enumerate(samples) if i not in held]
-    return ClassInputs(train, [samples[i] for i in sorted(held)], "holdout")
+    return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
+
+
+def training_images(det: Detector) -> list[Sample] | None:
+    """The training list a built bank streamed, read again from its dataset, or None when it cannot be.
+
+    A bank file records its class, config (with ``data.root``) and calibration source, not
+    its file list: the list is rebuilt as :func:`class_inputs` made it (without the hold-out
+    when the build held one out). None for a bank made in Python or whose dataset is gone.
+    """
+    built = det.record().build
+    name, cfg = built.class_name, det.config
+    if not name or not cfg.data.root or not Path(cfg.data.root).is_dir():
+        return None
+    try:
+        samples = interleaved_samples(cfg, class_names(cfg)) if name == SINGLE_BANK else load_split(cfg, name).train
+    except DataError:
+        return None
+    if (built.summary or {}).get("calibration", {}).get("source") == "holdout":
+        samples = holdout_split(samples, cfg)[0]
+    return samples
+
+
+def warn_calibration_in_bank(shared: list[SharedImage], n_calibration: int, where: str) -> None:
+    """Name the calibration images the bank was trained on: their scores, and so the thresholds, are biased low."""
+    if not shared:
+        return
+    named = "; ".join(str(s) for s in shared[:MAX_NAMED])
+    more = f"; and {len(shared) - MAX_NAMED} more" if len(shared) > MAX_NAMED else ""
+    log.warning(
+        "%s: %d of the %d calibration image(s) are already in the bank, so the OK/NG thresholds computed on them "
+        "are biased low (the bank fits its own training images closely): %s%s. Calibrate on normal images the bank "
+        "never saw.", where, len(shared), n_calibration, named, more,
+    )
 
 
 # ---------------------------------------------------------------------- one class
@@ -253,7 +295,8 @@ def finish_class(plan: BuildPlan, job: ClassJob, det: Detector, inputs: ClassInp
     calibration_error = None
     if inputs.calibration:
         try:
-            det.calibrate(inputs.calibration, source=inputs.calibration_source)
+            with progress_bar(f"{job.name} calibration", len(inputs.calibration), plan.progress):
+                det.calibrate(inputs.calibration, source=inputs.calibration_source)
         except DataError as exc:  # the bank is good; say why it has no thresholds rather than lose it
             calibration_error = str(exc)
             log.warning("class %s: written without OK/NG thresholds: %s", job.name, exc)
@@ -305,10 +348,8 @@ def build_class(plan: BuildPlan, job: ClassJob, extractor: FeatureExtractor | No
         start, before = int(built.stream_position or 0), built.progress or FitProgress()
         log.info("class %s: resuming at image %d of %d", job.name, start, len(inputs.train))
     last = start
-    bar = tqdm(total=len(inputs.train), initial=start, desc=job.name, unit="img", disable=not plan.progress, leave=False)
-    with bar:
+    with progress_bar(job.name, len(inputs.train), plan.progress, initial=start):
         for step in det.fit_steps(inputs.train, start=start):
-            bar.update(step.position - bar.n)
             if step.phase == "bank" and step.position - last >= plan.checkpoint_every and step.position < step.n_images:
                 at = replace(identity, stream_position=step.position, complete=False, progress=before + step.done)
                 det.save(partial, build=at)

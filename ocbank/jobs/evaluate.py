@@ -22,6 +22,7 @@ from ..model import metrics
 from ..model.calibration import decision_metrics, f1_optimal_threshold, transfer_warning
 from ..model.detector import Detector
 from ..model.features import FeatureExtractor
+from ..model.progress import progress_bar, with_progress
 from .build import SINGLE_BANK
 from .report import ReportCollector
 from .report_html import write_report
@@ -72,13 +73,15 @@ def _bank_file(banks: Path, name: str) -> Path:
     return bank_file
 
 
-def _score_class(det: Detector, name: str, split: Any, out: Path, heatmaps: int, collected: ReportCollector) -> _ClassScores:
+def _score_class(
+    det: Detector, name: str, split: Any, out: Path, heatmaps: int, collected: ReportCollector, progress: bool = False
+) -> _ClassScores:
     """Score a class's test split batch by batch; write up to ``heatmaps`` overlays of anomalies."""
     got = _ClassScores()
     shown = 0
     lo, hi = map_range(det.bank.radius_)
     start = time.perf_counter()
-    for res in det.score_batches(split.test, with_masks=True):
+    for res in with_progress(det.score_batches(split.test, with_masks=True), f"evaluate {name}", len(split.test), progress):
         got.skipped += res.skipped
         samples: list[Sample] = [split.test[i] for i in res.indices]
         as_text = [replace(s, path=escape_path(s.path)) for s in samples]  # names as the CSV and report show them
@@ -182,7 +185,7 @@ def evaluate(
             extractor = det.extractor
             last = (bank_file, det)
         det = last[1]
-        got = _score_class(det, name, split, out, heatmaps, collected)
+        got = _score_class(det, name, split, out, heatmaps, collected, progress)
         outputs_failed += got.outputs_failed
         results[name], maps, masks = _class_row(det, got, cfg.image_size)
         if results[name]["n_nan_scores"]:
@@ -282,5 +285,6 @@ def suggest_radius(cfg: Config, classes: list[str] | None = None, progress: bool
             raise DataError(msg)
         det = Detector.from_config(cfg_auto, extractor=extractor)
         extractor = det.extractor
-        out[name] = det.radius_statistics(split.train).to_dict()
+        with progress_bar(f"radius {name}", det.n_radius_images(len(split.train)), progress):
+            out[name] = det.radius_statistics(split.train).to_dict()
     return out

@@ -15,6 +15,7 @@ from ..data import Sample, escape_path, fit_name, list_inputs
 from ..errors import ConfigError, DataError
 from ..model.calibration import Verdict
 from ..model.detector import Detector
+from ..model.progress import with_progress
 from .visualize import map_range, save_overlay, write_output
 
 OVERLAYS = ("all", "ng", "none")  # which images get a heatmap overlay PNG
@@ -49,7 +50,7 @@ def predict(
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any] | None] = [None] * len(files)
     vmin, vmax = map_range(det.bank.radius_)
-    for res in det.score_batches([Sample(str(f)) for f in files]):
+    for res in with_progress(det.score_batches([Sample(str(f)) for f in files]), "predict", len(files), progress):
         verdict = None if det.decision is None else det.decision.apply(res.scores, res.maps if save_masks else None)
         for idx in res.skipped:
             rows[idx] = {"path": str(files[idx]), "score": float("nan"), "status": "unreadable"}

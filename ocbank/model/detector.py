@@ -44,7 +44,7 @@ from ..errors import DataError, InputError, InputTypeError, NotFittedError
 from .calibration import Decision, conservative_quantile
 from .features import FEATURE_DIM, FEATURE_STRIDE, FeatureExtractor
 from .module import AnomalyModel, BankNearest
-from .progress import FitProgress, FitStep
+from .progress import FitProgress, FitStep, advance
 from .radius import RadiusStats, estimate_radius, sample_images
 from .record import BankRecord, BuildIdentity, OpenedBank, open_bank
 from .scoring import GridScore, MapSpec
@@ -250,7 +250,7 @@ class Detector:
         with self._lock:
             if self._extractor is None:
                 bb = self.config.backbone
-                device = resolve_device(self.config.device)  # "auto" on a CPU machine refuses autocast here
+                device = resolve_device(self.config.device)  # autocast applies only if this is CUDA
                 self._extractor = FeatureExtractor(weights=bb.weights, pool=bb.pool, device=device, autocast=bb.autocast)
             return self._extractor
 
@@ -309,10 +309,8 @@ class Detector:
             if self.config.data.num_workers == 0:  # decode the next batch while the backbone runs
                 batches = prefetched(batches)
         for batch in batches:
-            if not batch.index:
-                yield batch, torch.zeros((0, 0, 0, FEATURE_DIM))
-                continue
-            yield batch, self.extractor(batch.image)
+            yield batch, self.extractor(batch.image) if batch.index else torch.zeros((0, 0, 0, FEATURE_DIM))
+            advance(len(batch.index) + len(batch.skipped))  # the open progress bar, once the batch is used
 
     # ------------------------------------------------------------------ build
     def _reset(self) -> None:
@@ -360,7 +358,7 @@ class Detector:
 
     def _radius_stats(self, features: Any, n_images: int) -> RadiusStats:
         """The radius rule on features [n, 1536] (or a spool): linear-cost p99 with its interval."""
-        estimate = estimate_radius(features, seed=self.config.bank.seed)
+        estimate = estimate_radius(features, seed=self.config.bank.seed, search=self.config.bank.cpu_search)
         if not estimate.radius > 0:
             msg = f"the radius rule gave {estimate.radius} (identical patches?). Set bank.radius explicitly."
             raise DataError(msg)
@@ -609,6 +607,14 @@ class Detector:
             self.thresholds_predate_update_ = record.thresholds_predate_update
         if record.other:
             self.other_metadata_ = dict(record.other)
+
+    def clone(self) -> Detector:
+        """A copy sharing this Detector's backbone, with its own bank (the same state), record and fit summary."""
+        copy = Detector.from_config(self.config, extractor=self.extractor)
+        copy.adopt(self.bank.state(), self.record())
+        if "fit_summary_" in self.__dict__:
+            copy.fit_summary_ = self.fit_summary_
+        return copy
 
     def use_bank(self, bank: ClusterBank, radius_stats: RadiusStats) -> None:
         """Take a bank built elsewhere (a sharded build's merge) and how its radius was chosen."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -13,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import BackboneConfig, check_autocast
-from ..errors import WeightsError
+from ..config import BackboneConfig, autocast_for
+from ..data import file_sha256  # re-exported: model code imports it from here
+from ..errors import WeightsError, warn_once
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,6 @@ def imagenet_weights_file() -> tuple[Path, str]:
 
     url = Wide_ResNet50_2_Weights.IMAGENET1K_V1.url
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url), url
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def random_wide_resnet50_2(seed: int = RANDOM_INIT_SEED, upto: str | None = None) -> nn.Module:
@@ -96,10 +88,10 @@ def _load_backbone(weights: str) -> nn.Module:
     from torchvision.models import wide_resnet50_2  # noqa: PLC0415
 
     if weights == "none":
-        log.warning(
-            "backbone.weights is 'none': using a randomly initialised WideResNet-50 (seed %d). "
+        warn_once(
+            log,
+            f"backbone.weights is 'none': using a randomly initialised WideResNet-50 (seed {RANDOM_INIT_SEED}). "
             "Fine for tests and the demo; use ImageNet weights for real inspection.",
-            RANDOM_INIT_SEED,
         )
         return random_wide_resnet50_2(RANDOM_INIT_SEED, upto="layer3")  # the extractor stops at layer3
     with torch.device("meta"):  # no random init (which would advance the global RNG): all loaded below
@@ -166,15 +158,14 @@ class FeatureExtractor(nn.Module):
     def __init__(self, weights: str = "imagenet", pool: str = "none", device: str = "cpu", autocast: str = "none"):
         super().__init__()
         BackboneConfig(weights=weights, pool=pool, autocast=autocast)  # the config's vocabularies
-        check_autocast(autocast, str(device))
         net = _load_backbone(weights)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
         self.layer2 = net.layer2
         self.layer3 = net.layer3
         self.weights = weights
         self.pool = pool
-        self.autocast = autocast
         self.device = torch.device(device)
+        self.autocast = autocast_for(autocast, self.device.type)  # the precision used: fp32 off CUDA
         self.eval().to(self.device)
         if self.device.type == "cuda":
             self.to(memory_format=torch.channels_last)

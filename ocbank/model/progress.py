@@ -1,11 +1,55 @@
 """What streaming images into a bank has done: one record family for fit steps, fit summaries,
-partial fits, a build's progress across resumes and a shard's result."""
+partial fits, a build's progress across resumes and a shard's result; and the progress bar
+every long step shows (:func:`progress_bar`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+# The bar that the images read in this context advance (None: no bar is open).
+_OPEN_BAR: ContextVar[Any] = ContextVar("ocbank_progress_bar", default=None)
+
+
+@contextlib.contextmanager
+def progress_bar(desc: str, total: int | None, enabled: bool = True, initial: int = 0) -> Iterator[Any]:
+    """A tqdm bar on stderr, counting images, that every image the detector reads advances.
+
+    The one way a long step shows progress (build, update, calibration, the radius sample,
+    evaluate, predict): the job opens the bar around the call, and each loader batch that
+    :meth:`ocbank.model.detector.Detector.features` hands out while it is open advances it
+    by the batch's images, read or unreadable. ``enabled=False`` (the CLI's ``-q``) shows
+    nothing. Bars are per context (thread), so a server's concurrent requests never share one.
+    """
+    bar = tqdm(total=total, initial=initial, desc=desc, unit="img", disable=not enabled, leave=False, file=sys.stderr)
+    token = _OPEN_BAR.set(bar)
+    try:
+        yield bar
+    finally:
+        _OPEN_BAR.reset(token)
+        bar.close()
+
+
+def with_progress(steps: Iterable[T], desc: str, total: int | None, enabled: bool = True) -> Iterator[T]:
+    """``steps`` (a generator that reads images, e.g. ``det.score_batches(...)``) with a
+    :func:`progress_bar` open while it runs: ``for res in with_progress(det.score_batches(x), "predict", len(x))``."""
+    with progress_bar(desc, total, enabled):
+        yield from steps
+
+
+def advance(n_images: int) -> None:
+    """Count ``n_images`` more images on the open :func:`progress_bar`, if there is one."""
+    bar = _OPEN_BAR.get()
+    if bar is not None:
+        bar.update(n_images)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 from scipy.stats import binom
 
-from ..engine._faiss import faiss
+from ..engine.cpu_search import exact_knn
 from ..errors import InputError, InputTypeError
 
 PERCENTILES = (50, 90, 95, 99)
@@ -26,7 +26,7 @@ PERCENTILES = (50, 90, 95, 99)
 # figures_cpu.json (`python -m benchmarks.bench_pipeline --part radius|figures`; the docs'
 # Benchmarks page shows them). The cost is n / 8192 of the exact rule's.
 DEFAULT_MAX_QUERIES = 8192
-# Database rows per faiss call: bounds the distance block to queries x 32768 floats.
+# Database rows per exact search call: bounds the distance block to queries x 32768 floats.
 DATABASE_CHUNK_ROWS = 32768
 
 
@@ -92,12 +92,12 @@ def _as_rows(features: Any) -> RowSource:
     raise InputTypeError(msg)
 
 
-def _nearest_other_sq(rows: RowSource, query_ids: np.ndarray) -> np.ndarray:
+def _nearest_other_sq(rows: RowSource, query_ids: np.ndarray, search: str = "auto") -> np.ndarray:
     """Squared L2 distance [m] of each query row to its nearest row other than itself (exact).
 
     The database is read chunk by chunk; per chunk the 2 nearest rows suffice,
     since at most one of them is the query itself (excluded by its index, so an
-    exact duplicate elsewhere correctly gives distance 0).
+    exact duplicate elsewhere correctly gives distance 0). ``search`` is ``bank.cpu_search``.
     """
     queries = rows.take(query_ids)
     best = np.full(len(query_ids), np.inf, dtype=np.float32)
@@ -108,7 +108,7 @@ def _nearest_other_sq(rows: RowSource, query_ids: np.ndarray) -> np.ndarray:
             msg = f"features contain NaN or inf values, got one in row {bad}. Check the feature extractor's output."
             raise InputError(msg)
         k = min(2, len(chunk))
-        sq, ids = faiss.knn(queries, chunk, k)
+        sq, ids = exact_knn(queries, chunk, k, search)
         sq = np.where(ids + offset == query_ids[:, None], np.inf, sq)
         np.minimum(best, sq.min(axis=1), out=best)
         offset += len(chunk)
@@ -227,6 +227,7 @@ def estimate_radius(
     seed: int = 0,
     percentile: float = 99.0,
     confidence: float = 0.95,
+    search: str = "auto",
 ) -> RadiusEstimate:
     """The ``percentile`` of nearest-other-patch distances over features [n, dim], in O(max_queries * n * dim).
 
@@ -234,6 +235,7 @@ def estimate_radius(
     each one's nearest-other distance is exact (searched against all n patches).
     With n <= max_queries every patch is a query and the result equals the exact
     rule. ``features`` may also be a :class:`~ocbank.model.spool.FeatureSpool`.
+    ``search`` picks the exact search's GEMM (``bank.cpu_search``: auto | faiss | torch).
     """
     if not (isinstance(max_queries, int) and not isinstance(max_queries, bool) and max_queries >= 2):
         msg = f"max_queries must be an integer >= 2, got {max_queries!r}. Use e.g. {DEFAULT_MAX_QUERIES}."
@@ -254,7 +256,7 @@ def estimate_radius(
         query_ids = np.arange(n)
     else:
         query_ids = np.sort(np.random.default_rng(seed).choice(n, size=max_queries, replace=False))
-    dist = np.sqrt(_nearest_other_sq(rows, query_ids).astype(np.float64))
+    dist = np.sqrt(_nearest_other_sq(rows, query_ids, search).astype(np.float64))
     radius = float(np.percentile(dist, percentile))
     if exact:
         ci_low = ci_high = radius

@@ -1,0 +1,245 @@
+"""The CPU store's two GEMMs (``cpu_search: faiss | torch``) and the measured ``auto`` choice.
+
+Both searches must build the plain Algorithm 1 bank (tests/reference.py) on every conftest
+stream and answer like ``faiss.knn``; ``auto`` measures once, caches the choice per machine
+under $OCBANK_CACHE_DIR (atomically), and the choice is recorded wherever ``gpu_search``'s is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ocbank import ClusterBank
+from ocbank.config import from_dict
+from ocbank.engine import cpu_search
+from ocbank.engine._faiss import faiss
+from ocbank.engine.kernel import NEAR_TIE_REL
+from ocbank.engine.store import CpuStore
+from ocbank.errors import ConfigError, InputError
+
+from .conftest import STREAMS, assert_close_across_runs, clustered
+from .reference import reference_bank
+from .test_engine_m2 import m2_tolerance
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERIC_FAISS_BLAS = cpu_search.generic_faiss_blas
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty cache folder, no in-process memo, and the measurement path (the rule tested on its own)."""
+    monkeypatch.setenv(cpu_search.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_search, "generic_faiss_blas", lambda: None)
+    monkeypatch.setattr(cpu_search, "_memo", {})
+    monkeypatch.setattr(cpu_search, "MEASURE_SHAPE", (16, 64, 32))  # keep the measurement short in tests
+    return tmp_path / "cache"
+
+
+def add_in_batches(bank: ClusterBank, X: np.ndarray, batch: int = 97) -> ClusterBank:
+    for start in range(0, len(X), batch):
+        bank.add(X[start : start + batch])
+    return bank
+
+
+@pytest.mark.parametrize("search", ["faiss", "torch"])
+def test_both_cpu_searches_build_the_reference_bank(stream, search):
+    X, radius = stream
+    ref = reference_bank(X, radius)
+    bank = add_in_batches(ClusterBank(X.shape[1], radius, cpu_search=search), X)
+    assert isinstance(bank.store_, CpuStore) and bank.search_backend_["search"] == search
+    np.testing.assert_array_equal(bank.counts, ref.counts)
+    np.testing.assert_allclose(bank.means, ref.means, rtol=0, atol=1e-5)
+    assert (np.abs(bank.m2 - ref.m2) <= m2_tolerance(X, ref.counts, 1e-6)).all()
+
+
+@pytest.mark.parametrize("name", sorted(STREAMS))
+@pytest.mark.parametrize("k", [1, 3])
+def test_torch_cpu_search_answers_like_faiss_knn(name, k):
+    make, radius = STREAMS[name]
+    X = make()
+    bank = ClusterBank(X.shape[1], radius, cpu_search="torch").add(X)
+    queries = np.concatenate([X[::3], X[::5] + 0.01])
+    d_ref, i_ref = faiss.knn(queries, np.ascontiguousarray(bank.means), min(k, len(bank)))
+    d, ids = bank.search(queries, k=k)
+    kk = min(k, len(bank))
+    # Both sides form ||q||^2 - 2 q mu + ||mu||^2 in fp32: each within the engine's near-tie band of the
+    # exact value (a band in units of ||q||^2 + ||mu||^2), so within two bands of each other.
+    band = 2 * NEAR_TIE_REL * ((queries.astype(np.float64) ** 2).sum(1) + (bank.means.astype(np.float64) ** 2).sum(1).max())
+    # Equal distances (duplicated rows, ties) may list their ids in another order: compare the ids'
+    # true distances, and the first neighbour wherever it is unique.
+    true = ((queries[:, None, :].astype(np.float64) - bank.means[ids[:, :kk]]) ** 2).sum(2)
+    assert (np.abs(true - d_ref) <= band[:, None]).all()
+    assert (np.abs(d[:, :kk].astype(np.float64) ** 2 - d_ref) <= band[:, None]).all()
+    gap = np.diff(np.sort(((queries[:, None, :] - bank.means[None]) ** 2).sum(2), axis=1)[:, :2], axis=1)[:, 0] \
+        if len(bank) > 1 else np.ones(len(queries))
+    clear = gap > 1e-3 * float(d_ref.max() + 1)
+    np.testing.assert_array_equal(ids[clear, 0], i_ref[clear, 0])
+
+
+def test_torch_cpu_search_takes_read_only_and_large_queries():
+    X = clustered(2000, 24, 40, 3.0, 0.5, 11)
+    bank = ClusterBank(24, 1.5, cpu_search="torch").add(X)
+    q = clustered(500, 24, 40, 3.0, 0.6, 12)
+    q.flags.writeable = False  # a memory-mapped feature file
+    d, ids = bank.search(q)
+    d_ref, i_ref = faiss.knn(np.array(q), np.ascontiguousarray(bank.means), 1)
+    assert (ids[:, 0] == i_ref[:, 0]).mean() > 0.999
+    assert_close_across_runs(d[:, 0] ** 2, d_ref[:, 0])
+
+
+def test_capped_torch_cpu_bank_equals_capped_reference():
+    X = clustered(900, 16, 90, 3.0, 0.4, 5)
+    ref = reference_bank(X, 0.6, max_centroids=40)
+    bank = add_in_batches(ClusterBank(16, 0.6, max_centroids=40, cpu_search="torch"), X, 150)
+    np.testing.assert_array_equal(bank.counts, ref.counts)
+    np.testing.assert_allclose(bank.means, ref.means, rtol=0, atol=1e-5)
+    assert bank.radius == pytest.approx(ref.radius)
+
+
+def test_auto_measures_once_and_caches_the_choice(fresh_cache, monkeypatch):
+    bank = ClusterBank(8, 1.0).add(np.eye(8, dtype=np.float32))
+    files = list((fresh_cache / "cpu_search").glob("*.json"))
+    assert len(files) == 1
+    record = json.loads(files[0].read_text())
+    assert record["choice"] in ("faiss", "torch") and record["key"] == cpu_search.machine_key()
+    assert bank.search_backend_["search"] == record["choice"]
+    assert f"searched with {record['choice']}" in repr(bank)
+    # A new process reads the file instead of measuring.
+    monkeypatch.setattr(cpu_search, "_memo", {})
+    monkeypatch.setattr(cpu_search, "measure", lambda *a, **k: pytest.fail("measured again despite the cache"))
+    again = cpu_search.auto_cpu_search()
+    assert again["source"] == "cache" and again["choice"] == record["choice"]
+
+
+def test_auto_picks_the_faster_search(fresh_cache, monkeypatch):
+    real_knn = faiss.knn
+
+    def slow_faiss(*args):
+        time.sleep(0.25)  # far above any noise of a loaded machine on this tiny shape
+        return real_knn(*args)
+
+    monkeypatch.setattr(cpu_search.faiss, "knn", slow_faiss)
+    assert cpu_search.measure()["choice"] == "torch"
+    monkeypatch.setattr(cpu_search.faiss, "knn", real_knn)
+    real_torch = cpu_search.exact_torch_knn
+
+    def slow_torch(*args, **kw):
+        time.sleep(0.25)  # far above any noise of a loaded machine on this tiny shape
+        return real_torch(*args, **kw)
+
+    monkeypatch.setattr(cpu_search, "exact_torch_knn", slow_torch)
+    picked = cpu_search.measure()
+    assert picked["choice"] == "faiss" and picked["faiss_knn_gflops"] > picked["torch_knn_gflops"]
+
+
+def test_a_changed_machine_or_a_bad_file_is_measured_again(fresh_cache, monkeypatch):
+    cpu_search.auto_cpu_search()
+    path = next((fresh_cache / "cpu_search").glob("*.json"))
+    path.write_text("{not json")
+    monkeypatch.setattr(cpu_search, "_memo", {})
+    assert cpu_search.auto_cpu_search()["source"] == "measured"
+    assert json.loads(path.read_text())["choice"] in ("faiss", "torch")  # rewritten whole
+    # A user-set OpenBLAS core type is another machine as far as the choice goes.
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Prescott")
+    assert cpu_search.cached_choice() is None
+
+
+def test_the_cache_follows_xdg_and_an_unwritable_one_only_costs_a_measurement(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv(cpu_search.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cpu_search.cache_dir() == tmp_path / "xdg" / "ocbank"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # invalid per the XDG spec: ignored
+    assert cpu_search.cache_dir() == Path.home() / ".cache" / "ocbank"
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv(cpu_search.CACHE_ENV, str(blocker))  # a file where the folder should be
+    monkeypatch.setattr(cpu_search, "_memo", {})
+    monkeypatch.setattr(cpu_search, "MEASURE_SHAPE", (16, 64, 32))
+    monkeypatch.setattr(cpu_search, "generic_faiss_blas", lambda: None)
+    with caplog.at_level("WARNING"):
+        record = cpu_search.auto_cpu_search()
+    assert record["choice"] in ("faiss", "torch") and "could not cache" in caplog.text
+
+
+@pytest.mark.slow
+def test_concurrent_processes_leave_one_whole_cache_file(tmp_path):
+    code = (
+        "from ocbank.engine import cpu_search\n"
+        "cpu_search.MEASURE_SHAPE = (16, 64, 32)\n"
+        "cpu_search.generic_faiss_blas = lambda: None  # the measurement path, whatever this CPU's faiss BLAS\n"
+        "print(cpu_search.auto_cpu_search()['choice'])\n"
+    )
+    env = {**os.environ, cpu_search.CACHE_ENV: str(tmp_path), "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outs = [p.communicate(timeout=240)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4 and set(outs) <= {"faiss", "torch"}
+    files = list((tmp_path / "cpu_search").iterdir())
+    assert len(files) == 1 and json.loads(files[0].read_text())["choice"] in outs  # no temp file left behind
+
+
+def test_cpu_search_option_is_validated_and_carried():
+    with pytest.raises(InputError, match="cpu_search"):
+        ClusterBank(8, 1.0, cpu_search="blas")
+    with pytest.raises(ConfigError, match="bank.cpu_search"):
+        from_dict({"bank": {"cpu_search": "mkl"}}, require_root=False)
+    cfg = from_dict({"bank": {"cpu_search": "torch"}}, require_root=False)
+    assert cfg.bank.search_options["cpu_search"] == "torch"
+    assert "cpu_search='torch'" in repr(ClusterBank(8, 1.0, cpu_search="torch"))
+    assert "cpu_search" not in repr(ClusterBank(8, 1.0))
+
+
+def test_cpu_search_does_not_change_the_config_key():
+    from ocbank.jobs.build import config_key
+
+    a = from_dict({"bank": {"cpu_search": "torch"}}, require_root=False)
+    b = from_dict({"bank": {"cpu_search": "faiss"}}, require_root=False)
+    assert config_key(a) == config_key(b)  # both build the same bank: a resume may switch
+
+
+@pytest.mark.parametrize("search", ["faiss", "torch"])
+def test_exact_knn_matches_brute_force_and_sees_duplicates_at_zero(search):
+    x = clustered(400, 16, 8, 3.0, 0.6, 13)
+    x[300] = x[7]  # an exact copy
+    d, ids = cpu_search.exact_knn(x, x, 2, search)
+    brute = ((x[:, None, :].astype(np.float64) - x[None].astype(np.float64)) ** 2).sum(2)
+    np.testing.assert_array_equal(np.sort(ids[7]), [7, 300])
+    norms = (x.astype(np.float64) ** 2).sum(1)
+    band = 2 * NEAR_TIE_REL * (norms[:, None] + norms[ids])  # the GEMM form's error, in ||q||^2 + ||mu||^2
+    assert (np.abs(d - np.take_along_axis(brute, ids, 1)) <= band).all()
+    if search == "torch":  # direct fp32 distances of the returned neighbours: a copy is at exactly 0
+        assert d[7].max() == 0.0 and (d[:, 0] == 0).all()
+
+
+def _fake_blas(monkeypatch, architecture: str, folder: str = "faiss_cpu.libs") -> None:
+    import threadpoolctl
+
+    info = [{"user_api": "blas", "internal_api": "openblas", "version": "0.3.15", "architecture": architecture,
+             "filepath": f"/venv/site-packages/{folder}/libopenblaso-r0.so", "num_threads": 2}]
+    monkeypatch.setattr(threadpoolctl, "threadpool_info", lambda: info)
+    monkeypatch.setattr(cpu_search, "cpu_info", lambda: {"model": "x", "vendor": "x", "flags": ["avx", "avx2"]})
+    monkeypatch.setattr(cpu_search, "generic_faiss_blas", GENERIC_FAISS_BLAS)
+
+
+def test_a_generic_faiss_blas_on_an_avx2_cpu_picks_torch_without_measuring(fresh_cache, monkeypatch):
+    _fake_blas(monkeypatch, "Prescott")
+    monkeypatch.setattr(cpu_search, "measure", lambda *a, **k: pytest.fail("measured although the rule decides"))
+    record = cpu_search.auto_cpu_search()
+    assert record["choice"] == "torch" and record["source"] == "rule"
+    assert record["generic_blas"]["architecture"] == "Prescott"
+    assert not (fresh_cache / "cpu_search").exists()  # nothing to cache: the rule is re-read each process
+
+
+@pytest.mark.parametrize(("architecture", "folder"), [("SkylakeX", "faiss_cpu.libs"), ("Prescott", "numpy.libs")])
+def test_a_fitting_kernel_or_another_librarys_is_measured(fresh_cache, monkeypatch, architecture, folder):
+    _fake_blas(monkeypatch, architecture, folder)
+    assert cpu_search.generic_faiss_blas() is None
+    assert cpu_search.auto_cpu_search()["source"] == "measured"
