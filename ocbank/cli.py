@@ -354,7 +354,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         banks=args.banks, host=args.host, port=args.port, replicas=args.replicas, max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms, address=args.address, runtime=args.runtime, max_queued=args.max_queued,
         timeout_s=args.timeout_ms / 1000.0, max_banks_per_replica=args.max_banks_per_replica, cpus=args.cpus,
-        device=args.device,
+        device=args.device, admin_token_file=args.admin_token_file, inspect_token_file=args.inspect_token_file,
+        allow_unauthenticated=args.allow_unauthenticated,
     )
     signum = serve_forever(options)  # returns once stopped cleanly: in-flight requests answered
     print(f"ocbank serve: stopped by {signal.Signals(signum).name}", file=sys.stderr)
@@ -487,6 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="join this Ray cluster (ray://head:10001 or host:port); default: a local Ray")
     p.add_argument("--cpus", type=positive_int, help="CPUs to share among the replicas (default: all of this machine)")
     p.add_argument("--device", type=device_arg, help="override the banks' device (cpu, cuda, cuda:N, auto)")
+    p.add_argument("--admin-token-file", metavar="FILE",
+                   help="reload, feedback, learn and rollback need Authorization: Bearer <the token in FILE>")
+    p.add_argument("--inspect-token-file", metavar="FILE",
+                   help="inspection needs Authorization: Bearer <this token, or the admin one> (default: open)")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="serve on a non-loopback --host without --admin-token-file (a trusted network only)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("doctor", help="what will run here: versions, BLAS kernels, CPU, CUDA, search rates")

@@ -168,9 +168,10 @@ def test_checkpoints_cross_between_torch_and_cpu_stores(tmp_path, writer):
     X = clustered(2000, 24, 50, 3.0, 0.6, 13)
     first, rest = X[:1200], X[1200:]
     reader = "faiss" if writer == "torch" else "torch"
-    built = ClusterBank(24, 1.5, gpu_search=writer).add(first)
+    # cpu_search pinned: "auto" picks the faster CPU search of this machine, which a test must not depend on.
+    built = ClusterBank(24, 1.5, gpu_search=writer, cpu_search="faiss").add(first)
     built.save(tmp_path / "b.h5")
-    loaded = ClusterBank.load(tmp_path / "b.h5", gpu_search=reader)
+    loaded = ClusterBank.load(tmp_path / "b.h5", gpu_search=reader, cpu_search="faiss")
     assert loaded.search_backend_["search"] == reader
     np.testing.assert_array_equal(loaded.counts, built.counts)
     np.testing.assert_array_equal(loaded.means, built.means)

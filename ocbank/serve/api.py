@@ -45,6 +45,10 @@ class ApiError(OcbankError):
     def body(self) -> dict[str, Any]:
         return error_body(self.code, self.message)
 
+    def headers(self) -> dict[str, str]:
+        """Headers the refusal carries: a 401 names the scheme that opens the endpoint (RFC 9110)."""
+        return {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+
 
 def error_body(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}

@@ -35,6 +35,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .._version import __version__
 from ..errors import OcbankError
 from . import oip
+from .admin import AdminRoutes
+from .admin import router as admin_router
 from .api import (
     HTTP_CODES,
     HTTP_ERROR,
@@ -49,6 +51,7 @@ from .api import (
     request_timeout,
 )
 from .banks import BankFile, bank_path, list_banks, valid_product, validate_bank
+from .health import HEALTH_STATES
 from .metrics import OTHER_PRODUCT, Metrics
 from .options import ServeOptions
 
@@ -81,8 +84,10 @@ class _Entry:
     ref: Any  # ray.ObjectRef of the file's bytes
 
 
-def _write_temp(data: bytes) -> str:
-    fd, path = tempfile.mkstemp(suffix=".h5", prefix="ocbank-serve-")
+def _write_temp(data: bytes, model_id: str) -> str:
+    # Named by product and version, so that a warning Detector.load logs about the file names the bank.
+    product, sha = model_id.rsplit("@", 1)
+    fd, path = tempfile.mkstemp(suffix=".h5", prefix=f"ocbank-serve-{product}@{sha[:12]}-")
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
     return path
@@ -119,7 +124,7 @@ class Scorer:
         sha = model_id.rsplit("@", 1)[1]
 
         def build() -> ServedBank:
-            path = _write_temp(data)
+            path = _write_temp(data, model_id)
             try:
                 return ServedBank.load(
                     path, sha, self.options.runtime, threads=self.options.replica_threads,
@@ -174,7 +179,7 @@ api = FastAPI(title="ocbank", summary="Anomaly inspection with ocbank banks")
 def _error_for(request: Request, exc: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
     """``exc`` in the shape of the request's API: ocbank's {code, message}, or the v2 protocol's {"error": message}."""
     body = oip.error_body(exc.message) if oip.is_v2(request.url.path) else exc.body()
-    return JSONResponse(body, status_code=exc.status, headers=headers)
+    return JSONResponse(body, status_code=exc.status, headers={**exc.headers(), **(headers or {})})
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -189,7 +194,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 def _error(exc: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    return JSONResponse(exc.body(), status_code=exc.status, headers={**exc.headers(), **(headers or {})})
+
+
+api.include_router(admin_router)  # feedback, learn, versions, rollback (ocbank.serve.admin)
 
 
 def _retry_headers(exc: ApiError) -> dict[str, str] | None:
@@ -199,7 +207,7 @@ def _retry_headers(exc: ApiError) -> dict[str, str] | None:
 @serve.deployment(name="Api", num_replicas=1, graceful_shutdown_timeout_s=30,
                   ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": INGRESS_ENV}})
 @serve.ingress(api)
-class Api:
+class Api(AdminRoutes):
     """HTTP ingress: the API of docs/serving.md."""
 
     def __init__(self, scorer: DeploymentHandle, options: ServeOptions) -> None:
@@ -223,6 +231,7 @@ class Api:
         self.capacity = options.replicas * options.max_ongoing + options.max_queued
         self._warming: asyncio.Future[None] | None = None
         self._reload_lock: asyncio.Lock | None = None
+        self.init_admin()
 
     @staticmethod
     def _entry(product: str, data: bytes, where: str) -> _Entry:
@@ -288,26 +297,26 @@ class Api:
 
     @api.get("/metrics")
     async def metrics_text(self) -> Response:
+        for product in self.banks:
+            self.metrics.health(product, self.health(product)["state"], HEALTH_STATES)
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
 
     @api.get("/v1/banks")
     async def list_served(self) -> dict[str, Any]:
         return {
-            "banks": {p: e.info.describe() for p, e in sorted(self.banks.items())},
+            "banks": {p: {**e.info.describe(), "calibration": self.health(p)} for p, e in sorted(self.banks.items())},
             "failed": dict(self.failed),
             "ready": self.ready,
         }
 
     # ------------------------------------------------------------------ reload
     @api.post("/v1/banks/{product}/reload")
-    async def reload(self, product: str) -> JSONResponse:
-        if self._reload_lock is None:
-            self._reload_lock = asyncio.Lock()
-        async with self._reload_lock:  # one reload at a time; inspections go on meanwhile
-            try:
-                return JSONResponse(await self._reload(product))
-            except ApiError as exc:
-                return _error(exc)
+    async def reload(self, product: str, request: Request) -> JSONResponse:
+        try:
+            self.authorize_admin(request, "reload")
+            return JSONResponse(await self.reload_and_announce(product, "reloaded"))  # one at a time; inspections go on
+        except ApiError as exc:
+            return _error(exc)
 
     async def _reload(self, product: str) -> dict[str, Any]:
         path = bank_path(self.options.banks, product)
@@ -364,12 +373,13 @@ class Api:
             self.inflight -= 1
             self.metrics.request(label, status, time.perf_counter() - began)
 
-    def _admit(self, product: str) -> _Entry:
-        """The served bank for a new inspection, or the 503 / 404 that refuses it before its body is read."""
+    def _admit(self, product: str, request: Request) -> _Entry:
+        """The served bank for a new inspection, or the 503 / 401 / 404 that refuses it before its body is read."""
         if self.draining:
             raise ApiError(503, "shutting_down", "the server is shutting down. Send the request to another instance.")
         if self.inflight > self.capacity:  # shed before the body is read or decoded: the answer comes at once
             raise ApiError(503, "overloaded", OVERLOADED)
+        self.authorize_inspect(request)
         return self._served(product)
 
     def _served(self, product: str) -> _Entry:
@@ -381,7 +391,7 @@ class Api:
         return entry
 
     async def _inspect(self, product: str, request: Request, mask: str | None, map_: str | None, began: float) -> JSONResponse:
-        entry = self._admit(product)
+        entry = self._admit(product, request)
         want_mask, want_map = query_flags(mask, map_)
         timeout = request_timeout(request.headers.get(TIMEOUT_HEADER), self.options.timeout_s)
         check_length(request.headers.get("content-length"), self.options.max_body_bytes)
@@ -391,6 +401,7 @@ class Api:
         remaining = timeout - (time.perf_counter() - began)
         result = await self._score(entry, ScoreRequest(entry.info.model_id, pixels, [entry.ref], want_mask, want_map), remaining)
         self.metrics.model_call(product, result.pop("call"))
+        self.observe_score(product, entry.info.sha256, result.get("normalized"), inspection=True)
         out: dict[str, Any] = {
             "product": product,
             "bank_sha256": entry.info.sha256,
@@ -466,7 +477,7 @@ class Api:
 
     async def _v2_infer(self, product: str, version: str | None, request: Request, began: float) -> Response:
         """One v2 inference request: its images scored like ``/v1/inspect``'s, concurrently, so they batch together."""
-        entry = self._admit(product)
+        entry = self._admit(product, request)
         oip.check_version(entry.info, version)
         timeout = request_timeout(request.headers.get(TIMEOUT_HEADER), self.options.timeout_s)
         check_length(request.headers.get("content-length"), self.options.max_body_bytes)
@@ -490,6 +501,7 @@ class Api:
                 raise result
         for result in results:
             self.metrics.model_call(product, result.pop("call"))
+            self.observe_score(product, entry.info.sha256, result.get("normalized"), inspection=True)
         content, headers = await asyncio.to_thread(oip.infer_response, entry.info, parsed, list(results))
         return Response(content, headers=headers)
 

@@ -87,6 +87,7 @@ class BankFile:
     crop: int | None
     image_size: int  # S: the crop, or the resize when there is none
     decision: dict[str, Any] | None  # the calibrated thresholds, None when uncalibrated
+    stale: bool = False  # the thresholds predate the bank's last update (thresholds_predate_update)
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -110,6 +111,7 @@ class BankFile:
             "image_size": self.image_size,
             "thresholds": thresholds,
             "calibrated": self.decision is not None,
+            "thresholds_predate_update": self.stale,
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
         }
 
@@ -140,4 +142,5 @@ def validate_bank(product: str, data: bytes, where: str) -> BankFile:
         crop=cfg.data.crop,
         image_size=cfg.image_size,
         decision=None if record.decision is None else record.decision.to_dict(),
+        stale=bool(record.thresholds_predate_update),
     )

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..config import check_device
 from ..errors import ConfigError
+from .auth import Secret, check_exposure, read_token
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
 APP_NAME = "ocbank"
@@ -38,6 +39,12 @@ class ServeOptions:
     cpus: int | None = None
     device: str | None = None  # None: each bank's configured device
     max_body_bytes: int = MAX_BODY_BYTES
+    admin_token_file: str | None = None  # reload, feedback, learn and rollback need this Bearer token
+    inspect_token_file: str | None = None  # inspection needs this (or the admin) Bearer token
+    allow_unauthenticated: bool = False  # listen beyond loopback with no admin token, knowingly
+    # Read from the files at start; their repr never shows them.
+    admin_token: Secret | None = field(default=None, init=False, repr=False, compare=False)
+    inspect_token: Secret | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("port", "replicas", "max_batch", "max_queued", "max_banks_per_replica", "max_body_bytes"):
@@ -61,6 +68,12 @@ class ServeOptions:
         if self.cpus is not None and (not isinstance(self.cpus, int) or self.cpus < 1):
             msg = f"--cpus must be an integer >= 1, got {self.cpus!r}."
             raise ConfigError(msg)
+        for name in ("admin_token_file", "inspect_token_file"):
+            path = getattr(self, name)
+            if path is not None:
+                option = "--" + name.replace("_", "-")
+                object.__setattr__(self, name.removesuffix("_file"), read_token(path, option))
+        check_exposure(self.host, self.admin_token, self.allow_unauthenticated)
 
     @property
     def total_cpus(self) -> int:

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 DRAIN_S = 20.0  # in-flight requests get this long to finish after SIGTERM
 WARM_S = 600.0  # the first load of every bank (the ONNX export runs here)
 _CHILD_GRACE_S = 3.0
+EVENTS_TIMEOUT_S = 5.0  # one poll of the ingress's terminal lines
 # Ray's driver-side loggers and the level below which their lines are Ray's own bookkeeping:
 # INFO (a local Ray started, Serve started, "Connecting to existing Serve app ... will not be
 # applied" from serve.run after serve.start); ocbank announces what the user needs. The token
@@ -135,6 +136,14 @@ class Server:
             raise
         return self
 
+    def announce_events(self, seen: int, announce: Callable[[str], None]) -> int:
+        """Print the ingress's lines (reload, learn, rollback) newer than ``seen``; return the newest one's number."""
+        with contextlib.suppress(Exception):  # a busy or restarting ingress: the lines come on the next poll
+            for seq, line in self.handle.events_since.remote(seen).result(timeout_s=EVENTS_TIMEOUT_S):
+                announce(line)
+                seen = max(seen, seq)
+        return seen
+
     def stop(self, drain_s: float = DRAIN_S) -> None:
         procs = _descendants() if self._own_ray else []
         if self.handle is not None:
@@ -199,8 +208,9 @@ def serve_forever(options: ServeOptions, announce: Callable[[str], None] = _to_s
         banks = server.warm.get("banks") or []
         announce(f"ocbank serve: {len(banks)} bank(s) on http://{options.host}:{options.port} "
                  f"(replicas {options.replicas}, runtime {options.runtime}); SIGTERM or Ctrl-C stops it")
+        seen = 0
         while not stop.wait(0.5):
-            pass
+            seen = server.announce_events(seen, announce)
         announce("ocbank serve: stopping (finishing requests in flight)")
         return stopped_by[0]
     finally:
