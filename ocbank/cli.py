@@ -43,7 +43,13 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the main thread is, so that it unwinds exactly like Ctrl-C."""
 
 
+# Set by the SIGTERM handler: libraries that catch a KeyboardInterrupt and raise a new one
+# (Ray's blocking calls do) lose the Terminated type, not the status it must give.
+_sigterm_received = threading.Event()
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
+    _sigterm_received.set()
     raise Terminated
 
 
@@ -92,6 +98,18 @@ def class_list(text: str) -> list[str]:
         except OcbankError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from exc
     return names
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port a server may listen on (:data:`ocbank.serve.options.PORTS`)."""
+    from .serve.options import PORTS  # noqa: PLC0415
+
+    low, high = PORTS
+    value = _int_at_least(text, low)
+    if value > high:
+        msg = f"must be an integer from {low} to {high}, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 def _classes(value: list[str] | None) -> list[str] | None:
@@ -348,7 +366,7 @@ def _positive_float(text: str) -> float:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import ServeOptions  # noqa: PLC0415
-    from .serve.server import serve_forever  # noqa: PLC0415
+    from .serve.options import check_port_free  # noqa: PLC0415
 
     options = ServeOptions(
         banks=args.banks, host=args.host, port=args.port, replicas=args.replicas, max_batch=args.max_batch,
@@ -357,6 +375,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=args.device, admin_token_file=args.admin_token_file, inspect_token_file=args.inspect_token_file,
         allow_unauthenticated=args.allow_unauthenticated,
     )
+    if not options.address:
+        check_port_free(options.host, options.port)  # at once, before Ray or the models are even imported
+    from .serve.server import serve_forever  # noqa: PLC0415
+
     signum = serve_forever(options)  # returns once stopped cleanly: in-flight requests answered
     print(f"ocbank serve: stopped by {signal.Signals(signum).name}", file=sys.stderr)
     return EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
@@ -471,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve every <product>.h5 of a folder over HTTP (Ray Serve)")
     p.add_argument("--banks", required=True, help="folder with <product>.h5 banks")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=non_negative_int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--port", type=port_number, default=8000, help="HTTP port, 1 to 65535 (default 8000)")
     p.add_argument("--replicas", type=positive_int, default=1,
                    help="model replicas; the CPUs are shared out among them (default 1)")
     p.add_argument("--max-batch", type=positive_int, default=8, help="most images per model call (default 8)")
@@ -509,20 +531,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit status (argparse itself exits 2 on usage errors)."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="ocbank: %(levelname)s: %(message)s")
+    args: argparse.Namespace | None = None
+    _sigterm_received.clear()
     try:
+        # From the first line: a SIGTERM while the arguments are read, or while Ray starts, exits 143 too.
         with _sigterm_as_interrupt():
+            args = build_parser().parse_args(argv)
+            logging.basicConfig(level=logging.WARNING, format="ocbank: %(levelname)s: %(message)s")
             return args.func(args)
     except KeyboardInterrupt as exc:
         # The status follows the signal with or without --debug (which adds the traceback).
-        stopped = isinstance(exc, Terminated)
-        if args.debug:
+        stopped = isinstance(exc, Terminated) or _sigterm_received.is_set()
+        if args is not None and args.debug:
             traceback.print_exc()
         print(f"ocbank: {'stopped by SIGTERM' if stopped else 'interrupted'}", file=sys.stderr)
         return EXIT_TERMINATED if stopped else EXIT_INTERRUPTED
     except (OcbankError, OSError) as exc:
-        if args.debug:
+        if args is None or args.debug:
             raise
         # Deliberate errors and file problems the user can fix: one line. Anything else
         # is a bug in ocbank and surfaces with its traceback.

@@ -89,3 +89,7 @@ class DependencyError(OcbankError, ImportError):
 
 class ServeError(OcbankError, RuntimeError):
     """``ocbank serve`` cannot serve: no bank of the folder could be loaded (each is named with why)."""
+
+
+class PortInUseError(OcbankError, OSError):
+    """A server's port that something else already listens on, or that cannot be listened on."""

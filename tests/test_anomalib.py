@@ -102,6 +102,25 @@ def test_scores_equal_detector_predict(fitted):
 
 
 @pytest.mark.slow
+def test_a_second_fit_on_the_same_engine_streams_its_images(anomalib_api, tiny_mvtec, tmp_path):
+    """Engine.fit twice on one Engine: the second fit's images enter the bank too (its epoch is not skipped)."""
+    from torch.utils.data import DataLoader
+
+    from ocbank.integrations.anomalib import OCBank
+
+    dm = _folder(tiny_mvtec / "weave")
+    dm.setup()
+    model = OCBank(weights="none", image_size=IMAGE_SIZE, radius_images=RADIUS_IMAGES, visualizer=False)
+    engine = _engine(tmp_path)
+    per_pass = len(dm.train_data) * (IMAGE_SIZE // 8) ** 2  # patch vectors of one pass over the training images
+    for n_fits in (1, 2):
+        train = DataLoader(dm.train_data, batch_size=3, shuffle=False, collate_fn=dm.train_data.collate_fn)
+        engine.fit(model=model, train_dataloaders=train, val_dataloaders=dm.val_dataloader())
+        assert model.detector.bank.n_seen == n_fits * per_pass
+        assert int(model.model.n_seen) == n_fits * per_pass  # published: what prediction and checkpoints use
+
+
+@pytest.mark.slow
 def test_evaluator_auroc_matches_sklearn_on_raw_scores(fitted):
     """Engine.test's image AUROC (post-processed scores) agrees with scikit-learn's on the raw scores.
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +69,73 @@ def test_links_are_followed_dangling_ones_counted_and_resource_forks_ignored(tmp
     assert "1 of the 3 input image(s) could not be scored" in capsys.readouterr().err
     rows = {Path(r["path"]).name: r["status"] for r in _rows(out)}
     assert rows == {"a.png": "ok", "gone.png": "unreadable", "b.png": "ok"}
+
+
+@pytest.mark.slow
+def test_fifos_sockets_and_devices_are_skipped_by_name_never_opened(tmp_path, tiny_mvtec, banks, recwarn, capsys,
+                                                                       monkeypatch):
+    """A FIFO, a socket and a device (behind a link) with image names: listed, counted unreadable, never opened."""
+    top = tmp_path / "in"
+    top.mkdir()
+    (top / "a.png").write_bytes(_good(tiny_mvtec)[0].read_bytes())
+    os.mkfifo(top / "b.png")  # opening it for reading would wait for a writer
+    monkeypatch.chdir(top)  # a short socket path (sun_path holds ~107 bytes)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind("c.png")
+    (top / "d.png").symlink_to("/dev/zero")
+    assert [p.name for p in images_in(top)] == ["a.png", "b.png", "c.png", "d.png"]
+
+    out = tmp_path / "out"
+    done: dict[str, int] = {}
+    run = threading.Thread(target=lambda: done.update(code=main(
+        ["-q", "predict", "--bank", str(banks["plain"]), "--input", str(top), "--out", str(out)])), daemon=True)
+    run.start()
+    run.join(timeout=120)
+    if run.is_alive():  # blocked in open(): give the FIFO a writer so the thread can end, then fail
+        os.close(os.open(top / "b.png", os.O_WRONLY | os.O_NONBLOCK))
+        run.join(timeout=60)
+        pytest.fail("predict blocked opening a FIFO")
+    sock.close()
+    assert done["code"] == 1
+    rows = {Path(r["path"]).name: r["status"] for r in _rows(out)}
+    assert rows == {"a.png": "ok", "b.png": "unreadable", "c.png": "unreadable", "d.png": "unreadable"}
+    warned = "\n".join(str(w.message) for w in recwarn)
+    for name, kind in (("b.png", "a FIFO"), ("c.png", "a socket"), ("d.png", "a character device")):
+        assert f"{name} is {kind}" in warned, (name, warned)
+
+    # Given directly, a FIFO is refused with its kind, not as a missing file.
+    capsys.readouterr()
+    assert main(["-q", "predict", "--bank", str(banks["plain"]), "--input", str(top / "b.png"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "is a FIFO" in err and "does not exist" not in err, err
+
+
+def test_a_fifo_swapped_in_after_the_stat_is_refused_without_blocking(tmp_path, monkeypatch):
+    """open_regular's second check: the open never blocks, and fstat refuses what the stat did not see."""
+    import stat as stat_module
+
+    from ocbank.data import images
+    from ocbank.errors import DataError
+
+    fifo = tmp_path / "late.png"
+    os.mkfifo(fifo)
+    regular = os.stat_result((stat_module.S_IFREG | 0o644, *[0] * 9))
+    monkeypatch.setattr(images.os, "stat", lambda path: regular)  # as if a file was there when it was checked
+    done: dict[str, str] = {}
+
+    def read() -> None:
+        try:
+            images.open_regular(fifo)
+        except DataError as exc:
+            done["error"] = str(exc)
+
+    run = threading.Thread(target=read, daemon=True)
+    run.start()
+    run.join(timeout=30)
+    if run.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("open_regular blocked on a FIFO")
+    assert "is a FIFO" in done.get("error", ""), done
 
 
 # ---------------------------------------------------------------------- tensors

@@ -14,6 +14,8 @@ import http.client
 import io
 import json
 import os
+import re
+import select
 import shutil
 import signal
 import socket
@@ -570,6 +572,239 @@ def test_hot_reload_under_load(served):
     (banks / "probe.h5").write_bytes((spare / "probe_new.h5").read_bytes())
 
 
+# ---------------------------------------------------------------------- hostile clients
+def _serve_cmd(banks: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "ocbank.cli", "serve", "--banks", str(banks), "--port", str(port),
+            "--runtime", "torch", "--cpus", "2"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+def _end_tree(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` and every process it started (a test that failed must not leave a Ray behind)."""
+    children = _tree(proc.pid)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=30)
+    for p in children:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+def _ingress_pids(served) -> dict[str, int]:
+    """The processes a request body passes through: Serve's HTTP proxy and the ingress replica."""
+    found = {}
+    for p in _tree(served["proc"].pid):
+        with contextlib.suppress(psutil.Error):
+            line = " ".join(p.cmdline())
+            for name in ("ProxyActor", "ServeReplica:ocbank:Api"):
+                if name in line:
+                    found[name] = p.pid
+    assert len(found) == 2, found
+    return found
+
+
+class PeakMemory:
+    """Resident memory of some processes, sampled every 50 ms in a thread: the peak above the start."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.start = {name: p.memory_info().rss for name, p in self.procs.items()}
+        self.peak = dict(self.start)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            for name, p in self.procs.items():
+                with contextlib.suppress(psutil.Error):
+                    self.peak[name] = max(self.peak[name], p.memory_info().rss)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def grown(self) -> dict[str, int]:
+        return {name: self.peak[name] - self.start[name] for name in self.procs}
+
+
+def _requests_by_status(served) -> dict[str, float]:
+    counts: dict[str, float] = {}
+    for line in served["client"].get("/metrics")[1].splitlines():
+        if line.startswith("ocbank_requests_total{"):
+            status = line.split('status="')[1].split('"')[0]
+            counts[status] = counts.get(status, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_a_second_server_on_the_port_is_refused_at_once(served, tmp_path):
+    """``ocbank serve`` on a port in use: one line, exit 2, before Ray starts; the proxy's bind is exclusive."""
+    port = served["client"].port
+    proc = subprocess.Popen(_serve_cmd(served["banks"], port), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env(), cwd=REPO)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        _end_tree(proc)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, out, err)
+    assert lines[0].startswith("ocbank: error: port") and "already in use" in lines[0] and "Traceback" not in err
+    # Not even a server that shares ports (SO_REUSEPORT, as Ray's proxy asks for) can bind it.
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        with pytest.raises(OSError, match="in use"):
+            sock.bind(("127.0.0.1", port))
+
+
+STALLED = 90
+
+
+def test_stalled_uploads_get_408_and_starve_no_complete_request(served):
+    """90 uploads stall after 100 bytes (X-Timeout-Ms 2000): complete requests are answered meanwhile, the stalled
+    ones get 408 near their deadline, and the ingress's memory stays flat."""
+    c = served["client"]
+    body = _test_images(served, 1)[0].read_bytes()
+    before = _requests_by_status(served)
+    head = (b"POST /v1/inspect/weave HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n"
+            b"X-Timeout-Ms: 2000\r\n\r\n" + b"\x89PNG" + bytes(96))
+    stalled: list[socket.socket] = []
+    try:
+        with PeakMemory(_ingress_pids(served)) as memory:
+            opened = time.monotonic()
+            for _ in range(STALLED):
+                sock = socket.create_connection(("127.0.0.1", c.port), timeout=30)
+                sock.sendall(head)
+                stalled.append(sock)
+            answers = [c.inspect("weave", body) for _ in range(6)]  # while every upload hangs
+            replies = []
+            deadline = time.monotonic() + 60  # for every reply together
+            for sock in stalled:
+                raw = b""
+                with contextlib.suppress(OSError):
+                    while b"\r\n\r\n" not in raw:
+                        sock.settimeout(max(0.01, deadline - time.monotonic()))
+                        part = sock.recv(4096)
+                        if not part:
+                            break
+                        raw += part
+                replies.append((raw.split(b"\r\n", 1)[0], time.monotonic() - opened))
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert [s for s, _, _ in answers] == [200] * 6, answers
+    assert max(t for _, _, t in answers) < 10.0, [t for _, _, t in answers]
+    assert {line for line, _ in replies} == {b"HTTP/1.1 408 Request Timeout"}, replies[:3]
+    assert max(t for _, t in replies) < 20.0  # the 2 s deadline, and a loaded machine's slack
+    after = _requests_by_status(served)
+    assert after.get("408", 0) - before.get("408", 0) == STALLED
+    grown = memory.grown()
+    assert sum(grown.values()) < 100 << 20, grown  # 100 bytes each: nothing close to their declared size
+
+
+def test_a_chunked_upload_over_the_limit_is_refused_while_it_streams(served):
+    """A 256 MB chunked body (no Content-Length): 413 once 64 MB came, while the client still sends; memory bounded."""
+    from ocbank.serve.options import MAX_BODY_BYTES
+
+    total_mb = 256
+    chunk = bytes(1 << 20)
+    with PeakMemory(_ingress_pids(served)) as memory, socket.create_connection(
+            ("127.0.0.1", served["client"].port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/inspect/weave HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        sent, answer = 0, b""
+        for _ in range(total_mb):  # bounded: the whole body at most
+            if select.select([sock], [], [], 0)[0]:
+                break  # the answer came while the body was still being sent
+            sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+            sent += 1
+        else:
+            sock.sendall(b"0\r\n\r\n")
+        while b"}" not in answer:  # the JSON error is small: its last brace ends it
+            part = sock.recv(65536)
+            if not part:
+                break
+            answer += part
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"too_large"' in answer
+    assert sent < total_mb, sent  # refused mid-stream, not after the whole body
+    grown = memory.grown()
+    # The ingress holds at most the limit's worth (and Serve's buffers); reading all 256 MB would hold twice that.
+    assert grown["ServeReplica:ocbank:Api"] < 3 * MAX_BODY_BYTES, grown
+    assert grown["ProxyActor"] < 2 * MAX_BODY_BYTES, grown
+
+
+def test_a_client_that_hangs_up_is_counted_apart_from_errors(served):
+    """Clients that hang up mid-upload: counted 499 in /metrics, never 500."""
+    c = served["client"]
+    before = _requests_by_status(served)
+    for _ in range(4):
+        with socket.create_connection(("127.0.0.1", c.port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/inspect/weave HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n"
+                         + bytes(100))
+            time.sleep(0.3)  # the ingress is reading the body
+    deadline = time.monotonic() + 30
+    after = before
+    while time.monotonic() < deadline and after.get("499", 0) - before.get("499", 0) < 4:
+        time.sleep(0.5)
+        after = _requests_by_status(served)
+    assert after.get("499", 0) - before.get("499", 0) == 4, (before, after)
+    assert after.get("500", 0) == before.get("500", 0), (before, after)
+
+
+def _api_routes(router, prefix: str = ""):
+    """(path, APIRoute) of every route under ``router``, into included routers (FastAPI >= 0.137 keeps them whole)."""
+    from fastapi.routing import APIRoute
+
+    for route in router.routes:
+        if isinstance(route, APIRoute):
+            yield prefix + route.path, route
+        elif hasattr(route, "original_router"):
+            inner = getattr(getattr(route, "include_context", None), "prefix", "") or ""
+            yield from _api_routes(route.original_router, prefix + inner)
+
+
+HOSTILE_NAMES = ["a" * 300, "é" * 130, "\x00", "..", ".", "a/b", "weave.partial", " ", "x" * 4000, "weave\n", "%"]
+
+
+def test_every_route_answers_json_to_hostile_names(served):
+    """Every route of the API, each of its methods, each hostile name in each path parameter: JSON, never a 500."""
+    from urllib.parse import quote
+
+    from ocbank.serve import oip
+    from ocbank.serve.app import api
+
+    c = served["client"]
+    seen = []
+    for template, route in _api_routes(api):
+        names = HOSTILE_NAMES if route.param_convertors else [""]
+        paths = [re.sub(r"\{\w+(:\w+)?\}", quote(n, safe=""), template) for n in names]
+        if route.param_convertors:
+            paths.append(re.sub(r"\{\w+(:\w+)?\}", "%ff", template))  # not UTF-8
+        for method in sorted(route.methods - {"HEAD"}):
+            for path in paths:
+                status, answer, _ = c.call(method, path, b"not an image" if method == "POST" else None)
+                seen.append((method, template, status))
+                assert status != 500, (method, path[:80], answer)
+                if template == "/metrics" and status == 200:
+                    continue  # Prometheus text, by design
+                assert isinstance(answer, dict), (method, path[:80], status, answer)
+                if status >= 400 and oip.is_v2(template):
+                    assert isinstance(answer["error"], str) and answer["error"], answer  # the v2 protocol's shape
+                elif status >= 400:
+                    assert set(answer["error"]) == {"code", "message"}, answer
+                    if route.param_convertors and status == 404:
+                        assert answer["error"]["code"] in ("unknown_product", "not_found"), answer
+    assert {r for _, r, _ in seen} >= {"/v1/inspect/{product}", "/v1/banks/{product}/reload", "/healthz"}
+    reloads = [s for m, r, s in seen if r == "/v1/banks/{product}/reload" and m == "POST"]
+    assert reloads and set(reloads) <= {404}, reloads  # a name that cannot be a file is no product
+
+
 def test_sigkill_of_a_replica_recovers(served):
     """SIGKILL the model replica: requests succeed again within 30 s (on a new replica process)."""
     c = served["client"]
@@ -624,6 +859,36 @@ def test_sigterm_finishes_in_flight_and_leaves_nothing(served):
     statuses = [s for s, _ in results]
     assert len(statuses) == 12 and set(statuses) <= {200, 503}, statuses  # answered: done, or refused
     assert any(s == 200 and t > signalled for s, t in results), results  # some finished after the signal
+    time.sleep(1.0)
+    alive = [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [(p.pid, p.name()) for p in alive]
+
+
+def test_sigterm_during_start_up_exits_143_and_leaves_nothing(served):
+    """SIGTERM once Ray runs and before the banks are loaded (Serve's controller is up): 143, no traceback, no child."""
+    proc = subprocess.Popen(_serve_cmd(served["banks"], _free_port()), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO)
+    try:
+        deadline = time.monotonic() + START_S
+        children: list[psutil.Process] = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            children = _tree(proc.pid)
+            names = []
+            for p in children:
+                with contextlib.suppress(psutil.Error):
+                    names.append(" ".join(p.cmdline()))
+            if any("ServeController" in n for n in names):
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None and children, "Serve's controller never started"
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        out, _ = proc.communicate(timeout=120)
+        exited = time.monotonic() - signalled
+    finally:
+        _end_tree(proc)
+    assert proc.returncode == 143 and exited < 60, (proc.returncode, exited, out[-3000:])
+    assert "stopped by SIGTERM" in out and "Traceback" not in out, out[-3000:]
     time.sleep(1.0)
     alive = [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [(p.pid, p.name()) for p in alive]

@@ -386,6 +386,121 @@ def test_the_graph_is_refused_exactly_when_the_bank_searches_with_ivf():
         assert ("IVF" in (onnx_refusal(det) or "")) is approximate, index
 
 
+# ---------------------------------------------------------------------- hostile clients, one server per port
+def _chunks(sizes: list[int], pulled: list[int], stall_after: int | None = None):
+    """An async body of chunks of ``sizes`` bytes, recording each one pulled; it stalls (forever) after ``stall_after``."""
+    import asyncio
+
+    async def gen():
+        for i, size in enumerate(sizes):
+            if stall_after is not None and i == stall_after:
+                await asyncio.Event().wait()
+            pulled.append(size)
+            yield bytes(size)
+
+    return gen()
+
+
+def test_a_body_is_bounded_in_size_while_it_streams_and_in_time():
+    import asyncio
+    import time
+
+    from ocbank.serve.api import read_body
+
+    pulled: list[int] = []
+    assert asyncio.run(read_body(_chunks([10, 20, 30], pulled), 60, 5.0)) == bytes(60)
+    pulled.clear()
+    with pytest.raises(ApiError) as err:  # 1000 chunks of 100 bytes, a limit of 250: refused at the third
+        asyncio.run(read_body(_chunks([100] * 1000, pulled), 250, 5.0))
+    assert (err.value.status, err.value.code) == (413, "too_large") and len(pulled) == 3
+    began = time.monotonic()
+    with pytest.raises(ApiError) as err:  # a body that stops arriving: 408 at the deadline, the connection closed
+        asyncio.run(read_body(_chunks([100] * 10, [], stall_after=2), 10_000, 0.2))
+    assert (err.value.status, err.value.code) == (408, "timeout") and err.value.headers() == {"Connection": "close"}
+    assert 0.2 <= time.monotonic() - began < 5.0
+
+
+def test_the_proxy_reads_no_body_past_the_limit():
+    """BodyCap passes messages on until more than the limit came, then reads nothing more from the client."""
+    import asyncio
+
+    from ocbank.serve.proxy import BodyCap
+
+    read: list[int] = []
+
+    async def client():  # a client that would send 1000 messages of 100 bytes
+        read.append(100)
+        return {"type": "http.request", "body": bytes(100), "more_body": True}
+
+    async def proxy(scope, receive, send):  # reads as fast as it can, as Ray's proxy does
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(_drain(receive), 0.5)
+
+    async def _drain(receive):
+        for _ in range(1000):
+            await receive()
+
+    asyncio.run(BodyCap(proxy, max_bytes=250)({"type": "http"}, client, None))
+    assert len(read) == 3  # 300 bytes: past the limit, so the ingress answers 413; nothing more was read
+
+
+def test_ports_are_checked_at_the_door(tmp_path):
+    from ocbank.cli import build_parser
+    from ocbank.errors import PortInUseError
+    from ocbank.serve.options import check_port_free
+
+    for bad in ("70000", "0", "-1", "http"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--banks", "b", "--port", bad])
+    for bad in (70000, 0, True):
+        with pytest.raises(ConfigError, match="1 to 65535"):
+            ServeOptions(banks="b", port=bad)
+    import socket
+
+    with socket.socket() as held:  # any server holding the port, even one that lets others share it
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(PortInUseError, match=f"port {port} .* already in use"):
+            check_port_free("127.0.0.1", port)
+    check_port_free("127.0.0.1", port)  # free again
+
+
+def test_names_that_cannot_be_files_are_no_products():
+    from ocbank.serve.banks import valid_product
+
+    assert valid_product("weave") and valid_product("a" * 252)  # a.h5 fits in 255 bytes
+    for name in ("a" * 253, "é" * 130, "weave.partial", "..", "a/b", "\x00", ""):
+        assert not valid_product(name), name
+
+
+def test_a_sigterm_caught_by_ray_init_goes_to_the_callers_handler():
+    """ray.init installs a SIGTERM handler (sys.exit): one arriving inside it reaches the caller's handler."""
+    import sys
+
+    class Stopped(Exception):
+        pass
+
+    class FakeRay:
+        def init(self, **kwargs):
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init does
+            signal.raise_signal(signal.SIGTERM)
+
+    def mine(signum, frame):
+        raise Stopped
+
+    server = srv.Server.__new__(srv.Server)
+    server._ray = FakeRay()
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        with pytest.raises(Stopped):
+            server._init_ray()
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 # ---------------------------------------------------------------------- plain errors, forms, the v2 protocol
 def test_plain_error_gives_ocbanks_message_from_rays_wrapping():
     """A replica's error reaches the ingress wrapped by Ray (traceback, ANSI colours): one line, ocbank's message."""

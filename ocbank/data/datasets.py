@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import DataError
-from .images import IMAGE_SUFFIXES
+from .images import IMAGE_SUFFIXES, file_kind
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,10 @@ def images_in(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursively, by suffix), sorted.
 
     Symlinked sub-folders are followed, each real folder once (a link loop ends there).
-    A link that points nowhere is listed, so that reading it fails and is counted like
-    any unreadable image. Names that :func:`ignored_name` hides are skipped.
+    A link that points nowhere, and a FIFO, socket or device with an image's name, is
+    listed, so that reading it fails (the reader opens regular files only, and never
+    opens these) and is counted like any unreadable image. Names that :func:`ignored_name`
+    hides are skipped.
     """
     found: list[Path] = []
     seen: set[str] = set()
@@ -112,7 +114,11 @@ def list_inputs(inputs: list[str]) -> list[Path]:
         elif p.is_file():
             files.append(p)
         else:
-            msg = f"input {str(p)!r} does not exist. Pass image files or folders."
+            try:
+                why = f"is {file_kind(p.stat().st_mode)}, not an image file or folder"
+            except OSError:
+                why = "does not exist"
+            msg = f"input {str(p)!r} {why}. Pass image files or folders."
             raise DataError(msg)
     if not files:
         msg = f"no images found in {inputs!r}. Supported suffixes: {sorted(IMAGE_SUFFIXES)}."

@@ -28,12 +28,14 @@ the file, which the loader turns into a one-line warning and a skipped, counted 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
 import os
+import stat
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -184,6 +186,51 @@ def pil_to_mask(img: Image.Image, where: str = "mask") -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- files
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """What a file of ``st_mode`` is, in words: "a regular file", "a FIFO (named pipe)", "a socket", ..."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _not_regular(where: str, mode: int) -> DataError:
+    msg = f"{where} is {file_kind(mode)}, not a regular file, and is not read. Pass image files, or remove it."
+    return DataError(msg)
+
+
+def open_regular(path: str | os.PathLike[str], where: str | None = None) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file (links followed); anything else is a DataError.
+
+    FIFOs, sockets and devices are refused from ``stat`` without being opened: opening a
+    FIFO waits for a writer, and opening a device may act on it. The open itself is
+    non-blocking and checked again with ``fstat``, so a file swapped in between the two
+    is refused too, and nothing here ever blocks.
+    """
+    where = os.fspath(path) if where is None else where
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise _not_regular(where, mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(where, mode)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _too_large(where: str, size: str) -> ImageTooLargeError:
     msg = (
         f"image {where} declares {size} pixels, more than ocbank's limit of {MAX_IMAGE_PIXELS} "
@@ -195,13 +242,14 @@ def _too_large(where: str, size: str) -> ImageTooLargeError:
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
 
 
-def _read_tiff(path: str | os.PathLike[str] | io.BytesIO, where: str) -> np.ndarray | None:
+def _read_tiff(path: BinaryIO, where: str) -> np.ndarray | None:
     """TIFFs PIL cannot open (16-bit float, ...) via tifffile, if installed: array [H, W(, C)]."""
     try:
         import tifffile  # noqa: PLC0415 - optional: pip install ocbank[tiff]
     except ImportError:
         return None
-    with tifffile.TiffFile(path) as tif:
+    # A file opened here is named by its descriptor: tifffile is told the name instead.
+    with tifffile.TiffFile(path, name=os.path.basename(where) or "image.tif") as tif:
         page = tif.pages[0]
         if page.imagelength * page.imagewidth > MAX_IMAGE_PIXELS:
             raise _too_large(where, f"{page.imagewidth}x{page.imagelength}")
@@ -230,24 +278,9 @@ def _read_file(path: str | os.PathLike[str] | io.BytesIO, where: str | None = No
         log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set; ocbank resets it to refuse truncated files")
         ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        try:
-            img = Image.open(path)
-        except UnidentifiedImageError as exc:
-            if _looks_like_tiff(path, where):
-                arr = _read_tiff(path, where)
-                if arr is not None:
-                    return arr
-            msg = f"{where} is not an image any decoder here recognises. Send PNG, JPEG, BMP, TIFF or WebP."
-            raise NotAnImageError(msg) from exc
-        with img:
-            w, h = img.size
-            if w * h > MAX_IMAGE_PIXELS:
-                raise _too_large(where, f"{w}x{h}")
-            img.load()  # decoded in memory: usable after the file is closed
-            if img.getexif().get(_EXIF_ORIENTATION, 1) in (None, 1):
-                return img
-            upright = ImageOps.exif_transpose(img)
-            return img if upright is None else upright
+        with contextlib.ExitStack() as stack:
+            return _decode(path if isinstance(path, io.BytesIO) else stack.enter_context(open_regular(path, where)),
+                           _looks_like_tiff(path, where), where)
     except DataError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -260,6 +293,29 @@ def _read_file(path: str | os.PathLike[str] | io.BytesIO, where: str | None = No
         detail = " ".join(str(exc).split()) or type(exc).__name__
         msg = f"cannot read image {where}: {detail}. Replace or remove the file."
         raise DataError(msg) from exc
+
+
+def _decode(source: BinaryIO, tiff: bool, where: str) -> Image.Image | np.ndarray:
+    """:func:`_read_file`'s decoding of an open ``source`` (``tiff``: tifffile may read what PIL cannot)."""
+    try:
+        img = Image.open(source)
+    except UnidentifiedImageError as exc:
+        if tiff:
+            source.seek(0)
+            arr = _read_tiff(source, where)
+            if arr is not None:
+                return arr
+        msg = f"{where} is not an image any decoder here recognises. Send PNG, JPEG, BMP, TIFF or WebP."
+        raise NotAnImageError(msg) from exc
+    with img:
+        w, h = img.size
+        if w * h > MAX_IMAGE_PIXELS:
+            raise _too_large(where, f"{w}x{h}")
+        img.load()  # decoded in memory: usable after the file is closed
+        if img.getexif().get(_EXIF_ORIENTATION, 1) in (None, 1):
+            return img
+        upright = ImageOps.exif_transpose(img)
+        return img if upright is None else upright
 
 
 def open_image(source: Any, where: str | None = None) -> Image.Image:

@@ -472,6 +472,18 @@ class OCBank(MemoryBankMixin, AnomalibModule):
         return LearningType.ONE_CLASS
 
     # ------------------------------------------------------------------ lightning hooks
+    def on_fit_start(self) -> None:
+        """Every ``fit`` streams its images, on a new Engine or on one that has fitted before.
+
+        A fit is one epoch (``max_epochs=1``), and Lightning skips a later ``fit`` of the same
+        trainer as done; its loop is given one more epoch, so those images enter the bank.
+        """
+        super().on_fit_start()
+        loop = self.trainer.fit_loop
+        done = loop.epoch_progress.current.processed
+        if loop.max_epochs is not None and 0 <= loop.max_epochs <= done:
+            loop.max_epochs = done + 1
+
     def on_train_epoch_start(self) -> None:
         self.model.begin()
 

@@ -8,9 +8,11 @@ model replica: it is decoded here, with the reader ``predict`` uses
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import re
+from collections.abc import AsyncIterable
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,8 @@ from ..data.images import Transform, open_image
 from ..errors import DataError, ImageTooLargeError, InputTypeError, NotAnImageError, OcbankError
 
 TIMEOUT_HEADER = "x-timeout-ms"
+# nginx's status for a request whose client hung up before its answer: counted apart from 5xx.
+CLIENT_CLOSED = 499
 LABELS = {0: "OK", 1: "NG"}
 UNCALIBRATED = "this bank has no calibrated thresholds: label and mask are null. Rebuild or update it with calibration."
 HOW_TO_SEND = ("The image goes as the request body (curl --data-binary @part.png URL) "
@@ -36,18 +40,20 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 class ApiError(OcbankError):
     """A request the service refuses: HTTP ``status``, a stable ``code`` and a one-line message."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self._headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
         return error_body(self.code, self.message)
 
     def headers(self) -> dict[str, str]:
-        """Headers the refusal carries: a 401 names the scheme that opens the endpoint (RFC 9110)."""
-        return {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        """Headers the refusal carries: a 401 names the scheme that opens the endpoint (RFC 9110);
+        others those it was raised with (a 408 for a body still arriving closes the connection)."""
+        return {**({"WWW-Authenticate": "Bearer"} if self.status == 401 else {}), **self._headers}
 
 
 def error_body(code: str, message: str) -> dict[str, Any]:
@@ -145,7 +151,52 @@ def check_length(declared: str | None, max_bytes: int) -> None:
     except ValueError:
         raise ApiError(400, "bad_request", f"Content-Length must be an integer, got {declared!r}.") from None
     if n > max_bytes:
-        raise ApiError(413, "too_large", f"the body is {n} bytes, over the limit of {max_bytes}. Send a smaller image.")
+        raise too_large(n, max_bytes)
+
+
+def too_large(size: int, max_bytes: int, so_far: bool = False) -> ApiError:
+    """413 for a body of ``size`` bytes (``so_far``: of at least that many, still arriving)."""
+    msg = f"the body is {size}{' or more' if so_far else ''} bytes, over the limit of {max_bytes}. Send a smaller image."
+    return ApiError(413, "too_large", msg)
+
+
+def body_timeout(timeout_s: float) -> ApiError:
+    msg = (f"the request body did not arrive within {timeout_s * 1000:.0f} ms (X-Timeout-Ms). "
+           "Send the whole body at once, or allow more time.")
+    # The body was not read to its end, so the connection cannot carry another request.
+    return ApiError(408, "timeout", msg, {"Connection": "close"})
+
+
+async def read_body(chunks: AsyncIterable[bytes], max_bytes: int, timeout_s: float) -> bytes:
+    """The request body from its ``chunks`` (Starlette's ``request.stream()``), bounded in size and time.
+
+    The limit is checked as each chunk arrives, whether the length was declared or the
+    body is chunked: 413 as soon as more than ``max_bytes`` came, so no more than that is
+    ever held. A body that has not arrived within ``timeout_s`` (what is left of the
+    request's deadline) is a 408; an upload that stalls frees its slot at the deadline.
+    """
+    parts: list[bytes] = []
+    size = 0
+
+    async def collect() -> None:
+        nonlocal size
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > max_bytes:
+                raise too_large(size, max_bytes, so_far=True)
+            parts.append(chunk)
+
+    if timeout_s <= 0:
+        raise body_timeout(0.0)
+    try:
+        await asyncio.wait_for(collect(), timeout_s)
+    except asyncio.TimeoutError:
+        parts.clear()
+        raise body_timeout(timeout_s) from None
+    except BaseException:
+        parts.clear()  # the refusal's traceback holds this frame: free the bytes now, not at a garbage collection
+        raise
+    return b"".join(parts)
 
 
 def decode_image(body: bytes, transform: Transform, max_bytes: int, content_type: str | None = None, *,

@@ -12,13 +12,14 @@
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at run time.
 import asyncio
+import contextlib
 import logging
 import os
 import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .._version import __version__
 from ..errors import OcbankError
@@ -38,6 +40,7 @@ from . import oip
 from .admin import AdminRoutes
 from .admin import router as admin_router
 from .api import (
+    CLIENT_CLOSED,
     HTTP_CODES,
     HTTP_ERROR,
     TIMEOUT_HEADER,
@@ -48,9 +51,10 @@ from .api import (
     error_body,
     plain_error,
     query_flags,
+    read_body,
     request_timeout,
 )
-from .banks import BankFile, bank_path, list_banks, valid_product, validate_bank
+from .banks import BankFile, bank_path, is_bank_file, list_banks, read_bank_bytes, valid_product, validate_bank
 from .health import HEALTH_STATES
 from .metrics import OTHER_PRODUCT, Metrics
 from .options import ServeOptions
@@ -63,6 +67,10 @@ DRAIN_POLL_S = 0.05
 # A fixed threshold returns every buffer of 1 MB or more to the system when it is freed.
 INGRESS_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 OVERLOADED = "the inspection queue is full. Retry after a moment, or add replicas (--replicas)."
+# Uploads the ingress receives at once besides the requests it holds for scoring. Requests
+# still being received take none of the scoring capacity, so slow or stalled uploads cannot
+# starve complete ones; each holds its slot at most until its deadline (408).
+MAX_RECEIVING = 256
 
 
 @dataclass(frozen=True)
@@ -193,6 +201,13 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return _error_for(request, ApiError(400, "bad_request", " ".join(str(exc).split())))
 
 
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    # Any route's bug: still JSON, never Starlette's plain-text 500; logged with its traceback.
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return _error_for(request, ApiError(500, "internal", f"internal error ({type(exc).__name__}); see the server log."))
+
+
 def _error(exc: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers={**exc.headers(), **(headers or {})})
 
@@ -221,12 +236,13 @@ class Api(AdminRoutes):
         self.failed: dict[str, str] = {}  # product -> why it is not served
         for product, path in list_banks(options.banks).items():
             try:
-                self.banks[product] = self._entry(product, path.read_bytes(), str(path))
+                self.banks[product] = self._entry(product, read_bank_bytes(path), str(path))
             except (OcbankError, OSError) as exc:
                 self.failed[product] = " ".join(str(exc).split())
         self.prepared: set[str] = set()  # model ids loaded once by a replica
         self.draining = False
-        self.inflight = 0  # inspections between arrival and answer
+        self.receiving = 0  # inspections whose body is still arriving
+        self.inflight = 0  # inspections between their whole body and their answer
         # What the model replicas hold plus Serve's queue (max_queued_requests): beyond it, 503.
         self.capacity = options.replicas * options.max_ongoing + options.max_queued
         self._warming: asyncio.Future[None] | None = None
@@ -280,9 +296,9 @@ class Api(AdminRoutes):
         """Refuse new inspections (503) and wait for the ones in flight; return how many were left."""
         self.draining = True
         deadline = time.monotonic() + timeout_s
-        while self.inflight and time.monotonic() < deadline:
+        while self.inflight + self.receiving and time.monotonic() < deadline:
             await asyncio.sleep(DRAIN_POLL_S)
-        return self.inflight
+        return self.inflight + self.receiving
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
@@ -321,10 +337,10 @@ class Api(AdminRoutes):
     async def _reload(self, product: str) -> dict[str, Any]:
         path = bank_path(self.options.banks, product)
         known = product in self.banks or product in self.failed
-        if not valid_product(product) or (not known and not path.is_file()):
+        if not valid_product(product) or (not known and not is_bank_file(path)):
             raise ApiError(404, "unknown_product", f"no bank {product!r} in {self.options.banks}. Served: {sorted(self.banks)}.")
         try:
-            data = await asyncio.to_thread(path.read_bytes)
+            data = await asyncio.to_thread(read_bank_bytes, path)
             info = await asyncio.to_thread(validate_bank, product, data, str(path))
         except (OcbankError, OSError) as exc:
             message = " ".join(str(exc).split()) + " The bank in service is unchanged."
@@ -354,11 +370,10 @@ class Api(AdminRoutes):
         return await self._counted(product, request, lambda began: self._inspect(product, request, mask, map, began))
 
     async def _counted(self, product: str, request: Request, work: Callable[[float], Awaitable[Response]]) -> Response:
-        """Run one inspection (``/v1/inspect`` or v2 ``infer``): counted in flight and in the metrics, errors as JSON."""
+        """Run one inspection (``/v1/inspect`` or v2 ``infer``): counted in the metrics, errors as JSON."""
         began = time.perf_counter()
         label = product if product in self.banks else OTHER_PRODUCT
         status = 500
-        self.inflight += 1
         try:
             response = await work(began)
             status = 200
@@ -366,21 +381,52 @@ class Api(AdminRoutes):
         except ApiError as exc:
             status = exc.status
             return _error_for(request, exc, _retry_headers(exc))
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED  # Serve cancels a request whose client hung up
+            raise
         except Exception as exc:  # a bug in ocbank: still JSON, and logged with its traceback
             log.exception("inspect %s failed", product)
             return _error_for(request, ApiError(500, "internal", f"internal error ({type(exc).__name__}); see the server log."))
         finally:
-            self.inflight -= 1
             self.metrics.request(label, status, time.perf_counter() - began)
 
     def _admit(self, product: str, request: Request) -> _Entry:
         """The served bank for a new inspection, or the 503 / 401 / 404 that refuses it before its body is read."""
         if self.draining:
             raise ApiError(503, "shutting_down", "the server is shutting down. Send the request to another instance.")
-        if self.inflight > self.capacity:  # shed before the body is read or decoded: the answer comes at once
+        if self.inflight >= self.capacity:  # shed before the body is read or decoded: the answer comes at once
             raise ApiError(503, "overloaded", OVERLOADED)
         self.authorize_inspect(request)
         return self._served(product)
+
+    async def _body(self, request: Request, began: float, timeout_s: float) -> bytes:
+        """The request's body within what is left of its deadline and the size limit (408 / 413).
+
+        Counted as receiving meanwhile, not in flight: an upload still arriving holds none
+        of the scoring capacity, so stalled ones cannot starve complete requests.
+        """
+        check_length(request.headers.get("content-length"), self.options.max_body_bytes)
+        self.receiving += 1
+        try:
+            left = timeout_s - (time.perf_counter() - began)
+            return await read_body(request.stream(), self.options.max_body_bytes, left)
+        except (ClientDisconnect, ray.exceptions.TaskCancelledError):
+            # Starlette's word for a hang-up, or Serve's: the proxy's receive was cancelled with the request.
+            msg = "the client closed the connection before its body arrived."
+            raise ApiError(CLIENT_CLOSED, "client_closed", msg) from None
+        finally:
+            self.receiving -= 1
+
+    @contextlib.asynccontextmanager
+    async def _in_flight(self) -> AsyncIterator[None]:
+        """An inspection whose whole body arrived, counted toward the overload limit while it is decoded and scored."""
+        self.inflight += 1
+        try:
+            if self.inflight > self.capacity:
+                raise ApiError(503, "overloaded", OVERLOADED)
+            yield
+        finally:
+            self.inflight -= 1
 
     def _served(self, product: str) -> _Entry:
         entry = self.banks.get(product)
@@ -394,12 +440,14 @@ class Api(AdminRoutes):
         entry = self._admit(product, request)
         want_mask, want_map = query_flags(mask, map_)
         timeout = request_timeout(request.headers.get(TIMEOUT_HEADER), self.options.timeout_s)
-        check_length(request.headers.get("content-length"), self.options.max_body_bytes)
-        body = await request.body()
-        pixels = await asyncio.to_thread(decode_image, body, entry.info.transform, self.options.max_body_bytes,
-                                         request.headers.get("content-type"))
-        remaining = timeout - (time.perf_counter() - began)
-        result = await self._score(entry, ScoreRequest(entry.info.model_id, pixels, [entry.ref], want_mask, want_map), remaining)
+        body = await self._body(request, began, timeout)
+        async with self._in_flight():
+            pixels = await asyncio.to_thread(decode_image, body, entry.info.transform, self.options.max_body_bytes,
+                                             request.headers.get("content-type"))
+            del body
+            remaining = timeout - (time.perf_counter() - began)
+            request_ = ScoreRequest(entry.info.model_id, pixels, [entry.ref], want_mask, want_map)
+            result = await self._score(entry, request_, remaining)
         self.metrics.model_call(product, result.pop("call"))
         self.observe_score(product, entry.info.sha256, result.get("normalized"), inspection=True)
         out: dict[str, Any] = {
@@ -480,11 +528,16 @@ class Api(AdminRoutes):
         entry = self._admit(product, request)
         oip.check_version(entry.info, version)
         timeout = request_timeout(request.headers.get(TIMEOUT_HEADER), self.options.timeout_s)
-        check_length(request.headers.get("content-length"), self.options.max_body_bytes)
         if request.headers.get("content-encoding", "identity").lower() != "identity":
             msg = f"Content-Encoding {request.headers['content-encoding']!r} is not accepted; send the request uncompressed."
             raise ApiError(415, "unsupported_encoding", msg)
-        body = await request.body()
+        body = await self._body(request, began, timeout)
+        async with self._in_flight():
+            return await self._v2_scored(entry, body, request, began, timeout)
+
+    async def _v2_scored(self, entry: _Entry, body: bytes, request: Request, began: float, timeout: float) -> Response:
+        """The rest of :meth:`_v2_infer` once its body arrived: the images decoded and scored concurrently."""
+        product = entry.info.product
         limit = self.options.max_body_bytes
         parsed = await asyncio.to_thread(oip.parse_infer, body, request.headers.get(oip.HEADER_LENGTH), entry.info,
                                          self.options.max_batch)
@@ -534,6 +587,7 @@ def build_app(options: ServeOptions) -> Any:
         max_queued_requests=options.max_queued,
         ray_actor_options={"num_cpus": options.replica_cpus},
     ).bind(options)
-    # The ingress holds every request until its answer: enough for the replicas' share plus the queue.
-    ingress_ongoing = options.replicas * options.max_ongoing + options.max_queued + 64
+    # The ingress holds every request until its answer: enough for the replicas' share plus the queue,
+    # the uploads still arriving, and the other routes.
+    ingress_ongoing = options.replicas * options.max_ongoing + options.max_queued + MAX_RECEIVING + 64
     return Api.options(max_ongoing_requests=ingress_ongoing).bind(scorer, options)

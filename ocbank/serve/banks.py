@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import check_class_name
-from ..data.images import Transform
+from ..data import NAME_MAX
+from ..data.images import Transform, open_regular
 from ..engine.checkpoint import BANK_SUFFIX, bank_file_path, is_checkpoint_name
 from ..errors import CheckpointError, ConfigError, DataError
 from ..model.record import open_bank
@@ -29,23 +30,39 @@ log = logging.getLogger(__name__)
 
 def valid_product(name: str) -> bool:
     """A served product is a class: its name follows :func:`ocbank.config.check_class_name`,
-    and a build's checkpoint name (``<class>.partial``) is never one."""
+    its bank's file name fits in a file name (:data:`ocbank.data.NAME_MAX` bytes), and a
+    build's checkpoint name (``<class>.partial``) is never one."""
     try:
         check_class_name(name)
     except ConfigError:
         return False
-    return not is_checkpoint_name(bank_file_path("", name))
+    file_name = bank_file_path("", name).name
+    return len(os.fsencode(file_name)) <= NAME_MAX and not is_checkpoint_name(file_name)
 
 
 def bank_path(folder: str | os.PathLike[str], product: str) -> Path:
     return bank_file_path(folder, product)
 
 
+def is_bank_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file (links followed); any error (a name too long, a loop) is a no."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def read_bank_bytes(path: Path) -> bytes:
+    """The bytes of the bank file ``path``: a regular file only, never blocking on a FIFO or device."""
+    with open_regular(path) as fh:
+        return fh.read()
+
+
 def _not_served(path: Path) -> str | None:
     """Why the ``*.h5`` file ``path`` is not served, or None when it is."""
     if is_checkpoint_name(path):
         return "an unfinished build checkpoint (finish it with ocbank build --resume)"
-    if not path.is_file():
+    if not is_bank_file(path):
         return "not a regular file"
     try:
         check_class_name(path.name[: -len(BANK_SUFFIX)], where="its product name")

@@ -2,18 +2,46 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import socket
 from dataclasses import dataclass, field
 
 from ..config import check_device
-from ..errors import ConfigError
+from ..errors import ConfigError, PortInUseError
 from .auth import Secret, check_exposure, read_token
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
 APP_NAME = "ocbank"
 # Body size above which a request is refused (413) before it is decoded.
 MAX_BODY_BYTES = 64 << 20
+PORTS = (1, 65535)  # the TCP ports a server may listen on (0 would be a random one nobody is told)
+
+
+def check_port(port: object, where: str = "serve option port") -> int:
+    """The one rule for a listening port: an integer in :data:`PORTS`."""
+    low, high = PORTS
+    if isinstance(port, bool) or not isinstance(port, int) or not low <= port <= high:
+        msg = f"{where} must be an integer from {low} to {high}, got {port!r}. Pick a free TCP port, e.g. 8000."
+        raise ConfigError(msg)
+    return port
+
+
+def check_port_free(host: str, port: int) -> None:
+    """PortInUseError (one line) unless ``host:port`` can be listened on: anything bound there counts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the proxy binds
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                msg = (f"port {port} on {host} is already in use (another ocbank serve, or any other server). "
+                       "Stop that server, or pick another --port.")
+            else:
+                msg = f"cannot listen on {host}:{port}: {exc.strerror or exc}. Check --host and --port."
+            raise PortInUseError(msg) from None
 
 
 @dataclass(frozen=True)
@@ -47,11 +75,12 @@ class ServeOptions:
     inspect_token: Secret | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("port", "replicas", "max_batch", "max_queued", "max_banks_per_replica", "max_body_bytes"):
+        for name in ("replicas", "max_batch", "max_queued", "max_banks_per_replica", "max_body_bytes"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "port" else 1):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 msg = f"serve option {name} must be a positive integer, got {value!r}."
                 raise ConfigError(msg)
+        check_port(self.port)
         for name in ("batch_wait_ms", "timeout_s"):
             value = getattr(self, name)
             # A zero timeout would answer every request 408; a zero batch wait just means no waiting.

@@ -1,5 +1,10 @@
 """``ocbank serve``: start (or join) Ray, run the application, serve until SIGTERM / SIGINT, shut down cleanly.
 
+One server per port: before a local Ray starts, the port is checked free (else one line,
+exit 2), and the Serve proxy binds it for this server alone (:mod:`ocbank.serve.proxy`,
+which also keeps the proxy from reading a body past the size limit).
+Signals: SIGTERM and SIGINT stop a start-up at any stage (the caller's handlers stay in
+force through ``ray.init``, which would install its own); once serving, they stop it.
 Shutdown: the ingress stops taking inspections (503) and waits for those in flight
 (up to :data:`DRAIN_S`), then Serve and the Ray this process started are shut down,
 and any process it started that is still alive is terminated, so nothing outlives it.
@@ -16,12 +21,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..errors import DependencyError, ServeError
+from . import proxy
 from .banks import list_banks
-from .options import APP_NAME, ServeOptions
+from .options import APP_NAME, ServeOptions, check_port_free
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +117,17 @@ class Server:
         if not ray.is_initialized():
             self._connected = True
             if opts.address:
-                ray.init(address=opts.address, include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.WARNING)
+                self._init_ray(address=opts.address, include_dashboard=False, log_to_driver=False,
+                               logging_level=logging.WARNING)
             else:
+                check_port_free(opts.host, opts.port)  # before Ray starts: the answer comes at once
                 # A short private temp dir: Ray's socket paths must stay under ~107 characters,
                 # and this cluster's files never mix with another Ray on the machine.
                 self._temp = tempfile.mkdtemp(prefix="ocbray-", dir="/tmp" if os.path.isdir("/tmp") else None)
-                ray.init(num_cpus=opts.total_cpus, include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.WARNING, _temp_dir=self._temp)
-                self._own_ray = True
+                self._own_ray = True  # from here on, stop() ends whatever of it has started
+                with _environment(proxy.environment(opts.max_body_bytes)):  # Ray's processes inherit it
+                    self._init_ray(num_cpus=opts.total_cpus, include_dashboard=False, log_to_driver=False,
+                                   logging_level=logging.WARNING, _temp_dir=self._temp)
         from .app import build_app  # noqa: PLC0415
 
         try:
@@ -135,6 +143,28 @@ class Server:
             self.stop()
             raise
         return self
+
+    def _init_ray(self, **kwargs: Any) -> None:
+        """``ray.init``, with this process's SIGTERM handler in force before, during and after it.
+
+        ray.init installs a handler that calls ``sys.exit``; a SIGTERM it catches is handed
+        back to the handler that was there (the CLI's: stop, clean up, exit 143).
+        """
+        if threading.current_thread() is not threading.main_thread():
+            self._ray.init(**kwargs)
+            return
+        handler = signal.getsignal(signal.SIGTERM)
+        handler = signal.SIG_DFL if handler is None else handler
+        try:
+            self._ray.init(**kwargs)
+        except SystemExit as exc:
+            if exc.code != signal.SIGTERM:
+                raise
+            signal.signal(signal.SIGTERM, handler)
+            signal.raise_signal(signal.SIGTERM)  # the caller's handler raises (or the default ends us)
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, handler)
 
     def announce_events(self, seen: int, announce: Callable[[str], None]) -> int:
         """Print the ingress's lines (reload, learn, rollback) newer than ``seen``; return the newest one's number."""
@@ -174,6 +204,21 @@ class Server:
         self.stop()
 
 
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in ``os.environ`` for the block (processes started in it inherit them), then as before."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _to_stdout(line: str) -> None:
     print(line, flush=True)  # at once, also when stdout is a file or a pipe
 
@@ -187,20 +232,21 @@ def serve_forever(options: ServeOptions, announce: Callable[[str], None] = _to_s
     """Serve until SIGTERM or SIGINT, shut down cleanly, and return the signal's number.
 
     Each bank that could not be loaded is named on ``complain`` and the others are served;
-    :class:`ServeError` when none could be.
+    :class:`ServeError` when none could be. While it starts, the caller's handlers stop it
+    (the CLI's raise, and the start-up is undone); once it serves, a signal ends the serving
+    loop, and one during the shutdown does not cut the clean-up short.
     """
     stopped_by: list[int] = []
     stop = threading.Event()
     server = Server(options)
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopped_by.append(signum)
+        stop.set()
+
     try:
         server.start()
-
-        def on_signal(signum: int, _frame: object) -> None:
-            stopped_by.append(signum)
-            stop.set()
-
-        # After ray.init, which installs its own SIGTERM handler for drivers.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
         for line in not_served(server.warm.get("failed") or {}):
@@ -215,6 +261,8 @@ def serve_forever(options: ServeOptions, announce: Callable[[str], None] = _to_s
         return stopped_by[0]
     finally:
         began = time.monotonic()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
         try:
             server.stop()
         finally:
