@@ -46,8 +46,9 @@ from ..errors import ConfigError, DependencyError, NotFittedError
 from ..model.detector import SPOOL_MEMORY_BYTES, Detector
 from ..model.export import settings_from_config
 from ..model.features import FEATURE_DIM
-from ..model.module import AnomalyModel, MapSpec
+from ..model.module import AnomalyModel, MatmulNearest
 from ..model.record import BankRecord, open_bank
+from ..model.scoring import GridScore, MapSpec
 from ..model.spool import FeatureSpool
 
 try:
@@ -215,9 +216,9 @@ class OCBankModel(nn.Module):
         super().__init__()
         self.detector = detector
         config = detector.config
-        self.spec = MapSpec(config.image_size, config.scoring.sigma)
+        self.spec = MapSpec.from_config(config)
         # An unfitted scorer holds one placeholder centroid; forward refuses it (counts is empty).
-        self.scorer = AnomalyModel(detector.extractor, np.zeros((1, FEATURE_DIM), np.float32), self.spec)
+        self.scorer = self._scorer(np.zeros((1, FEATURE_DIM), np.float32))
         self.register_buffer("counts", torch.zeros(0, dtype=torch.int64))
         self.register_buffer("m2", torch.zeros(0, dtype=torch.float64))
         self.register_buffer("radius", torch.tensor(float("nan"), dtype=torch.float64))
@@ -226,6 +227,11 @@ class OCBankModel(nn.Module):
         self.pending = False  # images streamed since the last publish
         self.checkpoint_extras: dict[str, Any] = {}  # set by OCBank.on_load_checkpoint
         self.register_load_state_dict_post_hook(OCBankModel._after_load)
+
+    def _scorer(self, means: np.ndarray) -> AnomalyModel:
+        """The exportable AnomalyModel over ``means`` [K, 1536] (GEMM search) with the config's scoring."""
+        det = self.detector
+        return AnomalyModel(det.extractor, MatmulNearest(means), self.spec, score=GridScore.from_config(det.config))
 
     def train(self, mode: bool = True) -> OCBankModel:
         """Lightning's train mode: the flag only. The backbone stays in eval (frozen batch norm), as ocbank's."""
@@ -285,7 +291,7 @@ class OCBankModel(nn.Module):
         self.pending = False
         state = self.detector.bank.state()
         device = self.counts.device
-        self.scorer = AnomalyModel(self.detector.extractor, state.means, self.spec).to(device)
+        self.scorer = self._scorer(state.means).to(device)
         self.counts = torch.from_numpy(np.asarray(state.counts, np.int64)).to(device)
         self.m2 = torch.from_numpy(np.asarray(state.m2, np.float64)).to(device)
         self.radius = torch.tensor(state.radius, dtype=torch.float64, device=device)
@@ -315,9 +321,12 @@ class OCBankModel(nn.Module):
     # ------------------------------------------------------------------ state dict
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # The bank's size is data: take the incoming shapes before the default copy.
-        for owner, name in ((self, "counts"), (self, "m2"), (self.scorer, "means_t"), (self.scorer, "means_sq")):
-            key = prefix + ("scorer." if owner is self.scorer else "") + name
-            if key in state_dict:
+        search = self.scorer.nearest
+        for owner, name in ((self, "counts"), (self, "m2"), (search, "means_t"), (search, "means_sq")):
+            # the search's buffers, or where checkpoints written before it was a submodule hold them
+            keys = [prefix + name] if owner is self else [prefix + f"scorer.nearest.{name}", prefix + f"scorer.{name}"]
+            key = next((k for k in keys if k in state_dict), None)
+            if key is not None:
                 setattr(owner, name, torch.empty_like(state_dict[key], device=self.counts.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -335,7 +344,7 @@ class OCBankModel(nn.Module):
         # The rest is the bank file's record; a malformed config or decision: ConfigError, as on load.
         record = BankRecord.from_metadata({"config": det.config.to_dict(), **extras}, "<anomalib checkpoint>")
         state = BankState(
-            means=self.scorer.means_t.T.contiguous().cpu().numpy(),
+            means=self.scorer.nearest.means_t.T.contiguous().cpu().numpy(),
             counts=self.counts.cpu().numpy(),
             radius=float(self.radius),
             dim=FEATURE_DIM,
@@ -364,12 +373,7 @@ class OCBankModel(nn.Module):
         if not self.fitted:
             msg = "this OCBank has no bank yet: fit it (Engine.fit), load a checkpoint, or use OCBank.from_bank(path)."
             raise NotFittedError(msg)
-        if self.detector.config.scoring.mode == "nn":
-            score, amap = self.scorer(images)[:2]
-        else:  # the grid modes score in numpy, as Detector does (not exportable: to_onnx refuses them)
-            grid = self.scorer.distances(self.scorer.patch_features(images))
-            amap = self.scorer.maps(grid)
-            score = torch.from_numpy(self.detector.grid_scores(grid.detach().cpu().numpy())).to(grid.device)
+        score, amap = self.scorer(images)[:2]
         return InferenceBatch(pred_score=score, anomaly_map=amap[:, None])
 
 

@@ -43,10 +43,11 @@ from ..engine.checkpoint import BankState
 from ..errors import DataError, InputError, InputTypeError, NotFittedError
 from .calibration import Decision, conservative_quantile
 from .features import FEATURE_DIM, FEATURE_STRIDE, FeatureExtractor
+from .module import AnomalyModel, BankNearest
 from .progress import FitProgress, FitStep, advance
 from .radius import RadiusStats, estimate_radius, sample_images
 from .record import BankRecord, BuildIdentity, OpenedBank, open_bank
-from .scoring import anomaly_maps, image_scores
+from .scoring import GridScore, MapSpec
 from .spool import FeatureSpool
 
 log = logging.getLogger(__name__)
@@ -219,6 +220,7 @@ class Detector:
         self.config = config
         self._extractor = extractor
         self._lock = threading.Lock()
+        self._scorer: tuple[ClusterBank, Any, AnomalyModel] | None = None  # (bank, scoring, model)
 
     @classmethod
     def from_config(
@@ -312,6 +314,7 @@ class Detector:
 
     # ------------------------------------------------------------------ build
     def _reset(self) -> None:
+        self._scorer = None  # holds the old bank
         for key in [k for k in self.__dict__ if k.endswith("_") and not k.startswith("_")]:
             del self.__dict__[key]
 
@@ -470,10 +473,25 @@ class Detector:
         return self
 
     # ------------------------------------------------------------------ score
+    @property
+    def scorer(self) -> AnomalyModel:
+        """The :class:`~ocbank.model.module.AnomalyModel` that turns patch features into scores and maps:
+        the bank's own search (:class:`~ocbank.model.module.BankNearest`) and ``scoring``'s settings.
+
+        Built on first use and kept while the bank and the scoring settings stay the same.
+        """
+        bank, cfg = self.bank, self.config
+        extractor = self.extractor
+        scoring = (cfg.image_size, cfg.scoring)
+        with self._lock:
+            if self._scorer is None or self._scorer[0] is not bank or self._scorer[1] != scoring:
+                model = AnomalyModel(extractor, BankNearest(bank), MapSpec.from_config(cfg), score=GridScore.from_config(cfg))
+                self._scorer = (bank, scoring, model)
+            return self._scorer[2]
+
     def score_batches(self, images: Any, with_masks: bool = False) -> Iterator[ScoredBatch]:
         """Stream results batch by batch (keeps memory flat on large test sets)."""
-        bank = self.bank
-        sigma = self.config.scoring.sigma
+        scorer = self.scorer
         size = self.config.image_size
         for batch, feats in self.features(images, with_masks=with_masks):
             if not batch.index:
@@ -481,22 +499,9 @@ class Detector:
                 rgb = np.zeros((0, size, size, 3), np.uint8)
                 yield ScoredBatch([], batch.skipped, np.zeros(0, np.float32), empty_maps, rgb, None)
                 continue
-            b, h, w, _ = feats.shape
-            dist, _ = bank.search(feats.reshape(-1, FEATURE_DIM), k=1)
-            grid = dist.reshape(b, h, w)
-            yield ScoredBatch(
-                batch.index,
-                batch.skipped,
-                self.grid_scores(grid),
-                anomaly_maps(grid, size, sigma),
-                batch.rgb,
-                batch.mask,
-            )
-
-    def grid_scores(self, grid: np.ndarray) -> np.ndarray:
-        """[B, h, w] patch distances -> [B] float32 image scores under ``scoring.mode``."""
-        s = self.config.scoring
-        return image_scores(grid, s.mode, s.window, s.grid_sigma).astype(np.float32, copy=False)
+            with torch.inference_mode():
+                scores, maps = scorer.score_features(feats)
+            yield ScoredBatch(batch.index, batch.skipped, scores.numpy(), maps.numpy(), batch.rgb, batch.mask)
 
     def predict(self, images: Any) -> Prediction:
         """Score one image, a sequence of images, or a float tensor batch [N, 3, S, S] (RGB in [0, 1]).
@@ -585,6 +590,7 @@ class Detector:
         """Take ``state`` as the bank (on the record's device, searching as its config says) and
         ``record``'s config, radius rule, thresholds, lineage and build identity."""
         self.config = record.config
+        self._scorer = None  # holds the old bank
         self.bank_ = ClusterBank.from_state(
             state, device=resolve_device(self.config.device), **self.config.bank.search_options
         )

@@ -22,7 +22,8 @@ import torch
 
 from .._version import __version__
 from ..errors import ConfigError, DependencyError
-from .module import AnomalyModel, MapSpec
+from .module import AnomalyModel, MatmulNearest
+from .scoring import MapSpec
 
 if TYPE_CHECKING:
     from .detector import Detector
@@ -66,7 +67,7 @@ def settings_from_config(cfg: Any) -> ExportSettings:
         raise ConfigError(msg)
     return ExportSettings(
         Preprocess(resize=cfg.data.resize, crop=cfg.data.crop),
-        MapSpec(size=cfg.image_size, sigma=cfg.scoring.sigma),
+        MapSpec.from_config(cfg),
     )
 
 
@@ -83,7 +84,7 @@ def model_of(det: Detector, source: str) -> tuple[AnomalyModel, dict[str, str]]:
     ``source`` names the bank file in the props.
     """
     settings = settings_from_config(det.config)
-    model = AnomalyModel(det.extractor, det.bank.means, settings.spec, det.decision)
+    model = AnomalyModel(det.extractor, MatmulNearest(det.bank.means), settings.spec, det.decision)
     props = {
         "ocbank_version": __version__,
         "input": {"name": "image", "dtype": "float32", "shape": ["N", 3, settings.spec.size, settings.spec.size]},

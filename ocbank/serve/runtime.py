@@ -1,5 +1,8 @@
 """Scoring runtimes for a loaded bank: the Detector in torch, or its exported graph in onnxruntime.
 
+Both run :class:`~ocbank.model.module.AnomalyModel`; they differ in its 1-NN search (the bank's
+own, or matrix products on the means in the graph) and in the engine that executes it.
+
 Both take the same input, uint8 RGB crops [N, S, S, 3] (what :func:`ocbank.serve.api.decode_image`
 gives), and return raw scores [N] and maps [N, S, S]; the OK/NG rule is applied after,
 in one place (:meth:`ocbank.model.calibration.Decision.apply`), whichever runtime scored.
