@@ -23,6 +23,7 @@ python -m benchmarks.bench_cpu_search --out benchmarks/results [--batches 12] [-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,7 @@ def scoring(data: Path, n_train: int, n_test: int, rounds: int) -> dict[str, Any
             det.fit(train)
         else:
             first = dets["faiss"]
-            det.adopt(first.bank.state(), first.fitted_record(), first.decision)
+            det.adopt(first.bank.state(), dataclasses.replace(first.record(), config=det.config))
         dets[search] = det
     assert {s: d.bank.search_backend_["search"] for s, d in dets.items()} == {s: s for s in SEARCHES}
     feats = torch.cat([f for _, f in dets["faiss"].features(test)]).reshape(-1, DIM).numpy()

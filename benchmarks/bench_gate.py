@@ -82,7 +82,7 @@ def measure(root: Path, texture: str, crop: int, n_train: int, n_calibration: in
     other = {t: _added_fraction(det, _files(root, t, "train", "good")[:n_update]) for t in TEXTURES if t != texture}
     return {
         "k": len(det.bank),
-        "radius": det.bank.radius,
+        "radius": det.bank.radius_,
         "normal_normalized": _quantiles(normal_norm),
         "false_alarm_normalized": _quantiles(false_alarms),
         "defect_normalized": _quantiles(defect_norm),

@@ -140,8 +140,7 @@ def bank_for(data: Path, cache: Path, name: str, size: int) -> tuple[Any, Any]:
     bank = ClusterBank(DIM, est.radius)
     bank.add(x)
     det = Detector.from_config(detector_config(size))
-    det.bank_ = bank
-    det.radius_stats_ = RadiusStats(est.radius, est, RADIUS_IMAGES)
+    det.use_bank(bank, RadiusStats(est.radius, est, RADIUS_IMAGES))
     return det, est
 
 
@@ -172,7 +171,7 @@ def instrumented_predict(det: Any, samples: list[Any], out: Path, overlays: int 
     clock = StageClock()
     size = det.config.image_size
     sigma = det.config.scoring.sigma
-    vmin, vmax = map_range(det.bank.radius)
+    vmin, vmax = map_range(det.bank.radius_)
     written = 0
     t_all = t = time.perf_counter()
     loader = iter(make_loader(samples, det.config))
@@ -211,7 +210,7 @@ def prefetched_predict(
 
     size = det.config.image_size
     sigma = det.config.scoring.sigma
-    vmin, vmax = map_range(det.bank.radius)
+    vmin, vmax = map_range(det.bank.radius_)
     q: queue.Queue = queue.Queue(maxsize=2)
 
     def produce() -> None:

@@ -251,7 +251,7 @@ def _detector_equality(ctx: Context, part: Part) -> None:
         cpu = _detector(ctx, side, "cpu", batch=4)
         cpu.fit(train)
         extra = {"gpu_search": "torch"} if ctx.device == "cpu" else {}
-        dev = _detector(ctx, side, ctx.device, batch=4, radius=cpu.bank.radius, **extra)
+        dev = _detector(ctx, side, ctx.device, batch=4, radius=cpu.bank.radius_, **extra)
         dev.fit(train)
         a, b = cpu.predict(test), dev.predict(test)
     span = float(a.maps.max() - a.maps.min())
@@ -343,7 +343,7 @@ def _e2e(ctx: Context, part: Part, side: int, precisions: tuple[str, ...], n_ima
             det.fit(imgs)
             sync(ctx.device)
             fit_s = time.perf_counter() - t
-        radius = det.bank.radius
+        radius = det.bank.radius_
         with PeakMemory(ctx.device) as score_mem:
             warm = det.extractor(normalize(imgs[:32].to(ctx.device)))  # warm-up: kernels for this batch shape
             det.bank.search(warm.reshape(-1, warm.shape[-1]))

@@ -130,8 +130,8 @@ def patch_modes(q: Query, d_eff: float) -> dict[str, np.ndarray]:
         "rms_member": np.sqrt(d0**2 + spread**2),
         "nn_member_est": np.sqrt(np.maximum(nn_est, 0.0)),
         "over_spread_median": d0 / (spread + med),
-        "singleton_penalty": d0 + np.where(counts <= 1, 0.1 * b.radius, 0.0),
-        "count_penalty": d0 + b.radius / np.sqrt(counts) * 0.25,
+        "singleton_penalty": d0 + np.where(counts <= 1, 0.1 * b.radius_, 0.0),
+        "count_penalty": d0 + b.radius_ / np.sqrt(counts) * 0.25,
         "knn3_mean": d[:, :3].mean(axis=1),
         "density_nll": soft,
     }

@@ -88,8 +88,8 @@ def test_scores_equal_detector_predict(fitted):
     kwargs = {"weights": "none", "image_size": IMAGE_SIZE}
     # The radius rule runs on the first RADIUS_IMAGES images (Detector: its sample of RADIUS_IMAGES of them = all).
     sample = Detector(radius="auto", radius_images=RADIUS_IMAGES, **kwargs).fit(train_files[:RADIUS_IMAGES])
-    assert model.detector.bank.radius == pytest.approx(sample.bank.radius, rel=1e-4)
-    det = Detector(radius=model.detector.bank.radius, **kwargs).fit(train_files)
+    assert model.detector.bank.radius_ == pytest.approx(sample.bank.radius_, rel=1e-4)
+    det = Detector(radius=model.detector.bank.radius_, **kwargs).fit(train_files)
     assert len(model.detector.bank) == len(det.bank)
     assert model.detector.bank.n_seen == det.bank.n_seen == len(train_files) * (IMAGE_SIZE // 8) ** 2
 
@@ -203,12 +203,22 @@ def test_from_bank_to_bank_round_trip_exactly(bank_file, tmp_path, tiny_mvtec):
 
 
 @pytest.mark.slow
-def test_from_bank_scores_like_the_bank(bank_file, tiny_mvtec):
-    """OCBank.from_bank(file) scores anomalib-decoded images as Detector.load(file).predict scores the files."""
+@pytest.mark.parametrize("mode", ["nn", "local_mean", "local_gauss"])
+def test_from_bank_scores_like_the_bank(bank_file, tiny_mvtec, tmp_path, mode):
+    """OCBank.from_bank(file) scores anomalib-decoded images as Detector.load(file).predict scores the files,
+    in every scoring mode: one AnomalyModel, searching by GEMM on the means (adapter) or the bank (Detector)."""
+    import dataclasses
+
     from ocbank.integrations.anomalib import OCBank
     from ocbank.model.detector import Detector
 
+    if mode != "nn":
+        det = Detector.load(bank_file)
+        det.config = dataclasses.replace(det.config, scoring=dataclasses.replace(det.config.scoring, mode=mode))
+        bank_file = tmp_path / f"{mode}.h5"
+        det.save(bank_file)
     model = OCBank.from_bank(bank_file, visualizer=False)
+    assert model.model.scorer.score.mode == mode
     dm = _folder(tiny_mvtec / "weave")
     dm.setup()
     paths, scores, maps = _raw_scores(model, dm.test_data)
@@ -319,6 +329,28 @@ def test_unfitted_model_and_unexportable_modes_refuse(anomalib_api, tmp_path):
     with pytest.raises(ConfigError, match="local_mean"):
         model.to_onnx(tmp_path)
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_a_state_dict_from_before_the_search_was_a_submodule_loads(anomalib_api):
+    """Checkpoints that hold the means at scorer.means_t (not scorer.nearest.means_t) restore the same bank."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ocbank.integrations.anomalib import OCBankModel
+    from ocbank.model.detector import Detector
+
+    no_backbone = SimpleNamespace(stem=torch.nn.Identity(), layer2=torch.nn.Identity(), layer3=torch.nn.Identity(), pool="none")
+    det = Detector(weights="none", image_size=IMAGE_SIZE, radius=2.0, extractor=no_backbone)
+    model = OCBankModel(det)
+    means = (np.random.default_rng(0).standard_normal((5, 1536)) * 10).astype(np.float32)
+    old = {"counts": torch.ones(5, dtype=torch.int64), "m2": torch.zeros(5, dtype=torch.float64),
+           "radius": torch.tensor(2.0, dtype=torch.float64), "n_seen": torch.tensor(5),
+           "scorer.means_t": torch.from_numpy(means.T.copy()), "scorer.means_sq": torch.from_numpy((means**2).sum(1))}
+    model.load_state_dict(old)  # strict: an unmapped old key would be refused as unexpected
+    assert torch.equal(model.scorer.nearest.means_t, old["scorer.means_t"])
+    np.testing.assert_array_equal(det.bank.means, means)
+    assert det.bank.n_seen == 5 and det.bank.radius == 2.0
 
 
 def test_import_ocbank_works_without_anomalib():

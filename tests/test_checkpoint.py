@@ -159,7 +159,7 @@ def test_read_metadata_helper(tmp_path: Path, bank: ClusterBank):
         (lambda b: b.store_._means.__setitem__((1, 2), np.inf), "NaN or inf"),
         (lambda b: b.store_._m2.__setitem__(0, np.nan), "m2 must be finite"),
         (lambda b: b.store_._m2.__setitem__(0, -1.0), "m2 must be finite and >= 0"),
-        (lambda b: setattr(b, "radius", float("inf")), "radius must be finite"),
+        (lambda b: setattr(b, "radius_", float("inf")), "radius must be finite"),
     ],
 )
 def test_save_refuses_an_inconsistent_bank_and_writes_nothing(tmp_path: Path, bank: ClusterBank, damage, words):

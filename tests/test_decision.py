@@ -57,7 +57,7 @@ def test_numpy_thresholds_are_taken_as_plain_floats():
 
 def test_metadata_round_trip_and_target():
     d = Decision(3.0, 4.0, 0.01, 50, "holdout", attainable_false_alarm_rate=1 / 51)
-    assert Decision.from_metadata({"decision": d.to_dict()}) == d
+    assert Decision.from_dict(d.to_dict()) == d
     assert not d.target_met and Decision(3.0, 4.0, 0.1, 50, "folder", attainable_false_alarm_rate=1 / 51).target_met
     assert Decision(3.0, 4.0).target_met  # thresholds given, not calibrated: no target to miss
 

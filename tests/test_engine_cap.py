@@ -40,7 +40,7 @@ def test_cap_holds_after_every_add_and_bank_equals_capped_reference():
     np.testing.assert_array_equal(bank.counts, ref.counts)
     np.testing.assert_allclose(bank.means, ref.means, atol=1e-4)
     np.testing.assert_allclose(bank.m2, ref.m2, rtol=1e-5, atol=1e-3)
-    assert bank.radius == pytest.approx(ref.radius)
+    assert bank.radius_ == pytest.approx(ref.radius)
     assert len(bank.radius_history_) == len(ref.history)
     ints = ("n_seen", "k_before", "k_after")
     for got, want in zip(bank.radius_history_, ref.history, strict=True):
@@ -96,7 +96,7 @@ def test_capped_bank_against_uncapped_bank_at_the_final_radius():
     X = distinct(10 * CAP, seed=3)
     X64 = X.astype(np.float64)
     capped = ClusterBank(8, 0.5, max_centroids=CAP).add(X)
-    uncapped = ClusterBank(8, capped.radius).add(X)
+    uncapped = ClusterBank(8, capped.radius_).add(X)
     grand = X64.mean(0)
     total = ((X64 - grand) ** 2).sum()
     assert len(capped) <= CAP
@@ -113,13 +113,13 @@ def test_capped_bank_against_uncapped_bank_at_the_final_radius():
 def test_capped_bank_on_the_host_decided_torch_path_equals_reference(monkeypatch):
     """The GPU-style store (candidate mode, means updated after the kernel) stops at the cap too."""
     X = distinct(6 * CAP, seed=4)
-    monkeypatch.setattr(ClusterBank, "_new_store", lambda self: TorchStore(self.dim, self.radius, "cpu", 3))
+    monkeypatch.setattr(ClusterBank, "_new_store", lambda self: TorchStore(self.dim, self.radius_, "cpu", 3))
     bank = feed(ClusterBank(8, 0.5, max_centroids=CAP), X, list(range(50, len(X), 50)))
     assert isinstance(bank.store_, TorchStore)
     ref = reference_bank(X, 0.5, max_centroids=CAP)
     np.testing.assert_array_equal(bank.counts, ref.counts)
     np.testing.assert_allclose(bank.means, ref.means, atol=1e-4)
-    assert bank.radius == pytest.approx(ref.radius)
+    assert bank.radius_ == pytest.approx(ref.radius)
 
 
 def test_save_load_continue_equals_uninterrupted(tmp_path: Path):
@@ -135,7 +135,7 @@ def test_save_load_continue_equals_uninterrupted(tmp_path: Path):
     np.testing.assert_array_equal(resumed.counts, whole.counts)
     np.testing.assert_allclose(resumed.means, whole.means, atol=1e-5)
     np.testing.assert_allclose(resumed.m2, whole.m2, rtol=1e-6, atol=1e-4)
-    assert resumed.radius == whole.radius and resumed.radius_history_ == whole.radius_history_
+    assert resumed.radius_ == whole.radius_ and resumed.radius_history_ == whole.radius_history_
 
 
 @pytest.mark.parametrize(
@@ -158,8 +158,23 @@ def test_invalid_cap_settings_are_refused(kwargs):
 def test_fit_restarts_a_capped_bank_from_its_first_radius():
     X = distinct(4 * CAP, seed=6)
     bank = ClusterBank(8, 0.5, max_centroids=CAP).add(X)
-    assert bank.radius > 0.5
+    assert bank.radius_ > 0.5
     refit = bank.fit(X)
     fresh = ClusterBank(8, 0.5, max_centroids=CAP).add(X)
-    assert refit.radius == fresh.radius and refit.radius_history_ == fresh.radius_history_
+    assert refit.radius_ == fresh.radius_ and refit.radius_history_ == fresh.radius_history_
     np.testing.assert_array_equal(refit.counts, fresh.counts)
+
+
+def test_the_cap_grows_the_fitted_radius_never_the_hyperparameter(tmp_path: Path):
+    """radius is what the bank was given (fitting never changes it); the cap grows the fitted radius_."""
+    X = distinct(4 * CAP, seed=7)
+    bank = ClusterBank(8, 0.5, max_centroids=CAP).add(X)
+    assert bank.radius == 0.5 and bank.radius_ > 0.5
+    assert bank.radius_ == bank.radius_history_[-1]["new"] and bank.radius_history_[0]["old"] == 0.5
+    assert "radius=0.5" in repr(bank) and f"radius_={bank.radius_}" in repr(bank)
+    bank.save(tmp_path / "b.h5")  # the file stores the radius the bank absorbs at, as before
+    loaded = ClusterBank.load(tmp_path / "b.h5")
+    assert (loaded.radius, loaded.radius_) == (0.5, bank.radius_)
+    more = distinct(CAP, seed=8)
+    np.testing.assert_array_equal(loaded.add(more).counts, bank.add(more).counts)  # streams on at radius_
+    assert loaded.fit(X).radius_ == ClusterBank(8, 0.5, max_centroids=CAP).add(X).radius_

@@ -54,7 +54,7 @@ def test_any_batch_split_gives_the_one_batch_bank(X, radius, cuts, cap):
     np.testing.assert_allclose(pieces.means, whole.means, rtol=1e-5, atol=1e-4)
     scale = 1e-6 * whole.counts * max(1.0, float((X.astype(np.float64) ** 2).sum(1).mean()))
     assert (np.abs(pieces.m2 - whole.m2) <= scale).all()
-    assert pieces.radius == whole.radius and pieces.n_seen == whole.n_seen == len(X)
+    assert pieces.radius_ == whole.radius_ and pieces.n_seen == whole.n_seen == len(X)
     if cap is None:  # and both equal the float64 one-at-a-time reference
         ref = reference_bank(X, radius)
         np.testing.assert_array_equal(whole.counts, ref.counts)

@@ -12,9 +12,11 @@ import torch
 
 from ocbank import Detector
 from ocbank.data.images import Transform, open_image
-from ocbank.errors import ConfigError, DependencyError
+from ocbank.engine import ClusterBank
+from ocbank.errors import ConfigError, DependencyError, InputError
 from ocbank.model.calibration import Decision
-from ocbank.model.module import AnomalyModel, MapSpec
+from ocbank.model.module import AnomalyModel, BankNearest, MatmulNearest, NearestDistance
+from ocbank.model.scoring import MapSpec
 
 from .conftest import tiny_config
 
@@ -108,19 +110,25 @@ def test_onnx_graph_has_dynamic_batch_metadata_and_means(banks, exported):
     means = np.asarray(banks["det"].bank.means)
     shape = [1536, len(means)]
     stored = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if list(t.dims) == shape}
-    assert list(stored) == ["means_t"] and np.array_equal(stored["means_t"], means.T)  # the bank, bit for bit
+    assert list(stored) == ["nearest.means_t"] and np.array_equal(stored["nearest.means_t"], means.T)  # the bank, bit for bit
 
 
-def test_torch_module_without_decision_equals_detector(banks):
+def test_torch_module_gemm_search_equals_the_banks_search(banks):
+    """One AnomalyModel, two searches: the exportable GEMM on the means, and the bank's own (Detector.predict's)."""
     det = banks["det"]
-    model = AnomalyModel(det.extractor, det.bank.means, MapSpec(64, 4.0))
+    model = AnomalyModel(det.extractor, MatmulNearest(det.bank.means), MapSpec(64, 4.0))
     assert model.output_names == ("score", "map")
+    assert isinstance(det.scorer.nearest, BankNearest) and det.scorer.nearest.bank is det.bank
+    x = torch.from_numpy(_crops(banks["paths"][:2]))
     with torch.inference_mode():
-        out = model(torch.from_numpy(_crops(banks["paths"][:2])))
+        out = model(x)
+        via_bank = det.scorer(x)
     assert len(out) == 2
     scale = float(np.ptp(banks["maps"]))
     _close_to_range(out[0].numpy(), banks["scores"][:2], scale)
     _close_to_range(out[1].numpy(), banks["maps"][:2], scale)
+    _close_to_range(via_bank[0].numpy(), banks["scores"][:2], scale)  # the bank's search, whole-image forward
+    _close_to_range(via_bank[1].numpy(), banks["maps"][:2], scale)
 
 
 class _TinyExtractor(torch.nn.Module):
@@ -140,7 +148,7 @@ def test_onnx_external_data_same_results(tmp_path):
     from ocbank.model.export import export_onnx
 
     means = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
-    model = AnomalyModel(_TinyExtractor(), means, MapSpec(32, 1.0), Decision(1.0, 1.0))
+    model = AnomalyModel(_TinyExtractor(), MatmulNearest(means), MapSpec(32, 1.0), Decision(1.0, 1.0))
     out = export_onnx(model, tmp_path / "m.onnx", {"k": "1"}, external_data=True)
     assert (tmp_path / "m.onnx.data").stat().st_size >= means.nbytes
     x = np.random.default_rng(1).random((3, 3, 32, 32)).astype(np.float32)
@@ -153,14 +161,24 @@ def test_onnx_external_data_same_results(tmp_path):
     _close_to_range(got[1], want[1].numpy(), scale)
 
 
-def test_module_distances_are_brute_force_nearest(extractor):
+@pytest.mark.parametrize("search", ["gemm", "bank"])
+def test_module_distances_are_brute_force_nearest(extractor, search):
+    """Both searches give the exact 1-NN distance (float64 cdist), and ~0 for a centroid itself."""
     rng = np.random.default_rng(0)
     means = (rng.standard_normal((50, 1536)) * 3).astype(np.float32)
-    model = AnomalyModel(extractor, means, MapSpec(64, 4.0))
+    if search == "gemm":
+        nearest: NearestDistance = MatmulNearest(means)
+    else:
+        bank = ClusterBank(1536, 1.0)  # centroids ~170 apart: each mean stays its own centroid
+        bank.add(means)
+        assert len(bank) == 50
+        nearest = BankNearest(bank)
+    model = AnomalyModel(extractor, nearest, MapSpec(64, 4.0))
     q = torch.from_numpy(means[rng.integers(0, 50, 12)] + rng.standard_normal((12, 1536)).astype(np.float32))
     want = torch.cdist(q.double(), torch.from_numpy(means).double()).min(1).values
-    got = model.distances(q.view(1, 3, 4, 1536)).reshape(-1)
-    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4)
+    got = model.distances(q.view(1, 3, 4, 1536))
+    assert got.shape == (1, 3, 4)
+    np.testing.assert_allclose(got.reshape(-1).numpy(), want.numpy(), rtol=1e-4)
     exact = model.distances(torch.from_numpy(means[:3]).view(1, 1, 3, 1536))
     assert float(exact.max()) < 1e-2 * float(want.min())  # a centroid itself: ~0, never NaN from a negative d^2
 
@@ -168,14 +186,17 @@ def test_module_distances_are_brute_force_nearest(extractor):
 def test_module_refuses_bad_settings(extractor):
     means = np.ones((2, 1536), np.float32)
     with pytest.raises(ConfigError, match="scoring.sigma"):
-        AnomalyModel(extractor, means, MapSpec(64, -4.0))
+        AnomalyModel(extractor, MatmulNearest(means), MapSpec(64, -4.0))
     with pytest.raises(ConfigError, match="multiple of the stride 8"):
-        AnomalyModel(extractor, means, MapSpec(60, 1.0))
+        AnomalyModel(extractor, MatmulNearest(means), MapSpec(60, 1.0))
+    with pytest.raises(InputError, match="NearestDistance"):
+        AnomalyModel(extractor, means, MapSpec(64, 1.0))  # the means themselves are not a search
+    with pytest.raises(InputError, match="non-empty"):
+        MatmulNearest(np.zeros((0, 1536), np.float32))
     with pytest.raises(ConfigError, match="image_threshold"):
         Decision(float("nan"), 1.0)
-    assert Decision.from_metadata({}) is None
     with pytest.raises(ConfigError, match="lacks"):
-        Decision.from_metadata({"decision": {"image_threshold": 1.0}})
+        Decision.from_dict({"image_threshold": 1.0})
 
 
 def test_export_format_and_missing_openvino(banks, monkeypatch):

@@ -74,6 +74,6 @@ def test_gpu_m2_and_cap_match_cpu(gpu_search):
         gpu.add(torch.from_numpy(X[start : start + 784]).cuda())
         assert len(gpu) <= 60
     np.testing.assert_array_equal(gpu.counts, cpu.counts)
-    assert gpu.radius == cpu.radius and gpu.radius_history_ == cpu.radius_history_
+    assert gpu.radius_ == cpu.radius_ and gpu.radius_history_ == cpu.radius_history_
     scale = 1e-6 * cpu.counts * float((X.astype(np.float64) ** 2).sum(1).mean())
     assert (np.abs(gpu.m2 - cpu.m2) <= scale).all()

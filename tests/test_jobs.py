@@ -43,8 +43,8 @@ def build_until_first_checkpoint(plan, name: str = "weave") -> None:
     """Run a class's build and stop it (KeyboardInterrupt) right after its first checkpoint is written."""
     real_save = jobs.Detector.save
 
-    def crash_after_checkpoint(self, path, extra=None):
-        real_save(self, path, extra)
+    def crash_after_checkpoint(self, path, extra=None, **kwargs):
+        real_save(self, path, extra, **kwargs)
         if str(path).endswith(".partial.h5"):
             raise KeyboardInterrupt
 

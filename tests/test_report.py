@@ -48,7 +48,7 @@ def evaluated(tiny_mvtec, extractor, tmp_path_factory):
         det = Detector.from_config(cfg, extractor=extractor).fit([str(p) for p in train])
         extra = {}
         if name == "weave":  # a stand-in calibration
-            extra = {"decision": {"image_threshold": 1.5 * det.bank.radius, "pixel_threshold": det.bank.radius,
+            extra = {"decision": {"image_threshold": 1.5 * det.bank.radius_, "pixel_threshold": det.bank.radius_,
                                   "false_alarm_rate": 0.01, "n_images": 6, "source": "test",
                                   "normalization": "score / image_threshold"}}
         det.save(banks / f"{name}.h5", extra=extra)

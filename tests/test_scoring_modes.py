@@ -115,3 +115,69 @@ def test_with_exemplars_takes_the_nearer_and_checks_shapes():
         exemplars.edge_exemplars(np.zeros(3), 1.5)
     with pytest.raises(InputError):
         exemplars.edge_exemplars(np.array([1.0, np.nan]), 0.5)
+
+
+def _no_backbone():
+    """What AnomalyModel takes from an extractor; score_features never runs it."""
+    from types import SimpleNamespace
+
+    import torch
+
+    return SimpleNamespace(stem=torch.nn.Identity(), layer2=torch.nn.Identity(), layer3=torch.nn.Identity(), pool="none")
+
+
+@pytest.mark.parametrize("mode", sm.MODES)
+def test_anomaly_model_scores_and_maps_with_either_search(mode):
+    """AnomalyModel's score/map step on the bank's search and on the exportable GEMM, against scipy on the exact 1-NN grid."""
+    import torch
+    import torch.nn.functional as F
+    from scipy.ndimage import gaussian_filter
+
+    from ocbank.engine import ClusterBank
+    from ocbank.model.module import AnomalyModel, BankNearest, MatmulNearest
+
+    rng = np.random.default_rng(3)
+    means = (rng.standard_normal((30, 16)) * 3).astype(np.float32)
+    feats = (means[rng.integers(0, 30, (2, 6, 6))] + rng.standard_normal((2, 6, 6, 16))).astype(np.float32)
+    feats[1, 2:5, 1:4] += 4.0  # a blob far from the bank
+    bank = ClusterBank(16, 0.5)  # centroids ~17 apart: each mean stays its own centroid
+    bank.add(means)
+    assert len(bank) == 30
+    grid = np.sqrt(((feats[..., None, :].astype(np.float64) - means) ** 2).sum(-1)).min(-1)  # [2, 6, 6]
+    smoothed = {"nn": grid, "local_mean": uniform_filter(grid, size=(1, 3, 3), mode="nearest"),
+                "local_gauss": gaussian_filter(grid, sigma=(0, 1.0, 1.0), mode="nearest", truncate=4.0)}[mode]
+    want_scores = smoothed.reshape(2, -1).max(axis=1)
+    up = F.interpolate(torch.from_numpy(grid)[:, None], size=(48, 48), mode="bilinear", align_corners=False)[:, 0]
+    want_maps = gaussian_filter(up.numpy(), sigma=(0, 2.0, 2.0), mode="reflect", truncate=4.0)
+    span = float(np.ptp(want_maps))
+    for nearest in (MatmulNearest(means), BankNearest(bank)):
+        model = AnomalyModel(_no_backbone(), nearest, sm.MapSpec(48, 2.0), score=sm.GridScore(mode))
+        with torch.inference_mode():
+            scores, maps = model.score_features(torch.from_numpy(feats))
+        assert scores.dtype == maps.dtype == torch.float32 and maps.shape == (2, 48, 48)
+        np.testing.assert_allclose(scores.numpy(), want_scores, rtol=1e-5, err_msg=type(nearest).__name__)
+        np.testing.assert_allclose(maps.numpy(), want_maps, rtol=0, atol=1e-5 * span, err_msg=type(nearest).__name__)
+
+
+def test_detector_scorer_follows_its_bank_and_scoring_settings():
+    """Detector.predict's AnomalyModel is built once, searches the live bank, and is rebuilt when either changes."""
+    import dataclasses
+
+    from ocbank import Detector
+    from ocbank.engine import ClusterBank
+    from ocbank.model.module import BankNearest
+    from ocbank.model.radius import RadiusStats
+
+    det = Detector(weights="none", image_size=64, radius=1.0, extractor=_no_backbone())
+    first = ClusterBank(1536, 1.0)
+    first.add(np.ones((1, 1536), np.float32))
+    det.use_bank(first, RadiusStats(1.0))
+    scorer = det.scorer
+    assert det.scorer is scorer and isinstance(scorer.nearest, BankNearest) and scorer.nearest.bank is first
+    assert scorer.score.mode == "nn" and scorer.spec == sm.MapSpec(64, det.config.scoring.sigma)
+    det.config = dataclasses.replace(det.config, scoring=dataclasses.replace(det.config.scoring, mode="local_mean"))
+    assert det.scorer is not scorer and det.scorer.score.mode == "local_mean"
+    second = ClusterBank(1536, 1.0)
+    second.add(np.zeros((1, 1536), np.float32))
+    det.use_bank(second, RadiusStats(1.0))
+    assert det.scorer.nearest.bank is second

@@ -17,6 +17,7 @@ from ocbank.config import from_dict
 from ocbank.engine import bank as bank_mod
 from ocbank.engine import store as store_mod
 from ocbank.engine._faiss import faiss
+from ocbank.engine.checkpoint import read_metadata
 from ocbank.engine.device import resolve_device
 from ocbank.engine.store import CpuStore, TorchStore, rerank_exact, resolve_search, torch_knn
 from ocbank.errors import ConfigError, DeviceError, InputError
@@ -67,7 +68,7 @@ def test_capped_torch_bank_equals_capped_reference():
     assert len(bank) <= 40
     np.testing.assert_array_equal(bank.counts, ref.counts)
     np.testing.assert_allclose(bank.means, ref.means, rtol=0, atol=1e-5)
-    assert bank.radius == pytest.approx(ref.radius) and len(bank.radius_history_) == len(ref.history)
+    assert bank.radius_ == pytest.approx(ref.radius) and len(bank.radius_history_) == len(ref.history)
     assert (np.abs(bank.m2 - ref.m2) <= m2_tolerance(X, ref.counts, 1e-6)).all()
 
 
@@ -269,5 +270,5 @@ def test_detector_on_the_torch_search_matches_the_faiss_store_and_records_it(tin
     assert np.abs(a.maps - b.maps).max() <= 1e-3 * span
     det.save(tmp_path / "det.h5")
     again = Detector.load(tmp_path / "det.h5")
-    assert again.metadata_["search_backend"] == {"device": "cpu", "search": "torch", "precision": "bf16"}
+    assert read_metadata(tmp_path / "det.h5")["search_backend"] == {"device": "cpu", "search": "torch", "precision": "bf16"}
     assert again.bank.search_backend_["search"] == "torch"  # the config's gpu_search comes back with it

@@ -64,7 +64,8 @@ class ClusterBank:
     re-clustered at the new radius (streamed as weighted points with their M2,
     in index order: the merge path), repeatedly until fewer than N remain; then
     streaming goes on from that same vector. The bank never holds more than N
-    centroids. Every raise is recorded in ``radius_history_``.
+    centroids. Fitting never changes the ``radius`` it was given: the radius it absorbs at
+    now is the fitted ``radius_``, and every raise is recorded in ``radius_history_``.
 
     Thread safety: one readers-writer lock per bank. ``add``, ``fit``,
     ``partial_fit``, ``merge``, ``save`` and ``load_state`` are writers and
@@ -140,7 +141,8 @@ class ClusterBank:
             msg = f"radius_growth must be > 1, got {radius_growth!r}. Pass e.g. radius_growth=1.25."
             raise InputError(msg)
         self.dim = int(dim)
-        self.radius = r
+        self.radius = r  # the hyperparameter: fitting never changes it
+        self.radius_ = r  # the radius the bank absorbs at now: the cap grows it (radius_history_)
         self.device = device
         self.max_centroids = None if max_centroids is None else int(max_centroids)
         self.radius_growth = growth
@@ -168,8 +170,8 @@ class ClusterBank:
         device = resolve_device(self.device)
         search = resolve_search(self.gpu_search, device, self.gpu_search_precision)
         if device == "cpu" and search == "faiss":
-            return CpuStore(self.dim, self.radius, search=resolve_cpu_search(self.cpu_search))
-        return TorchStore(self.dim, self.radius, device, search=search, precision=self.gpu_search_precision)
+            return CpuStore(self.dim, self.radius_, search=resolve_cpu_search(self.cpu_search))
+        return TorchStore(self.dim, self.radius_, device, search=search, precision=self.gpu_search_precision)
 
     @property
     def _bank_store(self) -> Store:
@@ -231,9 +233,10 @@ class ClusterBank:
         # The search in use once the store exists (asking earlier would run cpu_search's measurement).
         store = self.__dict__.get("store_")
         runs = "" if store is None else f", searched with {self.search_backend_['search']}"
+        grown = f" (grown to radius_={self.radius_})" if self.radius_ != self.radius else ""
         return (
             f"ClusterBank(dim={self.dim}, radius={self.radius}, device={self.device!r}{cap}{search}) "
-            f"with {len(self)} centroids from {self.n_seen} vectors{runs}"
+            f"with {len(self)} centroids from {self.n_seen} vectors{runs}{grown}"
         )
 
     @property
@@ -363,7 +366,7 @@ class ClusterBank:
         """Raise the radius and re-cluster the centroids until fewer than max_centroids remain."""
         store = self._bank_store
         while True:
-            old = self.radius
+            old = self.radius_
             new = old * self.radius_growth
             if not math.isfinite(new * new):
                 msg = (
@@ -377,7 +380,7 @@ class ClusterBank:
             store.size = 0
             # The merge path: centroids as points of weight n carrying their M2.
             store.stream(store.rows(means), counts, m2)
-            self.radius = new
+            self.radius_ = new
             self.radius_history_.append(
                 {"n_seen": int(seen), "old": old, "new": new, "k_before": int(k_before), "k_after": int(store.size)}
             )
@@ -407,8 +410,7 @@ class ClusterBank:
     def fit(self, X: Any, y: None = None) -> ClusterBank:
         """Reset the bank (a capped bank goes back to its first radius), then stream ``X`` [n, dim] into it."""
         with self._writing("fit"):
-            if self.radius_history_:
-                self.radius = float(self.radius_history_[0]["old"])
+            self.radius_ = self.radius
             self.__dict__.pop("store_", None)
             self.__dict__.pop("n_seen_", None)
             self.spread_known_ = True
@@ -438,9 +440,9 @@ class ClusterBank:
         means, counts, m2 = snap.means, snap.counts, snap.m2
         with self._writing("merge"):
             # Checked under the lock, on the snapshot: a concurrent add may raise either radius (cap).
-            if snap.radius != self.radius:
+            if snap.radius != self.radius_:
                 msg = (
-                    f"cannot merge a bank of radius {snap.radius} into one of radius {self.radius}. "
+                    f"cannot merge a bank of radius {snap.radius} into one of radius {self.radius_}. "
                     "Build both with the same radius."
                 )
                 raise InputError(msg)
@@ -526,7 +528,7 @@ class ClusterBank:
             return checkpoint.BankState(
                 means,
                 counts,
-                self.radius,
+                self.radius_,
                 self.dim,
                 self.n_seen,
                 metadata if metadata is not None else getattr(self, "metadata_", {}),
@@ -559,7 +561,7 @@ class ClusterBank:
         """A bank holding ``state``'s centroids, counts, m2, n_seen, cap, radius history and metadata."""
         bank = cls(
             dim=state.dim,
-            radius=state.radius,
+            radius=state.radius_history[0]["old"] if state.radius_history else state.radius,
             device=device,
             max_centroids=state.max_centroids,
             radius_growth=state.radius_growth,
@@ -575,7 +577,8 @@ class ClusterBank:
         with self._writing("load_state"):
             k = state.means.shape[0]
             m2 = np.zeros(k, np.float64) if state.m2 is None else np.asarray(state.m2, dtype=np.float64)
-            self.radius = check_radius(state.radius)
+            self.radius_ = check_radius(state.radius)
+            self.radius = float(state.radius_history[0]["old"]) if state.radius_history else self.radius_
             self.max_centroids = state.max_centroids
             self.radius_growth = float(state.radius_growth)
             self.__dict__.pop("store_", None)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -38,16 +38,17 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..config import BackboneConfig, BankConfig, Config, DataConfig, ScoringConfig, from_dict
+from ..config import BackboneConfig, BankConfig, Config, DataConfig, ScoringConfig
 from ..data import Transform
 from ..data.images import rgb8_to_unit
 from ..engine.checkpoint import BankState
 from ..errors import ConfigError, DependencyError, NotFittedError
-from ..model.calibration import Decision
 from ..model.detector import SPOOL_MEMORY_BYTES, Detector
 from ..model.export import settings_from_config
 from ..model.features import FEATURE_DIM
-from ..model.module import AnomalyModel, MapSpec
+from ..model.module import AnomalyModel, MatmulNearest
+from ..model.record import BankRecord, open_bank
+from ..model.scoring import GridScore, MapSpec
 from ..model.spool import FeatureSpool
 
 try:
@@ -63,6 +64,8 @@ except ImportError as exc:  # pragma: no cover - the extra is missing
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "ocbank"  # the Lightning checkpoint entry with the bank's metadata (JSON text)
+# Keys of that entry that hold the bank's own state (the rest is its record, as in a bank file).
+_BANK_EXTRAS = ("spread_known", "radius_growth", "radius_history")
 
 
 # ---------------------------------------------------------------------- pre-processing
@@ -213,9 +216,9 @@ class OCBankModel(nn.Module):
         super().__init__()
         self.detector = detector
         config = detector.config
-        self.spec = MapSpec(config.image_size, config.scoring.sigma)
+        self.spec = MapSpec.from_config(config)
         # An unfitted scorer holds one placeholder centroid; forward refuses it (counts is empty).
-        self.scorer = AnomalyModel(detector.extractor, np.zeros((1, FEATURE_DIM), np.float32), self.spec)
+        self.scorer = self._scorer(np.zeros((1, FEATURE_DIM), np.float32))
         self.register_buffer("counts", torch.zeros(0, dtype=torch.int64))
         self.register_buffer("m2", torch.zeros(0, dtype=torch.float64))
         self.register_buffer("radius", torch.tensor(float("nan"), dtype=torch.float64))
@@ -224,6 +227,11 @@ class OCBankModel(nn.Module):
         self.pending = False  # images streamed since the last publish
         self.checkpoint_extras: dict[str, Any] = {}  # set by OCBank.on_load_checkpoint
         self.register_load_state_dict_post_hook(OCBankModel._after_load)
+
+    def _scorer(self, means: np.ndarray) -> AnomalyModel:
+        """The exportable AnomalyModel over ``means`` [K, 1536] (GEMM search) with the config's scoring."""
+        det = self.detector
+        return AnomalyModel(det.extractor, MatmulNearest(means), self.spec, score=GridScore.from_config(det.config))
 
     def train(self, mode: bool = True) -> OCBankModel:
         """Lightning's train mode: the flag only. The backbone stays in eval (frozen batch norm), as ocbank's."""
@@ -239,17 +247,17 @@ class OCBankModel(nn.Module):
     def begin(self) -> None:
         """Start an epoch: a new bank, or, when there is one, stream on into it (ocbank's update)."""
         det = self.detector
-        if "bank_" in det.__dict__:
+        if det.is_fitted:
             self._sample = None
         elif det.config.bank.radius == "auto":
             self._sample = _RadiusSample(FeatureSpool(FEATURE_DIM, SPOOL_MEMORY_BYTES))
         else:
-            det.open_bank()
+            det.start_bank()
 
     @torch.no_grad()
     def stream(self, images: torch.Tensor) -> None:
         """One training batch [B, 3, S, S] (RGB in [0, 1], pre-processed) into the bank (or the radius sample)."""
-        if self._sample is None and "bank_" not in self.detector.__dict__:
+        if self._sample is None and not self.detector.is_fitted:
             self.begin()
         self.pending = True
         feats = self.scorer.patch_features(images)  # [B, h, w, 1536]
@@ -270,7 +278,7 @@ class OCBankModel(nn.Module):
     def _open_bank(self) -> None:
         sample, self._sample = self._sample, None
         with sample.spool:
-            self.detector.open_bank(sample.spool, sample.n_images)
+            self.detector.start_bank(sample.spool, sample.n_images)
 
     def finish(self) -> None:
         """End of an epoch: the radius rule on a sample still open (fewer images than radius_images), then publish."""
@@ -283,7 +291,7 @@ class OCBankModel(nn.Module):
         self.pending = False
         state = self.detector.bank.state()
         device = self.counts.device
-        self.scorer = AnomalyModel(self.detector.extractor, state.means, self.spec).to(device)
+        self.scorer = self._scorer(state.means).to(device)
         self.counts = torch.from_numpy(np.asarray(state.counts, np.int64)).to(device)
         self.m2 = torch.from_numpy(np.asarray(state.m2, np.float64)).to(device)
         self.radius = torch.tensor(state.radius, dtype=torch.float64, device=device)
@@ -313,9 +321,12 @@ class OCBankModel(nn.Module):
     # ------------------------------------------------------------------ state dict
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # The bank's size is data: take the incoming shapes before the default copy.
-        for owner, name in ((self, "counts"), (self, "m2"), (self.scorer, "means_t"), (self.scorer, "means_sq")):
-            key = prefix + ("scorer." if owner is self.scorer else "") + name
-            if key in state_dict:
+        search = self.scorer.nearest
+        for owner, name in ((self, "counts"), (self, "m2"), (search, "means_t"), (search, "means_sq")):
+            # the search's buffers, or where checkpoints written before it was a submodule hold them
+            keys = [prefix + name] if owner is self else [prefix + f"scorer.nearest.{name}", prefix + f"scorer.{name}"]
+            key = next((k for k in keys if k in state_dict), None)
+            if key is not None:
                 setattr(owner, name, torch.empty_like(state_dict[key], device=self.counts.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -327,30 +338,31 @@ class OCBankModel(nn.Module):
 
     def restore_bank(self) -> None:
         """Rebuild the detector's ClusterBank (and metadata) from the buffers and checkpoint extras."""
-        extras = self.checkpoint_extras
         det = self.detector
-        if "config" in extras:
-            det.config = from_dict(extras["config"], source="<anomalib checkpoint>", require_root=False)
+        extras = dict(self.checkpoint_extras)
+        bank = {key: extras.pop(key) for key in _BANK_EXTRAS if key in extras}
+        # The rest is the bank file's record; a malformed config or decision: ConfigError, as on load.
+        record = BankRecord.from_metadata({"config": det.config.to_dict(), **extras}, "<anomalib checkpoint>")
         state = BankState(
-            means=self.scorer.means_t.T.contiguous().cpu().numpy(),
+            means=self.scorer.nearest.means_t.T.contiguous().cpu().numpy(),
             counts=self.counts.cpu().numpy(),
             radius=float(self.radius),
             dim=FEATURE_DIM,
             n_seen=int(self.n_seen),
             m2=self.m2.cpu().numpy(),
-            spread_known=bool(extras.get("spread_known", True)),
-            max_centroids=det.config.bank.max_centroids,
-            radius_growth=float(extras.get("radius_growth", 1.25)),
-            radius_history=list(extras.get("radius_history", [])),
+            spread_known=bool(bank.get("spread_known", True)),
+            max_centroids=record.config.bank.max_centroids,
+            radius_growth=float(bank.get("radius_growth", 1.25)),
+            radius_history=list(bank.get("radius_history", [])),
         )
-        det.adopt(state, extras, Decision.from_metadata(extras))  # a malformed block: ConfigError, as on load
+        det.adopt(state, record)
 
     def extras(self) -> dict[str, Any]:
         """What the state dict does not hold: the full config, radius rule, cap history, thresholds, lineage."""
         det = self.detector
         bank = det.bank
         return {
-            **det.fitted_record(),
+            **det.record().to_metadata(),
             "spread_known": bank.spread_known_,
             "radius_growth": bank.radius_growth,
             "radius_history": bank.radius_history_,
@@ -361,12 +373,7 @@ class OCBankModel(nn.Module):
         if not self.fitted:
             msg = "this OCBank has no bank yet: fit it (Engine.fit), load a checkpoint, or use OCBank.from_bank(path)."
             raise NotFittedError(msg)
-        if self.detector.config.scoring.mode == "nn":
-            score, amap = self.scorer(images)[:2]
-        else:  # the grid modes score in numpy, as Detector does (not exportable: to_onnx refuses them)
-            grid = self.scorer.distances(self.scorer.patch_features(images))
-            amap = self.scorer.maps(grid)
-            score = torch.from_numpy(self.detector.grid_scores(grid.detach().cpu().numpy())).to(grid.device)
+        score, amap = self.scorer(images)[:2]
         return InferenceBatch(pred_score=score, anomaly_map=amap[:, None])
 
 
@@ -529,13 +536,9 @@ class OCBank(MemoryBankMixin, AnomalibModule):
         (``Engine.validate``) as for any anomalib model; the bank's own calibrated thresholds
         travel on to :meth:`to_bank`.
         """
-        loaded = Detector.load(path)  # validates the file and the weights' sha256
-        model = cls(**_kwargs_from_config(loaded.config), **components)
-        det = model.detector
-        det.config = loaded.config
-        for key, value in loaded.__dict__.items():
-            if key.endswith("_") and not key.startswith("_"):
-                setattr(det, key, value)
+        opened = open_bank(path)  # validates the file and the weights' sha256
+        model = cls(**_kwargs_from_config(opened.record.config), **components)
+        model.detector.adopt(opened.state, opened.record)
         model.model.publish()
         model._is_fitted = torch.tensor([True], device=model.device)
         return model
@@ -545,7 +548,7 @@ class OCBank(MemoryBankMixin, AnomalibModule):
         if not self.model.fitted:
             msg = f"this OCBank has no bank to write to {os.fspath(path)!r}. Fit it or load a checkpoint first."
             raise NotFittedError(msg)
-        self.detector.save(path, extra={"complete": True})
+        self.detector.save(path, build=replace(self.detector.record().build, complete=True))
 
 
 __all__ = ["ExportResizeCrop", "OCBank", "OCBankModel", "OCBankPreProcessor", "ResizeCrop"]

@@ -32,13 +32,14 @@ import numpy as np
 from ..config import Config, check_class_name
 from ..data import Sample, SharedImage, calibration_images, class_names, escape_path, load_split, shared_images
 from ..engine import BankState, ClusterBank, resolve_device
-from ..engine.checkpoint import bank_file_path, read_bank
+from ..engine.checkpoint import bank_file_path
 from ..errors import CheckpointError, ConfigError, DataError, DependencyError
 from ..jsonio import write_json
 from ..model.detector import Detector
 from ..model.features import FEATURE_DIM, FeatureExtractor
 from ..model.progress import FitProgress, progress_bar
 from ..model.radius import RadiusStats
+from ..model.record import BuildIdentity, open_bank
 from . import DEFAULT_CHECKPOINT_EVERY
 from .lock import LOCK_NAME, build_lock
 
@@ -207,15 +208,15 @@ def training_images(det: Detector) -> list[Sample] | None:
     its file list: the list is rebuilt as :func:`class_inputs` made it (without the hold-out
     when the build held one out). None for a bank made in Python or whose dataset is gone.
     """
-    meta = getattr(det, "metadata_", {})
-    name, cfg = meta.get("class"), det.config
+    built = det.record().build
+    name, cfg = built.class_name, det.config
     if not name or not cfg.data.root or not Path(cfg.data.root).is_dir():
         return None
     try:
         samples = interleaved_samples(cfg, class_names(cfg)) if name == SINGLE_BANK else load_split(cfg, name).train
     except DataError:
         return None
-    if (meta.get("summary") or {}).get("calibration", {}).get("source") == "holdout":
+    if (built.summary or {}).get("calibration", {}).get("source") == "holdout":
         samples = holdout_split(samples, cfg)[0]
     return samples
 
@@ -234,55 +235,59 @@ def warn_calibration_in_bank(shared: list[SharedImage], n_calibration: int, wher
 
 
 # ---------------------------------------------------------------------- one class
-def _completed(final: Path, name: str, key: str, inputs: str) -> dict[str, Any] | None:
+def _completed(final: Path, identity: BuildIdentity) -> dict[str, Any] | None:
     """The stored summary of a complete, valid bank for this class, config and input, else None."""
     if not final.is_file():
         return None
     try:
-        meta = read_bank(final).metadata
-    except CheckpointError as exc:
-        log.warning("rebuilding %s: the existing bank is unusable (%s)", name, exc)
+        record = open_bank(final, allow_partial=True).record
+    except (CheckpointError, ConfigError, DataError) as exc:
+        log.warning("rebuilding %s: the existing bank is unusable (%s)", identity.class_name, exc)
         return None
-    updates = len(meta.get("lineage", []))
-    if meta.get("complete") and meta.get("class") == name and meta.get("config_key") == key:
-        if meta.get("input_key") == inputs:
+    built, updates = record.build, len(record.lineage)
+    if built.complete and built.class_name == identity.class_name and built.config_key == identity.config_key:
+        if built.input_key == identity.input_key:
             if updates:  # ocbank update extended this training list: the bank is kept, updates and all
                 log.warning("keeping %s: built from this training list and extended by %d update(s) (its lineage)",
                             final, updates)
-            return meta.get("summary")
+            return None if built.summary is None else dict(built.summary)
         lost = f"; this drops the {updates} update(s) in its lineage" if updates else ""
-        log.warning("rebuilding %s: its training images changed since %s was built%s", name, final, lost)
+        log.warning("rebuilding %s: its training images changed since %s was built%s", identity.class_name, final, lost)
         return None
-    log.warning("rebuilding %s: %s was built with another config or is incomplete", name, final)
+    log.warning("rebuilding %s: %s was built with another config or is incomplete", identity.class_name, final)
     return None
 
 
 def _resume_state(
-    partial: Path, name: str, key: str, inputs: str, device: str, extractor: FeatureExtractor | None
+    partial: Path, identity: BuildIdentity, device: str, extractor: FeatureExtractor | None
 ) -> Detector | None:
     if not partial.is_file():
         return None
+    name = identity.class_name
     try:
-        det = Detector.load(partial, device=device, extractor=extractor)
-    except (CheckpointError, DataError) as exc:
+        det = Detector.from_opened(open_bank(partial, allow_partial=True, device=device), extractor)
+    except (CheckpointError, ConfigError, DataError) as exc:
         log.warning("class %s: ignoring unusable checkpoint (%s); starting over", name, exc)
         return None
-    meta = det.metadata_
-    if meta.get("class") != name or meta.get("config_key") != key or meta.get("input_key") != inputs:
+    built = det.record().build
+    if (built.class_name, built.config_key, built.input_key) != (name, identity.config_key, identity.input_key):
         log.warning("class %s: checkpoint %s is from another config or image list; starting over", name, partial)
+        return None
+    if built.stream_position is None or built.progress is None:
+        log.warning("class %s: checkpoint %s does not say how far it got; starting over", name, partial)
         return None
     return det
 
 
-def _identity(plan: BuildPlan, job: ClassJob, inputs: ClassInputs) -> dict[str, Any]:
+def _identity(plan: BuildPlan, job: ClassJob, inputs: ClassInputs) -> BuildIdentity:
     cfg = plan.config
-    return {
-        "class": job.name,
-        "config_key": config_key(cfg),
-        "input_key": input_key(inputs.train, inputs.calibration),
-        "dataset": {"format": cfg.data.format, "root": str(cfg.data.root)},
-        "n_images": len(inputs.train),
-    }
+    return BuildIdentity(
+        class_name=job.name,
+        config_key=config_key(cfg),
+        input_key=input_key(inputs.train, inputs.calibration),
+        dataset={"format": cfg.data.format, "root": str(cfg.data.root)},
+        n_images=len(inputs.train),
+    )
 
 
 def finish_class(plan: BuildPlan, job: ClassJob, det: Detector, inputs: ClassInputs, done: FitProgress) -> dict[str, Any]:
@@ -299,7 +304,7 @@ def finish_class(plan: BuildPlan, job: ClassJob, det: Detector, inputs: ClassInp
     summary = {
         "n_centroids": len(bank),
         "bank_bytes": bank.nbytes,
-        "radius": bank.radius,
+        "radius": bank.radius_,
         **done.to_dict(),  # images_used, images_skipped, skipped_files, seconds
         "skipped_files": [escape_path(f) for f in done.skipped_files],  # JSON any reader takes
         "vectors_per_s": bank.n_seen / max(done.seconds, 1e-9),
@@ -310,8 +315,9 @@ def finish_class(plan: BuildPlan, job: ClassJob, det: Detector, inputs: ClassInp
         summary["calibration"]["error"] = calibration_error
     if det.decision is not None:
         summary["image_threshold"] = det.decision.image_threshold
-    info = {**_identity(plan, job, inputs), "stream_position": len(inputs.train), "complete": True}
-    det.save(bank_file_path(plan.out, job.name), extra={**info, "progress": done.to_dict(), "summary": summary})
+    identity = replace(_identity(plan, job, inputs), stream_position=len(inputs.train), complete=True, progress=done,
+                       summary=summary)
+    det.save(bank_file_path(plan.out, job.name), build=identity)
     with contextlib.suppress(FileNotFoundError):
         bank_file_path(plan.out, job.name, partial=True).unlink()
     for f in done.skipped_files:
@@ -327,26 +333,26 @@ def build_class(plan: BuildPlan, job: ClassJob, extractor: FeatureExtractor | No
     inputs = class_inputs(plan, job)
     identity = _identity(plan, job, inputs)
     if plan.resume:
-        stored = _completed(final, job.name, identity["config_key"], identity["input_key"])
+        stored = _completed(final, identity)
         if stored is not None:
             return {**stored, "status": "complete"}
     device = resolve_device(cfg.device)
-    det = _resume_state(partial, job.name, identity["config_key"], identity["input_key"], device, extractor) if plan.resume else None
+    det = _resume_state(partial, identity, device, extractor) if plan.resume else None
     before, start = FitProgress(), 0
     if det is None:
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()  # an old run's checkpoint must not outlive a fresh start
         det = Detector.from_config(cfg, extractor=extractor)
     else:
-        start = int(det.metadata_["stream_position"])
-        before = FitProgress.from_dict(det.metadata_["progress"])
+        built = det.record().build
+        start, before = int(built.stream_position or 0), built.progress or FitProgress()
         log.info("class %s: resuming at image %d of %d", job.name, start, len(inputs.train))
     last = start
     with progress_bar(job.name, len(inputs.train), plan.progress, initial=start):
         for step in det.fit_steps(inputs.train, start=start):
             if step.phase == "bank" and step.position - last >= plan.checkpoint_every and step.position < step.n_images:
-                extra = {**identity, "stream_position": step.position, "complete": False}
-                det.save(partial, extra={**extra, "progress": (before + step.done).to_dict()})
+                at = replace(identity, stream_position=step.position, complete=False, progress=before + step.done)
+                det.save(partial, build=at)
                 last = step.position
     row = finish_class(plan, job, det, inputs, before + det.fit_summary_)
     return {**row, "resumed_at": start, "status": "resumed" if start else "built"}
@@ -399,7 +405,7 @@ def build_class_sharded(plan: BuildPlan, job: ClassJob, run_shards: ShardRunner)
     inputs = class_inputs(plan, job)
     identity = _identity(plan, job, inputs)
     if plan.resume:
-        stored = _completed(bank_file_path(plan.out, job.name), job.name, identity["config_key"], identity["input_key"])
+        stored = _completed(bank_file_path(plan.out, job.name), identity)
         if stored is not None:
             return {**stored, "status": "complete"}
     began = time.perf_counter()
@@ -408,14 +414,13 @@ def build_class_sharded(plan: BuildPlan, job: ClassJob, run_shards: ShardRunner)
     if plan.config.bank.radius == "auto":
         # The shards need r before they start: fit the radius sample alone for it.
         probe = Detector.from_config(plan.config).fit([inputs.train[i] for i in order[: det.n_radius_images(len(order))]])
-        radius, stats = probe.bank.radius, probe.radius_stats_
+        radius, stats = probe.bank.radius_, probe.radius_stats_
     else:
         radius = float(plan.config.bank.radius)
         stats = RadiusStats(radius)
     ordered = [inputs.train[i] for i in order]
     parts = run_shards([(plan, part, radius) for part in split_shards(ordered, plan.shards)])
-    det.bank_ = merge_shards(parts, radius, resolve_device(plan.config.device), **plan.config.bank.search_options)
-    det.radius_stats_ = stats
+    det.use_bank(merge_shards(parts, radius, resolve_device(plan.config.device), **plan.config.bank.search_options), stats)
     done = sum((p.progress for p in parts), FitProgress())
     row = finish_class(plan, job, det, inputs, replace(done, seconds=time.perf_counter() - began))
     return {**row, "shards": plan.shards, "status": "built"}

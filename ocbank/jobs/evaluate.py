@@ -15,8 +15,8 @@ import numpy as np
 
 from ..config import Config
 from ..data import Sample, class_names, escape_path, fit_name, load_split
-from ..engine.checkpoint import bank_file_path, is_checkpoint_name, read_metadata
-from ..errors import CheckpointError, DataError
+from ..engine.checkpoint import bank_file_path
+from ..errors import DataError
 from ..jsonio import write_json
 from ..model import metrics
 from ..model.calibration import decision_metrics, f1_optimal_threshold, transfer_warning
@@ -46,22 +46,6 @@ def _set_metric(row: dict[str, Any], key: str, value: float, note: str | None) -
         return
     row[key] = None
     row[f"{key}_note"] = note or f"{key} is undefined for this data"
-
-
-def check_complete(bank_file: str | Path, allow_partial: bool = False) -> None:
-    """Refuse a build's checkpoint (``*.partial.h5``, metadata ``complete`` false) unless allowed."""
-    path = Path(bank_file)
-    meta = read_metadata(path)
-    partial = meta.get("complete") is False or is_checkpoint_name(path)
-    if partial and not allow_partial:
-        seen = f"{meta.get('stream_position', '?')} of {meta.get('n_images', '?')}"
-        msg = (
-            f"{path} is an unfinished build checkpoint (complete: false; images streamed: {seen}). "
-            "Finish it with ocbank build --resume, or pass --allow-partial to score with it anyway."
-        )
-        raise CheckpointError(msg)
-    if partial:
-        log.warning("scoring with the unfinished checkpoint %s (--allow-partial)", path)
 
 
 @dataclass
@@ -95,7 +79,7 @@ def _score_class(
     """Score a class's test split batch by batch; write up to ``heatmaps`` overlays of anomalies."""
     got = _ClassScores()
     shown = 0
-    lo, hi = map_range(det.bank.radius)
+    lo, hi = map_range(det.bank.radius_)
     start = time.perf_counter()
     for res in with_progress(det.score_batches(split.test, with_masks=True), f"evaluate {name}", len(split.test), progress):
         got.skipped += res.skipped
@@ -137,7 +121,7 @@ def _class_row(det: Detector, got: _ClassScores, size: int) -> tuple[dict[str, A
     row.update({
         "n_centroids": len(det.bank),
         "bank_bytes": det.bank.nbytes,
-        "radius": det.bank.radius,
+        "radius": det.bank.radius_,
         "n_test": len(labels),
         "images_skipped": len(got.skipped),
         "n_nan_scores": n_nan,
@@ -195,8 +179,7 @@ def evaluate(
             msg = f"class {name!r} has no test images to evaluate under {cfg.data.root}."
             raise DataError(msg)
         if last is None or last[0] != bank_file:
-            check_complete(bank_file, allow_partial)
-            det = Detector.load(bank_file, device=cfg.device, extractor=extractor)
+            det = Detector.load(bank_file, device=cfg.device, extractor=extractor, allow_partial=allow_partial)
             _check_compatible(det.config, cfg, bank_file)
             det.config = cfg  # the evaluation's data settings; the bank keeps its own metadata
             extractor = det.extractor
@@ -210,7 +193,7 @@ def evaluate(
                         "image metrics null", name, results[name]["n_nan_scores"])
         if (results[name]["calibrated"] or {}).get("transfer_warning"):
             log.warning("class %s: %s", name, results[name]["calibrated"]["transfer_warning"])
-        collected.end_class(name, masks, maps, det.decision, map_range(det.bank.radius))
+        collected.end_class(name, masks, maps, det.decision, map_range(det.bank.radius_))
         csv_rows += got.csv_rows
     rows = list(results.values())
     report = {"classes": results, "mean": _mean_row(rows), "images_skipped": sum(r["images_skipped"] for r in rows),

@@ -16,7 +16,6 @@ from ..errors import ConfigError, DataError
 from ..model.calibration import Verdict
 from ..model.detector import Detector
 from ..model.progress import with_progress
-from .evaluate import check_complete
 from .visualize import map_range, save_overlay, write_output
 
 OVERLAYS = ("all", "ng", "none")  # which images get a heatmap overlay PNG
@@ -38,8 +37,7 @@ def predict(
     ``allow_partial``; ``overlays="ng"`` and ``save_masks`` need a calibrated bank.
     """
     files = list_inputs(inputs)
-    check_complete(bank_file, allow_partial)
-    det = Detector.load(bank_file, device=device)
+    det = Detector.load(bank_file, device=device, allow_partial=allow_partial)
     if overlays not in OVERLAYS:
         msg = f"overlays must be one of {OVERLAYS}, got {overlays!r}."
         raise ConfigError(msg)
@@ -51,7 +49,7 @@ def predict(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any] | None] = [None] * len(files)
-    vmin, vmax = map_range(det.bank.radius)
+    vmin, vmax = map_range(det.bank.radius_)
     for res in with_progress(det.score_batches([Sample(str(f)) for f in files]), "predict", len(files), progress):
         verdict = None if det.decision is None else det.decision.apply(res.scores, res.maps if save_masks else None)
         for idx in res.skipped:

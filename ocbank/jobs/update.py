@@ -35,6 +35,7 @@ from ..model.calibration import Decision
 from ..model.detector import Detector
 from ..model.features import file_sha256
 from ..model.progress import progress_bar
+from ..model.record import open_bank
 from . import AUTO_GATE_MULTIPLE, DEFAULT_KEEP_HISTORY, DEFAULT_MAX_NEW_CENTROIDS, GATE_AUTO, GATE_OFF, versions
 from .build import training_images, warn_calibration_in_bank
 from .lock import build_lock
@@ -129,11 +130,7 @@ def apply_gate(det: Detector, files: list[Path], multiple: float | None) -> Gate
 
 def grown_copy(det: Detector, images: list[str]) -> Detector:
     """A copy of ``det`` (sharing its backbone) with ``images`` streamed into its bank; ``det`` is not changed."""
-    copy = Detector.from_config(det.config, extractor=det.extractor)
-    copy.adopt(det.bank.state(), det.fitted_record(), det.decision)
-    for name in ("metadata_", "fit_summary_"):  # what Detector.load or fit set, when they did
-        if name in det.__dict__:
-            setattr(copy, name, det.__dict__[name])
+    copy = det.clone()
     if images:
         copy.partial_fit([Sample(p) for p in images])
     return copy
@@ -148,11 +145,6 @@ def growth_refusal(k_before: int, k_after: int, max_new_centroids: float, where:
     return (f"this update would add {added} centroids to {where} (K {k_before} -> {k_after}), more than "
             f"--max-new-centroids {max_new_centroids:g} x K = {allowed}: are these images of another product? "
             f"Nothing was written. If they belong to it, pass --max-new-centroids {math.ceil(100 * added / k_before) / 100:g}.")
-
-
-# The bank's identity that an update carries over, so that ``build --resume`` recognises
-# the file as its own training list, extended (the lineage says by what).
-_IDENTITY_KEYS = ("class", "dataset", "config_key", "input_key", "n_images", "stream_position", "complete", "progress")
 
 
 def report_path(out: str | Path) -> Path:
@@ -185,17 +177,15 @@ def update_bank(job: UpdateJob) -> dict[str, Any]:
     out = Path(job.out)
     with build_lock(out.parent):
         parent = file_sha256(Path(job.bank)) if Path(job.bank).is_file() else "none (no file)"  # its bytes
-        det = Detector.load(job.bank, device=job.device)  # a missing or damaged file is refused by name here
-        if det.metadata_.get("complete") is False:
-            msg = f"{job.bank} is a partial checkpoint, not a finished bank. Finish the build with --resume first."
-            raise DataError(msg)
+        # A missing, damaged or unfinished file is refused by name here.
+        det = Detector.from_opened(open_bank(job.bank, device=job.device))
         multiple = gate_multiple(job.gate, det.decision, job.bank)
         with progress_bar("gate", len(files), job.progress and multiple is not None):
             gated = apply_gate(det, files, multiple)
         k_before, seen_before = len(det.bank), det.bank.n_seen
         with progress_bar("update", len(gated.absorbed), job.progress):
             new = grown_copy(det, gated.absorbed)
-        added = new.__dict__.get("last_partial_fit_")
+        added = getattr(new, "last_partial_fit_", None)
         images_added = added.images_used if added is not None else 0
         skipped = len(gated.unreadable) + (added.images_skipped if added is not None else 0)
         if images_added == 0 and not gated.held:
@@ -213,7 +203,7 @@ def update_bank(job: UpdateJob) -> dict[str, Any]:
             with progress_bar("calibration", len(calibration), job.progress):
                 new.calibrate(calibration, source="folder")
         stale = new.decision is not None and calibration is None and (
-            images_added > 0 or bool(det.metadata_.get("thresholds_predate_update")))
+            images_added > 0 or bool(det.record().thresholds_predate_update))
         entry = {
             "parent_sha256": parent,
             "parent_file": escape_path(job.bank),
@@ -250,14 +240,12 @@ def update_bank(job: UpdateJob) -> dict[str, Any]:
         if job.dry_run:
             return {**summary, "seconds": time.perf_counter() - began}
         if write:
-            new.lineage_ = [*new.__dict__.get("lineage_", []), entry]
-            keep = {k: v for k, v in det.metadata_.items() if k in _IDENTITY_KEYS}
-            if "summary" in det.metadata_:  # the build's row, brought up to date
-                keep["summary"] = {**det.metadata_["summary"], "n_centroids": len(new.bank),
-                                   "bank_bytes": new.bank.nbytes, "updates": len(new.lineage_)}
+            # The build's identity stays, so that ``build --resume`` recognises the file as its own
+            # training list, extended (the lineage says by what).
+            new.note_update(entry, thresholds_predate_update=summary["thresholds_predate_update"])
             _check_unchanged(job.bank, parent, "while this update ran")  # last look, under the lock
             summary["history"] = _keep_parents(job.bank, out, job.keep_history)
-            new.save(out, extra={**keep, "thresholds_predate_update": summary["thresholds_predate_update"]})
+            new.save(out)
             versions.prune(out, job.keep_history)
             summary["written"], summary["sha256"] = True, file_sha256(out)
         summary["report"] = escape_path(report_path(out))

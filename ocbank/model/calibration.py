@@ -78,22 +78,16 @@ class Decision:
         return Verdict(is_ng(scores, self.image_threshold), scores / self.image_threshold, mask)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields that are set (None means the calibration did not say), as a bank file stores them."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Decision:
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
-
-    @classmethod
-    def from_metadata(cls, metadata: Mapping[str, Any]) -> Decision | None:
-        """``metadata["decision"]`` of a bank file -> Decision, or None when the bank is not calibrated."""
-        block = metadata.get("decision")
-        if block is None:
-            return None
+        """:meth:`to_dict`'s dict (a bank's ``decision`` block) -> Decision; ConfigError when it lacks a threshold."""
         try:
-            return cls.from_dict(block)
+            return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
         except (AttributeError, KeyError, TypeError) as exc:
-            msg = f"the bank's metadata['decision'] lacks image/pixel thresholds, got {block!r}. Recalibrate the bank."
+            msg = f"the bank's decision block lacks image/pixel thresholds, got {d!r}. Recalibrate the bank."
             raise ConfigError(msg) from exc
 
 

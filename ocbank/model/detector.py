@@ -19,7 +19,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,13 +39,15 @@ from ..data import Batch, Sample, make_loader, normalize
 from ..data.images import check_unit_range
 from ..data.loader import prefetched
 from ..engine import ClusterBank, resolve_device
-from ..engine.checkpoint import BankState, read_bank
-from ..errors import ConfigError, DataError, InputError, InputTypeError, NotFittedError
+from ..engine.checkpoint import BankState
+from ..errors import DataError, InputError, InputTypeError, NotFittedError
 from .calibration import Decision, conservative_quantile
-from .features import FEATURE_DIM, FEATURE_STRIDE, FeatureExtractor, file_sha256
+from .features import FEATURE_DIM, FEATURE_STRIDE, FeatureExtractor
+from .module import AnomalyModel, BankNearest
 from .progress import FitProgress, FitStep, advance
 from .radius import RadiusStats, estimate_radius, sample_images
-from .scoring import anomaly_maps, image_scores
+from .record import BankRecord, BuildIdentity, OpenedBank, open_bank
+from .scoring import GridScore, MapSpec
 from .spool import FeatureSpool
 
 log = logging.getLogger(__name__)
@@ -157,42 +158,6 @@ class _Inputs:
         return str(path) if isinstance(path, (str, bytes, os.PathLike)) else f"images[{i}]"
 
 
-def bank_config(state: BankState, where: str, device: str | None = None) -> tuple[Config, Decision | None]:
-    """A bank file's detector config and thresholds, checked against this backbone.
-
-    The one check of a bank file's metadata: :meth:`Detector.load` and the server's
-    validation (:func:`ocbank.serve.banks.validate_bank`) both call it. ``device``
-    overrides the stored one. Raises DataError or ConfigError naming ``where``.
-    """
-    meta = state.metadata
-    if "config" not in meta:
-        msg = f"{where}: this bank file has no detector config in its metadata. Build it with ocbank or Detector.save."
-        raise DataError(msg)
-    raw = dict(meta["config"])
-    if device is not None:
-        raw["device"] = device
-    try:
-        cfg = from_dict(raw, source=where, require_root=False)
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, (ConfigError, DataError)):
-            raise
-        msg = f"{where}: its config is not usable: {exc}. Rebuild the bank."
-        raise ConfigError(msg) from None
-    try:
-        decision = Decision.from_metadata(meta)
-    except ConfigError as exc:
-        msg = f"{where}: {exc}"
-        raise ConfigError(msg) from None
-    if state.dim != FEATURE_DIM:
-        msg = f"{where}: the bank holds {state.dim}-d centroids, but the backbone gives {FEATURE_DIM}-d patches. Rebuild it."
-        raise DataError(msg)
-    size, grid = cfg.image_size, meta.get("feature_grid")
-    if size % FEATURE_STRIDE or (grid is not None and list(grid) != [size // FEATURE_STRIDE] * 2):
-        msg = f"{where}: image size {size} and feature grid {grid} disagree (stride {FEATURE_STRIDE}). Rebuild it."
-        raise DataError(msg)
-    return cfg, decision
-
-
 class Detector:
     """WideResNet-50 patch features streamed into a :class:`ClusterBank`.
 
@@ -255,6 +220,7 @@ class Detector:
         self.config = config
         self._extractor = extractor
         self._lock = threading.Lock()
+        self._scorer: tuple[ClusterBank, Any, AnomalyModel] | None = None  # (bank, scoring, model)
 
     @classmethod
     def from_config(
@@ -348,6 +314,7 @@ class Detector:
 
     # ------------------------------------------------------------------ build
     def _reset(self) -> None:
+        self._scorer = None  # holds the old bank
         for key in [k for k in self.__dict__ if k.endswith("_") and not k.startswith("_")]:
             del self.__dict__[key]
 
@@ -410,7 +377,7 @@ class Detector:
         device = resolve_device(self.config.device)
         return ClusterBank(FEATURE_DIM, radius, device=device, max_centroids=bank.max_centroids, **bank.search_options)
 
-    def open_bank(self, sample: FeatureSpool | None = None, n_images: int = 0) -> ClusterBank:
+    def start_bank(self, sample: FeatureSpool | None = None, n_images: int = 0) -> ClusterBank:
         """Start a fresh bank (``bank_``, ``radius_stats_``) and return it.
 
         With ``radius: auto``, ``sample`` holds the patch features of the radius sample
@@ -467,10 +434,10 @@ class Detector:
                     for end, step in self._spool_sample(pool, order[:n_sample], spool):
                         done = replace(done, skipped_files=done.skipped_files + step.skipped_files)
                         yield FitStep("radius", end, n, now())
-                    self.open_bank(spool, n_sample - done.images_skipped)
+                    self.start_bank(spool, n_sample - done.images_skipped)
                 done = replace(done, images_used=n_sample - done.images_skipped)
             else:
-                self.open_bank()
+                self.start_bank()
             start = n_sample
             yield FitStep("bank", start, n, now())
         else:
@@ -506,10 +473,25 @@ class Detector:
         return self
 
     # ------------------------------------------------------------------ score
+    @property
+    def scorer(self) -> AnomalyModel:
+        """The :class:`~ocbank.model.module.AnomalyModel` that turns patch features into scores and maps:
+        the bank's own search (:class:`~ocbank.model.module.BankNearest`) and ``scoring``'s settings.
+
+        Built on first use and kept while the bank and the scoring settings stay the same.
+        """
+        bank, cfg = self.bank, self.config
+        extractor = self.extractor
+        scoring = (cfg.image_size, cfg.scoring)
+        with self._lock:
+            if self._scorer is None or self._scorer[0] is not bank or self._scorer[1] != scoring:
+                model = AnomalyModel(extractor, BankNearest(bank), MapSpec.from_config(cfg), score=GridScore.from_config(cfg))
+                self._scorer = (bank, scoring, model)
+            return self._scorer[2]
+
     def score_batches(self, images: Any, with_masks: bool = False) -> Iterator[ScoredBatch]:
         """Stream results batch by batch (keeps memory flat on large test sets)."""
-        bank = self.bank
-        sigma = self.config.scoring.sigma
+        scorer = self.scorer
         size = self.config.image_size
         for batch, feats in self.features(images, with_masks=with_masks):
             if not batch.index:
@@ -517,22 +499,9 @@ class Detector:
                 rgb = np.zeros((0, size, size, 3), np.uint8)
                 yield ScoredBatch([], batch.skipped, np.zeros(0, np.float32), empty_maps, rgb, None)
                 continue
-            b, h, w, _ = feats.shape
-            dist, _ = bank.search(feats.reshape(-1, FEATURE_DIM), k=1)
-            grid = dist.reshape(b, h, w)
-            yield ScoredBatch(
-                batch.index,
-                batch.skipped,
-                self.grid_scores(grid),
-                anomaly_maps(grid, size, sigma),
-                batch.rgb,
-                batch.mask,
-            )
-
-    def grid_scores(self, grid: np.ndarray) -> np.ndarray:
-        """[B, h, w] patch distances -> [B] float32 image scores under ``scoring.mode``."""
-        s = self.config.scoring
-        return image_scores(grid, s.mode, s.window, s.grid_sigma).astype(np.float32, copy=False)
+            with torch.inference_mode():
+                scores, maps = scorer.score_features(feats)
+            yield ScoredBatch(batch.index, batch.skipped, scores.numpy(), maps.numpy(), batch.rgb, batch.mask)
 
     def predict(self, images: Any) -> Prediction:
         """Score one image, a sequence of images, or a float tensor batch [N, 3, S, S] (RGB in [0, 1]).
@@ -598,52 +567,105 @@ class Detector:
         return self
 
     # ------------------------------------------------------------------ files
+    def record(self) -> BankRecord:
+        """What a bank file keeps beside the bank's arrays to restore this Detector (:meth:`adopt` reads it
+        back): config, radius rule, thresholds, update lineage, the build's identity, and the keys a loaded
+        file had that this version does not know."""
+        return BankRecord(
+            config=self.config,
+            decision=self.decision,
+            radius_stats=self.__dict__.get("radius_stats_"),
+            lineage=tuple(self.__dict__.get("lineage_", ())),
+            build=self.__dict__.get("build_", BuildIdentity()),
+            thresholds_predate_update=self.__dict__.get("thresholds_predate_update_"),
+            other=self.__dict__.get("other_metadata_", {}),
+        )
+
     def metadata(self) -> dict[str, Any]:
-        """What a bank file needs to rebuild this Detector, and how the bank was made."""
+        """A bank file's metadata: the :meth:`record`, and what the bank and backbone are now
+        (:data:`~ocbank.model.record.DESCRIBED_KEYS`)."""
         size = self.config.image_size
-        return {
-            **self.fitted_record(),
+        described = {
             "backbone": self.extractor.describe(),
             "feature_grid": [size // FEATURE_STRIDE, size // FEATURE_STRIDE],
             "image_size": size,
-            "radius": self.bank.radius,
+            "radius": self.bank.radius_,
             "search_backend": self.bank.search_backend_,
         }
+        return {**self.record().to_metadata(), **described}
 
-    def fitted_record(self) -> dict[str, Any]:
-        """What a file keeps beside the bank's arrays to restore this Detector: config, radius rule,
-        thresholds (when calibrated) and update lineage (when updated). :meth:`adopt` reads it back."""
-        record: dict[str, Any] = {
-            "config": self.config.to_dict(),
-            "radius_stats": self.radius_stats_.to_dict() if "radius_stats_" in self.__dict__ else {},
-        }
-        if self.decision is not None:
-            record["decision"] = self.decision.to_dict()
-        if "lineage_" in self.__dict__:
-            record["lineage"] = self.lineage_
-        return record
-
-    def adopt(self, state: BankState, record: dict[str, Any], decision: Decision | None) -> None:
-        """Take ``state`` as the bank (on this config's device, searching as it says) with the radius
-        rule and lineage of ``record`` (:meth:`fitted_record`, or a bank file's metadata) and ``decision``."""
+    def adopt(self, state: BankState, record: BankRecord) -> None:
+        """Take ``state`` as the bank (on the record's device, searching as its config says) and
+        ``record``'s config, radius rule, thresholds, lineage and build identity."""
+        self.config = record.config
+        self._scorer = None  # holds the old bank
         self.bank_ = ClusterBank.from_state(
             state, device=resolve_device(self.config.device), **self.config.bank.search_options
         )
-        stats = RadiusStats.from_dict(record.get("radius_stats"))
-        if stats is not None:
-            self.radius_stats_ = stats
-        for key in ("decision_", "lineage_"):
+        for key in ("radius_stats_", "decision_", "lineage_", "build_", "thresholds_predate_update_", "other_metadata_"):
             self.__dict__.pop(key, None)
-        if decision is not None:
-            self.decision_ = decision
-        if "lineage" in record:
-            self.lineage_ = list(record["lineage"])
+        if record.radius_stats is not None:
+            self.radius_stats_ = record.radius_stats
+        if record.decision is not None:
+            self.decision_ = record.decision
+        if record.lineage:
+            self.lineage_ = list(record.lineage)
+        self.build_ = record.build
+        if record.thresholds_predate_update is not None:
+            self.thresholds_predate_update_ = record.thresholds_predate_update
+        if record.other:
+            self.other_metadata_ = dict(record.other)
 
-    def save(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
-        """One HDF5 file: the bank plus config, backbone and thresholds in its metadata (atomic)."""
+    def clone(self) -> Detector:
+        """A copy sharing this Detector's backbone, with its own bank (the same state), record and fit summary."""
+        copy = Detector.from_config(self.config, extractor=self.extractor)
+        copy.adopt(self.bank.state(), self.record())
+        if "fit_summary_" in self.__dict__:
+            copy.fit_summary_ = self.fit_summary_
+        return copy
+
+    def use_bank(self, bank: ClusterBank, radius_stats: RadiusStats) -> None:
+        """Take a bank built elsewhere (a sharded build's merge) and how its radius was chosen."""
+        self._reset()
+        self.bank_ = bank
+        self.radius_stats_ = radius_stats
+
+    def note_update(self, entry: dict[str, Any], thresholds_predate_update: bool) -> None:
+        """Record an update (new images streamed in): its lineage ``entry``, whether the thresholds are
+        now older than the bank, and the build's summary brought up to date."""
+        self.lineage_ = [*self.__dict__.get("lineage_", []), entry]
+        self.thresholds_predate_update_ = thresholds_predate_update
+        build = self.__dict__.get("build_", BuildIdentity())
+        if build.summary is not None:
+            bank = self.bank
+            summary = {**build.summary, "n_centroids": len(bank), "bank_bytes": bank.nbytes, "updates": len(self.lineage_)}
+            self.build_ = replace(build, summary=summary)
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether this Detector has a bank (from fit, partial_fit or load)."""
+        return self._check_fitted(required=False) is not None
+
+    def save(
+        self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None, *, build: BuildIdentity | None = None
+    ) -> None:
+        """One HDF5 file: the bank plus its :meth:`metadata` (atomic).
+
+        ``build``: the build identity to write (default: the one loaded with the bank);
+        ``extra``: more metadata keys, written over the detector's own.
+        """
         meta = self.metadata()
+        if build is not None:
+            meta = {k: v for k, v in meta.items() if k not in BuildIdentity.keys()} | build.to_dict()
         meta.update(extra or {})
         self.bank.save(path, metadata=meta)
+
+    @classmethod
+    def from_opened(cls, opened: OpenedBank, extractor: FeatureExtractor | None = None) -> Detector:
+        """A Detector holding a bank file read by :func:`ocbank.model.record.open_bank`."""
+        det = cls.from_config(opened.record.config, extractor=extractor)
+        det.adopt(opened.state, opened.record)
+        return det
 
     @classmethod
     def load(
@@ -651,27 +673,15 @@ class Detector:
         path: str | os.PathLike[str],
         device: str | None = None,
         extractor: FeatureExtractor | None = None,
+        *,
+        allow_partial: bool = False,
     ) -> Detector:
-        """Rebuild a Detector from a file written by :meth:`save` (or ``ocbank build``)."""
-        state = read_bank(path)
-        meta = state.metadata
-        cfg, decision = bank_config(state, str(path), device)
-        det = cls.from_config(cfg, extractor=extractor)
-        det.adopt(state, meta, decision)
-        det.metadata_ = meta
-        if decision is not None and meta.get("thresholds_predate_update"):  # every consumer loads here
-            log.warning(
-                "%s: its OK/NG thresholds were calibrated before its last update (thresholds_predate_update), "
-                "so labels and masks may be off. Recalibrate: ocbank update ... --calibration DIR of normal images.",
-                path,
-            )
-        sha = meta.get("backbone", {}).get("weights_sha256")
-        if extractor is None and sha is not None:
-            weights = Path(det.config.backbone.weights)
-            if weights.is_file() and file_sha256(weights) != sha:
-                msg = f"{weights} differs from the weights this bank was built with (sha256 {sha[:12]}...). Rebuild the bank."
-                raise DataError(msg)
-        return det
+        """Rebuild a Detector from a file written by :meth:`save` (or ``ocbank build``), checked by
+        :func:`~ocbank.model.record.open_bank` (an unfinished checkpoint only with ``allow_partial``)."""
+        opened = open_bank(path, allow_partial=allow_partial, device=device)
+        if opened.unfinished:
+            log.warning("scoring with the unfinished checkpoint %s (allow_partial)", path)
+        return cls.from_opened(opened, extractor)
 
 
 __all__ = ["Decision", "Detector", "FitStep", "Prediction", "ScoredBatch", "as_samples", "conservative_quantile"]

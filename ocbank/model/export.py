@@ -16,13 +16,17 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .._version import __version__
 from ..errors import ConfigError, DependencyError
-from .module import AnomalyModel, MapSpec
+from .module import AnomalyModel, MatmulNearest
+from .scoring import MapSpec
+
+if TYPE_CHECKING:
+    from .detector import Detector
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,7 @@ def settings_from_config(cfg: Any) -> ExportSettings:
         raise ConfigError(msg)
     return ExportSettings(
         Preprocess(resize=cfg.data.resize, crop=cfg.data.crop),
-        MapSpec(size=cfg.image_size, sigma=cfg.scoring.sigma),
+        MapSpec.from_config(cfg),
     )
 
 
@@ -71,20 +75,25 @@ def build_model(bank_path: str | os.PathLike[str]) -> tuple[AnomalyModel, dict[s
     """Bank file -> (AnomalyModel on CPU, metadata_props as {key: JSON string})."""
     from .detector import Detector  # noqa: PLC0415  (detector imports this package's siblings)
 
-    det = Detector.load(bank_path, device="cpu")
+    return model_of(Detector.load(bank_path, device="cpu"), os.path.basename(os.fspath(bank_path)))
+
+
+def model_of(det: Detector, source: str) -> tuple[AnomalyModel, dict[str, str]]:
+    """A loaded Detector (on the CPU) -> (AnomalyModel sharing its backbone, metadata_props).
+
+    ``source`` names the bank file in the props.
+    """
     settings = settings_from_config(det.config)
-    meta: dict[str, Any] = getattr(det, "metadata_", {})
-    model = AnomalyModel(det.extractor, det.bank.means, settings.spec, det.decision)  # parsed by Detector.load
+    model = AnomalyModel(det.extractor, MatmulNearest(det.bank.means), settings.spec, det.decision)
     props = {
         "ocbank_version": __version__,
         "input": {"name": "image", "dtype": "float32", "shape": ["N", 3, settings.spec.size, settings.spec.size]},
         "preprocess": asdict(settings.preprocess),
         "scoring": {**asdict(settings.spec), "score": "max over the grid of 1-NN L2 distances"},
         "outputs": list(model.output_names),
-        "bank": {"n_centroids": len(det.bank), "dim": det.bank.dim, "radius": det.bank.radius,
-                 "source": os.path.basename(os.fspath(bank_path))},
-        "backbone": meta.get("backbone", {}),
-        "decision": meta.get("decision"),
+        "bank": {"n_centroids": len(det.bank), "dim": det.bank.dim, "radius": det.bank.radius_, "source": source},
+        "backbone": det.extractor.describe(),
+        "decision": None if det.decision is None else det.decision.to_dict(),
     }
     return model, {k: json.dumps(v) for k, v in props.items()}
 

@@ -3,8 +3,8 @@
 A bank is identified by the sha256 of its file's bytes (``bank_sha256`` in every
 response). Validation reads those exact bytes, so a file rewritten while it is being
 checked can never be served half-validated: the checksum of the means, counts and
-second moments (:func:`ocbank.engine.checkpoint.read_bank`), the detector config in
-its metadata, and the dimensions the backbone gives.
+second moments, the detector config in its metadata, and the dimensions the backbone
+gives (:func:`ocbank.model.record.open_bank`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from typing import Any
 from ..config import check_class_name
 from ..data import NAME_MAX
 from ..data.images import Transform, open_regular
-from ..engine.checkpoint import BANK_SUFFIX, bank_file_path, is_checkpoint_name, read_bank
+from ..engine.checkpoint import BANK_SUFFIX, bank_file_path, is_checkpoint_name
 from ..errors import CheckpointError, ConfigError, DataError
-from ..jobs.evaluate import check_complete
-from ..model.detector import bank_config
+from ..model.record import open_bank
 
 log = logging.getLogger(__name__)
 
@@ -135,20 +134,20 @@ class BankFile:
 
 
 def validate_bank(product: str, data: bytes, where: str) -> BankFile:
-    """Bank file bytes -> BankFile, or CheckpointError / ConfigError naming ``where`` and the problem."""
+    """Bank file bytes -> BankFile, or CheckpointError naming ``where`` and the problem.
+
+    The checks a replica's load runs (:func:`ocbank.model.record.open_bank`), an unfinished
+    build checkpoint refused, on one read of these exact bytes.
+    """
     with tempfile.NamedTemporaryFile(suffix=BANK_SUFFIX) as tmp:
         tmp.write(data)
         tmp.flush()
         try:
-            state = read_bank(tmp.name)  # format, checksum and consistency
-            check_complete(tmp.name)  # an unfinished build checkpoint is never served
-        except CheckpointError as exc:
-            raise CheckpointError(str(exc).replace(tmp.name, where)) from None
-    try:
-        cfg, _ = bank_config(state, where)  # the checks Detector.load runs in the replica
-    except (ConfigError, DataError) as exc:
-        raise CheckpointError(str(exc)) from None
-    meta, size = state.metadata, cfg.image_size
+            opened = open_bank(tmp.name, where=where)
+        except (CheckpointError, ConfigError, DataError) as exc:
+            raise CheckpointError(str(exc)) from None
+    state, record = opened.state, opened.record
+    cfg = record.config
     return BankFile(
         product=product,
         path=where,
@@ -158,7 +157,7 @@ def validate_bank(product: str, data: bytes, where: str) -> BankFile:
         radius=float(state.radius),
         resize=cfg.data.resize,
         crop=cfg.data.crop,
-        image_size=size,
-        decision=meta.get("decision"),
-        stale=bool(meta.get("thresholds_predate_update", False)),
+        image_size=cfg.image_size,
+        decision=None if record.decision is None else record.decision.to_dict(),
+        stale=bool(record.thresholds_predate_update),
     )

@@ -1,5 +1,8 @@
 """Scoring runtimes for a loaded bank: the Detector in torch, or its exported graph in onnxruntime.
 
+Both run :class:`~ocbank.model.module.AnomalyModel`; they differ in its 1-NN search (the bank's
+own, or matrix products on the means in the graph) and in the engine that executes it.
+
 Both take the same input, uint8 RGB crops [N, S, S, 3] (what :func:`ocbank.serve.api.decode_image`
 gives), and return raw scores [N] and maps [N, S, S]; the OK/NG rule is applied after,
 in one place (:meth:`ocbank.model.calibration.Decision.apply`), whichever runtime scored.
@@ -17,14 +20,14 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..config import from_dict
+from ..config import Config
 from ..data.images import rgb8_to_unit
 from ..engine import resolve_device
-from ..engine.checkpoint import read_metadata
 from ..errors import ConfigError, DependencyError
 from ..model.calibration import Decision
 from ..model.detector import Detector
 from ..model.features import FEATURE_STRIDE, FeatureExtractor
+from ..model.record import open_bank
 from .api import LABELS, grid_map, mask_png
 
 log = logging.getLogger(__name__)
@@ -55,19 +58,20 @@ class TorchRuntime:
 
 
 class OnnxRuntime:
-    """The graph ``ocbank export`` writes, in onnxruntime's CPU provider (exact 1-NN by matrix products)."""
+    """The graph ``ocbank export`` writes, in onnxruntime's CPU provider (exact 1-NN by matrix products),
+    built from a loaded detector (its backbone's weights become the graph's)."""
 
     name = "onnxruntime"
 
-    def __init__(self, bank_file: str | os.PathLike[str], threads: int) -> None:
+    def __init__(self, detector: Detector, source: str, threads: int) -> None:
         try:
             import onnxruntime as ort  # noqa: PLC0415 - optional: pip install 'ocbank[export]'
         except ImportError as exc:
             msg = f"--runtime onnxruntime needs onnxruntime: {exc}. Install it: pip install 'ocbank[export]'."
             raise DependencyError(msg) from exc
-        from ..model.export import build_model, export_onnx  # noqa: PLC0415 - onnx tools only when asked
+        from ..model.export import export_onnx, model_of  # noqa: PLC0415 - onnx tools only when asked
 
-        model, props = build_model(bank_file)
+        model, props = model_of(detector, source)
         with tempfile.TemporaryDirectory() as tmp, torch.inference_mode(False), torch.no_grad():
             path = export_onnx(model, Path(tmp) / "model.onnx", props)
             opts = ort.SessionOptions()
@@ -110,20 +114,19 @@ def make_runtime(kind: str, detector: Detector, bank_file: str | os.PathLike[str
         if refusal:
             msg = f"--runtime onnxruntime cannot score {bank_file}: {refusal}. Use --runtime torch or auto."
             raise ConfigError(msg)
-        return OnnxRuntime(bank_file, threads)
+        return OnnxRuntime(detector, os.path.basename(os.fspath(bank_file)), threads)
     if refusal:
         log.info("runtime auto: torch for %s (%s)", bank_file, refusal)
         return TorchRuntime(detector)
-    return OnnxRuntime(bank_file, threads)
+    return OnnxRuntime(detector, os.path.basename(os.fspath(bank_file)), threads)
 
 
-def _backbone_key(bank_file: str | os.PathLike[str], device: str | None) -> tuple[str, ...] | None:
+def _backbone_key(cfg: Config) -> tuple[str, ...] | None:
     """What makes two banks' backbones the same one; None for a weights file (never shared)."""
-    cfg = from_dict(dict(read_metadata(bank_file).get("config", {})), require_root=False)
     bb = cfg.backbone
     if bb.weights not in ("imagenet", "none"):
         return None
-    return (bb.weights, bb.pool, bb.autocast, resolve_device(device or cfg.device))
+    return (bb.weights, bb.pool, bb.autocast, resolve_device(cfg.device))
 
 
 class ServedBank:
@@ -143,14 +146,17 @@ class ServedBank:
         """Load a bank for serving. ``extractors``: a replica's backbones, shared by every bank that
         uses the same one (built-in weights only: a weights file is checked against the bank each time).
         """
-        key = _backbone_key(bank_file, device)
+        opened = open_bank(bank_file, device=device)  # the file's one read
+        key = _backbone_key(opened.record.config)
         shared = extractors.get(key) if extractors is not None and key is not None else None
-        det = Detector.load(bank_file, device=device, extractor=shared)
-        if extractors is not None and key is not None and shared is None and kind != "onnxruntime":
-            extractors[key] = det.extractor
+        det = Detector.from_opened(opened, extractor=shared)
+        del opened  # the file's arrays: the bank holds its own copy now
         # Score a whole served batch in one backbone call.
         det.config = dataclasses.replace(det.config, data=dataclasses.replace(det.config.data, batch_size=batch))
-        return cls(det, make_runtime(kind, det, bank_file, threads), sha256)
+        served = cls(det, make_runtime(kind, det, bank_file, threads), sha256)
+        if extractors is not None and key is not None and shared is None:  # the onnx graph is built from it too
+            extractors[key] = det.extractor
+        return served
 
     def score(self, pixels: np.ndarray, want_mask: list[bool], want_map: list[bool]) -> list[dict[str, Any]]:
         """uint8 RGB [N, S, S, 3] -> one result dict per image (score, normalized, threshold, label, mask, map)."""
