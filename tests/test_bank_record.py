@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from ocbank.engine.checkpoint import bank_file_path, read_bank, read_metadata, write_bank
+from ocbank.engine.cpu_search import CHOICE_ENV
 from ocbank.errors import CheckpointError
 from ocbank.model.detector import Detector
 from ocbank.model.progress import FitProgress
@@ -25,6 +26,12 @@ OLD_BANK = Path(__file__).parent / "data" / "bank_format2_updated.h5"
 # What the previous format's code (Detector.load(OLD_BANK).predict) gave for _probe().
 OLD_SCORES = [116.60114288330078, 121.59104919433594]
 OLD_MAP_MAX = [115.01830291748047, 119.93091583251953]
+
+
+@pytest.fixture(autouse=True)
+def _search_as_the_file_was_written(monkeypatch):
+    """The file records the CPU search that wrote it (faiss); a save records this run's, so run the same."""
+    monkeypatch.setenv(CHOICE_ENV, "faiss")
 
 
 def _probe() -> torch.Tensor:
