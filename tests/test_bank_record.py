@@ -8,6 +8,7 @@ key a build and an update write, the stale-threshold flag included.
 
 from __future__ import annotations
 
+import ast
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from ocbank.engine.cpu_search import CHOICE_ENV
 from ocbank.errors import CheckpointError
 from ocbank.model.detector import Detector
 from ocbank.model.progress import FitProgress
-from ocbank.model.record import DESCRIBED_KEYS, BankRecord, BuildIdentity, open_bank
+from ocbank.model.record import DESCRIBED_KEYS, BankRecord, BuildIdentity, open_bank, read_record
 
 OLD_BANK = Path(__file__).parent / "data" / "bank_format2_updated.h5"
 # What the previous format's code (Detector.load(OLD_BANK).predict) gave for _probe().
@@ -198,3 +199,44 @@ def test_anomalib_from_bank_to_bank_keeps_every_key_and_value(tmp_path):
     model.model.restore_bank()
     model.to_bank(tmp_path / "d.h5")
     _assert_same_metadata(read_metadata(tmp_path / "d.h5"), before)
+
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ocbank"
+# The file format's own module, and the record's: the only places raw metadata is read.
+METADATA_READERS = {Path("engine/checkpoint.py"), Path("model/record.py")}
+
+
+def _reads_raw_metadata(source: str) -> list[int]:
+    """Lines that name ``read_metadata`` (a call, an attribute, or an import of it, aliased or not)."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+        if isinstance(node, ast.ImportFrom):
+            name = next((a.name for a in node.names if a.name == "read_metadata"), None)
+        if name == "read_metadata":
+            lines.append(node.lineno)
+    return lines
+
+
+def test_no_module_outside_the_record_reads_raw_metadata():
+    # the check itself catches each way of reaching read_metadata
+    assert _reads_raw_metadata("from ..engine.checkpoint import read_metadata as rm\nrm(p)") == [1]
+    assert _reads_raw_metadata("from ..engine import checkpoint\ncheckpoint.read_metadata(p)") == [2]
+    assert _reads_raw_metadata("read_bank(p).metadata") == []
+    bad = [f"{path.relative_to(PACKAGE)}:{line}"
+           for path in sorted(PACKAGE.rglob("*.py")) if path.relative_to(PACKAGE) not in METADATA_READERS
+           for line in _reads_raw_metadata(path.read_text())]
+    assert not bad, f"raw bank metadata read outside ocbank/model/record.py (use read_record / open_bank): {bad}"
+
+
+def test_read_record_reads_lineage_summary_and_flag_without_the_scoring_checks(tmp_path):
+    record = read_record(OLD_BANK)
+    meta = read_metadata(OLD_BANK)
+    assert record.last_update == meta["lineage"][-1]
+    assert record.build.summary == meta["summary"]
+    assert record.thresholds_predate_update is meta["thresholds_predate_update"]
+    # an unfinished checkpoint is listed, not refused (open_bank refuses it)
+    path = _with_metadata(tmp_path, "p.h5", complete=False)
+    assert read_record(path).build.complete is False
+    with pytest.raises(CheckpointError, match="unfinished"):
+        open_bank(path)

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from ..data import escape_path
-from ..engine.checkpoint import atomic_write, read_metadata
+from ..engine.checkpoint import atomic_write
 from ..errors import DataError, VersionNotFoundError
 from ..model.features import file_sha256
+from ..model.record import read_record
 from . import DEFAULT_KEEP_HISTORY
 from .lock import build_lock
 
@@ -112,10 +113,9 @@ def _iso(mtime: float) -> str:
 
 def describe(path: Path, current: bool) -> Version:
     """The :class:`Version` of one bank file (reads and validates it)."""
-    meta = read_metadata(path)
-    lineage = meta.get("lineage") or []
-    last = lineage[-1] if lineage else {}
-    summary = meta.get("summary") or {}
+    record = read_record(path)
+    last = record.last_update
+    summary = record.build.summary or {}
     return Version(
         sha256=file_sha256(path),
         path=escape_path(path),
@@ -124,7 +124,7 @@ def describe(path: Path, current: bool) -> Version:
         images_added=last.get("images_added"),
         images_held=last.get("images_held"),
         recalibrated=last.get("recalibrated"),
-        thresholds_predate_update=bool(meta.get("thresholds_predate_update", False)),
+        thresholds_predate_update=bool(record.thresholds_predate_update),
         n_centroids=summary.get("n_centroids"),
     )
 
@@ -185,7 +185,7 @@ def rollback(bank: str | os.PathLike[str], to: str, keep: int = DEFAULT_KEEP_HIS
                                   "restored_from": escape_path(source), "archived": None, "changed": old != new}
         if old == new:
             return result
-        read_metadata(source)  # a damaged history file is refused by name before the bank is touched
+        read_record(source)  # a damaged history file is refused by name before the bank is touched
         archived = archive(bank, keep)
         result["archived"] = escape_path(archived) if archived else None
         _copy_atomic(source, bank)

@@ -148,6 +148,11 @@ class BankRecord:
             meta["thresholds_predate_update"] = self.thresholds_predate_update
         return meta
 
+    @property
+    def last_update(self) -> Mapping[str, Any]:
+        """The newest lineage entry (what the last ``ocbank update`` did); empty when never updated."""
+        return self.lineage[-1] if self.lineage else {}
+
     def unfinished(self, path: str | os.PathLike[str]) -> bool:
         """The one unfinished-checkpoint rule: named ``*.partial.h5``, or ``complete`` false in the file."""
         return self.build.complete is False or is_checkpoint_name(path)
@@ -229,4 +234,19 @@ def open_bank(
     return OpenedBank(where, state, record, unfinished)
 
 
-__all__ = ["DESCRIBED_KEYS", "BankRecord", "BuildIdentity", "OpenedBank", "open_bank"]
+def read_record(path: str | os.PathLike[str], *, where: str | None = None) -> BankRecord:
+    """The record of a bank file that is listed or copied, not scored.
+
+    The file is read and checked as :func:`open_bank` does (format and checksum:
+    CheckpointError; its config: DataError / ConfigError), but none of the scoring
+    checks run: an unfinished checkpoint is read too, and the weights are not hashed.
+    """
+    where = where or str(path)
+    try:
+        state = read_bank(path)
+    except CheckpointError as exc:
+        raise CheckpointError(str(exc).replace(str(path), where)) from None
+    return BankRecord.from_metadata(state.metadata, where)
+
+
+__all__ = ["DESCRIBED_KEYS", "BankRecord", "BuildIdentity", "OpenedBank", "open_bank", "read_record"]

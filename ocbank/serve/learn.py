@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from ..data import escape_path
-from ..engine.checkpoint import read_metadata
 from ..errors import BuildLockError, OcbankError
 from ..jobs.lock import build_lock
 from ..jsonio import write_json
 from ..model.features import file_sha256
+from ..model.record import read_record
 from .banks import bank_path
 from .feedback import feedback_dir, image_path, mark, pending, records
 
@@ -106,8 +106,8 @@ def recover(banks: str, product: str) -> dict[str, Any] | None:
     bank = bank_path(banks, product)
     if entry["state"] == "running":
         current = file_sha256(bank)
-        lineage = (read_metadata(bank).get("lineage") or [{}])[-1]
-        if current == entry["old_sha256"] or lineage.get("parent_sha256") != entry["old_sha256"]:
+        last = read_record(bank).last_update
+        if current == entry["old_sha256"] or last.get("parent_sha256") != entry["old_sha256"]:
             # Nothing was written (or someone else wrote the bank): the candidates are still pending.
             return _journal(banks, product, {**entry, "state": "interrupted", "finished": _now(),
                                              "error": "the learn stopped before it wrote a new version; nothing was absorbed."})
