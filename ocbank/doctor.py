@@ -78,7 +78,8 @@ def blas_libraries() -> list[dict[str, Any]]:
     return [
         {
             "library": os.path.basename(info.get("filepath", "")),
-            "filepath": info.get("filepath"),
+            # The folder that holds it (e.g. faiss_cpu.libs) says which package bundled it, without this machine's paths.
+            "bundled_in": os.path.basename(os.path.dirname(info.get("filepath", ""))),
             "internal_api": info.get("internal_api"),
             "version": info.get("version"),
             "architecture": info.get("architecture"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -40,6 +41,9 @@ def test_doctor_lists_the_blas_libraries_and_cpu():
     report = doctor.collect(measure=False)
     names = [lib["library"] for lib in report["blas"]]
     assert names and all(lib["version"] for lib in report["blas"])
+    # Which package bundled each BLAS, never this machine's paths (the report goes into committed benchmark JSON).
+    assert any(lib["bundled_in"].startswith("faiss") for lib in report["blas"])
+    assert os.sep not in json.dumps(report["blas"])
     assert report["torch"]["threads"] == torch.get_num_threads()
     info = cpu_search.cpu_info()
     assert report["cpu"]["model"] == info["model"]
