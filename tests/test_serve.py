@@ -37,6 +37,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 psutil = pytest.importorskip("psutil")
 
+from tests.serve_helpers import free_port, tree  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,12 +49,6 @@ HTTP_TIMEOUT_S = 60
 
 
 # ---------------------------------------------------------------------- helpers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Client:
     """A tiny loopback HTTP client (stdlib only): one connection per call, JSON bodies."""
 
@@ -92,15 +88,9 @@ def _histogram(text: str, name: str, product: str) -> dict[str, float]:
     return out
 
 
-def _tree(pid: int) -> list[psutil.Process]:
-    with contextlib.suppress(psutil.Error):
-        return psutil.Process(pid).children(recursive=True)
-    return []
-
-
 def _replica_pids(pid: int, deployment: str = "Scorer") -> set[int]:
     found = set()
-    for p in _tree(pid):
+    for p in tree(pid):
         with contextlib.suppress(psutil.Error):
             if f"ServeReplica:ocbank:{deployment}" in " ".join(p.cmdline()):
                 found.add(p.pid)
@@ -165,7 +155,7 @@ def served(tmp_path_factory):
         _with_device(banks / "weave.h5", banks / "gpu_only.h5", "cuda")
         unservable.append("gpu_only")
 
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path_factory.mktemp("log") / "serve.log", "w+")  # noqa: SIM115 - closed in teardown
     cmd = [sys.executable, "-m", "ocbank.cli", "serve", "--banks", str(banks), "--port", str(port),
            "--runtime", "torch", "--max-batch", str(MAX_BATCH), "--batch-wait-ms", "50",
@@ -189,7 +179,7 @@ def served(tmp_path_factory):
             pytest.fail(f"ocbank serve did not become ready in {START_S} s:\n{log.read()[-3000:]}")
         yield info
     finally:
-        children = _tree(proc.pid)
+        children = tree(proc.pid)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -584,7 +574,7 @@ def _env() -> dict[str, str]:
 
 def _end_tree(proc: subprocess.Popen) -> None:
     """Kill ``proc`` and every process it started (a test that failed must not leave a Ray behind)."""
-    children = _tree(proc.pid)
+    children = tree(proc.pid)
     if proc.poll() is None:
         proc.kill()
         proc.wait(timeout=30)
@@ -596,7 +586,7 @@ def _end_tree(proc: subprocess.Popen) -> None:
 def _ingress_pids(served) -> dict[str, int]:
     """The processes a request body passes through: Serve's HTTP proxy and the ingress replica."""
     found = {}
-    for p in _tree(served["proc"].pid):
+    for p in tree(served["proc"].pid):
         with contextlib.suppress(psutil.Error):
             line = " ".join(p.cmdline())
             for name in ("ProxyActor", "ServeReplica:ocbank:Api"):
@@ -830,7 +820,7 @@ def test_sigterm_finishes_in_flight_and_leaves_nothing(served):
     """SIGTERM: requests in flight finish, the server exits (143, the CLI's SIGTERM status) within 30 s, no child left."""
     c = served["client"]
     proc = served["proc"]
-    children = _tree(proc.pid)
+    children = tree(proc.pid)
     assert children
     body = _test_images(served, 1)[0].read_bytes()
     results: list[tuple[int, float]] = []
@@ -866,13 +856,13 @@ def test_sigterm_finishes_in_flight_and_leaves_nothing(served):
 
 def test_sigterm_during_start_up_exits_143_and_leaves_nothing(served):
     """SIGTERM once Ray runs and before the banks are loaded (Serve's controller is up): 143, no traceback, no child."""
-    proc = subprocess.Popen(_serve_cmd(served["banks"], _free_port()), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_serve_cmd(served["banks"], free_port()), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO)
     try:
         deadline = time.monotonic() + START_S
         children: list[psutil.Process] = []
         while time.monotonic() < deadline and proc.poll() is None:
-            children = _tree(proc.pid)
+            children = tree(proc.pid)
             names = []
             for p in children:
                 with contextlib.suppress(psutil.Error):
@@ -901,7 +891,7 @@ def test_serve_on_a_device_this_machine_lacks_exits_2_with_one_line(tmp_path):
     if cuda_available():
         pytest.skip("this machine has CUDA")
     (tmp_path / "a.h5").write_bytes(b"a bank is not read before the device is checked")
-    cmd = [sys.executable, "-m", "ocbank.cli", "serve", "--banks", str(tmp_path), "--port", str(_free_port()),
+    cmd = [sys.executable, "-m", "ocbank.cli", "serve", "--banks", str(tmp_path), "--port", str(free_port()),
            "--device", "cuda"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     began = time.monotonic()
