@@ -334,22 +334,22 @@ class Detector:
         return 0 if self.config.bank.radius != "auto" else min(n_images, self.config.bank.radius_images)
 
     def _stream(
-        self, pool: _Inputs, idx: list[int], sink: Callable[[torch.Tensor], Any]
+        self, inputs: _Inputs, idx: list[int], sink: Callable[[torch.Tensor], Any]
     ) -> Iterator[tuple[int, FitProgress]]:
-        """Patch features [n, 1536] of ``pool[idx]`` into ``sink``, one loader batch at a time.
+        """Patch features [n, 1536] of ``inputs[idx]`` into ``sink``, one loader batch at a time.
 
         Yields (position in ``idx`` just after the batch, what the batch did: images used and
         the names of the unreadable ones). The one loop of the radius sample, fit and partial_fit.
         """
-        for batch, f in self.features(pool.take(idx)):
+        for batch, f in self.features(inputs.take(idx)):
             if batch.index:
                 sink(f.reshape(-1, FEATURE_DIM))
-            yield batch.end, FitProgress(len(batch.index), tuple(pool.name(idx[i]) for i in batch.skipped))
+            yield batch.end, FitProgress(len(batch.index), tuple(inputs.name(idx[i]) for i in batch.skipped))
 
-    def _spool_sample(self, pool: _Inputs, idx: list[int], spool: FeatureSpool) -> Iterator[tuple[int, FitProgress]]:
+    def _spool_sample(self, inputs: _Inputs, idx: list[int], spool: FeatureSpool) -> Iterator[tuple[int, FitProgress]]:
         """:meth:`_stream` into ``spool`` (the radius sample); DataError at the end when nothing was readable."""
         n_read = 0
-        for end, step in self._stream(pool, idx, lambda f: spool.append(f.cpu().numpy())):
+        for end, step in self._stream(inputs, idx, lambda f: spool.append(f.cpu().numpy())):
             n_read += step.images_used
             yield end, step
         if not n_read:
@@ -366,10 +366,10 @@ class Detector:
 
     def radius_statistics(self, images: Any) -> RadiusStats:
         """The radius rule's percentiles (and interval) on this detector's radius sample of ``images``."""
-        pool = _Inputs.of(as_samples(images))
-        chosen = sample_images(len(pool), self.config.bank.radius_images, self.config.bank.seed)
+        inputs = _Inputs.of(as_samples(images))
+        chosen = sample_images(len(inputs), self.config.bank.radius_images, self.config.bank.seed)
         with FeatureSpool(FEATURE_DIM, SPOOL_MEMORY_BYTES) as spool:
-            n_read = sum(step.images_used for _, step in self._spool_sample(pool, chosen, spool))
+            n_read = sum(step.images_used for _, step in self._spool_sample(inputs, chosen, spool))
             return self._radius_stats(spool, n_read)
 
     def _new_bank(self, radius: float) -> ClusterBank:
@@ -412,11 +412,11 @@ class Detector:
             raise
 
     def _fit_steps(self, images: Any, start: int) -> Iterator[FitStep]:
-        pool = _Inputs.of(images)
-        if not len(pool):
+        inputs = _Inputs.of(images)
+        if not len(inputs):
             msg = "fit() got no images. Pass at least one normal training image."
             raise DataError(msg)
-        n = len(pool)
+        n = len(inputs)
         order = self.training_order(n)
         n_sample = self.n_radius_images(n)
         began = time.perf_counter()
@@ -431,7 +431,7 @@ class Detector:
                 # One pass: the radius sample's features are spooled (spilling to disk past
                 # SPOOL_MEMORY_BYTES), r is estimated on them, then they enter the bank first.
                 with FeatureSpool(FEATURE_DIM, SPOOL_MEMORY_BYTES) as spool:
-                    for end, step in self._spool_sample(pool, order[:n_sample], spool):
+                    for end, step in self._spool_sample(inputs, order[:n_sample], spool):
                         done = replace(done, skipped_files=done.skipped_files + step.skipped_files)
                         yield FitStep("radius", end, n, now())
                     self.start_bank(spool, n_sample - done.images_skipped)
@@ -442,7 +442,7 @@ class Detector:
             yield FitStep("bank", start, n, now())
         else:
             self._check_fitted(context=f" (fit_steps(start={start}) continues a checkpoint)")
-        for end, step in self._stream(pool, order[start:], self.bank_.add):
+        for end, step in self._stream(inputs, order[start:], self.bank_.add):
             done += step
             yield FitStep("bank", start + end, n, now())
         if self.bank_.n_seen == 0:
@@ -464,9 +464,9 @@ class Detector:
         bank = self._check_fitted(required=False)
         if bank is None:
             return self.fit(images)
-        pool = _Inputs.of(images)
+        inputs = _Inputs.of(images)
         began = time.perf_counter()
-        added = sum((step for _, step in self._stream(pool, list(range(len(pool))), bank.add)), FitProgress())
+        added = sum((step for _, step in self._stream(inputs, list(range(len(inputs))), bank.add)), FitProgress())
         added = replace(added, seconds=time.perf_counter() - began)
         self.fit_summary_ = self.__dict__.get("fit_summary_", FitProgress()) + added
         self.last_partial_fit_ = added
