@@ -194,10 +194,10 @@ class _StoreBase:
             w = weights[start:stop]
             ch, se, book = self._prepare(chunk, w, pm2[start:stop], k0)
             assign = np.empty(stop - start, dtype=np.int64)
-            done, k_new, why = resolve_chunk(ch, se, book, k0, self.r2, int(limit), assign)
-            self._apply(chunk[:done], w[:done], assign[:done], k_new)
+            consumed, k_new, why = resolve_chunk(ch, se, book, k0, self.r2, int(limit), assign)
+            self._apply(chunk[:consumed], w[:consumed], assign[:consumed], k_new)
             self.size = k_new
-            start += done
+            start += consumed
             if why == FULL:
                 break
         return start

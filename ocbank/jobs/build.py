@@ -290,7 +290,7 @@ def _identity(plan: BuildPlan, job: ClassJob, inputs: ClassInputs) -> BuildIdent
     )
 
 
-def finish_class(plan: BuildPlan, job: ClassJob, det: Detector, inputs: ClassInputs, done: FitProgress) -> dict[str, Any]:
+def finish_class(plan: BuildPlan, job: ClassJob, det: Detector, inputs: ClassInputs, progress: FitProgress) -> dict[str, Any]:
     """Calibrate, write ``<class>.h5`` atomically, remove the checkpoint; return the summary row."""
     calibration_error = None
     if inputs.calibration:
@@ -305,9 +305,9 @@ def finish_class(plan: BuildPlan, job: ClassJob, det: Detector, inputs: ClassInp
         "n_centroids": len(bank),
         "bank_bytes": bank.nbytes,
         "radius": bank.radius_,
-        **done.to_dict(),  # images_used, images_skipped, skipped_files, seconds
-        "skipped_files": [escape_path(f) for f in done.skipped_files],  # JSON any reader takes
-        "vectors_per_s": bank.n_seen / max(done.seconds, 1e-9),
+        **progress.to_dict(),  # images_used, images_skipped, skipped_files, seconds
+        "skipped_files": [escape_path(f) for f in progress.skipped_files],  # JSON any reader takes
+        "vectors_per_s": bank.n_seen / max(progress.seconds, 1e-9),
         "search_backend": bank.search_backend_,
         "calibration": {"source": inputs.calibration_source, "n_images": len(inputs.calibration)},
     }
@@ -315,12 +315,12 @@ def finish_class(plan: BuildPlan, job: ClassJob, det: Detector, inputs: ClassInp
         summary["calibration"]["error"] = calibration_error
     if det.decision is not None:
         summary["image_threshold"] = det.decision.image_threshold
-    identity = replace(_identity(plan, job, inputs), stream_position=len(inputs.train), complete=True, progress=done,
+    identity = replace(_identity(plan, job, inputs), stream_position=len(inputs.train), complete=True, progress=progress,
                        summary=summary)
     det.save(bank_file_path(plan.out, job.name), build=identity)
     with contextlib.suppress(FileNotFoundError):
         bank_file_path(plan.out, job.name, partial=True).unlink()
-    for f in done.skipped_files:
+    for f in progress.skipped_files:
         log.warning("class %s: skipped unreadable image %s", job.name, f)
     return summary
 
@@ -351,7 +351,7 @@ def build_class(plan: BuildPlan, job: ClassJob, extractor: FeatureExtractor | No
     with progress_bar(job.name, len(inputs.train), plan.progress, initial=start):
         for step in det.fit_steps(inputs.train, start=start):
             if step.phase == "bank" and step.position - last >= plan.checkpoint_every and step.position < step.n_images:
-                at = replace(identity, stream_position=step.position, complete=False, progress=before + step.done)
+                at = replace(identity, stream_position=step.position, complete=False, progress=before + step.so_far)
                 det.save(partial, build=at)
                 last = step.position
     row = finish_class(plan, job, det, inputs, before + det.fit_summary_)
@@ -421,8 +421,8 @@ def build_class_sharded(plan: BuildPlan, job: ClassJob, run_shards: ShardRunner)
     ordered = [inputs.train[i] for i in order]
     parts = run_shards([(plan, part, radius) for part in split_shards(ordered, plan.shards)])
     det.use_bank(merge_shards(parts, radius, resolve_device(plan.config.device), **plan.config.bank.search_options), stats)
-    done = sum((p.progress for p in parts), FitProgress())
-    row = finish_class(plan, job, det, inputs, replace(done, seconds=time.perf_counter() - began))
+    progress = sum((p.progress for p in parts), FitProgress())
+    row = finish_class(plan, job, det, inputs, replace(progress, seconds=time.perf_counter() - began))
     return {**row, "shards": plan.shards, "status": "built"}
 
 

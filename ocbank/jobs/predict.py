@@ -73,14 +73,14 @@ def predict(
     if missing:  # the loader reports every index as scored or skipped; anything else is a bug
         msg = f"internal error: no result for {missing[:3]}"
         raise RuntimeError(msg)
-    done: list[dict[str, Any]] = [r for r in rows if r is not None]
+    written_rows: list[dict[str, Any]] = [r for r in rows if r is not None]
     with open(out / "scores.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=["path", "score", "label", "normalized_score", "status"], restval="",
                                 extrasaction="ignore")
         writer.writeheader()
         writer.writerows({**r, "path": escape_path(r["path"]), "score": "" if r["status"] != "ok" else f"{r['score']:.6f}"}
-                         for r in done)
-    return done
+                         for r in written_rows)
+    return written_rows
 
 
 def _save_npy(amap: np.ndarray, target: Path) -> None:

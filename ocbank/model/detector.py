@@ -420,10 +420,10 @@ class Detector:
         order = self.training_order(n)
         n_sample = self.n_radius_images(n)
         began = time.perf_counter()
-        done = FitProgress()
+        so_far = FitProgress()
 
         def now() -> FitProgress:
-            return replace(done, seconds=time.perf_counter() - began)
+            return replace(so_far, seconds=time.perf_counter() - began)
 
         if start == 0:
             self._reset()
@@ -432,10 +432,10 @@ class Detector:
                 # SPOOL_MEMORY_BYTES), r is estimated on them, then they enter the bank first.
                 with FeatureSpool(FEATURE_DIM, SPOOL_MEMORY_BYTES) as spool:
                     for end, step in self._spool_sample(inputs, order[:n_sample], spool):
-                        done = replace(done, skipped_files=done.skipped_files + step.skipped_files)
+                        so_far = replace(so_far, skipped_files=so_far.skipped_files + step.skipped_files)
                         yield FitStep("radius", end, n, now())
-                    self.start_bank(spool, n_sample - done.images_skipped)
-                done = replace(done, images_used=n_sample - done.images_skipped)
+                    self.start_bank(spool, n_sample - so_far.images_skipped)
+                so_far = replace(so_far, images_used=n_sample - so_far.images_skipped)
             else:
                 self.start_bank()
             start = n_sample
@@ -443,7 +443,7 @@ class Detector:
         else:
             self._check_fitted(context=f" (fit_steps(start={start}) continues a checkpoint)")
         for end, step in self._stream(inputs, order[start:], self.bank_.add):
-            done += step
+            so_far += step
             yield FitStep("bank", start + end, n, now())
         if self.bank_.n_seen == 0:
             msg = f"none of the {n} training images could be read. Check the files."

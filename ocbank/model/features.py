@@ -56,7 +56,7 @@ def random_wide_resnet50_2(seed: int = RANDOM_INIT_SEED, upto: str | None = None
             setattr(net, name, nn.Identity())
     net = net.to_empty(device="cpu")
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    done: set[int] = set()
+    covered_ids: set[int] = set()
     with torch.no_grad():
         for module in net.modules():
             if isinstance(module, nn.Conv2d):
@@ -75,8 +75,8 @@ def random_wide_resnet50_2(seed: int = RANDOM_INIT_SEED, upto: str | None = None
                 nn.init.uniform_(module.bias, -bound, bound, generator=gen)
             else:
                 continue
-            done.update(id(t) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
-    left = [n for n, t in (*net.named_parameters(), *net.named_buffers()) if id(t) not in done]
+            covered_ids.update(id(t) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
+    left = [n for n, t in (*net.named_parameters(), *net.named_buffers()) if id(t) not in covered_ids]
     if left:  # to_empty leaves garbage in anything not set above
         msg = f"random init left tensors uninitialised: {left[:5]}"
         raise RuntimeError(msg)

@@ -94,7 +94,7 @@ class FitStep:
     phase: str  # "radius" (the radius sample is being read) or "bank" (images stream into the bank)
     position: int  # images consumed so far, in the detector's training order
     n_images: int  # images in the training list
-    done: FitProgress  # this call so far: images streamed into the bank, unreadable files, seconds
+    so_far: FitProgress  # this call so far: images streamed into the bank, unreadable files, seconds
 
     def to_dict(self) -> dict[str, Any]:
-        return {"phase": self.phase, "position": self.position, "n_images": self.n_images, **self.done.to_dict()}
+        return {"phase": self.phase, "position": self.position, "n_images": self.n_images, **self.so_far.to_dict()}
