@@ -20,7 +20,7 @@ def test_both_stores_satisfy_the_protocol_and_round_trip_their_state(kind):
     store = make(kind, 8, 1.0)
     assert isinstance(store, Store)
     X = clustered(700, 8, 30, 3.0, 0.3, 1)
-    assert store.stream(store.rows(X), np.ones(len(X), np.int64)) == len(X)
+    assert store.absorb(store.rows(X), np.ones(len(X), np.int64)) == len(X)
     assert store.capacity >= store.size and store.capacity >= 256
     means, counts, m2 = store.state()
     assert means.dtype == np.float32 and counts.dtype == np.int64 and m2.dtype == np.float64
@@ -37,7 +37,7 @@ def test_both_stores_keep_identical_books_and_stop_at_the_same_row_at_a_limit():
     w = np.random.default_rng(0).integers(1, 5, len(X))
     pm2 = np.random.default_rng(1).uniform(0, 2, len(X))
     cpu, tch = make("cpu", 8, 1.5), make("torch", 8, 1.5)
-    stops = [s.stream(s.rows(X), w, pm2, limit=25) for s in (cpu, tch)]
+    stops = [s.absorb(s.rows(X), w, pm2, limit=25) for s in (cpu, tch)]
     assert stops[0] == stops[1] < len(X) and cpu.size == tch.size == 25
     np.testing.assert_array_equal(cpu.counts, tch.counts)
     assert int(cpu.counts.sum()) == int(w[: stops[0]].sum())

@@ -349,7 +349,7 @@ class ClusterBank:
         return rows
 
     # ------------------------------------------------------------------ build
-    def _stream(self, rows: Any, weights: np.ndarray, pm2: np.ndarray | None) -> None:
+    def _absorb_capped(self, rows: Any, weights: np.ndarray, pm2: np.ndarray | None) -> None:
         """Feed weighted rows through the store, re-clustering whenever the cap is hit (write lock held)."""
         n = rows.shape[0]
         limit = NO_LIMIT if self.max_centroids is None else self.max_centroids
@@ -357,7 +357,7 @@ class ClusterBank:
         while True:
             store = self._bank_store
             part_m2 = None if pm2 is None else pm2[pos:]
-            pos += store.stream(rows[pos:], weights[pos:], part_m2, limit)
+            pos += store.absorb(rows[pos:], weights[pos:], part_m2, limit)
             if pos >= n:
                 return
             self._coarsen(self.n_seen_ + int(weights[:pos].sum()))
@@ -379,7 +379,7 @@ class ClusterBank:
             store.r2 = new * new
             store.size = 0
             # The merge path: centroids as points of weight n carrying their M2.
-            store.stream(store.rows(means), counts, m2)
+            store.absorb(store.rows(means), counts, m2)
             self.radius_ = new
             self.radius_history_.append(
                 {"n_seen": int(seen), "old": old, "new": new, "k_before": int(k_before), "k_after": int(store.size)}
@@ -400,7 +400,7 @@ class ClusterBank:
         rows = self._check_rows(x)
         n = rows.shape[0]
         if n:
-            self._stream(rows, np.ones(n, dtype=np.int64), None)
+            self._absorb_capped(rows, np.ones(n, dtype=np.int64), None)
             self.n_seen_ += n
 
     def partial_fit(self, X: Any, y: None = None) -> ClusterBank:
@@ -449,7 +449,7 @@ class ClusterBank:
             if len(counts) == 0:
                 return self
             rows = self._check_rows(means, name="other.means")
-            self._stream(rows, counts, m2)
+            self._absorb_capped(rows, counts, m2)
             self.n_seen_ += snap.n_seen
             self.spread_known_ = self.spread_known_ and snap.spread_known
         return self

@@ -1,7 +1,7 @@
 """Centroid storage and FAISS search for :class:`ocbank.ClusterBank`.
 
 Both stores satisfy one contract, :class:`Store`: ``reserve`` grows the buffers,
-``stream`` feeds weighted rows through Algorithm 1 (stopping early when a
+``absorb`` feeds weighted rows through Algorithm 1 (stopping early when a
 centroid cap is reached), ``search`` answers k-NN queries, and ``state`` /
 ``set_state`` move (means, counts, m2) in and out. The bookkeeping they share
 (size, capacity growth, the host-side counts and Welford second moments, the
@@ -101,7 +101,7 @@ class Store(Protocol):
     def rows(self, x: np.ndarray) -> Any:
         """float32 [n, dim] numpy rows in this store's native form."""
 
-    def stream(self, X: Any, weights: np.ndarray, pm2: np.ndarray | None = None, limit: int = NO_LIMIT) -> int:
+    def absorb(self, X: Any, weights: np.ndarray, pm2: np.ndarray | None = None, limit: int = NO_LIMIT) -> int:
         """Feed rows [n, dim] with weights [n] (and carried M2 [n]); return rows consumed (< n only at ``limit``)."""
 
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -174,9 +174,9 @@ class _StoreBase:
 
     def add(self, X: Any, weights: np.ndarray) -> None:
         """Stream every row of X [n, dim] with integer weights [n] (no cap)."""
-        self.stream(X, weights)
+        self.absorb(X, weights)
 
-    def stream(self, X: Any, weights: np.ndarray, pm2: np.ndarray | None = None, limit: int = NO_LIMIT) -> int:
+    def absorb(self, X: Any, weights: np.ndarray, pm2: np.ndarray | None = None, limit: int = NO_LIMIT) -> int:
         """Stream rows of X [n, dim] with integer weights [n]; return how many were consumed.
 
         Fewer than n are consumed only when row ``returned`` needs a new centroid
@@ -516,9 +516,9 @@ class TorchStore(_StoreBase):
         self._means[:k] = self._torch.from_numpy(means).to(self.device)
         self._norms[:k] = (self._means[:k].double() ** 2).sum(1)
 
-    def stream(self, X: Any, weights: np.ndarray, pm2: np.ndarray | None = None, limit: int = NO_LIMIT) -> int:
+    def absorb(self, X: Any, weights: np.ndarray, pm2: np.ndarray | None = None, limit: int = NO_LIMIT) -> int:
         with self._lock:
-            return super().stream(X, weights, pm2, limit)
+            return super().absorb(X, weights, pm2, limit)
 
     def _knn(self, queries: Any, k0: int, k: int, precision: str) -> tuple[Any, Any]:
         """Top-k of queries [n, dim] among the first k0 centroids: (squared dists [n, k'], ids [n, k'])."""

@@ -255,7 +255,7 @@ class OCBankModel(nn.Module):
             det.start_bank()
 
     @torch.no_grad()
-    def stream(self, images: torch.Tensor) -> None:
+    def add_images(self, images: torch.Tensor) -> None:
         """One training batch [B, 3, S, S] (RGB in [0, 1], pre-processed) into the bank (or the radius sample)."""
         if self._sample is None and not self.detector.is_fitted:
             self.begin()
@@ -489,7 +489,7 @@ class OCBank(MemoryBankMixin, AnomalibModule):
 
     def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> torch.Tensor:
         del args, kwargs
-        self.model.stream(batch.image)
+        self.model.add_images(batch.image)
         return torch.tensor(0.0, requires_grad=True, device=self.device)  # Lightning wants a loss
 
     def fit(self) -> None:

@@ -333,7 +333,7 @@ class Detector:
     def n_radius_images(self, n_images: int) -> int:
         return 0 if self.config.bank.radius != "auto" else min(n_images, self.config.bank.radius_images)
 
-    def _stream(
+    def _extract_into(
         self, inputs: _Inputs, idx: list[int], sink: Callable[[torch.Tensor], Any]
     ) -> Iterator[tuple[int, FitProgress]]:
         """Patch features [n, 1536] of ``inputs[idx]`` into ``sink``, one loader batch at a time.
@@ -347,9 +347,9 @@ class Detector:
             yield batch.end, FitProgress(len(batch.index), tuple(inputs.name(idx[i]) for i in batch.skipped))
 
     def _spool_sample(self, inputs: _Inputs, idx: list[int], spool: FeatureSpool) -> Iterator[tuple[int, FitProgress]]:
-        """:meth:`_stream` into ``spool`` (the radius sample); DataError at the end when nothing was readable."""
+        """:meth:`_extract_into` into ``spool`` (the radius sample); DataError at the end when nothing was readable."""
         n_read = 0
-        for end, step in self._stream(inputs, idx, lambda f: spool.append(f.cpu().numpy())):
+        for end, step in self._extract_into(inputs, idx, lambda f: spool.append(f.cpu().numpy())):
             n_read += step.images_used
             yield end, step
         if not n_read:
@@ -442,7 +442,7 @@ class Detector:
             yield FitStep("bank", start, n, now())
         else:
             self._check_fitted(context=f" (fit_steps(start={start}) continues a checkpoint)")
-        for end, step in self._stream(inputs, order[start:], self.bank_.add):
+        for end, step in self._extract_into(inputs, order[start:], self.bank_.add):
             so_far += step
             yield FitStep("bank", start + end, n, now())
         if self.bank_.n_seen == 0:
@@ -466,7 +466,7 @@ class Detector:
             return self.fit(images)
         inputs = _Inputs.of(images)
         began = time.perf_counter()
-        added = sum((step for _, step in self._stream(inputs, list(range(len(inputs))), bank.add)), FitProgress())
+        added = sum((step for _, step in self._extract_into(inputs, list(range(len(inputs))), bank.add)), FitProgress())
         added = replace(added, seconds=time.perf_counter() - began)
         self.fit_summary_ = self.__dict__.get("fit_summary_", FitProgress()) + added
         self.last_partial_fit_ = added
