@@ -606,10 +606,10 @@ def test_every_error_code_the_service_sends_is_in_the_docs_table():
 
 
 def _v2_bank(calibrated: bool = True):
-    from ocbank.serve.banks import BankFile
+    from ocbank.serve.banks import BankInfo
 
     decision = {"image_threshold": 2.0, "pixel_threshold": 1.0} if calibrated else None
-    return BankFile("weave", "weave.h5", "ab" * 32, 5, 1536, 1.0, 72, 64, 64, decision)
+    return BankInfo("weave", "weave.h5", "ab" * 32, 5, 1536, 1.0, 72, 64, 64, decision)
 
 
 def _triton_request(images: list[bytes], outputs: list | None = None, binary: bool = True, request_id: str = "r-1"):

@@ -54,7 +54,7 @@ from .api import (
     read_body,
     request_timeout,
 )
-from .banks import BankFile, bank_path, is_bank_file, list_banks, read_bank_bytes, valid_product, validate_bank
+from .banks import BankInfo, bank_path, is_bank_file, list_banks, read_bank_bytes, valid_product, validate_bank
 from .health import HEALTH_STATES
 from .metrics import OTHER_PRODUCT, Metrics
 from .options import ServeOptions
@@ -88,7 +88,7 @@ class ScoreRequest:
 class _Entry:
     """A served bank in the ingress: what it is, and where its validated bytes are."""
 
-    info: BankFile
+    info: BankInfo
     ref: Any  # ray.ObjectRef of the file's bytes
 
 

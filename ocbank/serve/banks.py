@@ -91,7 +91,7 @@ def list_banks(folder: str | os.PathLike[str]) -> dict[str, Path]:
 
 
 @dataclass(frozen=True)
-class BankFile:
+class BankInfo:
     """What the API says about one validated bank file (its bytes travel separately)."""
 
     product: str
@@ -133,8 +133,8 @@ class BankFile:
         }
 
 
-def validate_bank(product: str, data: bytes, where: str) -> BankFile:
-    """Bank file bytes -> BankFile, or CheckpointError naming ``where`` and the problem.
+def validate_bank(product: str, data: bytes, where: str) -> BankInfo:
+    """Bank file bytes -> BankInfo, or CheckpointError naming ``where`` and the problem.
 
     The checks a replica's load runs (:func:`ocbank.model.record.open_bank`), an unfinished
     build checkpoint refused, on one read of these exact bytes.
@@ -148,7 +148,7 @@ def validate_bank(product: str, data: bytes, where: str) -> BankFile:
             raise CheckpointError(str(exc)) from None
     state, record = opened.state, opened.record
     cfg = record.config
-    return BankFile(
+    return BankInfo(
         product=product,
         path=where,
         sha256=hashlib.sha256(data).hexdigest(),

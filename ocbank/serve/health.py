@@ -37,7 +37,7 @@ class FalseAlarmCounts:
 
 
 def calibration_health(info: dict[str, Any], stale: bool, scored: int, false_alarms: int) -> dict[str, Any]:
-    """``{"state", "reason", "false_alarms", "scored"}`` for a bank described by ``info`` (BankFile.decision and K).
+    """``{"state", "reason", "false_alarms", "scored"}`` for a bank described by ``info`` (BankInfo.decision and K).
 
     ``info``: the bank's ``decision`` block (None when uncalibrated); ``stale``: its thresholds
     predate its last update; ``scored`` / ``false_alarms``: the counts for this version.

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from .api import UNCALIBRATED, ApiError
-from .banks import BankFile
+from .banks import BankInfo
 
 PREFIX = "/v2"
 HEADER_LENGTH = "inference-header-content-length"  # the binary tensor data extension's header
@@ -77,7 +77,7 @@ def error_body(message: str) -> dict[str, str]:
     return {"error": message}
 
 
-def outputs_for(info: BankFile) -> list[Output]:
+def outputs_for(info: BankInfo) -> list[Output]:
     """The outputs a bank has: an uncalibrated bank has no threshold, so only ``score``."""
     return [o for o in OUTPUTS if info.decision is not None or not o.calibrated_only]
 
@@ -90,7 +90,7 @@ def server_metadata(version: str) -> dict[str, Any]:
     return {"name": PLATFORM, "version": version, "extensions": list(EXTENSIONS)}
 
 
-def model_metadata(info: BankFile) -> dict[str, Any]:
+def model_metadata(info: BankInfo) -> dict[str, Any]:
     """The model metadata response: name, versions (the bank's sha256), platform, inputs, outputs."""
     meta: dict[str, Any] = {
         "name": info.product,
@@ -105,7 +105,7 @@ def model_metadata(info: BankFile) -> dict[str, Any]:
     return meta
 
 
-def check_version(info: BankFile, version: str | None) -> None:
+def check_version(info: BankInfo, version: str | None) -> None:
     """A version in the path must be the served bank's sha256 (404 otherwise)."""
     if version is not None and version != info.sha256:
         msg = f"model {info.product!r} has no version {version!r}; the bank served is version {info.sha256}."
@@ -217,7 +217,7 @@ def _requested(request: dict[str, Any], available: list[Output], binary_all: boo
     return out
 
 
-def parse_infer(body: bytes, header_length: str | None, info: BankFile, max_images: int) -> InferRequest:
+def parse_infer(body: bytes, header_length: str | None, info: BankInfo, max_images: int) -> InferRequest:
     """An inference request's bytes -> its id, images and requested outputs; 400 ``bad_request`` naming the problem."""
     request, binary = _header(body, header_length)
     request_id = request.get("id")
@@ -280,7 +280,7 @@ def _json_data(values: np.ndarray) -> list[Any]:
     return values.ravel().tolist()
 
 
-def infer_response(info: BankFile, request: InferRequest, rows: list[dict[str, Any]]) -> tuple[bytes, dict[str, str]]:
+def infer_response(info: BankInfo, request: InferRequest, rows: list[dict[str, Any]]) -> tuple[bytes, dict[str, str]]:
     """The inference response for one result row per image (what the replica answers ``/v1/inspect`` with).
 
     Returns the body and its headers: JSON alone, or the JSON header followed by the
