@@ -126,7 +126,7 @@ def scoring(data: Path, n_train: int, n_test: int, rounds: int) -> dict[str, Any
             det.fit(train)
         else:
             first = dets["faiss"]
-            det.adopt(first.bank.state(), dataclasses.replace(first.record(), config=det.config))
+            det.restore(first.bank.state(), dataclasses.replace(first.record(), config=det.config))
         dets[search] = det
     assert {s: d.bank.search_backend_["search"] for s, d in dets.items()} == {s: s for s in SEARCHES}
     feats = torch.cat([f for _, f in dets["faiss"].features(test)]).reshape(-1, DIM).numpy()

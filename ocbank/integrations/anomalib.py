@@ -355,7 +355,7 @@ class OCBankModel(nn.Module):
             radius_growth=float(bank.get("radius_growth", 1.25)),
             radius_history=list(bank.get("radius_history", [])),
         )
-        det.adopt(state, record)
+        det.restore(state, record)
 
     def extras(self) -> dict[str, Any]:
         """What the state dict does not hold: the full config, radius rule, cap history, thresholds, lineage."""
@@ -538,7 +538,7 @@ class OCBank(MemoryBankMixin, AnomalibModule):
         """
         opened = open_bank(path)  # validates the file and the weights' sha256
         model = cls(**_kwargs_from_config(opened.record.config), **components)
-        model.detector.adopt(opened.state, opened.record)
+        model.detector.restore(opened.state, opened.record)
         model.model.publish()
         model._is_fitted = torch.tensor([True], device=model.device)
         return model

@@ -568,7 +568,7 @@ class Detector:
 
     # ------------------------------------------------------------------ files
     def record(self) -> BankRecord:
-        """What a bank file keeps beside the bank's arrays to restore this Detector (:meth:`adopt` reads it
+        """What a bank file keeps beside the bank's arrays to restore this Detector (:meth:`restore` reads it
         back): config, radius rule, thresholds, update lineage, the build's identity, and the keys a loaded
         file had that this version does not know."""
         return BankRecord(
@@ -594,7 +594,7 @@ class Detector:
         }
         return {**self.record().to_metadata(), **described}
 
-    def adopt(self, state: BankState, record: BankRecord) -> None:
+    def restore(self, state: BankState, record: BankRecord) -> None:
         """Take ``state`` as the bank (on the record's device, searching as its config says) and
         ``record``'s config, radius rule, thresholds, lineage and build identity."""
         self.config = record.config
@@ -619,7 +619,7 @@ class Detector:
     def clone(self) -> Detector:
         """A copy sharing this Detector's backbone, with its own bank (the same state), record and fit summary."""
         copy = Detector.from_config(self.config, extractor=self.extractor)
-        copy.adopt(self.bank.state(), self.record())
+        copy.restore(self.bank.state(), self.record())
         if "fit_summary_" in self.__dict__:
             copy.fit_summary_ = self.fit_summary_
         return copy
@@ -664,7 +664,7 @@ class Detector:
     def from_opened(cls, opened: OpenedBank, extractor: FeatureExtractor | None = None) -> Detector:
         """A Detector holding a bank file read by :func:`ocbank.model.record.open_bank`."""
         det = cls.from_config(opened.record.config, extractor=extractor)
-        det.adopt(opened.state, opened.record)
+        det.restore(opened.state, opened.record)
         return det
 
     @classmethod
