@@ -128,7 +128,7 @@ def scoring(data: Path, n_train: int, n_test: int, rounds: int) -> dict[str, Any
             first = dets["faiss"]
             det.restore(first.bank.state(), dataclasses.replace(first.record(), config=det.config))
         dets[search] = det
-    assert {s: d.bank.search_backend_["search"] for s, d in dets.items()} == {s: s for s in SEARCHES}
+    assert {s: d.bank.search_backend["search"] for s, d in dets.items()} == {s: s for s in SEARCHES}
     feats = torch.cat([f for _, f in dets["faiss"].features(test)]).reshape(-1, DIM).numpy()
     per_image = feats.shape[0] // len(test)
     seconds = dict.fromkeys(SEARCHES, 0.0)

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         "autocast": args.autocast,
         "centroids": len(bank),
         "e2e_fps": args.batch * args.batches / seconds,
-        "search_backend": bank.search_backend_,
+        "search_backend": bank.search_backend,
         "build_device_memory": build_memory.to_dict(),
         "score_device_memory": score_memory.to_dict(),
     }

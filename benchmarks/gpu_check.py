@@ -160,7 +160,7 @@ def part_tests(ctx: Context, part: Part) -> None:
             part.notes.append(f"add/search {precision}: not run, time box spent")
             continue
         dev = _feed(_device_bank(ctx, s.add_dim, 6.0, precision), X, ctx.device)
-        part.figures[f"add_{precision}_backend"] = dev.search_backend_
+        part.figures[f"add_{precision}_backend"] = dev.search_backend
         rel = _rel_means(dev.means, cpu.means) if len(dev) == len(cpu) else None
         part.figures[f"add_{precision}_means_rel_diff"] = rel
         part.checks[f"add_{precision}"] = bool(np.array_equal(dev.counts, cpu.counts) and rel is not None and rel <= MEANS_TOL)

@@ -384,8 +384,8 @@ def test_a_restored_bank_keeps_the_configs_search_options_and_checks_its_thresho
     extras["config"]["bank"].update(gpu_search="torch", gpu_search_precision="bf16")
     model.checkpoint_extras = extras
     model.restore_bank()
-    assert model.detector.bank_.search_backend_["search"] == "torch"
-    assert model.detector.bank_.search_backend_["precision"] == "bf16"
+    assert model.detector.bank_.search_backend["search"] == "torch"
+    assert model.detector.bank_.search_backend["precision"] == "bf16"
     model.checkpoint_extras = {**extras, "decision": {"image_threshold": 1.0}}  # no pixel threshold
     with pytest.raises(ConfigError, match="Recalibrate"):
         model.restore_bank()

@@ -180,7 +180,7 @@ def test_cuda_request_without_gpu_fails_clearly_on_cpu_machines():
     bank = ClusterBank(4, 1.0, device="cuda")
     with pytest.raises(DeviceError, match="device='cpu'"):
         bank.add(np.zeros((1, 4), dtype=np.float32))
-    assert ClusterBank(4, 1.0, device="auto").add(np.zeros((1, 4), np.float32)).device_ == "cpu"
+    assert ClusterBank(4, 1.0, device="auto").add(np.zeros((1, 4), np.float32)).device_in_use == "cpu"
 
 
 # ---------------------------------------------------------------------- search

@@ -57,7 +57,7 @@ def test_both_cpu_searches_build_the_reference_bank(stream, search):
     X, radius = stream
     ref = reference_bank(X, radius)
     bank = add_in_batches(ClusterBank(X.shape[1], radius, cpu_search=search), X)
-    assert isinstance(bank.store_, CpuStore) and bank.search_backend_["search"] == search
+    assert isinstance(bank.store_, CpuStore) and bank.search_backend["search"] == search
     np.testing.assert_array_equal(bank.counts, ref.counts)
     np.testing.assert_allclose(bank.means, ref.means, rtol=0, atol=1e-5)
     assert (np.abs(bank.m2 - ref.m2) <= m2_tolerance(X, ref.counts, 1e-6)).all()
@@ -113,7 +113,7 @@ def test_auto_measures_once_and_caches_the_choice(fresh_cache, monkeypatch):
     assert len(files) == 1
     record = json.loads(files[0].read_text())
     assert record["choice"] in ("faiss", "torch") and record["key"] == cpu_search.machine_key()
-    assert bank.search_backend_["search"] == record["choice"]
+    assert bank.search_backend["search"] == record["choice"]
     assert f"searched with {record['choice']}" in repr(bank)
     # A new process reads the file instead of measuring.
     monkeypatch.setattr(cpu_search, "_memo", {})
@@ -262,7 +262,7 @@ def test_the_environment_pins_the_auto_choice(fresh_cache, monkeypatch):
         monkeypatch.setenv(cpu_search.CHOICE_ENV, choice)
         record = cpu_search.auto_cpu_search()
         assert record == {"choice": choice, "source": "env", "key": cpu_search.machine_key()}
-        assert ClusterBank(8, 1.0).add(np.eye(8, dtype=np.float32)).search_backend_["search"] == choice
+        assert ClusterBank(8, 1.0).add(np.eye(8, dtype=np.float32)).search_backend["search"] == choice
     monkeypatch.setenv(cpu_search.CHOICE_ENV, "mkl")
     with pytest.raises(InputError, match="OCBANK_CPU_SEARCH.*'mkl'"):
         cpu_search.resolve_cpu_search("auto")

@@ -49,7 +49,7 @@ def test_cpu_and_gpu_build_equal_banks(gpu_search, precision):
 def test_gpu_bank_saves_and_loads_on_cpu(tmp_path, gpu_search):
     X = clustered(3000, 32, 40, 3.0, 0.5, 2)
     gpu = ClusterBank(32, 3.0, device="cuda", gpu_search=gpu_search).add(X)
-    assert gpu.search_backend_["search"] == gpu_search
+    assert gpu.search_backend["search"] == gpu_search
     gpu.save(tmp_path / "g.h5")
     cpu = ClusterBank.load(tmp_path / "g.h5", device="cpu")
     np.testing.assert_array_equal(cpu.counts, gpu.counts)

@@ -373,7 +373,7 @@ def test_a_replica_holds_bank_bytes_only_while_a_request_waits_for_them():
 
 
 def test_the_graph_is_refused_exactly_when_the_bank_searches_with_ivf():
-    """onnx_refusal asks the bank (ClusterBank.uses_ivf_), the rule its search follows."""
+    """onnx_refusal asks the bank (ClusterBank.uses_ivf), the rule its search follows."""
     from ocbank.engine.bank import ClusterBank
     from ocbank.model.detector import Detector
     from ocbank.serve.runtime import onnx_refusal
@@ -382,7 +382,7 @@ def test_the_graph_is_refused_exactly_when_the_bank_searches_with_ivf():
     for index, approximate in (("ivf", True), ("flat", False), ("auto", False)):  # auto: IVF only for large banks
         det = Detector(weights="none", device="cpu")
         det.bank_ = ClusterBank(1536, 1.0, search_index=index).add(x)
-        assert det.bank_.uses_ivf_ is approximate
+        assert det.bank_.uses_ivf is approximate
         assert ("IVF" in (onnx_refusal(det) or "")) is approximate, index
 
 

@@ -57,7 +57,7 @@ def test_half_precision_candidates_build_the_fp32_bank(name, precision):
     half = add_in_batches(torch_bank(X.shape[1], radius, precision), X)
     np.testing.assert_array_equal(half.counts, exact.counts)
     np.testing.assert_allclose(half.means, exact.means, rtol=0, atol=1e-5)
-    assert half.search_backend_ == {"device": "cpu", "search": "torch", "precision": precision}
+    assert half.search_backend == {"device": "cpu", "search": "torch", "precision": precision}
 
 
 @pytest.mark.slow
@@ -172,7 +172,7 @@ def test_checkpoints_cross_between_torch_and_cpu_stores(tmp_path, writer):
     built = ClusterBank(24, 1.5, gpu_search=writer, cpu_search="faiss").add(first)
     built.save(tmp_path / "b.h5")
     loaded = ClusterBank.load(tmp_path / "b.h5", gpu_search=reader, cpu_search="faiss")
-    assert loaded.search_backend_["search"] == reader
+    assert loaded.search_backend["search"] == reader
     np.testing.assert_array_equal(loaded.counts, built.counts)
     np.testing.assert_array_equal(loaded.means, built.means)
     np.testing.assert_array_equal(loaded.m2, built.m2)
@@ -245,7 +245,7 @@ def test_every_bank_a_config_makes_takes_its_search_options():
     assert cfg.bank.search_options == options
     for bank in (Detector.from_config(cfg)._new_bank(1.0), merge_shards([], 1.0, "cpu", **cfg.bank.search_options)):
         assert bank.search_index == "flat" and bank.cpu_search == "faiss"
-        assert bank.search_backend_ == {"device": "cpu", "search": "torch", "precision": "bf16"}
+        assert bank.search_backend == {"device": "cpu", "search": "torch", "precision": "bf16"}
 
 
 def test_repr_names_the_backend():
@@ -271,4 +271,4 @@ def test_detector_on_the_torch_search_matches_the_faiss_store_and_records_it(tin
     det.save(tmp_path / "det.h5")
     again = Detector.load(tmp_path / "det.h5")
     assert read_metadata(tmp_path / "det.h5")["search_backend"] == {"device": "cpu", "search": "torch", "precision": "bf16"}
-    assert again.bank.search_backend_["search"] == "torch"  # the config's gpu_search comes back with it
+    assert again.bank.search_backend["search"] == "torch"  # the config's gpu_search comes back with it

@@ -196,13 +196,13 @@ class ClusterBank:
             yield
 
     @property
-    def device_(self) -> str:
+    def device_in_use(self) -> str:
         """The concrete device in use ("cpu" or "cuda[:N]")."""
         store = self._bank_store
         return "cpu" if isinstance(store, CpuStore) else str(store.device)
 
     @property
-    def search_backend_(self) -> dict[str, str]:
+    def search_backend(self) -> dict[str, str]:
         """Which search this bank runs: {"device", "search": "faiss" | "torch", "precision"}.
 
         Detectors write it into their bank file's metadata; builds into their summaries.
@@ -214,7 +214,7 @@ class ClusterBank:
         return {"device": "cpu", "search": store.search_backend, "precision": "fp32"}
 
     @property
-    def uses_ivf_(self) -> bool:
+    def uses_ivf(self) -> bool:
         """Whether searches with k <= IVF_MAX_K go through the approximate IVF index (CPU banks, by ``search_index``)."""
         use = self.search_index == "ivf" or (self.search_index == "auto" and use_ivf(len(self)))
         return use and isinstance(self._bank_store, CpuStore)
@@ -232,7 +232,7 @@ class ClusterBank:
             search += f", cpu_search={self.cpu_search!r}"
         # The search in use once the store exists (asking earlier would run cpu_search's measurement).
         store = self.__dict__.get("store_")
-        runs = "" if store is None else f", searched with {self.search_backend_['search']}"
+        runs = "" if store is None else f", searched with {self.search_backend['search']}"
         grown = f" (grown to radius_={self.radius_})" if self.radius_ != self.radius else ""
         return (
             f"ClusterBank(dim={self.dim}, radius={self.radius}, device={self.device!r}{cap}{search}) "
@@ -505,7 +505,7 @@ class ClusterBank:
 
         Called under the read lock, so the centroids cannot change while it is built or used.
         """
-        if not self.uses_ivf_:
+        if not self.uses_ivf:
             return None
         with self._init_lock:
             if self._ivf is None:

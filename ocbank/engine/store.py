@@ -45,7 +45,7 @@ from .kernel import FULL, Book, Chunk, Search, resolve_chunk
 # faiss.pairwise_distances, on the BLAS inside the faiss wheel), "torch" (the same products on
 # torch's BLAS), or "auto" (the faster on this machine, measured once: see cpu_search.py).
 SEARCHES = ("auto", "faiss", "torch")
-# The concrete searches "auto" resolves to, as ``ClusterBank.search_backend_["search"]`` records them.
+# The concrete searches "auto" resolves to, as ``ClusterBank.search_backend["search"]`` records them.
 SEARCH_BACKENDS = ("faiss", "torch")
 # Precision of the torch search's candidate GEMM; fp16/bf16 candidates are re-checked in fp32.
 SEARCH_PRECISIONS = ("fp32", "fp16", "bf16")

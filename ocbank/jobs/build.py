@@ -308,7 +308,7 @@ def finish_class(plan: BuildPlan, job: ClassJob, det: Detector, inputs: ClassInp
         **progress.to_dict(),  # images_used, images_skipped, skipped_files, seconds
         "skipped_files": [escape_path(f) for f in progress.skipped_files],  # JSON any reader takes
         "vectors_per_s": bank.n_seen / max(progress.seconds, 1e-9),
-        "search_backend": bank.search_backend_,
+        "search_backend": bank.search_backend,
         "calibration": {"source": inputs.calibration_source, "n_images": len(inputs.calibration)},
     }
     if calibration_error is not None:

@@ -590,7 +590,7 @@ class Detector:
             "feature_grid": [size // FEATURE_STRIDE, size // FEATURE_STRIDE],
             "image_size": size,
             "radius": self.bank.radius_,
-            "search_backend": self.bank.search_backend_,
+            "search_backend": self.bank.search_backend,
         }
         return {**self.record().to_metadata(), **described}
 

@@ -91,7 +91,7 @@ def onnx_refusal(detector: Detector) -> str | None:
         return "the bank runs on CUDA, where torch uses the GPU; onnxruntime here is the CPU provider"
     if cfg.scoring.mode != "nn":
         return f"scoring.mode is {cfg.scoring.mode!r}; the graph computes the method's max 1-NN score only"
-    if detector.bank.uses_ivf_:
+    if detector.bank.uses_ivf:
         return "the bank searches with IVF (approximate); the graph's 1-NN is exact and would differ"
     try:
         import onnxruntime  # noqa: F401, PLC0415
