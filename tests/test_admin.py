@@ -186,9 +186,20 @@ def _settled_once(banks: Path, ids: set[str]) -> list[dict]:
     return sidecars
 
 
+@pytest.fixture
+def three_torch_threads():
+    """The process at 3 torch threads (not learn's own count), restored after the test."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield 3
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("crash_at", ["after_write", "mid_marking"])
-def test_a_learn_cut_short_is_finished_exactly_once(learn_bank, monkeypatch, crash_at):
+def test_a_learn_cut_short_is_finished_exactly_once(learn_bank, monkeypatch, crash_at, three_torch_threads):
     """The two windows a signal cannot show reliably: after the new version is written but before the
     journal says what it absorbed, and between two sidecar marks."""
     from ocbank.serve import learn as learn_mod
@@ -222,3 +233,8 @@ def test_a_learn_cut_short_is_finished_exactly_once(learn_bank, monkeypatch, cra
     sidecars = _settled_once(banks, ids)
     assert {s["absorbed_into"] for s in sidecars if s["absorbed_into"]} == {written}
     assert any(s["held_back"] for s in sidecars) and any(s["absorbed_into"] for s in sidecars)
+    import torch
+
+    # learn runs at its own thread count and gives the caller's back, also when it raised: the setting is
+    # process-wide, and a leak changed every later computation in this process (features move with it).
+    assert torch.get_num_threads() == three_torch_threads

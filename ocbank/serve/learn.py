@@ -153,7 +153,16 @@ def learn(banks: str, product: str, max_new_centroids: float | None = None, thre
     """
     import torch  # noqa: PLC0415
 
+    callers = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _learn(banks, product, max_new_centroids)
+    finally:
+        torch.set_num_threads(callers)  # a process-wide setting: the caller's (a test's, a worker's) comes back
+
+
+def _learn(banks: str, product: str, max_new_centroids: float | None) -> dict[str, Any]:
+    """:func:`learn`'s body, at the thread count it set."""
     began = time.perf_counter()
     deadline = time.monotonic() + LOCK_WAIT_S
     folder = feedback_dir(banks, product)
