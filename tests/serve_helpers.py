@@ -115,14 +115,14 @@ def kill_tree(server: dict[str, Any]) -> None:
     psutil.wait_procs(children, timeout=30)
 
 
-def stop_server(server: dict[str, Any]) -> None:
-    """SIGTERM, then SIGKILL what is left; no Ray process outlives it."""
+def stop_server(server: dict[str, Any], wait_s: float = 60) -> None:
+    """SIGTERM, then (after ``wait_s``) SIGKILL what is left; no Ray process outlives it."""
     proc = server["proc"]
     children = tree(proc.pid)
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=wait_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)

@@ -152,13 +152,18 @@ def _strict_json(path: Path) -> dict:
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
+def build_weave_bank(tmp_path_factory: pytest.TempPathFactory, root: Path) -> dict[str, Path]:
+    """One weave bank built by the CLI: {"cfg", "banks", "bank", "root"} (each module's shared bank)."""
+    tmp = tmp_path_factory.mktemp("weave")
+    cfg = write_cfg(tmp, tiny_config(root, data={"classes": ["weave"]}))
+    assert main(["-q", "build", "--config", str(cfg), "--out", str(tmp / "banks")]) == 0
+    return {"cfg": cfg, "banks": tmp / "banks", "bank": tmp / "banks" / "weave.h5", "root": Path(root)}
+
+
 @pytest.fixture(scope="module")
 def weave(tmp_path_factory, tiny_mvtec) -> dict[str, Path]:
     """One weave bank built by the CLI, shared by the tests below."""
-    tmp = tmp_path_factory.mktemp("weave")
-    cfg = write_cfg(tmp, tiny_config(tiny_mvtec, data={"classes": ["weave"]}))
-    assert main(["-q", "build", "--config", str(cfg), "--out", str(tmp / "banks")]) == 0
-    return {"cfg": cfg, "banks": tmp / "banks", "bank": tmp / "banks" / "weave.h5", "root": Path(tiny_mvtec)}
+    return build_weave_bank(tmp_path_factory, tiny_mvtec)
 
 
 @pytest.mark.parametrize(

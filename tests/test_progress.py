@@ -13,16 +13,12 @@ from ocbank.cli import main
 from ocbank.model.detector import Detector
 from ocbank.model.progress import progress_bar
 
-from .conftest import tiny_config
-from .test_cli import write_cfg
+from .test_cli import build_weave_bank
 
 
 @pytest.fixture(scope="module")
 def banks(tmp_path_factory, tiny_mvtec) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("progress")
-    cfg = write_cfg(tmp, tiny_config(tiny_mvtec, data={"classes": ["weave"]}))
-    assert main(["-q", "build", "--config", str(cfg), "--out", str(tmp / "banks")]) == 0
-    return {"cfg": cfg, "banks": tmp / "banks", "bank": tmp / "banks" / "weave.h5", "root": Path(tiny_mvtec)}
+    return build_weave_bank(tmp_path_factory, tiny_mvtec)
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[str, str]:

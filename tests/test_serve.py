@@ -37,7 +37,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 psutil = pytest.importorskip("psutil")
 
-from tests.serve_helpers import free_port, tree  # noqa: E402
+from tests.serve_helpers import free_port, stop_server, tree  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -179,18 +179,7 @@ def served(tmp_path_factory):
             pytest.fail(f"ocbank serve did not become ready in {START_S} s:\n{log.read()[-3000:]}")
         yield info
     finally:
-        children = tree(proc.pid)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=45)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        for p in children:  # never leave a Ray process behind, whatever a test did
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        log.close()
+        stop_server({"proc": proc, "log": log}, wait_s=45)  # never leaves a Ray process behind
 
 
 def _with_device(src: Path, dst: Path, device: str) -> None:
