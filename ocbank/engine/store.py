@@ -410,17 +410,6 @@ def rerank_exact(queries: Any, means: Any, cand: Any, k: int, block_bytes: int =
     return out_d, out_i
 
 
-def exact_torch_knn(queries: Any, means: Any, norms: Any, k: int, query_norms: Any = None) -> tuple[Any, Any]:
-    """:func:`torch_knn` (fp32) ranks; the k it returns get exact fp32 distances ||q - mu||^2, re-sorted.
-
-    The GEMM form loses about 1e-7 (||q||^2 + ||mu||^2) to cancellation, so a vector equal to a
-    centroid would score a small positive distance; the direct form gives it 0, and costs only
-    n * k * dim. Shapes as in :func:`torch_knn`.
-    """
-    ids = torch_knn(queries, means, norms, k, query_norms=query_norms)[1]
-    return rerank_exact(queries, means, ids, k)
-
-
 def cpu_knn(
     queries: np.ndarray, base: np.ndarray, k: int, search: str, norms: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
