@@ -27,7 +27,7 @@ import yaml
 
 from .engine.bank import SEARCH_INDEXES
 from .engine.bank import check_radius as check_radius_value
-from .engine.store import SEARCH_PRECISIONS, SEARCHES, resolve_search
+from .engine.store import CPU_SEARCHES, SEARCH_PRECISIONS, SEARCHES, resolve_search
 from .errors import ConfigError, InputError, warn_once
 
 FORMATS = ("mvtec", "realiad", "folder")
@@ -189,7 +189,7 @@ class BankConfig:
     # CUDA search: auto (faiss.knn_gpu if the faiss GPU build is present, else torch) | faiss | torch
     gpu_search: str = "auto"
     gpu_search_precision: str = "fp32"  # fp32 | fp16 | bf16 candidates of the torch search (re-checked in fp32)
-    # CPU exact search's GEMM: auto (the faster here, measured once per machine) | faiss | torch
+    # CPU exact search's GEMM: auto (the fastest here, measured once per machine) | faiss | torch | numpy
     cpu_search: str = "auto"
 
     def __post_init__(self) -> None:
@@ -200,7 +200,7 @@ class BankConfig:
             _int_in("bank.max_centroids", self.max_centroids, 2)
         _choice("bank.search_index", self.search_index, SEARCH_INDEXES)
         _choice("bank.gpu_search", self.gpu_search, SEARCHES)
-        _choice("bank.cpu_search", self.cpu_search, SEARCHES)
+        _choice("bank.cpu_search", self.cpu_search, CPU_SEARCHES)
         _choice("bank.gpu_search_precision", self.gpu_search_precision, SEARCH_PRECISIONS)
         try:  # the engine's rule for the pair (faiss searches fp32 only), reported as a config error
             resolve_search(self.gpu_search, "cpu", self.gpu_search_precision)

@@ -116,7 +116,7 @@ def test_a_tiny_block_bound_builds_and_searches_the_same_bank(monkeypatch):
     X = clustered(1500, 32, 60, 3.0, 0.6, 9)
     q = clustered(300, 32, 60, 3.0, 0.8, 10)
     default = add_in_batches(torch_bank(32, 1.2), X, 500)
-    monkeypatch.setattr(store_mod, "TORCH_SEARCH_BLOCK_BYTES", 16 * 4 * 4)  # 16 columns x 4 rows of fp32
+    monkeypatch.setattr(store_mod, "SEARCH_BLOCK_BYTES", 16 * 4 * 4)  # 16 columns x 4 rows of fp32
     tiny = add_in_batches(torch_bank(32, 1.2), X, 500)
     assert tiny.store_.block_bytes == 256
     np.testing.assert_array_equal(tiny.counts, default.counts)

@@ -17,7 +17,7 @@ from ._rwlock import RWLock
 from .cpu_search import resolve_cpu_search
 from .device import resolve_device
 from .ivf import IvfSearch, use_ivf
-from .store import NO_LIMIT, SEARCHES, CpuStore, Store, TorchStore, resolve_search
+from .store import CPU_SEARCHES, NO_LIMIT, CpuStore, Store, TorchStore, resolve_search
 
 _DEVICES = ("cpu", "cuda", "auto")
 # "auto": exact flat search, or IVF (approximate) on CPU from ivf.IVF_MIN_CENTROIDS centroids on.
@@ -93,10 +93,10 @@ class ClusterBank:
         build is present (and the precision is fp32), else torch. On ``device="cpu"``,
         "torch" runs that same torch store on CPU tensors (for tests and checks;
         the CPU store is faster there); "auto" and "faiss" use the CPU store.
-    cpu_search : {"auto", "faiss", "torch"}
+    cpu_search : {"auto", "faiss", "torch", "numpy"}
         Whose GEMM runs the CPU store's exact searches (adding and ``search``):
-        faiss's (the BLAS inside the faiss wheel) or torch's. "auto" takes the faster on
-        this machine, measured once and cached (:mod:`ocbank.engine.cpu_search`). Both
+        faiss's (the BLAS inside the faiss wheel), torch's or numpy's. "auto" takes the fastest
+        on this machine, measured once and cached (:mod:`ocbank.engine.cpu_search`). All
         give the same bank and the same squared fp32 distances; IVF search (see
         ``search_index``) always runs on faiss.
     gpu_search_precision : {"fp32", "fp16", "bf16"}
@@ -153,8 +153,8 @@ class ClusterBank:
         resolve_search(gpu_search, "cpu", gpu_search_precision)  # validates both names
         self.gpu_search = gpu_search
         self.gpu_search_precision = gpu_search_precision
-        if cpu_search not in SEARCHES:
-            msg = f"cpu_search must be one of {SEARCHES}, got {cpu_search!r}. Use 'auto'."
+        if cpu_search not in CPU_SEARCHES:
+            msg = f"cpu_search must be one of {CPU_SEARCHES}, got {cpu_search!r}. Use 'auto'."
             raise InputError(msg)
         self.cpu_search = cpu_search
         self._ivf: IvfSearch | None = None
@@ -203,10 +203,10 @@ class ClusterBank:
 
     @property
     def search_backend(self) -> dict[str, str]:
-        """Which search this bank runs: {"device", "search": "faiss" | "torch", "precision"}.
+        """Which search this bank runs: {"device", "search": "faiss" | "torch" | "numpy" (CPU only), "precision"}.
 
         Detectors write it into their bank file's metadata; builds into their summaries.
-        On a CPU bank "search" is ``cpu_search`` resolved ("auto": the faster measured here).
+        On a CPU bank "search" is ``cpu_search`` resolved ("auto": the fastest measured here).
         """
         store = self._bank_store
         if isinstance(store, TorchStore):

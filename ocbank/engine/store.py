@@ -12,12 +12,12 @@ separate index, so the searched structure can never go stale.
 
 - :class:`CpuStore`: numpy buffers searched with ``faiss.pairwise_distances`` and
   ``faiss.knn`` (faiss-cpu), or with the same exact products on torch's GEMM
-  (``search="torch"``, tensors sharing the numpy buffers); the kernel updates the means
-  in place (Welford).
+  (``search="torch"``, tensors sharing the numpy buffers) or on numpy's
+  (``search="numpy"``, :func:`numpy_knn`); the kernel updates the means in place (Welford).
 - :class:`TorchStore`: torch buffers on a device (CUDA in production), searched
   with ``faiss.knn_gpu`` (``search="faiss"``, needs a faiss GPU build) or with
   torch itself (``search="torch"``, :func:`torch_knn`: a GEMM plus ``topk``,
-  chunked under :data:`TORCH_SEARCH_BLOCK_BYTES`), so a CUDA torch with the
+  chunked under :data:`SEARCH_BLOCK_BYTES`), so a CUDA torch with the
   faiss-cpu wheel is enough. The kernel decides on the host from small
   per-chunk arrays and the means are updated on the device. The torch search
   also runs on CPU tensors (the same code path, for tests and checks).
@@ -41,19 +41,20 @@ from .kernel import FULL, Book, Chunk, Search, resolve_chunk
 # How a bank searches, one vocabulary for both devices. ``bank.gpu_search`` (a CUDA bank):
 # "faiss" (faiss.knn_gpu, needs a faiss GPU build), "torch" (GEMM + topk in torch), or "auto"
 # (faiss when its GPU build is present and the precision is fp32, else torch).
-# ``bank.cpu_search`` (a CPU bank's exact searches): "faiss" (faiss.knn and
+# ``bank.cpu_search`` (a CPU bank's exact searches) adds "numpy": "faiss" (faiss.knn and
 # faiss.pairwise_distances, on the BLAS inside the faiss wheel), "torch" (the same products on
-# torch's BLAS), or "auto" (the faster on this machine, measured once: see cpu_search.py).
+# torch's BLAS), "numpy" (on numpy's BLAS), or "auto" (the fastest on this machine: see cpu_search.py).
 SEARCHES = ("auto", "faiss", "torch")
-# The concrete searches "auto" resolves to, as ``ClusterBank.search_backend["search"]`` records them.
-SEARCH_BACKENDS = ("faiss", "torch")
+CPU_SEARCHES = (*SEARCHES, "numpy")
+# The concrete CPU searches "auto" resolves to, as ``ClusterBank.search_backend["search"]`` records them.
+CPU_SEARCH_BACKENDS = ("faiss", "torch", "numpy")
 # Precision of the torch search's candidate GEMM; fp16/bf16 candidates are re-checked in fp32.
 SEARCH_PRECISIONS = ("fp32", "fp16", "bf16")
-# Upper bound, in bytes, on one distance block [query rows, centroid columns] of the torch
-# search: queries (and, past 64M centroids, centroids) are cut into blocks below it. 256 MiB
+# Upper bound, in bytes, on one distance block [query rows, centroid columns] of the torch and
+# numpy searches (:func:`block_shape`): queries (and, past 64M centroids, centroids) are cut into blocks below it. 256 MiB
 # keeps the scratch a small share of any GPU's memory while a block still holds hundreds of
 # query rows against a large bank, tall enough for the GEMM to run at full rate.
-TORCH_SEARCH_BLOCK_BYTES = 256 << 20
+SEARCH_BLOCK_BYTES = 256 << 20
 # Candidates per query of a half-precision search before the exact fp32 re-ranking.
 HALF_SEARCH_CANDIDATES = 16
 
@@ -68,6 +69,17 @@ def chunk_rows(n_centroids: int) -> int:
     """Rows per kernel call so that the distance block stays bounded."""
     rows = _MAX_BLOCK_FLOATS // max(n_centroids, 1)
     return int(min(_MAX_CHUNK_ROWS, max(_MIN_CHUNK_ROWS, rows)))
+
+
+def block_shape(n: int, big_k: int, k: int, itemsize: int, block_bytes: int = SEARCH_BLOCK_BYTES) -> tuple[int, int]:
+    """(rows, cols) of one distance block of a k-NN of n queries among big_k centroids, at most ``block_bytes``.
+
+    Every centroid column in one block when they fit (else ``block_bytes / itemsize`` of them, never
+    fewer than k), then as many query rows as fit beside them (at least one).
+    """
+    cols = max(k, min(big_k, block_bytes // itemsize))
+    rows = max(1, min(n, block_bytes // (itemsize * cols)))
+    return rows, cols
 
 
 def _grown_capacity(current: int, needed: int) -> int:
@@ -213,15 +225,16 @@ class CpuStore(_StoreBase):
 
     ``search`` says whose GEMM forms the distances (fp32, squared L2, ||x||^2 - 2 x mu + ||mu||^2):
     "faiss" (``faiss.pairwise_distances`` / ``faiss.knn``, on the BLAS inside the faiss
-    wheel) or "torch" (``torch.addmm`` / :func:`torch_knn` on tensors that share the
-    numpy buffers, on torch's BLAS). The kernel's decisions and in-place updates are the same,
-    and :meth:`search` returns both searches' neighbours with the same exact distances (:func:`cpu_knn`).
+    wheel), "torch" (``torch.addmm`` / :func:`torch_knn` on tensors that share the
+    numpy buffers, on torch's BLAS) or "numpy" (``np.matmul`` into a reused buffer /
+    :func:`numpy_knn`, on numpy's BLAS). The kernel's decisions and in-place updates are the same,
+    and :meth:`search` returns every search's neighbours with the same exact distances (:func:`cpu_knn`).
     """
 
     def __init__(self, dim: int, radius: float, search: str = "faiss") -> None:
         super().__init__(dim, radius)
-        if search not in SEARCH_BACKENDS:
-            msg = f"a CPU store searches with one of {SEARCH_BACKENDS}, got {search!r}. Resolve 'auto' first."
+        if search not in CPU_SEARCH_BACKENDS:
+            msg = f"a CPU store searches with one of {CPU_SEARCH_BACKENDS}, got {search!r}. Resolve 'auto' first."
             raise InputError(msg)
         self.search_backend = search
         self._torch = None
@@ -231,6 +244,9 @@ class CpuStore(_StoreBase):
             self._torch = torch
         self._means = np.zeros((0, dim), dtype=np.float32)
         self._norms = np.zeros(0, dtype=np.float64)
+        # The numpy search's distance block when adding, kept across chunks (writers are serialised):
+        # a fresh block of this size per chunk would have its pages faulted in again each time.
+        self._block = np.zeros(0, dtype=np.float32)
 
     def _grow_buffers(self, capacity: int) -> None:
         self._means = _grow(self._means, capacity, self.size)
@@ -255,10 +271,12 @@ class CpuStore(_StoreBase):
         xn = _sq_norms(chunk)
         if not k0:
             dist = np.zeros((b, 0), dtype=np.float32)
-        elif self._torch is None:
+        elif self.search_backend == "faiss":
             dist = faiss.pairwise_distances(chunk, self._means[:k0])
-        else:
+        elif self.search_backend == "torch":
             dist = self._torch_distances(chunk, xn, k0)
+        else:
+            dist = self._numpy_distances(chunk, xn, k0)
         ch = Chunk(chunk, weights, pm2, xn, chunk @ chunk.T)
         cand = np.zeros((b, 0), dtype=np.int64)
         se = Search(dist, np.arange(k0, dtype=np.int64), self._norms[:k0], cand, True, True)
@@ -276,6 +294,20 @@ class CpuStore(_StoreBase):
         dist = torch.addmm(norms[None, :], x, means.T, beta=1, alpha=-2)
         dist += torch.from_numpy(xn).float()[:, None]
         return dist.clamp_(min=0).numpy()
+
+    def _numpy_distances(self, chunk: np.ndarray, xn: np.ndarray, k0: int) -> np.ndarray:
+        """:meth:`_torch_distances`' [b, k0] float32 on numpy's GEMM, in the store's reused block (the kernel's to overwrite).
+
+        The same fp32 operations in the same order: -2 x mu^T (scaling x by -2 is exact), + ||mu||^2, + ||x||^2, >= 0.
+        """
+        b = chunk.shape[0]
+        if self._block.size < b * k0:
+            self._block = np.empty(_grown_capacity(self._block.size, b * k0), dtype=np.float32)
+        dist = self._block[: b * k0].reshape(b, k0)
+        np.matmul(chunk * np.float32(-2), self._means[:k0].T, out=dist)
+        dist += self._norms[:k0].astype(np.float32)
+        dist += xn.astype(np.float32)[:, None]
+        return np.maximum(dist, 0, out=dist)
 
     def _apply(self, chunk: np.ndarray, weights: np.ndarray, assign: np.ndarray, k_new: int) -> None:
         # The kernel moved the means in place; refresh the norms it touched.
@@ -333,7 +365,7 @@ def torch_knn(
     norms: Any,
     k: int,
     precision: str = "fp32",
-    block_bytes: int = TORCH_SEARCH_BLOCK_BYTES,
+    block_bytes: int = SEARCH_BLOCK_BYTES,
     query_norms: Any = None,
 ) -> tuple[Any, Any]:
     """k nearest centroids by GEMM + ``topk``: (squared L2 float32 [n, k'], ids int64 [n, k']), k' = min(k, K).
@@ -341,8 +373,7 @@ def torch_knn(
     queries [n, dim] float32 and means [K, dim] float32 on one device, norms [K] = ||mu||^2,
     ``query_norms`` [n] = ||q||^2 when the caller has them (else computed here, in float64).
     The ranking key ||mu||^2 - 2 q mu^T is formed in ``precision`` one block [rows, cols] at a
-    time, each block at most ``block_bytes``; blocks of centroid columns (only past
-    ``block_bytes / itemsize`` centroids) merge their top-k. ||q||^2 is the same along a row,
+    time (:func:`block_shape`); blocks of centroid columns merge their top-k. ||q||^2 is the same along a row,
     so it is added (and the result clamped >= 0) to the k selected entries only: the same
     ||q||^2 - 2 q mu^T + ||mu||^2 values as adding it to the whole block, without two passes
     over it. For k = 1 the selection is a row minimum (ties: the lowest id).
@@ -353,9 +384,7 @@ def torch_knn(
     n, big_k = queries.shape[0], means.shape[0]
     kk = min(int(k), big_k)
     dtype = _torch_dtype(torch, precision)
-    item = torch.finfo(dtype).bits // 8
-    cols = max(kk, min(big_k, block_bytes // item))
-    rows = max(1, min(n, block_bytes // (item * cols)))
+    rows, cols = block_shape(n, big_k, kk, torch.finfo(dtype).bits // 8, block_bytes)
     qn = (queries.double() ** 2).sum(1) if query_norms is None else query_norms.double()
     mn = norms.double()
     scale = 1.0
@@ -390,7 +419,62 @@ def torch_knn(
     return out_d, out_i
 
 
-def rerank_exact(queries: Any, means: Any, cand: Any, k: int, block_bytes: int = TORCH_SEARCH_BLOCK_BYTES) -> tuple[Any, Any]:
+def _smallest(key: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k smallest entries of each row of key [r, c], ascending: (values [r, k], column positions int64 [r, k]).
+
+    k = 1 is a row's argmin (ties: the lowest position); else argpartition, then a sort of the k.
+    """
+    if k == 1:
+        pos = key.argmin(axis=1)[:, None]
+    elif k >= key.shape[1]:
+        pos = np.argsort(key, axis=1, kind="stable")
+    else:
+        pos = np.argpartition(key, k - 1, axis=1)[:, :k]
+        pos = np.take_along_axis(pos, np.argsort(np.take_along_axis(key, pos, 1), axis=1, kind="stable"), 1)
+    return np.take_along_axis(key, pos, 1), pos.astype(np.int64, copy=False)
+
+
+def numpy_knn(
+    queries: np.ndarray,
+    means: np.ndarray,
+    norms: np.ndarray,
+    k: int,
+    block_bytes: int = SEARCH_BLOCK_BYTES,
+) -> np.ndarray:
+    """Ids int64 [n, k'] of the k nearest centroids ranked on numpy's GEMM, nearest first; k' = min(k, K).
+
+    queries [n, dim] and means [K, dim] float32, norms [K] = ||mu||^2. The ranking key
+    ||mu||^2 - 2 q mu^T (fp32, the fp32 form of :func:`torch_knn`) is formed by ``np.matmul``
+    into one block [rows, cols] at a time (:func:`block_shape`), the block's buffer allocated
+    once per call; blocks of centroid columns merge their top-k. Only ids come back: the key's
+    rounding is the BLAS's, so distances are :func:`rerank_exact`'s (:func:`cpu_knn`).
+    """
+    n, big_k = queries.shape[0], means.shape[0]
+    kk = min(int(k), big_k)
+    rows, cols = block_shape(n, big_k, kk, 4, block_bytes)
+    buffer = np.empty(min(rows, n) * min(cols, big_k), dtype=np.float32)
+    q2 = queries * np.float32(-2)  # exact: the GEMM then gives -2 q mu^T without another pass over the block
+    mn = norms.astype(np.float32)
+    out = np.empty((n, kk), dtype=np.int64)
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        best_d = best_i = None
+        for c0 in range(0, big_k, cols):
+            c1 = min(big_k, c0 + cols)
+            block = buffer[: (hi - lo) * (c1 - c0)].reshape(hi - lo, c1 - c0)
+            np.matmul(q2[lo:hi], means[c0:c1].T, out=block)
+            block += mn[c0:c1]
+            d, i = _smallest(block, min(kk, c1 - c0))
+            i += c0
+            if best_d is not None:
+                d, pos = _smallest(np.concatenate([best_d, d], 1), kk)
+                i = np.take_along_axis(np.concatenate([best_i, i], 1), pos, 1)
+            best_d, best_i = d, i
+        out[lo:hi] = best_i
+    return out
+
+
+def rerank_exact(queries: Any, means: Any, cand: Any, k: int, block_bytes: int = SEARCH_BLOCK_BYTES) -> tuple[Any, Any]:
     """Re-rank candidate ids [n, m] by exact fp32 squared distances ||q - mu||^2: ([n, k'], [n, k']), k' = min(k, m)."""
     import torch  # noqa: PLC0415
 
@@ -415,27 +499,30 @@ def cpu_knn(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k-NN of queries [n, dim] among base rows [m, dim] (float32 numpy) on the CPU.
 
-    ``search`` ("faiss" | "torch") names whose GEMM ranks: ``faiss.knn`` or :func:`torch_knn`
-    (``norms`` [m] = ||mu||^2 in float64 when the caller keeps them). The neighbours either
-    returns then get exact fp32 distances ||q - mu||^2, re-sorted (:func:`rerank_exact`), in
-    this one place: the GEMM form's rounding differs between the two BLASes (and with a row's
-    place in the batch), so a result (a radius, a score) must not take its distances from it.
+    ``search`` ("faiss" | "torch" | "numpy") names whose GEMM ranks: ``faiss.knn``,
+    :func:`torch_knn` or :func:`numpy_knn` (``norms`` [m] = ||mu||^2 in float64 when the caller
+    keeps them). The neighbours any returns then get exact fp32 distances ||q - mu||^2, re-sorted
+    (:func:`rerank_exact`), in this one place: the GEMM form's rounding differs between the BLASes
+    (and with a row's place in the batch), so a result (a radius, a score) must not take its
+    distances from it.
     Returns (squared L2 float32 [n, k'], ids int64 [n, k']), k' = min(k, m).
     """
     import torch  # noqa: PLC0415
 
-    if search not in SEARCH_BACKENDS:
-        msg = f"a CPU search is one of {SEARCH_BACKENDS}, got {search!r}. Resolve 'auto' first."
+    if search not in CPU_SEARCH_BACKENDS:
+        msg = f"a CPU search is one of {CPU_SEARCH_BACKENDS}, got {search!r}. Resolve 'auto' first."
         raise InputError(msg)
     kk = min(int(k), base.shape[0])
     if kk <= 0:
         return np.zeros((queries.shape[0], 0), dtype=np.float32), np.zeros((queries.shape[0], 0), dtype=np.int64)
     q, b = _torch_view(torch, queries), _torch_view(torch, base)
+    base_norms = None if search == "faiss" else _sq_norms(base) if norms is None else norms
     if search == "faiss":
         ids = torch.from_numpy(faiss.knn(queries, base, kk)[1])
+    elif search == "torch":
+        ids = torch_knn(q, b, torch.from_numpy(base_norms), kk)[1]
     else:
-        base_norms = torch.from_numpy(_sq_norms(base) if norms is None else norms)
-        ids = torch_knn(q, b, base_norms, kk)[1]
+        ids = torch.from_numpy(numpy_knn(queries, base, base_norms, kk))
     dist, ids = rerank_exact(q, b, ids, kk)
     return dist.numpy(), ids.numpy()
 
@@ -467,7 +554,7 @@ class TorchStore(_StoreBase):
         self.search_backend = search  # "faiss" or "torch" (resolved: see resolve_search)
         self.precision = precision
         self.n_candidates = n_candidates
-        self.block_bytes = TORCH_SEARCH_BLOCK_BYTES
+        self.block_bytes = SEARCH_BLOCK_BYTES
         self._means = torch.zeros((0, dim), dtype=torch.float32, device=self.device)
         self._norms = torch.zeros(0, dtype=torch.float64, device=self.device)
         self._no_means = np.zeros((0, dim), dtype=np.float32)
