@@ -3,8 +3,8 @@
 :func:`collect` gathers the versions (ocbank, Python, numpy, torch, faiss, onnxruntime,
 Ray), each BLAS loaded in the process with its version, kernel and threads (threadpoolctl),
 the CPU's vector extensions, torch's threads, CUDA and the GPU when present, and, unless
-``measure=False``, a short GEMM rate beside the ``faiss.knn`` and torch search rates and the
-search ``cpu_search: auto`` uses. Optional parts (onnxruntime, Ray, CUDA, the faiss GPU
+``measure=False``, numpy's and torch's GEMM rates beside the exact search rates of the three
+CPU searches (faiss, torch, numpy) and the one ``cpu_search: auto`` uses. Optional parts (onnxruntime, Ray, CUDA, the faiss GPU
 build) are named as absent, never an error. :func:`render` turns it into text.
 
 This module sits above every layer (it asks each for its facts); the CLI only calls it.
@@ -159,19 +159,22 @@ def gemm_gflops(shape: tuple[int, int, int] | None = None, rounds: int = 3) -> d
 
 
 def search() -> dict[str, Any]:
-    """The GEMM rates, the exact k=1 search rates of faiss and torch, and the search ``cpu_search: auto`` uses."""
+    """The GEMM rates, the exact k=1 search rates of faiss, torch and numpy, and the search ``cpu_search: auto`` uses."""
     from .engine import cpu_search  # noqa: PLC0415
 
     gemm = gemm_gflops()
     measured = cpu_search.measure()
     auto = cpu_search.auto_cpu_search()
-    why = {"env": f"${cpu_search.CHOICE_ENV}", "rule": "the rule: faiss's BLAS runs a generic kernel", "cache": "cached measurement",
+    rule = "the rule (faiss's BLAS runs a generic kernel) left faiss out"
+    why = {"env": f"${cpu_search.CHOICE_ENV}", "rule": f"{rule}, then measured torch and numpy now, cached",
+           "cache": f"cached measurement; {rule}" if auto.get("generic_blas") else "cached measurement",
            "measured": "measured now, cached"}[auto["source"]]
     return {
         "numpy_gemm_gflops": gemm["numpy"],
         "torch_gemm_gflops": gemm["torch"],
         "faiss_knn_gflops": measured["faiss_knn_gflops"],
         "torch_knn_gflops": measured["torch_knn_gflops"],
+        "numpy_knn_gflops": measured["numpy_knn_gflops"],
         "knn_shape": measured["shape"],
         "faster_now": measured["choice"],
         "auto_picks": auto["choice"],
@@ -192,7 +195,7 @@ def warnings_for(blas: list[dict[str, Any]], cpu_facts: dict[str, Any]) -> list[
             out.append(
                 f"{lib['library']} (BLAS {lib['version']}) runs its generic {arch} kernel on a CPU with "
                 f"{'/'.join(have).upper()}: searches on it run far below this CPU's GEMM rate "
-                "(bank.cpu_search: auto picks the faster search; see the search rates)."
+                "(bank.cpu_search: auto picks the fastest search; see the search rates)."
             )
     return out
 
@@ -239,8 +242,8 @@ def render(report: dict[str, Any]) -> str:
     if s:
         lines.append(f"gemm: numpy {s['numpy_gemm_gflops']:.0f} GFLOP/s, torch {s['torch_gemm_gflops']:.0f} GFLOP/s")
         lines.append(f"exact 1-NN {s['knn_shape']}: faiss.knn {s['faiss_knn_gflops']:.0f} GFLOP/s, "
-                     f"torch {s['torch_knn_gflops']:.0f} GFLOP/s; cpu_search auto picks {s['auto_picks']} "
-                     f"({s['auto_source']})")
+                     f"torch {s['torch_knn_gflops']:.0f} GFLOP/s, numpy {s['numpy_knn_gflops']:.0f} GFLOP/s; "
+                     f"cpu_search auto picks {s['auto_picks']} ({s['auto_source']})")
     lines += [f"warning: {w}" for w in report["warnings"]]
     return "\n".join(lines)
 

@@ -90,7 +90,8 @@ def test_cli_doctor_writes_strict_json_and_measures(bare_machine, tmp_path, monk
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     s = report["search"]
-    assert s["faiss_knn_gflops"] > 0 and s["torch_knn_gflops"] > 0 and s["numpy_gemm_gflops"] > 0
-    assert s["auto_picks"] in ("faiss", "torch") and f"cpu_search auto picks {s['auto_picks']}" in printed
+    assert min(s[f"{name}_knn_gflops"] for name in ("faiss", "torch", "numpy")) > 0 and s["numpy_gemm_gflops"] > 0
+    assert s["auto_picks"] in ("faiss", "torch", "numpy") and f"cpu_search auto picks {s['auto_picks']}" in printed
+    assert f"numpy {s['numpy_knn_gflops']:.0f} GFLOP/s" in printed
     assert main(["doctor", "--json", "--no-measure"]) == 0
     assert "search" not in json.loads(capsys.readouterr().out)
