@@ -22,7 +22,7 @@ OpenBLAS on AMD CPUs), so ``cpu_search="auto"`` measures once per machine:
 - :func:`auto_cpu_search` keeps a measured choice in a small JSON file per machine under
   :func:`cache_dir` (``$OCBANK_CACHE_DIR``, else ``$XDG_CACHE_HOME/ocbank``, else
   ``~/.cache/ocbank``), keyed by :data:`CACHE_FORMAT`, the CPU, the library versions, numpy's
-  BLAS (library, version, kernel), the thread counts and any ``OPENBLAS_CORETYPE`` the user set.
+  BLAS (library, version, kernel), torch's thread count and any ``OPENBLAS_CORETYPE`` the user set.
   Concurrent processes may both measure: each writes atomically, so a reader sees a whole file
   or none. An unwritable cache only costs a measurement per process;
 - ``$OCBANK_CPU_SEARCH`` ("faiss" | "torch" | "numpy"), when set, is taken before all of these.
@@ -44,7 +44,7 @@ import os
 import platform
 import threading
 import time
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -133,19 +133,20 @@ def _blas_in(package: str) -> dict[str, Any] | None:
     return None
 
 
+@cache  # fixed once numpy is loaded (its kernel too: OpenBLAS reads OPENBLAS_CORETYPE at load), and not free to ask
 def numpy_blas() -> dict[str, Any]:
-    """numpy's BLAS: {"library", "version", "architecture", "threads"}.
+    """numpy's BLAS: {"library", "version", "architecture"}.
 
     From threadpoolctl when numpy bundles it (a wheel's numpy.libs); else numpy's build
-    configuration names it (a system or conda BLAS), without kernel or threads.
+    configuration names it (a system or conda BLAS), without its kernel.
     """
     info = _blas_in("numpy")
     if info is not None:
         return {"library": Path(info["filepath"]).name, "version": info.get("version"),
-                "architecture": info.get("architecture"), "threads": info.get("num_threads")}
+                "architecture": info.get("architecture")}
     blas = getattr(np, "__config__", None) and getattr(np.__config__, "CONFIG", {}).get("Build Dependencies", {})
     blas = (blas or {}).get("blas", {})
-    return {"library": blas.get("name"), "version": blas.get("version"), "architecture": None, "threads": None}
+    return {"library": blas.get("name"), "version": blas.get("version"), "architecture": None}
 
 
 def machine_key() -> dict[str, Any]:

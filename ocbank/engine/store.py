@@ -39,10 +39,10 @@ from ..errors import DeviceError, InputError
 from ._faiss import faiss, faiss_has_gpu
 from .kernel import FULL, Book, Chunk, Search, resolve_chunk
 
-# How a bank searches, one vocabulary for both devices. ``bank.gpu_search`` (a CUDA bank):
-# "faiss" (faiss.knn_gpu, needs a faiss GPU build), "torch" (GEMM + topk in torch), or "auto"
-# (faiss when its GPU build is present and the precision is fp32, else torch).
-# ``bank.cpu_search`` (a CPU bank's exact searches) adds "numpy": "faiss" (faiss.knn and
+# How a bank searches, one vocabulary for both devices (the CPU adds numpy's GEMM). ``bank.gpu_search``
+# (a CUDA bank): "faiss" (faiss.knn_gpu, needs a faiss GPU build), "torch" (GEMM + topk in torch),
+# or "auto" (faiss when its GPU build is present and the precision is fp32, else torch).
+# ``bank.cpu_search`` (a CPU bank's exact searches): "faiss" (faiss.knn and
 # faiss.pairwise_distances, on the BLAS inside the faiss wheel), "torch" (the same products on
 # torch's BLAS), "numpy" (on numpy's BLAS), or "auto" (the fastest on this machine: see cpu_search.py).
 SEARCHES = ("auto", "faiss", "torch")
@@ -52,8 +52,8 @@ CPU_SEARCH_BACKENDS = ("faiss", "torch", "numpy")
 # Precision of the torch search's candidate GEMM; fp16/bf16 candidates are re-checked in fp32.
 SEARCH_PRECISIONS = ("fp32", "fp16", "bf16")
 # Upper bound, in bytes, on one distance block [query rows, centroid columns] of the torch and
-# numpy searches (:func:`block_shape`): queries (and, past 64M centroids, centroids) are cut into blocks below it. 256 MiB
-# keeps the scratch a small share of any GPU's memory while a block still holds hundreds of
+# numpy searches (:func:`block_shape`): queries (and, past 64M centroids, centroids) are cut into
+# blocks below it. 256 MiB keeps the scratch a small share of any GPU's memory while a block still holds hundreds of
 # query rows against a large bank, tall enough for the GEMM to run at full rate.
 SEARCH_BLOCK_BYTES = 256 << 20
 # Candidates per query of a half-precision search before the exact fp32 re-ranking.
