@@ -197,12 +197,15 @@ def test_concurrent_processes_leave_one_whole_cache_file(tmp_path):
 
 
 def test_cpu_search_option_is_validated_and_carried():
-    with pytest.raises(InputError, match="cpu_search"):
+    with pytest.raises(InputError, match="cpu_search.*'numpy'"):
         ClusterBank(8, 1.0, cpu_search="blas")
-    with pytest.raises(ConfigError, match="bank.cpu_search"):
+    with pytest.raises(ConfigError, match="bank.cpu_search.*'numpy'"):
         from_dict({"bank": {"cpu_search": "mkl"}}, require_root=False)
-    cfg = from_dict({"bank": {"cpu_search": "torch"}}, require_root=False)
-    assert cfg.bank.search_options["cpu_search"] == "torch"
+    with pytest.raises(ConfigError, match="bank.gpu_search"):  # numpy is a CPU search only
+        from_dict({"bank": {"gpu_search": "numpy"}}, require_root=False)
+    for search in CPU_SEARCH_BACKENDS:
+        cfg = from_dict({"bank": {"cpu_search": search}}, require_root=False)
+        assert cfg.bank.search_options["cpu_search"] == search
     assert "cpu_search='torch'" in repr(ClusterBank(8, 1.0, cpu_search="torch"))
     assert "cpu_search" not in repr(ClusterBank(8, 1.0))
 
