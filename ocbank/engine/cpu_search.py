@@ -117,10 +117,11 @@ def cpu_info() -> dict[str, Any]:
     return {"model": model or platform.processor() or None, "vendor": vendor, "flags": flags}
 
 
-def _blas_in(package: str) -> dict[str, Any] | None:
-    """threadpoolctl's record of the BLAS loaded from a folder named after ``package`` (faiss_cpu.libs, numpy.libs, ...).
+def bundled_blas(package: str) -> dict[str, Any] | None:
+    """The BLAS loaded from a folder named after ``package`` (faiss_cpu.libs, numpy.libs, ...): {"library", "version", "architecture"}.
 
-    None when threadpoolctl is missing or no such BLAS is loaded (a BLAS linked from outside the package).
+    As threadpoolctl reports it; None when threadpoolctl is missing or no such BLAS is loaded
+    (the package links a BLAS from outside its folder).
     """
     try:
         import threadpoolctl  # noqa: PLC0415
@@ -129,7 +130,7 @@ def _blas_in(package: str) -> dict[str, Any] | None:
     for info in threadpoolctl.threadpool_info():
         path = Path(info.get("filepath") or "")
         if info.get("user_api") == "blas" and any(part.startswith(package) for part in path.parent.parts):
-            return info
+            return {"library": path.name, "version": info.get("version"), "architecture": info.get("architecture")}
     return None
 
 
@@ -140,10 +141,9 @@ def numpy_blas() -> dict[str, Any]:
     From threadpoolctl when numpy bundles it (a wheel's numpy.libs); else numpy's build
     configuration names it (a system or conda BLAS), without its kernel.
     """
-    info = _blas_in("numpy")
-    if info is not None:
-        return {"library": Path(info["filepath"]).name, "version": info.get("version"),
-                "architecture": info.get("architecture")}
+    bundled = bundled_blas("numpy")
+    if bundled is not None:
+        return bundled
     blas = getattr(np, "__config__", None) and getattr(np.__config__, "CONFIG", {}).get("Build Dependencies", {})
     blas = (blas or {}).get("blas", {})
     return {"library": blas.get("name"), "version": blas.get("version"), "architecture": None}
@@ -216,10 +216,8 @@ def generic_faiss_blas() -> dict[str, Any] | None:
     Returns {"library", "version", "architecture"} from threadpoolctl; None also when
     threadpoolctl is missing or faiss links a BLAS outside its wheel (then nothing is known).
     """
-    info = _blas_in("faiss")
-    if info is None or not is_generic_kernel(info.get("architecture"), cpu_info()["flags"]):
-        return None
-    return {"library": Path(info["filepath"]).name, "version": info.get("version"), "architecture": info.get("architecture")}
+    bundled = bundled_blas("faiss")
+    return bundled if bundled is not None and is_generic_kernel(bundled["architecture"], cpu_info()["flags"]) else None
 
 
 def _cache_path(key: dict[str, Any]) -> Path:
