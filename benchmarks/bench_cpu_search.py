@@ -1,29 +1,34 @@
-"""The CPU bank's exact search on faiss's bundled BLAS against torch's GEMM, side by side in one process.
+"""The CPU bank's exact search on faiss's bundled BLAS, torch's GEMM and numpy's, side by side in one process.
 
-Everything is interleaved (faiss, torch, faiss, torch, ...) on the same inputs, so a burst
-of load on a shared machine hits both sides alike and the ratios hold where absolute rates
+Everything is interleaved (faiss, torch, numpy, faiss, ...) on the same inputs, so a burst
+of load on a shared machine hits every side alike and the ratios hold where absolute rates
 do not:
 
 - ``gemm``: numpy's and torch's fp32 GEMM rate, [784, 1536] @ [1536, K];
-- ``knn``: exact k=1 search of 784 queries (one 224^2 image) against K centroids:
-  ``faiss.knn`` against the torch CPU search;
-- ``add``: streaming add at a steady bank size. Two banks (``cpu_search: faiss`` and
-  ``torch``) start from the same K centroids (the centres of a clustered stream) and take
+- ``knn``: exact k=1 search of 784 queries (one 224^2 image) against K centroids through a
+  CPU store with each ``cpu_search``;
+- ``add``: streaming add at a steady bank size. Three banks (``cpu_search: faiss``, ``torch``,
+  ``numpy``) start from the same K centroids (the centres of a clustered stream) and take
   the same batches of 784 vectors in turn; vectors/s, effective GFLOP/s (2 * dim * K per
-  vector) and their share of the GEMM rate, and a check that both banks stay identical;
+  vector) and their share of numpy's GEMM rate, and a check that the banks stay identical;
 - ``scoring``: the demo config (weights none, 224^2) fitted on one demo class, then
-  ``predict`` on its test images in alternating rounds with either search: img/s, and the
-  1-NN search alone per image on the same features;
+  ``predict`` on its test images in alternating rounds with each search: img/s, the
+  1-NN search alone per image on the same features, and the scores' largest difference;
 - ``auto``: what ``cpu_search: auto`` picks here and why (the rule, or a measurement), beside a
-  fresh measurement.
+  fresh measurement of all three.
 
-python -m benchmarks.bench_cpu_search --out benchmarks/results [--batches 12] [--clusters 8000]  # -> cpu_search_cpu.json
+Run it with the BLAS environment unset, so that each BLAS picks its own kernel as on a user's
+machine (a set ``OPENBLAS_CORETYPE`` hides the faiss wheel's generic kernel); the result
+records both variables as it saw them:
+
+env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m benchmarks.bench_cpu_search --out benchmarks/results  # -> cpu_search_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -31,9 +36,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from ocbank.engine.store import CPU_SEARCH_BACKENDS
+
 from .common import BATCH, DIM, ClusteredStream, gemm_gflops, machine_info, write_result
 
-SEARCHES = ("faiss", "torch")
+SEARCHES = CPU_SEARCH_BACKENDS  # faiss, torch, numpy
+# The variables that move a BLAS off the kernel it would pick for this CPU.
+OPENBLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def ratios(values: dict[str, float]) -> dict[str, float]:
+    """numpy's and torch's figure over faiss's, and numpy's over torch's."""
+    return {"torch_over_faiss": values["torch"] / values["faiss"], "numpy_over_faiss": values["numpy"] / values["faiss"],
+            "numpy_over_torch": values["numpy"] / values["torch"]}
 
 
 def gemm_rates(k: int, rounds: int = 3) -> dict[str, float]:
@@ -73,7 +88,7 @@ def knn_rates(means: np.ndarray, queries: np.ndarray, rounds: int = 5) -> dict[s
 
 
 def streaming_add(stream: ClusteredStream, radius: float, n_batches: int) -> dict[str, Any]:
-    """Both searches stream the same batches into banks that start from the stream's centres, in turn."""
+    """Every search streams the same batches into a bank that starts from the stream's centres, in turn."""
     from ocbank import ClusterBank
     from ocbank.engine.checkpoint import BankState
 
@@ -93,14 +108,14 @@ def streaming_add(stream: ClusteredStream, radius: float, n_batches: int) -> dic
             bank.add(x)
             seconds[name] += time.perf_counter() - start
             flops[name] += 2.0 * DIM * k_before * len(x)
-    a, b = banks["faiss"], banks["torch"]
-    same = bool(np.array_equal(a.counts, b.counts))
+    ref = banks["faiss"]
+    same = all(np.array_equal(ref.counts, bank.counts) for bank in banks.values())
     return {
         "n_vectors": n_batches * BATCH,
         "k_start": k0,
         "k_end": {name: len(bank) for name, bank in banks.items()},
         "identical_counts": same,
-        "max_abs_mean_difference": float(np.abs(a.means - b.means).max()) if same else None,
+        "max_abs_mean_difference": max(float(np.abs(ref.means - b.means).max()) for b in banks.values()) if same else None,
         "vectors_per_s": {name: n_batches * BATCH / seconds[name] for name in SEARCHES},
         "effective_gflops": {name: flops[name] / seconds[name] / 1e9 for name in SEARCHES},
     }
@@ -153,7 +168,7 @@ def scoring(data: Path, n_train: int, n_test: int, rounds: int) -> dict[str, Any
         "images_per_s": {s: rounds * len(test) / seconds[s] for s in SEARCHES},
         "search_ms_per_image": {s: 1000 * search_best[s] / len(test) for s in SEARCHES},
         "search_gflops": {s: 2.0 * feats.shape[0] * k * DIM / search_best[s] / 1e9 for s in SEARCHES},
-        "max_abs_score_difference": float(np.abs(scores["faiss"] - scores["torch"]).max()),
+        "max_abs_score_difference": max(float(np.abs(scores["faiss"] - scores[s]).max()) for s in SEARCHES),
         "score_range": float(scores["faiss"].max() - scores["faiss"].min()),
     }
 
@@ -173,16 +188,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from ocbank import doctor
     from ocbank.engine import cpu_search
 
+    openblas_env = {name: os.environ.get(name) for name in OPENBLAS_ENV}
     stream = ClusteredStream(args.clusters)
     gemm = gemm_rates(args.clusters)
     knn = knn_rates(np.ascontiguousarray(stream.centers), stream.batch(10**6))
     add = streaming_add(stream, args.radius, args.batches)
     add["share_of_numpy_gemm"] = {s: add["effective_gflops"][s] / gemm["numpy"] for s in SEARCHES}
-    add["torch_over_faiss"] = add["vectors_per_s"]["torch"] / add["vectors_per_s"]["faiss"]
+    add.update(ratios(add["vectors_per_s"]))
+    unset = not any(openblas_env.values())
+    note = ("OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset: each BLAS picked its own kernel" if unset else
+            f"run with {openblas_env}: the BLAS kernels may not be the ones this CPU gets by default")
     result: dict[str, Any] = {
-        "machine": machine_info("cpu"),
+        "machine": {**machine_info("cpu", note=note), "openblas_env": openblas_env, "openblas_env_unset": unset},
+        # By owner: machine["blas"] lists the libraries in load order, which moves with the imports.
+        "blas_of": {"numpy": cpu_search.numpy_blas(), "faiss": cpu_search.bundled_blas("faiss"),
+                    "torch": "MKL" if torch.backends.mkl.is_available() else "not MKL (see torch.__config__.show())"},
         "gemm_gflops_at_k": {"k": args.clusters, **gemm},
-        "knn_gflops": {"queries": BATCH, "k": args.clusters, **knn, "torch_over_faiss": knn["torch"] / knn["faiss"]},
+        "knn_gflops": {"queries": BATCH, "k": args.clusters, **knn, **ratios(knn)},
         "streaming_add": add,
         "auto": {**{k: v for k, v in cpu_search.auto_cpu_search().items() if k != "key"},
                  "measured_now": cpu_search.measure()},
@@ -190,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if not args.skip_scoring:
         score = scoring(Path(args.data), args.train_images, args.test_images, args.rounds)
-        score["torch_over_faiss_images_per_s"] = score["images_per_s"]["torch"] / score["images_per_s"]["faiss"]
+        score.update({f"{name}_images_per_s": value for name, value in ratios(score["images_per_s"]).items()})
         result["scoring"] = score
     write_result(args.out, "cpu_search_cpu.json", result)
     return result
