@@ -217,7 +217,8 @@ def test_health_readiness_banks_and_metrics(served):
     import hashlib
 
     weave = body["banks"]["weave"]
-    assert weave["sha256"] == hashlib.sha256((served["banks"] / "weave.h5").read_bytes()).hexdigest()
+    assert weave["bank_sha256"] == hashlib.sha256((served["banks"] / "weave.h5").read_bytes()).hexdigest()
+    assert all("sha256" not in row for row in body["banks"].values())  # one spelling: bank_sha256
     assert weave["calibrated"] and weave["thresholds"]["image_threshold"] > 0 and weave["n_centroids"] > 0
     assert body["banks"]["dots"]["calibrated"] is False and body["banks"]["dots"]["thresholds"] is None
     status, text, _ = c.get("/metrics")
@@ -533,7 +534,7 @@ def test_hot_reload_under_load(served):
     status, after, _ = c.inspect("probe", body)
     assert status == 200 and after["score"] == pytest.approx(new, abs=1e-3) and after["bank_sha256"] == answer["bank_sha256"]
     status, listing, _ = c.get("/v1/banks")
-    assert listing["banks"]["probe"]["sha256"] == answer["bank_sha256"]
+    assert listing["banks"]["probe"]["bank_sha256"] == answer["bank_sha256"]
 
     tol = 1e-3
     for rows in seen:

@@ -179,4 +179,4 @@ class ServedBank:
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"sha256": self.sha256, "runtime": self.runtime.name, "device": str(self.detector.bank.device)}
+        return {"bank_sha256": self.sha256, "runtime": self.runtime.name, "device": str(self.detector.bank.device)}
