@@ -132,6 +132,7 @@ def part_radius(data: Path, cache: Path, out: Path) -> dict[str, Any]:
 def bank_for(data: Path, cache: Path, name: str, size: int) -> tuple[Any, Any]:
     """A Detector for class ``name`` whose bank is built from the cached training features (estimated radius)."""
     from ocbank.engine import ClusterBank
+    from ocbank.model.builder import FittedBank
     from ocbank.model.detector import Detector
     from ocbank.model.radius import RadiusStats, estimate_radius
 
@@ -140,7 +141,7 @@ def bank_for(data: Path, cache: Path, name: str, size: int) -> tuple[Any, Any]:
     bank = ClusterBank(DIM, est.radius)
     bank.add(x)
     det = Detector.from_config(detector_config(size))
-    det.use_bank(bank, RadiusStats(est.radius, est, RADIUS_IMAGES))
+    det.use_fitted(FittedBank(bank, RadiusStats(est.radius, est, RADIUS_IMAGES)))
     return det, est
 
 

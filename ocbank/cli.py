@@ -207,7 +207,7 @@ def cmd_update(args: argparse.Namespace) -> int:
             print(f"ocbank: error: {row['refused']}", file=sys.stderr)
             return EXIT_ERROR
     elif row["written"]:
-        print(f"wrote {args.out} (sha256 {row['sha256'][:12]}); parent kept as {row['history']}; report {row['report']}")
+        print(f"wrote {args.out} (sha256 {row['bank_sha256'][:12]}); parent kept as {row['history']}; report {row['report']}")
     else:
         print(f"no new version: every readable image was held back; {args.out} unchanged; report {row['report']}")
     if row["thresholds_predate_update"] and (row["written"] or row["dry_run"]):

@@ -316,6 +316,59 @@ class Config:
         return from_dict(apply_overrides(self.to_dict(), changes), source=self.source, require_root=False)
 
 
+# The flat keyword parameters of Detector (and of the anomalib adapter, which keeps its own
+# explicit signature for anomalib's CLI), each one field of Config: "section.field" or "device".
+PARAMETERS: dict[str, str] = {
+    "weights": "backbone.weights",
+    "radius": "bank.radius",
+    "pool": "backbone.pool",
+    "sigma": "scoring.sigma",
+    "scoring_mode": "scoring.mode",
+    "image_size": "data.crop",
+    "resize": "data.resize",
+    "device": "device",
+    "autocast": "backbone.autocast",
+    "radius_images": "bank.radius_images",
+    "seed": "bank.seed",
+    "max_centroids": "bank.max_centroids",
+    "false_alarm_rate": "decision.false_alarm_rate",
+    "batch_size": "data.batch_size",
+    "num_workers": "data.num_workers",
+}
+# Resize-to-crop ratio of the MVTec convention (256 -> 224), used when only image_size is given.
+RESIZE_RATIO = DataConfig.resize / DataConfig.crop
+
+
+def config_from_parameters(**params: Any) -> Config:
+    """The :class:`Config` that Detector-style keyword parameters (:data:`PARAMETERS`) stand for;
+    the rest keep their defaults. ``resize`` None (or absent) is ``image_size`` * 256 / 224."""
+    unknown = sorted(set(params) - set(PARAMETERS))
+    if unknown:
+        msg = f"unknown parameter(s) {unknown}. Known: {sorted(PARAMETERS)}."
+        raise ConfigError(msg)
+    crop = params.get("image_size", DataConfig.crop)
+    if params.get("resize") is None:
+        params["resize"] = round(crop * RESIZE_RATIO) if _is_int(crop) else crop  # a bad crop is named below
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    device = Config.device
+    for name, value in params.items():
+        if PARAMETERS[name] == "device":
+            device = value
+        else:
+            section, key = PARAMETERS[name].split(".")
+            sections[section][key] = value
+    return Config(**{name: cls(**sections[name]) for name, cls in _SECTIONS.items()}, device=device, source="<parameters>")
+
+
+def parameters_of(config: Config, names: Any = PARAMETERS) -> dict[str, Any]:
+    """The keyword parameters ``names`` (of :data:`PARAMETERS`) that give ``config``'s values back."""
+    out = {}
+    for name in names:
+        path = PARAMETERS[name]
+        out[name] = config.device if path == "device" else getattr(getattr(config, path.split(".")[0]), path.split(".")[1])
+    return out
+
+
 def _section(name: str, cls: type, given: Any) -> Any:
     if not isinstance(given, dict):
         msg = f"config key {name!r} must be a mapping, got {given!r}."

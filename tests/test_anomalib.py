@@ -86,19 +86,37 @@ def test_scores_equal_detector_predict(fitted):
 
     model, dm, _, train_files = fitted
     kwargs = {"weights": "none", "image_size": IMAGE_SIZE}
-    # The radius rule runs on the first RADIUS_IMAGES images (Detector: its sample of RADIUS_IMAGES of them = all).
-    sample = Detector(radius="auto", radius_images=RADIUS_IMAGES, **kwargs).fit(train_files[:RADIUS_IMAGES])
-    assert model.detector.bank.radius_ == pytest.approx(sample.bank.radius_, rel=1e-4)
-    det = Detector(radius=model.detector.bank.radius_, **kwargs).fit(train_files)
-    assert len(model.detector.bank) == len(det.bank)
-    assert model.detector.bank.n_seen == det.bank.n_seen == len(train_files) * (IMAGE_SIZE // 8) ** 2
+    # One seeded radius-sample rule: both fit the same RADIUS_IMAGES of the 6 first, then the rest in order.
+    auto = Detector(radius="auto", radius_images=RADIUS_IMAGES, **kwargs).fit(train_files)
+    assert model.detector.bank.radius_ == pytest.approx(auto.bank.radius_, rel=1e-4)
+    assert model.detector.radius_stats_.n_images == auto.radius_stats_.n_images == RADIUS_IMAGES
+    assert len(model.detector.bank) == len(auto.bank)
+    assert model.detector.bank.n_seen == auto.bank.n_seen == len(train_files) * (IMAGE_SIZE // 8) ** 2
 
     paths, scores, maps = _raw_scores(model, dm.test_data)
-    ref = det.predict(paths)
+    ref = auto.predict(paths)
     span = float(ref.maps.max() - ref.maps.min())
     assert span > 0
     np.testing.assert_allclose(scores, ref.scores, rtol=0, atol=1e-4 * span)
     np.testing.assert_allclose(maps, ref.maps, rtol=0, atol=1e-4 * span)
+
+
+@pytest.mark.slow
+def test_the_radius_sample_is_seeded_not_the_first_images_to_arrive(fitted, tmp_path):
+    """A shuffled loader brings the images in another order: the seeded sample, and so r, stay the same,
+    and each sampled image still enters the bank once."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ocbank.integrations.anomalib import OCBank
+
+    model, dm, _, train_files = fitted
+    shuffled = DataLoader(dm.train_data, batch_size=2, shuffle=True, collate_fn=dm.train_data.collate_fn,
+                          generator=torch.Generator().manual_seed(7))
+    again = OCBank(weights="none", image_size=IMAGE_SIZE, radius_images=RADIUS_IMAGES, visualizer=False)
+    _engine(tmp_path).fit(model=again, train_dataloaders=shuffled)
+    assert again.detector.bank.radius_ == pytest.approx(model.detector.bank.radius_, rel=1e-5)
+    assert again.detector.bank.n_seen == model.detector.bank.n_seen == len(train_files) * (IMAGE_SIZE // 8) ** 2
 
 
 @pytest.mark.slow
@@ -389,3 +407,22 @@ def test_a_restored_bank_keeps_the_configs_search_options_and_checks_its_thresho
     model.checkpoint_extras = {**extras, "decision": {"image_threshold": 1.0}}  # no pixel threshold
     with pytest.raises(ConfigError, match="Recalibrate"):
         model.restore_bank()
+
+
+def test_ocbank_hyperparameters_are_config_fields_with_config_defaults(anomalib_api):
+    """OCBank keeps its explicit signature (anomalib's CLI reads it); each is a Config field with its default."""
+    import inspect
+
+    from ocbank.config import PARAMETERS, Config, parameters_of
+    from ocbank.integrations.anomalib import OCBank
+
+    components = {"pre_processor", "post_processor", "evaluator", "visualizer"}
+    signature = inspect.signature(OCBank.__init__).parameters
+    names = [n for n in signature if n not in components | {"self"}]
+    assert set(names) <= set(PARAMETERS)
+    defaults = parameters_of(Config())
+    for name in names:
+        assert signature[name].default == (None if name == "resize" else defaults[name]), name
+    model = OCBank(weights="none", radius=0.5, image_size=64, seed=4, sigma=1.0, visualizer=False)
+    assert parameters_of(model.detector.config, ["weights", "radius", "image_size", "seed", "sigma"]) == {
+        "weights": "none", "radius": 0.5, "image_size": 64, "seed": 4, "sigma": 1.0}

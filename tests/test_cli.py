@@ -63,6 +63,8 @@ def test_build_evaluate_predict_mvtec(tmp_path, tiny_mvtec, capsys):
     test_dir = Path(tiny_mvtec) / "weave" / "test" / "blob"
     assert main(["-q", "predict", "--bank", str(tmp_path / "banks" / "weave.h5"), "--input", str(test_dir),
                  "--out", str(tmp_path / "pred"), "--save-maps"]) == 0
+    with open(tmp_path / "pred" / "scores.csv", newline="") as fh:
+        assert next(csv.reader(fh)) == ["path", "score", "label", "normalized", "status"]
     pred = list(csv.DictReader(open(tmp_path / "pred" / "scores.csv")))
     assert len(pred) == 2 and all(float(r["score"]) > 0 for r in pred)
     assert len(list((tmp_path / "pred" / "heatmaps").glob("*.png"))) == 2
@@ -71,7 +73,7 @@ def test_build_evaluate_predict_mvtec(tmp_path, tiny_mvtec, capsys):
     thr = meta["decision"]["image_threshold"]
     for r in pred:
         assert r["label"] == ("NG" if float(r["score"]) > thr else "OK")
-        assert float(r["normalized_score"]) == pytest.approx(float(r["score"]) / thr, rel=1e-5)
+        assert float(r["normalized"]) == pytest.approx(float(r["score"]) / thr, rel=1e-5)
     all_dir = Path(tiny_mvtec) / "weave" / "test"
     assert main(["-q", "predict", "--bank", str(tmp_path / "banks" / "weave.h5"), "--input", str(all_dir),
                  "--out", str(tmp_path / "ng"), "--overlays", "ng", "--save-masks"]) == 0

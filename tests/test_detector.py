@@ -15,6 +15,7 @@ from ocbank.config import ConfigError
 from ocbank.data import DataError, Transform, open_image
 from ocbank.engine.checkpoint import read_metadata
 from ocbank.errors import InputError, InputTypeError, NotFittedError
+from ocbank.model.builder import training_order
 from ocbank.model.calibration import conservative_quantile
 from ocbank.model.features import FEATURE_DIM
 from ocbank.model.radius import nearest_other_distances
@@ -67,7 +68,7 @@ def test_init_validates_and_does_nothing_else():
 def test_fit_records_radius_and_summary(fitted, tiny_mvtec):
     assert fitted.bank.radius_ == pytest.approx(fitted.radius_stats_.estimate.percentiles["p99"])
     # One pass: the radius comes from the sampled images' features, exactly as the rule on them alone.
-    sample = [_train(tiny_mvtec)[i] for i in fitted.training_order(6)[:3]]
+    sample = [_train(tiny_mvtec)[i] for i in training_order(6, fitted.config)[:3]]
     feats = fitted.extractor(_normalised([Path(p) for p in sample])).reshape(-1, FEATURE_DIM).numpy()
     assert fitted.bank.radius_ == pytest.approx(float(np.percentile(nearest_other_distances(feats), 99)), rel=1e-5)
     assert fitted.fit_summary_.images_used == 6 and len(fitted.bank) > 0
@@ -253,10 +254,10 @@ def test_fit_reads_every_image_through_the_backbone_once(tiny_mvtec, extractor, 
 
 @pytest.mark.slow
 def test_radius_sample_spills_to_disk_and_gives_the_same_bank(tiny_mvtec, extractor, monkeypatch):
-    from ocbank.model import detector as detector_mod
+    from ocbank.model import builder as builder_mod
 
     ref = Detector.from_config(tiny_config(tiny_mvtec), extractor=extractor).fit(_train(tiny_mvtec))
-    monkeypatch.setattr(detector_mod, "SPOOL_MEMORY_BYTES", 4 * FEATURE_DIM * 70)  # 70 rows, then a memmap
+    monkeypatch.setattr(builder_mod, "SPOOL_MEMORY_BYTES", 4 * FEATURE_DIM * 70)  # 70 rows, then a memmap
     spilled = Detector.from_config(tiny_config(tiny_mvtec), extractor=extractor).fit(_train(tiny_mvtec))
     assert spilled.bank.radius_ == ref.bank.radius_
     np.testing.assert_array_equal(spilled.bank.counts, ref.bank.counts)
@@ -300,3 +301,17 @@ def test_scoring_modes_from_config(tiny_mvtec, extractor):
         assert (pred.scores <= ref.scores + 1e-4).all() and not np.allclose(pred.scores, ref.scores)
     with pytest.raises(ConfigError, match="scoring.mode"):
         Detector.from_config(tiny_config(tiny_mvtec, scoring={"mode": "spread"}))
+
+
+def test_read_with_changes_how_images_are_read_never_the_features():
+    import dataclasses
+
+    det = Detector(weights="none", image_size=64, batch_size=4)
+    scoring = det.config.scoring
+    det.read_with(dataclasses.replace(det.config.data, batch_size=9, num_workers=1, root="elsewhere"))
+    assert (det.config.data.batch_size, det.config.data.num_workers, det.config.data.root) == (9, 1, "elsewhere")
+    assert det.config.scoring == scoring and det.config.image_size == 64
+    for changed in ({"crop": 56}, {"resize": 80}):
+        with pytest.raises(ConfigError, match="Keep the bank's data.resize and data.crop"):
+            det.read_with(dataclasses.replace(det.config.data, **changed))
+    assert det.config.data.batch_size == 9

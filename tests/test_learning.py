@@ -101,6 +101,7 @@ def test_poisoned_update_holds_back_the_defects_by_name_and_keeps_detecting_them
     assert all(h["normalized"] > AUTO_GATE_MULTIPLE for h in report["held_back"])
     assert all(name in printed.out for name in held) and "held back" in printed.err
     assert report["images_added"] == 10 and report["images_held"] == 5 and report["written"]
+    assert report["bank_sha256"] == file_sha256(bank) and "sha256" not in report  # the version written
     assert sorted(Path(a["image"]).name for a in report["absorbed"]) == sorted(p.name for p in good[:10])
     auroc_gated, ng_gated = _held_out(bank, held_good, held_marks)
     assert auroc_gated >= auroc_before and ng_gated >= ng_before
@@ -194,7 +195,8 @@ def test_versions_history_and_rollback(line, tmp_path, capsys):
 
     assert main(["-q", "history", "--bank", str(bank), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert [v["sha256"] for v in listed] == [v2, v1, v0] and [v["current"] for v in listed] == [True, False, False]
+    assert [v["bank_sha256"] for v in listed] == [v2, v1, v0] and all("sha256" not in v for v in listed)
+    assert [v["current"] for v in listed] == [True, False, False]
     assert [(v["images_added"], v["images_held"], v["recalibrated"]) for v in listed] == [
         (2, 0, True), (3, 1, False), (None, None, None)]
     assert main(["-q", "history", "--bank", str(bank)]) == 0
@@ -253,3 +255,4 @@ def test_rollback_and_update_take_the_same_lock(line, tmp_path, monkeypatch, cap
     again = _folder(tmp_path / "again", line["dots"]["good"][1:2])
     row = update_bank(UpdateJob(str(bank), (str(again),), str(bank)))
     assert len(refused) == 1 and row["written"] and row["parent_sha256"] == current
+    assert row["bank_sha256"] == file_sha256(bank) != current

@@ -165,13 +165,14 @@ def test_detector_scorer_follows_its_bank_and_scoring_settings():
 
     from ocbank import Detector
     from ocbank.engine import ClusterBank
+    from ocbank.model.builder import FittedBank
     from ocbank.model.module import BankNearest
     from ocbank.model.radius import RadiusStats
 
     det = Detector(weights="none", image_size=64, radius=1.0, extractor=_no_backbone())
     first = ClusterBank(1536, 1.0)
     first.add(np.ones((1, 1536), np.float32))
-    det.use_bank(first, RadiusStats(1.0))
+    det.use_fitted(FittedBank(first, RadiusStats(1.0)))
     scorer = det.scorer
     assert det.scorer is scorer and isinstance(scorer.nearest, BankNearest) and scorer.nearest.bank is first
     assert scorer.score.mode == "nn" and scorer.spec == sm.MapSpec(64, det.config.scoring.sigma)
@@ -179,5 +180,5 @@ def test_detector_scorer_follows_its_bank_and_scoring_settings():
     assert det.scorer is not scorer and det.scorer.score.mode == "local_mean"
     second = ClusterBank(1536, 1.0)
     second.add(np.zeros((1, 1536), np.float32))
-    det.use_bank(second, RadiusStats(1.0))
+    det.use_fitted(FittedBank(second, RadiusStats(1.0)))
     assert det.scorer.nearest.bank is second

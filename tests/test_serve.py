@@ -217,7 +217,8 @@ def test_health_readiness_banks_and_metrics(served):
     import hashlib
 
     weave = body["banks"]["weave"]
-    assert weave["sha256"] == hashlib.sha256((served["banks"] / "weave.h5").read_bytes()).hexdigest()
+    assert weave["bank_sha256"] == hashlib.sha256((served["banks"] / "weave.h5").read_bytes()).hexdigest()
+    assert all("sha256" not in row for row in body["banks"].values())  # one spelling: bank_sha256
     assert weave["calibrated"] and weave["thresholds"]["image_threshold"] > 0 and weave["n_centroids"] > 0
     assert body["banks"]["dots"]["calibrated"] is False and body["banks"]["dots"]["thresholds"] is None
     status, text, _ = c.get("/metrics")
@@ -247,7 +248,7 @@ def test_parity_with_predict(served, tmp_path):
         assert body["product"] == "weave" and len(body["bank_sha256"]) == 64 and body["latency_ms"] > 0
         assert abs(body["score"] - row["score"]) <= 1e-4 * span, f
         assert body["threshold"] == pytest.approx(threshold)
-        assert body["normalized"] == pytest.approx(row["normalized_score"], rel=1e-4)
+        assert body["normalized"] == pytest.approx(row["normalized"], rel=1e-4)
         if abs(row["score"] - threshold) > 1e-4 * span:  # a score at the threshold may tip either way
             assert body["label"] == row["label"], f
         mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask"])))) > 0
@@ -331,7 +332,7 @@ def test_open_inference_protocol_with_tritonclient(served, tmp_path):
     for i, (f, row) in enumerate(zip(files, rows)):
         assert abs(got["score"][i] - row["score"]) <= 1e-4 * span, f
         assert got["threshold"][i] == pytest.approx(threshold)
-        assert got["normalized"][i] == pytest.approx(row["normalized_score"], rel=1e-4)
+        assert got["normalized"][i] == pytest.approx(row["normalized"], rel=1e-4)
         if abs(row["score"] - threshold) > 1e-4 * span:  # a score at the threshold may tip either way
             assert got["label"][i].decode() == row["label"], f
         assert got["mask"][i].shape == (64, 64) and (got["mask"][i] == ref.masks[i]).mean() >= 0.99
@@ -533,7 +534,7 @@ def test_hot_reload_under_load(served):
     status, after, _ = c.inspect("probe", body)
     assert status == 200 and after["score"] == pytest.approx(new, abs=1e-3) and after["bank_sha256"] == answer["bank_sha256"]
     status, listing, _ = c.get("/v1/banks")
-    assert listing["banks"]["probe"]["sha256"] == answer["bank_sha256"]
+    assert listing["banks"]["probe"]["bank_sha256"] == answer["bank_sha256"]
 
     tol = 1e-3
     for rows in seen:

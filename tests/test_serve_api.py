@@ -123,6 +123,7 @@ def test_validate_bank_accepts_a_bank_and_refuses_the_rest(tmp_path):
     assert (info.n_centroids, info.dim, info.image_size, info.crop, info.resize) == (5, 1536, 64, 64, 72)
     assert info.describe()["thresholds"]["image_threshold"] == 3.0
     assert info.describe()["n_centroids"] == 5  # the key build, evaluate and update write
+    assert info.describe()["bank_sha256"] == info.sha256 and "sha256" not in info.describe()  # as /v1/inspect says
     damaged = bytearray(data)
     damaged[len(damaged) // 2 : len(damaged) // 2 + 32] = b"\xff" * 32
     for bad in (bytes(damaged), data[: len(data) // 3], b"not a bank"):
@@ -238,6 +239,7 @@ def test_runtimes_score_like_detector_predict(tmp_path, tiny_mvtec):
     for kind in ("torch", "onnxruntime", "auto"):
         served = ServedBank.load(bank, info.sha256, kind, threads=1, batch=4)
         assert served.runtime.name == ("onnxruntime" if kind == "auto" else kind)  # auto: onnxruntime on CPU
+        assert served.describe()["bank_sha256"] == info.sha256 and "sha256" not in served.describe()
         scores, maps = served.runtime(pixels)
         assert np.abs(scores - ref.scores).max() <= 1e-4 * span, kind
         assert np.abs(maps - ref.maps).max() <= 1e-4 * span, kind

@@ -221,7 +221,7 @@ def test_learn_under_load_switches_the_probe_once(served):
     assert any(sha == new for sha, _, _ in seen[0])
 
     banks = c.call("GET", "/v1/banks")[1]["banks"]["weave"]
-    assert banks["sha256"] == new and banks["calibration"]["state"] == "stale"
+    assert banks["bank_sha256"] == new and banks["calibration"]["state"] == "stale"
     assert "Recalibrate" in banks["calibration"]["reason"]
     line = _terminal_line(served, "learned weave")
     assert f"{old[:12]} -> {new[:12]}" in line and "K " in line and "recalibrate" in line
@@ -237,7 +237,7 @@ def test_versions_and_rollback(served):
     current = _sha(served["banks"] / "weave.h5")
     status, body, _ = c.call("GET", "/v1/banks/weave/versions")
     assert status == 200 and body["served_sha256"] == current
-    shas = [v["sha256"] for v in body["versions"]]
+    shas = [v["bank_sha256"] for v in body["versions"]]
     assert served["original"] in shas and current in shas
     status, body, _ = c.call("POST", f"/v1/banks/weave/rollback?to={served['original'][:12]}")
     assert status == 200, body

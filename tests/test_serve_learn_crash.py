@@ -135,7 +135,7 @@ def test_sigkill_of_the_learn_task_then_of_the_server(setup):
         report = client.wait_learn("weave")
         assert report["state"] == "succeeded", report
         _check_exactly_once(setup, ids)
-        served = client.call("GET", "/v1/banks")[1]["banks"]["weave"]["sha256"]
+        served = client.call("GET", "/v1/banks")[1]["banks"]["weave"]["bank_sha256"]
         assert served == hashlib.sha256((banks / "weave.h5").read_bytes()).hexdigest()
     finally:
         stop_server(server)

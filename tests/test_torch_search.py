@@ -238,12 +238,13 @@ def test_config_carries_the_search_options():
 
 def test_every_bank_a_config_makes_takes_its_search_options():
     from ocbank.jobs.build import merge_shards
-    from ocbank.model.detector import Detector
+    from ocbank.model.builder import BankBuilder, new_bank
 
     options = {"search_index": "flat", "gpu_search": "torch", "gpu_search_precision": "bf16", "cpu_search": "faiss"}
     cfg = from_dict({"bank": {**options, "radius": 1.0}}, require_root=False)
     assert cfg.bank.search_options == options
-    for bank in (Detector.from_config(cfg)._new_bank(1.0), merge_shards([], 1.0, "cpu", **cfg.bank.search_options)):
+    banks = (new_bank(cfg, 1.0), BankBuilder(cfg, 1).bank, merge_shards([], 1.0, "cpu", **cfg.bank.search_options))
+    for bank in banks:
         assert bank.search_index == "flat" and bank.cpu_search == "faiss"
         assert bank.search_backend == {"device": "cpu", "search": "torch", "precision": "bf16"}
 

@@ -9,10 +9,12 @@
 is ocbank's own: the :class:`~ocbank.model.detector.Detector`'s WideResNet-50 and
 :class:`~ocbank.engine.ClusterBank` for training, and :class:`~ocbank.model.module.AnomalyModel`
 (image -> score, map; matrix products only) for prediction and export. Training batches
-stream into the bank as they arrive: with ``radius="auto"`` the first ``radius_images``
-images are held (as ocbank's build holds its radius sample) until the radius rule has run
-on them, every later batch goes straight into the bank, and there is no end-of-epoch
-coreset, so memory stays flat in the number of training images.
+stream into the bank as they arrive, through the Detector's
+:class:`~ocbank.model.builder.BankBuilder` (the build's own fitting code): with
+``radius="auto"`` the seeded radius sample of the training dataset is read and fed first
+(the epoch's batches then skip those images), every later batch goes straight into the
+bank, and there is no end-of-epoch coreset, so memory stays flat in the number of training
+images.
 
 Prediction returns anomalib's batch (``pred_score`` = the raw 1-NN distance of the worst
 patch, ``anomaly_map`` [N, 1, S, S] in the same units), so anomalib's post-processor,
@@ -27,9 +29,11 @@ Needs the ``anomalib`` extra (``pip install 'ocbank[anomalib]'``); ``import ocba
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -38,18 +42,26 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..config import BackboneConfig, BankConfig, Config, DataConfig, ScoringConfig
+from ..config import (
+    PARAMETERS,
+    BackboneConfig,
+    BankConfig,
+    DataConfig,
+    ScoringConfig,
+    config_from_parameters,
+    parameters_of,
+)
 from ..data import Transform
 from ..data.images import rgb8_to_unit
 from ..engine.checkpoint import BankState
 from ..errors import ConfigError, DependencyError, NotFittedError
-from ..model.detector import SPOOL_MEMORY_BYTES, Detector
+from ..model.builder import BankBuilder
+from ..model.detector import Detector
 from ..model.export import settings_from_config
 from ..model.features import FEATURE_DIM
 from ..model.module import AnomalyModel, MatmulNearest
 from ..model.record import BankRecord, open_bank
 from ..model.scoring import GridScore, MapSpec
-from ..model.spool import FeatureSpool
 
 try:
     from anomalib import LearningType
@@ -178,30 +190,6 @@ class OCBankPreProcessor(PreProcessor):
 
 
 # ---------------------------------------------------------------------- torch model
-def _kwargs_from_config(config: Config) -> dict[str, Any]:
-    """The OCBank hyper-parameters of a Detector config (the rest of it travels in the checkpoint)."""
-    return {
-        "radius": config.bank.radius,
-        "weights": config.backbone.weights,
-        "pool": config.backbone.pool,
-        "sigma": config.scoring.sigma,
-        "max_centroids": config.bank.max_centroids,
-        "scoring_mode": config.scoring.mode,
-        "image_size": config.image_size,
-        "resize": config.data.resize,
-        "radius_images": config.bank.radius_images,
-        "seed": config.bank.seed,
-    }
-
-
-@dataclass
-class _RadiusSample:
-    """The first ``radius_images`` training images' patch features, held until the radius rule runs."""
-
-    spool: FeatureSpool
-    n_images: int = 0
-
-
 class OCBankModel(nn.Module):
     """anomalib's torch model for :class:`OCBank`: RGB [N, 3, S, S] in [0, 1] -> InferenceBatch.
 
@@ -223,7 +211,7 @@ class OCBankModel(nn.Module):
         self.register_buffer("m2", torch.zeros(0, dtype=torch.float64))
         self.register_buffer("radius", torch.tensor(float("nan"), dtype=torch.float64))
         self.register_buffer("n_seen", torch.tensor(0, dtype=torch.int64))
-        self._sample: _RadiusSample | None = None
+        self._builder: BankBuilder | None = None  # this epoch's fitting (Detector.builder)
         self.pending = False  # images streamed since the last publish
         self.checkpoint_extras: dict[str, Any] = {}  # set by OCBank.on_load_checkpoint
         self.register_load_state_dict_post_hook(OCBankModel._after_load)
@@ -244,46 +232,34 @@ class OCBankModel(nn.Module):
         return self.counts.numel() > 0
 
     # ------------------------------------------------------------------ training
-    def begin(self) -> None:
-        """Start an epoch: a new bank, or, when there is one, stream on into it (ocbank's update)."""
-        det = self.detector
-        if det.is_fitted:
-            self._sample = None
-        elif det.config.bank.radius == "auto":
-            self._sample = _RadiusSample(FeatureSpool(FEATURE_DIM, SPOOL_MEMORY_BYTES))
-        else:
-            det.start_bank()
+    @property
+    def needs_radius_sample(self) -> bool:
+        """Whether the next epoch starts a bank whose radius comes from the seeded radius sample."""
+        return not self.detector.is_fitted and self.detector.config.bank.radius == "auto"
+
+    def begin(self, n_images: int) -> list[int]:
+        """Start an epoch of ``n_images`` training images: a new bank, or, when there is one, stream
+        on into it (ocbank's update). Returns the radius sample's positions among them, which are
+        to be fed first (:meth:`add_images`); none with a numeric radius or a fitted bank."""
+        self._builder = self.detector.builder(n_images)
+        return self._builder.sample
 
     @torch.no_grad()
     def add_images(self, images: torch.Tensor) -> None:
-        """One training batch [B, 3, S, S] (RGB in [0, 1], pre-processed) into the bank (or the radius sample)."""
-        if self._sample is None and not self.detector.is_fitted:
-            self.begin()
+        """One training batch [B, 3, S, S] (RGB in [0, 1], pre-processed) into the fit (:meth:`begin` first)."""
+        if self._builder is None:
+            msg = "OCBankModel.add_images() came before begin(n_images). Train through anomalib's Engine.fit."
+            raise NotFittedError(msg)
         self.pending = True
-        feats = self.scorer.patch_features(images)  # [B, h, w, 1536]
-        per_image = feats.reshape(feats.shape[0], -1, FEATURE_DIM)
-        sample = self._sample
-        if sample is not None:
-            room = self.detector.config.bank.radius_images - sample.n_images
-            head = per_image[:room]
-            sample.spool.append(head.reshape(-1, FEATURE_DIM).cpu().numpy())
-            sample.n_images += head.shape[0]
-            if sample.n_images < self.detector.config.bank.radius_images:
-                return
-            self._open_bank()
-            per_image = per_image[room:]
-        if per_image.shape[0]:
-            self.detector.bank.add(per_image.reshape(-1, FEATURE_DIM).cpu().numpy())
-
-    def _open_bank(self) -> None:
-        sample, self._sample = self._sample, None
-        with sample.spool:
-            self.detector.start_bank(sample.spool, sample.n_images)
+        self._builder.feed(self.scorer.patch_features(images))  # [B, h, w, 1536]
 
     def finish(self) -> None:
-        """End of an epoch: the radius rule on a sample still open (fewer images than radius_images), then publish."""
-        if self._sample is not None:
-            self._open_bank()  # DataError when no image came
+        """End of an epoch: the radius rule on a sample still open (fewer images came than it was
+        sized for), the bank to the detector, then publish."""
+        builder, self._builder = self._builder, None
+        if builder is not None:
+            with builder:
+                self.detector.use_fitted(builder.finish())  # DataError when no image came
         self.publish()
 
     def publish(self) -> None:
@@ -302,7 +278,7 @@ class OCBankModel(nn.Module):
         # The live Detector holds locks and a faiss-backed bank: pickle what rebuilds them instead.
         state = dict(super().__getstate__())
         det = state.pop("detector")
-        state["_sample"] = None
+        state["_builder"] = None
         state["_detector"] = {
             "config": det.config,
             "extractor": det.extractor,
@@ -383,7 +359,7 @@ class OCBank(MemoryBankMixin, AnomalibModule):
 
     Parameters are :class:`~ocbank.model.detector.Detector`'s, with its defaults:
 
-    radius : "auto" (p99 of nearest-other-patch distances of the first ``radius_images``
+    radius : "auto" (p99 of nearest-other-patch distances of a seeded sample of ``radius_images``
         training images) or a number.
     weights : "imagenet" (torchvision's file, never downloaded: see ``ocbank build``), "none"
         (random, seeded: tests and demos only) or a ``.pth`` state dict.
@@ -414,18 +390,9 @@ class OCBank(MemoryBankMixin, AnomalibModule):
         evaluator: Any = True,
         visualizer: Any = True,
     ) -> None:
-        detector = Detector(
-            weights=weights,
-            radius=radius,
-            pool=pool,
-            sigma=sigma,
-            scoring_mode=scoring_mode,
-            image_size=image_size,
-            resize=resize,
-            radius_images=radius_images,
-            seed=seed,
-            max_centroids=max_centroids,
-        )
+        # The hyper-parameters are Config fields (config.PARAMETERS): read them once, by name.
+        params = {name: value for name, value in locals().items() if name in PARAMETERS}
+        detector = Detector.from_config(config_from_parameters(**params))
         if pre_processor is True:
             pre_processor = OCBankPreProcessor(detector.config.data.resize, detector.config.data.crop)
         super().__init__(
@@ -435,6 +402,7 @@ class OCBank(MemoryBankMixin, AnomalibModule):
             visualizer=visualizer,
         )
         self.model: OCBankModel = OCBankModel(detector)
+        self._sample_paths: Counter[str] = Counter()  # radius-sample images fed first, still to be met in the epoch
 
     @classmethod
     def configure_pre_processor(
@@ -446,7 +414,7 @@ class OCBank(MemoryBankMixin, AnomalibModule):
                 msg = f"ocbank crops square images, got image_size {tuple(image_size)!r}. Pass one side, e.g. 224."
                 raise ConfigError(msg)
             image_size = image_size[0]
-        data = Detector(image_size=image_size or DataConfig.crop, resize=resize).config.data
+        data = config_from_parameters(image_size=image_size or DataConfig.crop, resize=resize).data
         return OCBankPreProcessor(data.resize, data.crop)
 
     @staticmethod
@@ -485,15 +453,75 @@ class OCBank(MemoryBankMixin, AnomalibModule):
             loop.max_epochs = done + 1
 
     def on_train_epoch_start(self) -> None:
-        self.model.begin()
+        """A new bank starts with the seeded radius sample (ocbank's rule, :func:`~ocbank.model.builder.radius_sample`):
+        those images are read from the training dataset and fed first, and the epoch's batches then skip them."""
+        self._sample_paths = Counter()
+        dataset = self._training_dataset() if self.model.needs_radius_sample else None
+        sample = self.model.begin(len(dataset) if dataset is not None else 0)
+        if sample:
+            self._feed_radius_sample(dataset, sample)
+
+    def _training_dataset(self) -> Any:
+        """The map-style dataset the training batches come from (the radius sample is drawn from it by position)."""
+        loader = self.trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None and getattr(self.trainer, "datamodule", None) is not None:
+            dataset = getattr(self.trainer.datamodule, "train_data", None)
+        if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            msg = (
+                f"radius='auto' draws its seeded sample of training images by position, got a training loader over "
+                f"{type(dataset).__name__} that has no length or positions. Pass a map-style dataset or set radius to a number."
+            )
+            raise ConfigError(msg)
+        return dataset
+
+    def _feed_radius_sample(self, dataset: Any, positions: list[int]) -> None:
+        """The radius sample's images, collated and pre-processed as training batches are, into the fit."""
+        step = getattr(self.trainer.train_dataloader, "batch_size", None) or len(positions)
+        collate = getattr(dataset, "collate_fn", None)
+        for lo in range(0, len(positions), step):
+            items = [dataset[i] for i in positions[lo : lo + step]]
+            batch = collate(items) if collate is not None else items
+            if not isinstance(batch, Batch) or batch.image_path is None:
+                msg = (
+                    f"radius='auto' needs anomalib batches that name their images (image_path), got {type(batch).__name__}. "
+                    "Use an anomalib dataset or set radius to a number."
+                )
+                raise ConfigError(msg)
+            if isinstance(self.pre_processor, PreProcessor):
+                self.pre_processor.on_train_batch_start(self.trainer, self, batch, 0)
+            self.model.add_images(batch.image.to(self.device))
+            self._sample_paths.update(str(p) for p in batch.image_path)
 
     def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> torch.Tensor:
         del args, kwargs
-        self.model.add_images(batch.image)
+        images = batch.image
+        if self._sample_paths:  # the radius sample was fed first: each of its images enters once
+            keep = [not self._take_sample_path(p) for p in self._batch_paths(batch)]
+            images = images[torch.tensor(keep, device=images.device)]
+        if images.shape[0]:
+            self.model.add_images(images)
         return torch.tensor(0.0, requires_grad=True, device=self.device)  # Lightning wants a loss
+
+    @staticmethod
+    def _batch_paths(batch: Batch) -> list[str]:
+        if batch.image_path is None:
+            msg = "radius='auto' needs training batches that name their images (image_path), got none. Set radius to a number."
+            raise ConfigError(msg)
+        return [str(p) for p in batch.image_path]
+
+    def _take_sample_path(self, path: str) -> bool:
+        if self._sample_paths[path] > 0:
+            self._sample_paths[path] -= 1
+            return True
+        return False
 
     def fit(self) -> None:
         """MemoryBankMixin's hook: close the radius sample if still open and publish the bank."""
+        left = sum(self._sample_paths.values())
+        if left:
+            log.warning("%d radius-sample image(s) were fed first but not met again in the epoch's batches", left)
+        self._sample_paths = Counter()
         self.model.finish()
         self._is_fitted = torch.tensor([True], device=self.device)
 
@@ -537,7 +565,8 @@ class OCBank(MemoryBankMixin, AnomalibModule):
         travel on to :meth:`to_bank`.
         """
         opened = open_bank(path)  # validates the file and the weights' sha256
-        model = cls(**_kwargs_from_config(opened.record.config), **components)
+        hyperparameters = [name for name in inspect.signature(cls.__init__).parameters if name in PARAMETERS]
+        model = cls(**parameters_of(opened.record.config, hyperparameters), **components)
         model.detector.restore(opened.state, opened.record)
         model.model.publish()
         model._is_fitted = torch.tensor([True], device=model.device)

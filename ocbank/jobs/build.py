@@ -35,6 +35,7 @@ from ..engine import BankState, ClusterBank, resolve_device
 from ..engine.checkpoint import bank_file_path
 from ..errors import CheckpointError, ConfigError, DataError, DependencyError
 from ..jsonio import write_json
+from ..model.builder import FittedBank, training_order
 from ..model.detector import Detector
 from ..model.features import FEATURE_DIM, FeatureExtractor
 from ..model.progress import FitProgress, progress_bar
@@ -410,17 +411,15 @@ def build_class_sharded(plan: BuildPlan, job: ClassJob, run_shards: ShardRunner)
             return {**stored, "status": "complete"}
     began = time.perf_counter()
     det = Detector.from_config(plan.config)
-    order = det.training_order(len(inputs.train))
     if plan.config.bank.radius == "auto":
-        # The shards need r before they start: fit the radius sample alone for it.
-        probe = Detector.from_config(plan.config).fit([inputs.train[i] for i in order[: det.n_radius_images(len(order))]])
-        radius, stats = probe.bank.radius_, probe.radius_stats_
+        stats = det.radius_statistics(inputs.train)  # the shards need r before they start
     else:
-        radius = float(plan.config.bank.radius)
-        stats = RadiusStats(radius)
-    ordered = [inputs.train[i] for i in order]
+        stats = RadiusStats(float(plan.config.bank.radius))
+    radius = stats.suggested
+    ordered = [inputs.train[i] for i in training_order(len(inputs.train), plan.config)]
     parts = run_shards([(plan, part, radius) for part in split_shards(ordered, plan.shards)])
-    det.use_bank(merge_shards(parts, radius, resolve_device(plan.config.device), **plan.config.bank.search_options), stats)
+    merged = merge_shards(parts, radius, resolve_device(plan.config.device), **plan.config.bank.search_options)
+    det.use_fitted(FittedBank(merged, stats))
     progress = sum((p.progress for p in parts), FitProgress())
     row = finish_class(plan, job, det, inputs, replace(progress, seconds=time.perf_counter() - began))
     return {**row, "shards": plan.shards, "status": "built"}

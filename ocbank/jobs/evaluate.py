@@ -19,6 +19,7 @@ from ..engine.checkpoint import bank_file_path
 from ..errors import DataError
 from ..jsonio import write_json
 from ..model import metrics
+from ..model.builder import radius_sample
 from ..model.calibration import decision_metrics, f1_optimal_threshold, transfer_warning
 from ..model.detector import Detector
 from ..model.features import FeatureExtractor
@@ -181,7 +182,7 @@ def evaluate(
         if last is None or last[0] != bank_file:
             det = Detector.load(bank_file, device=cfg.device, extractor=extractor, allow_partial=allow_partial)
             _check_compatible(det.config, cfg, bank_file)
-            det.config = cfg  # the evaluation's data settings; the bank keeps its own metadata
+            det.read_with(cfg.data)  # the evaluation's folder and loader settings; the bank keeps its record
             extractor = det.extractor
             last = (bank_file, det)
         det = last[1]
@@ -285,6 +286,6 @@ def suggest_radius(cfg: Config, classes: list[str] | None = None, progress: bool
             raise DataError(msg)
         det = Detector.from_config(cfg_auto, extractor=extractor)
         extractor = det.extractor
-        with progress_bar(f"radius {name}", det.n_radius_images(len(split.train)), progress):
+        with progress_bar(f"radius {name}", len(radius_sample(len(split.train), cfg_auto)), progress):
             out[name] = det.radius_statistics(split.train).to_dict()
     return out

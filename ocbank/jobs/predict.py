@@ -28,7 +28,7 @@ def predict(
     """Score images (files or folders) with one bank; write scores.csv and overlay PNGs.
 
     Returns one row per input file, in input order: ``path``, ``score`` (NaN when
-    unreadable), ``label`` (OK/NG) and ``normalized_score`` (score / calibrated threshold)
+    unreadable), ``label`` (OK/NG) and ``normalized`` (score / calibrated threshold)
     when the bank is calibrated, ``status`` ("ok" or "unreadable") and, for scored images,
     ``outputs_failed`` (overlays, maps or masks that could not be written, each named in a
     warning). scores.csv holds the same rows (an empty score for unreadable files; paths as
@@ -75,7 +75,7 @@ def predict(
         raise RuntimeError(msg)
     written_rows: list[dict[str, Any]] = [r for r in rows if r is not None]
     with open(out / "scores.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["path", "score", "label", "normalized_score", "status"], restval="",
+        writer = csv.DictWriter(fh, fieldnames=["path", "score", "label", "normalized", "status"], restval="",
                                 extrasaction="ignore")
         writer.writeheader()
         writer.writerows({**r, "path": escape_path(r["path"]), "score": "" if r["status"] != "ok" else f"{r['score']:.6f}"}
@@ -94,5 +94,5 @@ def _save_png(mask: np.ndarray, target: Path) -> None:
 def _decision_row(verdict: Verdict | None, j: int) -> dict[str, Any]:
     """OK/NG and the normalised score (score / calibrated threshold), when the bank is calibrated."""
     if verdict is None:
-        return {"label": "", "normalized_score": ""}
-    return {"label": "NG" if verdict.ng[j] else "OK", "normalized_score": float(verdict.normalized[j])}
+        return {"label": "", "normalized": ""}
+    return {"label": "NG" if verdict.ng[j] else "OK", "normalized": float(verdict.normalized[j])}

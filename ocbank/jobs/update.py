@@ -156,7 +156,7 @@ def report_path(out: str | Path) -> Path:
 def update_bank(job: UpdateJob) -> dict[str, Any]:
     """Gate ``job.inputs``, stream the passed ones into a copy of the bank, recalibrate if asked, write ``job.out``.
 
-    Returns a summary (strict JSON): ``parent_sha256``, ``sha256`` (of the file written; the
+    Returns a summary (strict JSON): ``parent_sha256``, ``bank_sha256`` (of the file written; the
     parent's when nothing was written), ``images_added``, ``images_held``, ``images_skipped``,
     ``held_back`` / ``absorbed`` (``{"image", "score", "normalized"}``), ``unreadable``, ``gate``,
     ``n_centroids_before``, ``n_centroids``, ``new_centroids``, ``recalibrated``,
@@ -217,7 +217,7 @@ def update_bank(job: UpdateJob) -> dict[str, Any]:
         }
         summary: dict[str, Any] = {
             **entry,
-            "sha256": parent,
+            "bank_sha256": parent,
             "held_back": [asdict(s) for s in gated.held],
             "absorbed": [asdict(s) for s in gated.passed] if multiple is not None else
                         [{"image": escape_path(p), "score": None, "normalized": None} for p in gated.absorbed],
@@ -247,7 +247,7 @@ def update_bank(job: UpdateJob) -> dict[str, Any]:
             summary["history"] = _keep_parents(job.bank, out, job.keep_history)
             new.save(out)
             versions.prune(out, job.keep_history)
-            summary["written"], summary["sha256"] = True, file_sha256(out)
+            summary["written"], summary["bank_sha256"] = True, file_sha256(out)
         summary["report"] = escape_path(report_path(out))
         summary["seconds"] = time.perf_counter() - began
         write_json(report_path(out), summary)

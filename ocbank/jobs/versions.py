@@ -46,8 +46,12 @@ class Version:
     n_centroids: int | None  # K, when the file records it
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict (what ``ocbank history --json`` prints per version)."""
-        return asdict(self)
+        """The fields as a JSON-ready dict (what ``ocbank history --json`` prints per version).
+
+        The hash is ``bank_sha256`` there, as in every JSON that names a bank's bytes.
+        """
+        row = asdict(self)
+        return {"bank_sha256": row.pop("sha256"), **row}
 
 
 def history_dir(bank: str | os.PathLike[str]) -> Path:

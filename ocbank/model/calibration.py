@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -10,7 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 
 def is_ng(scores: Any, image_threshold: float) -> Any:
@@ -109,6 +112,36 @@ def conservative_quantile(values: np.ndarray, false_alarm_rate: float) -> float:
 # A warning that calibration does not transfer is wrong this rarely when the calibration and
 # test images do come from the same population: rare enough to act on when it appears.
 TRANSFER_SIGNIFICANCE = 1e-3
+
+
+def calibrate_decision(scores: np.ndarray, maps: np.ndarray, false_alarm_rate: float, source: str) -> Decision:
+    """OK/NG thresholds from normal images the bank never saw: their scores [n] and maps [n, S, S].
+
+    The image threshold is the empirical (1 - false_alarm_rate) quantile of the scores (the
+    conservative order statistic, :func:`conservative_quantile`); the pixel threshold is the same
+    quantile of the per-image maxima of the maps, so that about the same share of normal images
+    shows any NG pixel.
+    """
+    n = len(scores)
+    image_t = conservative_quantile(scores, false_alarm_rate)
+    pixel_t = conservative_quantile(maps.reshape(n, -1).max(axis=1), false_alarm_rate)
+    if not (image_t > 0 and pixel_t > 0):
+        # Exact distances: an image whose every patch is a centroid of the bank scores 0.
+        msg = (
+            f"the calibration images score at most {float(scores.max()):.4g}, so no threshold above 0 "
+            "can be set: the bank holds their patches (they are its training images). "
+            "Calibrate on normal images the bank never saw."
+        )
+        raise DataError(msg)
+    decision = Decision(float(image_t), float(pixel_t), false_alarm_rate, n, source, attainable_false_alarm_rate=1 / (n + 1))
+    if not decision.target_met:
+        log.warning(
+            "calibrated on %d normal image(s): the threshold is their largest score, which certifies a "
+            "false-alarm rate of 1/(n+1) = %.1f%%, not the %.1f%% asked for. Give at least %d normal images "
+            "(--calibration DIR or a larger decision.holdout) for that target.",
+            n, 100 / (n + 1), 100 * false_alarm_rate, int(np.ceil(1 / false_alarm_rate)) - 1,
+        )
+    return decision
 
 
 def transfer_p_value(false_alarms: int, n_normal: int, false_alarm_rate: float, n_calibration: int) -> float:

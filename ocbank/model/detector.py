@@ -16,49 +16,42 @@ import logging
 import os
 import threading
 import time
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..config import (
+    PARAMETERS,
     BackboneConfig,
     BankConfig,
     Config,
     DataConfig,
     DecisionConfig,
     ScoringConfig,
+    config_from_parameters,
     from_dict,
     load,
 )
-from ..data import Batch, Sample, make_loader, normalize
-from ..data.images import check_unit_range
+from ..data import Batch, make_loader
+from ..data.inputs import Inputs, as_samples, tensor_batches
 from ..data.loader import prefetched
 from ..engine import ClusterBank, resolve_device
 from ..engine.checkpoint import BankState
-from ..errors import DataError, InputError, InputTypeError, NotFittedError
-from .calibration import Decision, conservative_quantile
+from ..errors import ConfigError, DataError, NotFittedError
+from .builder import BankBuilder, FittedBank, training_order
+from .calibration import Decision, calibrate_decision, conservative_quantile
 from .features import FEATURE_DIM, FEATURE_STRIDE, FeatureExtractor
 from .module import AnomalyModel, BankNearest
 from .progress import FitProgress, FitStep, advance
-from .radius import RadiusStats, estimate_radius, sample_images
+from .radius import RadiusStats
 from .record import BankRecord, BuildIdentity, OpenedBank, open_bank
 from .scoring import GridScore, MapSpec
-from .spool import FeatureSpool
 
 log = logging.getLogger(__name__)
 
-ImageLike = Any  # a path, a PIL image, or an image array [H, W(, C)]
-
-# Radius-sample features held in memory before the spool spills to a memory-mapped file.
-SPOOL_MEMORY_BYTES = 2 << 30
-
-# Resize-to-crop ratio of the MVTec convention (256 -> 224), used when only image_size is given.
-_RESIZE_RATIO = DataConfig.resize / DataConfig.crop
 
 
 @dataclass(frozen=True)
@@ -83,79 +76,6 @@ class ScoredBatch:
     maps: np.ndarray  # [B, S, S]
     rgb: np.ndarray  # [B, S, S, 3] uint8, the cropped input
     masks: np.ndarray | None  # [B, S, S] uint8 ground truth, when asked for
-
-
-def _is_single_image(images: Any) -> bool:
-    return isinstance(images, (str, os.PathLike, Image.Image, Sample)) or (
-        isinstance(images, np.ndarray) and images.dtype != object and images.ndim in (2, 3)
-    )
-
-
-def as_samples(images: Any) -> list[Sample]:
-    """One image or a sequence of images (paths, PIL images, arrays, Samples) -> samples."""
-    if _is_single_image(images):
-        images = [images]
-    if isinstance(images, (bytes, dict)) or not isinstance(images, (Sequence, np.ndarray)):
-        msg = (
-            f"images must be an image (path, PIL image, array) or a sequence of them, got {type(images).__name__}. "
-            "Pass a list, or a float tensor [N, 3, S, S]."
-        )
-        raise InputTypeError(msg)
-    out = []
-    for i, im in enumerate(images):
-        if isinstance(im, Sample):
-            out.append(im)
-        elif isinstance(im, (str, os.PathLike, Image.Image, np.ndarray)):
-            out.append(Sample(im))
-        else:
-            msg = f"images[{i}] is a {type(im).__name__}; each image must be a path, a PIL image or an array."
-            raise InputTypeError(msg)
-    return out
-
-
-def _in_unit_range(part: torch.Tensor, offset: int) -> tuple[list[int], list[int]]:
-    """Split a tensor batch [n, 3, S, S] by the float-pixel rule arrays and files follow
-    (:func:`ocbank.data.images.check_unit_range`): (kept positions, skipped input indices).
-
-    Each image outside the rule is skipped and named, as an unreadable file or array is.
-    """
-    flat = part.reshape(part.shape[0], -1)
-    lows, highs = flat.amin(1).tolist(), flat.amax(1).tolist()  # NaN propagates into both
-    keep, skipped = [], []
-    for i, (lo, hi) in enumerate(zip(lows, highs, strict=True)):
-        try:
-            check_unit_range(lo, hi, f"tensor[{offset + i}]")
-            keep.append(i)
-        except DataError as exc:
-            warnings.warn(f"skipping image: {exc}", stacklevel=3)
-            skipped.append(offset + i)
-    return keep, skipped
-
-
-@dataclass(frozen=True)
-class _Inputs:
-    """Training inputs as either samples or a preprocessed tensor [N, 3, S, S], taken by index."""
-
-    samples: list[Sample] | None = None
-    tensor: torch.Tensor | None = None
-
-    @classmethod
-    def of(cls, images: Any) -> _Inputs:
-        return cls(tensor=images) if isinstance(images, torch.Tensor) else cls(samples=as_samples(images))
-
-    def __len__(self) -> int:
-        return self.tensor.shape[0] if self.tensor is not None else len(self.samples or [])
-
-    def take(self, idx: list[int]) -> Any:
-        if self.tensor is not None:
-            return self.tensor[torch.as_tensor(idx, dtype=torch.long)]
-        return [self.samples[i] for i in idx]
-
-    def name(self, i: int) -> str:
-        if self.tensor is not None:
-            return f"tensor[{i}]"
-        path = self.samples[i].path  # a file by its path, an in-memory image by its position
-        return str(path) if isinstance(path, (str, bytes, os.PathLike)) else f"images[{i}]"
 
 
 class Detector:
@@ -203,17 +123,9 @@ class Detector:
         num_workers: int = DataConfig.num_workers,
         extractor: FeatureExtractor | None = None,
     ) -> None:
-        if resize is None:
-            resize = round(image_size * _RESIZE_RATIO) if isinstance(image_size, int) else image_size
-        config = Config(
-            data=DataConfig(resize=resize, crop=image_size, batch_size=batch_size, num_workers=num_workers),
-            backbone=BackboneConfig(weights=weights, pool=pool, autocast=autocast),
-            bank=BankConfig(radius=radius, radius_images=radius_images, seed=seed, max_centroids=max_centroids),
-            scoring=ScoringConfig(sigma=sigma, mode=scoring_mode),
-            decision=DecisionConfig(false_alarm_rate=false_alarm_rate),
-            device=device,
-            source="<Detector>",
-        )
+        # Every keyword but the extractor is a Config field (config.PARAMETERS): read them once, by name.
+        params = {name: value for name, value in locals().items() if name in PARAMETERS}
+        config = config_from_parameters(**params)
         self._setup(config, extractor)
 
     def _setup(self, config: Config, extractor: FeatureExtractor | None) -> None:
@@ -276,25 +188,6 @@ class Detector:
         """The calibrated OK/NG thresholds, or None."""
         return self.__dict__.get("decision_")
 
-    def _tensor_batches(self, batch: torch.Tensor) -> Iterator[Batch]:
-        """A preprocessed float tensor [N, 3, S, S] (RGB in [0, 1]) in loader-sized pieces."""
-        size = self.config.image_size
-        if batch.ndim != 4 or batch.shape[1] != 3 or tuple(batch.shape[2:]) != (size, size):
-            msg = f"a tensor batch must be [N, 3, {size}, {size}] (RGB in [0, 1], resized and cropped), got {tuple(batch.shape)}."
-            raise InputError(msg)
-        if not batch.is_floating_point():
-            msg = f"a tensor batch must be floating point RGB in [0, 1], got dtype {batch.dtype}. Divide uint8 by 255."
-            raise InputTypeError(msg)
-        step = self.config.data.batch_size
-        for lo in range(0, batch.shape[0], step):
-            part = batch[lo : lo + step].float()
-            keep, skipped = _in_unit_range(part, lo)
-            if skipped:
-                part = part[keep]  # indexing with a list copies: only when something was left out
-            part = part.contiguous()  # one memory layout, one conv kernel
-            rgb = (part.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            yield Batch([lo + i for i in keep], skipped, normalize(part), rgb)
-
     def features(self, images: Any, with_masks: bool = False) -> Iterator[tuple[Batch, torch.Tensor]]:
         """Yield (:class:`~ocbank.data.Batch`, patch features [B, h, w, 1536]) per loader batch.
 
@@ -303,7 +196,7 @@ class Detector:
         empty feature tensor.
         """
         if isinstance(images, torch.Tensor):
-            batches: Iterable[Batch] = self._tensor_batches(images)
+            batches: Iterable[Batch] = tensor_batches(images, self.config.image_size, self.config.data.batch_size)
         else:
             batches = make_loader(as_samples(images), self.config, with_masks=with_masks)
             if self.config.data.num_workers == 0:  # decode the next batch while the backbone runs
@@ -318,92 +211,32 @@ class Detector:
         for key in [k for k in self.__dict__ if k.endswith("_") and not k.startswith("_")]:
             del self.__dict__[key]
 
-    def training_order(self, n_images: int) -> list[int]:
-        """The order images stream into the bank: with ``radius: auto``, the radius sample first.
-
-        The sample's features are buffered while they stream, the radius is chosen from
-        them, and they enter the bank before the rest, so no image is read twice.
-        """
-        if self.config.bank.radius != "auto":
-            return list(range(n_images))
-        first = sample_images(n_images, self.config.bank.radius_images, self.config.bank.seed)
-        chosen = set(first)
-        return first + [i for i in range(n_images) if i not in chosen]
-
-    def n_radius_images(self, n_images: int) -> int:
-        return 0 if self.config.bank.radius != "auto" else min(n_images, self.config.bank.radius_images)
-
-    def _extract_into(
-        self, inputs: _Inputs, idx: list[int], sink: Callable[[torch.Tensor], Any]
-    ) -> Iterator[tuple[int, FitProgress]]:
-        """Patch features [n, 1536] of ``inputs[idx]`` into ``sink``, one loader batch at a time.
+    def _extract_into(self, inputs: Inputs, idx: list[int], builder: BankBuilder) -> Iterator[tuple[int, FitProgress]]:
+        """Patch features of ``inputs[idx]`` fed to ``builder``, one loader batch at a time.
 
         Yields (position in ``idx`` just after the batch, what the batch did: images used and
-        the names of the unreadable ones). The one loop of the radius sample, fit and partial_fit.
+        the names of the unreadable ones).
         """
         for batch, f in self.features(inputs.take(idx)):
-            if batch.index:
-                sink(f.reshape(-1, FEATURE_DIM))
+            builder.feed(f, n_unreadable=len(batch.skipped))
             yield batch.end, FitProgress(len(batch.index), tuple(inputs.name(idx[i]) for i in batch.skipped))
 
-    def _spool_sample(self, inputs: _Inputs, idx: list[int], spool: FeatureSpool) -> Iterator[tuple[int, FitProgress]]:
-        """:meth:`_extract_into` into ``spool`` (the radius sample); DataError at the end when nothing was readable."""
-        n_read = 0
-        for end, step in self._extract_into(inputs, idx, lambda f: spool.append(f.cpu().numpy())):
-            n_read += step.images_used
-            yield end, step
-        if not n_read:
-            msg = f"none of the {len(idx)} radius-sample images could be read. Check the training images."
-            raise DataError(msg)
-
-    def _radius_stats(self, features: Any, n_images: int) -> RadiusStats:
-        """The radius rule on features [n, 1536] (or a spool): linear-cost p99 with its interval."""
-        estimate = estimate_radius(features, seed=self.config.bank.seed, search=self.config.bank.cpu_search)
-        if not estimate.radius > 0:
-            msg = f"the radius rule gave {estimate.radius} (identical patches?). Set bank.radius explicitly."
-            raise DataError(msg)
-        return RadiusStats(estimate.radius, estimate, n_images)
-
     def radius_statistics(self, images: Any) -> RadiusStats:
-        """The radius rule's percentiles (and interval) on this detector's radius sample of ``images``."""
-        inputs = _Inputs.of(as_samples(images))
-        chosen = sample_images(len(inputs), self.config.bank.radius_images, self.config.bank.seed)
-        with FeatureSpool(FEATURE_DIM, SPOOL_MEMORY_BYTES) as spool:
-            n_read = sum(step.images_used for _, step in self._spool_sample(inputs, chosen, spool))
-            return self._radius_stats(spool, n_read)
-
-    def _new_bank(self, radius: float) -> ClusterBank:
-        bank = self.config.bank
-        device = resolve_device(self.config.device)
-        return ClusterBank(FEATURE_DIM, radius, device=device, max_centroids=bank.max_centroids, **bank.search_options)
-
-    def start_bank(self, sample: FeatureSpool | None = None, n_images: int = 0) -> ClusterBank:
-        """Start a fresh bank (``bank_``, ``radius_stats_``) and return it.
-
-        With ``radius: auto``, ``sample`` holds the patch features of the radius sample
-        (``n_images`` images): the radius rule runs on them, then they stream in first.
-        With a numeric radius no sample is needed.
-        """
-        if self.config.bank.radius == "auto":
-            if sample is None or not n_images:
-                msg = f"radius 'auto' needs the radius sample's features, got {n_images} image(s). Stream images first."
-                raise DataError(msg)
-            self.radius_stats_ = self._radius_stats(sample, n_images)
-            self.bank_ = self._new_bank(self.radius_stats_.suggested)
-            for rows in sample.iter_chunks():
-                self.bank_.add(rows)
-        else:
-            radius = float(self.config.bank.radius)
-            self.radius_stats_ = RadiusStats(radius)
-            self.bank_ = self._new_bank(radius)
-        return self.bank_
+        """The radius rule's percentiles (and interval) on the seeded radius sample of ``images``."""
+        inputs = Inputs.of(as_samples(images))
+        with BankBuilder(self.config.replace(bank={"radius": "auto"}), len(inputs)) as builder:
+            for _ in self._extract_into(inputs, builder.sample, builder):
+                pass
+            if builder.radius_stats is None:  # fewer readable images than the sample's size
+                return builder.finish().radius_stats
+            return builder.radius_stats
 
     def fit_steps(self, images: Any, start: int = 0) -> Iterator[FitStep]:
         """Stream training images into the bank, yielding after each loader batch.
 
         ``start`` > 0 continues a loaded checkpoint (its bank and radius) from that
-        position of :meth:`training_order`; ``start`` = 0 resets the fitted state first.
-        A fit that fails leaves no half-built state behind.
+        position of :func:`~ocbank.model.builder.training_order`; ``start`` = 0 resets the
+        fitted state first. A fit that fails leaves no half-built state behind.
         """
         try:
             yield from self._fit_steps(images, start)
@@ -412,43 +245,52 @@ class Detector:
             raise
 
     def _fit_steps(self, images: Any, start: int) -> Iterator[FitStep]:
-        inputs = _Inputs.of(images)
-        if not len(inputs):
+        inputs = Inputs.of(images)
+        n = len(inputs)
+        if not n:
             msg = "fit() got no images. Pass at least one normal training image."
             raise DataError(msg)
-        n = len(inputs)
-        order = self.training_order(n)
-        n_sample = self.n_radius_images(n)
         began = time.perf_counter()
         so_far = FitProgress()
-
-        def now() -> FitProgress:
-            return replace(so_far, seconds=time.perf_counter() - began)
-
         if start == 0:
             self._reset()
-            if n_sample:
-                # One pass: the radius sample's features are spooled (spilling to disk past
-                # SPOOL_MEMORY_BYTES), r is estimated on them, then they enter the bank first.
-                with FeatureSpool(FEATURE_DIM, SPOOL_MEMORY_BYTES) as spool:
-                    for end, step in self._spool_sample(inputs, order[:n_sample], spool):
-                        so_far = replace(so_far, skipped_files=so_far.skipped_files + step.skipped_files)
-                        yield FitStep("radius", end, n, now())
-                    self.start_bank(spool, n_sample - so_far.images_skipped)
-                so_far = replace(so_far, images_used=n_sample - so_far.images_skipped)
-            else:
-                self.start_bank()
-            start = n_sample
-            yield FitStep("bank", start, n, now())
+            builder = self.builder(n)
+            # The radius sample is read on its own first (spooled, r chosen on it, then it enters
+            # the bank first), so the rest's loader batches start where a checkpoint resumes.
+            parts = [(0, builder.n_sample), (builder.n_sample, n)]
         else:
             self._check_fitted(context=f" (fit_steps(start={start}) continues a checkpoint)")
-        for end, step in self._extract_into(inputs, order[start:], self.bank_.add):
-            so_far += step
-            yield FitStep("bank", start + end, n, now())
-        if self.bank_.n_seen == 0:
-            msg = f"none of the {n} training images could be read. Check the files."
-            raise DataError(msg)
-        self.fit_summary_ = now()
+            builder = self.builder(n)
+            parts = [(start, n)]
+        order = training_order(n, self.config)
+        with builder:
+            for lo, hi in parts:
+                for end, step in self._extract_into(inputs, order[lo:hi], builder):
+                    so_far += step
+                    if builder.phase == "bank" and "bank_" not in self.__dict__:
+                        self.use_fitted(FittedBank(builder.bank, builder.radius_stats))  # a checkpoint can be saved now
+                    yield FitStep(builder.phase, lo + end, n, replace(so_far, seconds=time.perf_counter() - began))
+            self.use_fitted(builder.finish())
+        self.fit_summary_ = replace(so_far, seconds=time.perf_counter() - began)
+
+    def builder(self, n_images: int) -> BankBuilder:
+        """The :class:`~ocbank.model.builder.BankBuilder` for ``n_images`` more training images:
+        streaming on into this detector's bank when it has one, else a new fit (its radius sample first).
+        Its result comes back with :meth:`use_fitted`."""
+        bank = self._check_fitted(required=False)
+        if bank is None:
+            return BankBuilder(self.config, n_images)
+        return BankBuilder.continuing(self.config, FittedBank(bank, self.__dict__.get("radius_stats_")))
+
+    def use_fitted(self, fitted: FittedBank) -> None:
+        """Take ``fitted`` (a builder's bank and radius rule, or a sharded build's merge) as this
+        detector's bank. A bank other than the one held resets the fitted state first."""
+        if fitted.bank is not self.__dict__.get("bank_"):
+            self._reset()
+        self._scorer = None  # holds the old bank
+        self.bank_ = fitted.bank
+        if fitted.radius_stats is not None:
+            self.radius_stats_ = fitted.radius_stats
 
     def fit(self, images: Any) -> Detector:
         """Reset, then build the bank from normal training images; return self.
@@ -464,9 +306,10 @@ class Detector:
         bank = self._check_fitted(required=False)
         if bank is None:
             return self.fit(images)
-        inputs = _Inputs.of(images)
+        inputs = Inputs.of(images)
         began = time.perf_counter()
-        added = sum((step for _, step in self._extract_into(inputs, list(range(len(inputs))), bank.add)), FitProgress())
+        builder = self.builder(len(inputs))
+        added = sum((step for _, step in self._extract_into(inputs, list(range(len(inputs))), builder)), FitProgress())
         added = replace(added, seconds=time.perf_counter() - began)
         self.fit_summary_ = self.__dict__.get("fit_summary_", FitProgress()) + added
         self.last_partial_fit_ = added
@@ -531,39 +374,14 @@ class Detector:
 
     # ------------------------------------------------------------------ decide
     def calibrate(self, normal_images: Any, source: str = "folder") -> Detector:
-        """Set OK/NG thresholds from normal images the bank never saw; return self.
-
-        The image threshold is the empirical (1 - false_alarm_rate) quantile of their
-        scores (the conservative order statistic: with n images, the ceil((1 - a)(n + 1))-th
-        smallest, capped at the largest); the pixel threshold is the same quantile of
-        the per-image maxima of their maps, so that about the same share of normal
-        images shows any NG pixel.
-        """
+        """Set OK/NG thresholds from normal images the bank never saw
+        (:func:`~ocbank.model.calibration.calibrate_decision` on their scores and maps); return self."""
         pred = self.predict(normal_images)
         ok = np.isfinite(pred.scores)
         if not ok.any():
             msg = "none of the calibration images could be read. Pass normal images of this product."
             raise DataError(msg)
-        rate = self.config.decision.false_alarm_rate
-        image_t = conservative_quantile(pred.scores[ok], rate)
-        pixel_t = conservative_quantile(pred.maps[ok].reshape(int(ok.sum()), -1).max(axis=1), rate)
-        n = int(ok.sum())
-        if not (image_t > 0 and pixel_t > 0):
-            # Exact distances: an image whose every patch is a centroid of the bank scores 0.
-            msg = (
-                f"the calibration images score at most {float(pred.scores[ok].max()):.4g}, so no threshold above 0 "
-                "can be set: the bank holds their patches (they are its training images). "
-                "Calibrate on normal images the bank never saw."
-            )
-            raise DataError(msg)
-        self.decision_ = Decision(float(image_t), float(pixel_t), rate, n, source, attainable_false_alarm_rate=1 / (n + 1))
-        if not self.decision_.target_met:
-            log.warning(
-                "calibrated on %d normal image(s): the threshold is their largest score, which certifies a "
-                "false-alarm rate of 1/(n+1) = %.1f%%, not the %.1f%% asked for. Give at least %d normal images "
-                "(--calibration DIR or a larger decision.holdout) for that target.",
-                n, 100 / (n + 1), 100 * rate, int(np.ceil(1 / rate)) - 1,
-            )
+        self.decision_ = calibrate_decision(pred.scores[ok], pred.maps[ok], self.config.decision.false_alarm_rate, source)
         return self
 
     # ------------------------------------------------------------------ files
@@ -616,6 +434,18 @@ class Detector:
         if record.other:
             self.other_metadata_ = dict(record.other)
 
+    def read_with(self, data: DataConfig) -> None:
+        """Read images with ``data``'s settings from now on (folder, batch size, workers). The resize
+        and crop make the features the bank holds, so they must stay the bank's."""
+        now = self.config.data
+        if (data.resize, data.image_size) != (now.resize, now.image_size):
+            msg = (
+                f"data settings with resize {data.resize} and image size {data.image_size} would change the features "
+                f"of a bank built with {now.resize} and {now.image_size}. Keep the bank's data.resize and data.crop."
+            )
+            raise ConfigError(msg)
+        self.config = replace(self.config, data=data)
+
     def clone(self) -> Detector:
         """A copy sharing this Detector's backbone, with its own bank (the same state), record and fit summary."""
         copy = Detector.from_config(self.config, extractor=self.extractor)
@@ -623,12 +453,6 @@ class Detector:
         if "fit_summary_" in self.__dict__:
             copy.fit_summary_ = self.fit_summary_
         return copy
-
-    def use_bank(self, bank: ClusterBank, radius_stats: RadiusStats) -> None:
-        """Take a bank built elsewhere (a sharded build's merge) and how its radius was chosen."""
-        self._reset()
-        self.bank_ = bank
-        self.radius_stats_ = radius_stats
 
     def note_update(self, entry: dict[str, Any], thresholds_predate_update: bool) -> None:
         """Record an update (new images streamed in): its lineage ``entry``, whether the thresholds are

@@ -121,7 +121,7 @@ class BankInfo:
         if self.decision is not None:
             thresholds = {k: self.decision.get(k) for k in ("image_threshold", "pixel_threshold", "false_alarm_rate")}
         return {
-            "sha256": self.sha256,
+            "bank_sha256": self.sha256,
             "path": self.path,
             "n_centroids": self.n_centroids,
             "radius": self.radius,

@@ -152,7 +152,7 @@ class ServedBank:
         det = Detector.from_opened(opened, extractor=shared)
         del opened  # the file's arrays: the bank holds its own copy now
         # Score a whole served batch in one backbone call.
-        det.config = dataclasses.replace(det.config, data=dataclasses.replace(det.config.data, batch_size=batch))
+        det.read_with(dataclasses.replace(det.config.data, batch_size=batch))
         served = cls(det, make_runtime(kind, det, bank_file, threads), sha256)
         if extractors is not None and key is not None and shared is None:  # the onnx graph is built from it too
             extractors[key] = det.extractor
@@ -179,4 +179,4 @@ class ServedBank:
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"sha256": self.sha256, "runtime": self.runtime.name, "device": str(self.detector.bank.device)}
+        return {"bank_sha256": self.sha256, "runtime": self.runtime.name, "device": str(self.detector.bank.device)}
