@@ -4,8 +4,9 @@
 Ray), each BLAS loaded in the process with its version, kernel and threads (threadpoolctl),
 the CPU's vector extensions, torch's threads, CUDA and the GPU when present, and, unless
 ``measure=False``, numpy's and torch's GEMM rates beside the exact search rates of the three
-CPU searches (faiss, torch, numpy) and the one ``cpu_search: auto`` uses. Optional parts (onnxruntime, Ray, CUDA, the faiss GPU
-build) are named as absent, never an error. :func:`render` turns it into text.
+CPU searches (faiss, torch, numpy) and the one ``cpu_search: auto`` uses. Optional parts
+(onnxruntime, Ray, CUDA, the faiss GPU build) are named as absent, never an error.
+:func:`render` turns it into text.
 
 This module sits above every layer (it asks each for its facts); the CLI only calls it.
 """

@@ -7,7 +7,7 @@ map (:mod:`ocbank.model.scoring`). The search is a :class:`NearestDistance`:
 - :class:`MatmulNearest`: exact 1-NN by matrix products on the bank's means held as buffers.
   No faiss and no numpy in forward, so the whole model exports as one graph (ONNX, OpenVINO)
   or runs with torch alone: ``ocbank export``, the onnxruntime serving runtime, the anomalib adapter.
-- :class:`BankNearest`: the live :class:`~ocbank.engine.ClusterBank`'s own search (faiss or torch,
+- :class:`BankNearest`: the live :class:`~ocbank.engine.ClusterBank`'s own search (faiss, torch or numpy,
   IVF where the bank uses it): :meth:`Detector.predict <ocbank.model.detector.Detector.predict>`
   and with it the torch serving runtime. Not exportable.
 """
@@ -64,7 +64,7 @@ class MatmulNearest(NearestDistance):
 
 
 class BankNearest(NearestDistance):
-    """The bank's own 1-NN search (:meth:`ClusterBank.search`, faiss or torch): float32 distances on the CPU.
+    """The bank's own 1-NN search (:meth:`ClusterBank.search`, faiss, torch or numpy): float32 distances on the CPU.
 
     The bank is held, not copied, so it follows later adds.
     """

@@ -235,7 +235,7 @@ def estimate_radius(
     each one's nearest-other distance is exact (searched against all n patches).
     With n <= max_queries every patch is a query and the result equals the exact
     rule. ``features`` may also be a :class:`~ocbank.model.spool.FeatureSpool`.
-    ``search`` picks the exact search's GEMM (``bank.cpu_search``: auto | faiss | torch).
+    ``search`` picks the exact search's GEMM (``bank.cpu_search``: auto | faiss | torch | numpy).
     """
     if not (isinstance(max_queries, int) and not isinstance(max_queries, bool) and max_queries >= 2):
         msg = f"max_queries must be an integer >= 2, got {max_queries!r}. Use e.g. {DEFAULT_MAX_QUERIES}."
