@@ -12,8 +12,9 @@ do not:
   the same batches of 784 vectors in turn; vectors/s, effective GFLOP/s (2 * dim * K per
   vector) and their share of numpy's GEMM rate, and a check that the banks stay identical;
 - ``scoring``: the demo config (weights none, 224^2) fitted on one demo class, then
-  ``predict`` on its test images in alternating rounds with each search: img/s, the
-  1-NN search alone per image on the same features, and the scores' largest difference;
+  ``predict`` on its test images in alternating rounds with each search: img/s of each search's
+  best round (a burst of load lowers a round, not the figure), the 1-NN search alone per image on
+  the same features, and the scores' largest difference;
 - ``auto``: what ``cpu_search: auto`` picks here and why (the rule, or a measurement), beside a
   fresh measurement of all three.
 
@@ -122,7 +123,7 @@ def streaming_add(stream: ClusteredStream, radius: float, n_batches: int) -> dic
 
 
 def scoring(data: Path, n_train: int, n_test: int, rounds: int) -> dict[str, Any]:
-    """img/s of Detector.predict at 224^2 (demo config, weights none) with each search, alternating rounds."""
+    """img/s of Detector.predict at 224^2 (demo config, weights none) with each search: the best of alternating rounds."""
     from ocbank import Detector, config
     from ocbank.synthetic import make_dataset
 
@@ -146,14 +147,14 @@ def scoring(data: Path, n_train: int, n_test: int, rounds: int) -> dict[str, Any
     assert {s: d.bank.search_backend["search"] for s, d in dets.items()} == {s: s for s in SEARCHES}
     feats = torch.cat([f for _, f in dets["faiss"].features(test)]).reshape(-1, DIM).numpy()
     per_image = feats.shape[0] // len(test)
-    seconds = dict.fromkeys(SEARCHES, 0.0)
+    predict_best = dict.fromkeys(SEARCHES, float("inf"))
     search_best = dict.fromkeys(SEARCHES, float("inf"))
     scores = {}
     for _ in range(rounds):
         for search, det in dets.items():
             start = time.perf_counter()
             scores[search] = det.predict([str(p) for p in test]).scores
-            seconds[search] += time.perf_counter() - start
+            predict_best[search] = min(predict_best[search], time.perf_counter() - start)
             start = time.perf_counter()
             det.bank.search(feats, 1)
             search_best[search] = min(search_best[search], time.perf_counter() - start)
@@ -165,7 +166,8 @@ def scoring(data: Path, n_train: int, n_test: int, rounds: int) -> dict[str, Any
         "test_images": len(test),
         "bank_centroids": k,
         "patches_per_image": per_image,
-        "images_per_s": {s: rounds * len(test) / seconds[s] for s in SEARCHES},
+        "predict_rounds": rounds,
+        "images_per_s": {s: len(test) / predict_best[s] for s in SEARCHES},
         "search_ms_per_image": {s: 1000 * search_best[s] / len(test) for s in SEARCHES},
         "search_gflops": {s: 2.0 * feats.shape[0] * k * DIM / search_best[s] / 1e9 for s in SEARCHES},
         "max_abs_score_difference": max(float(np.abs(scores["faiss"] - scores[s]).max()) for s in SEARCHES),
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batches", type=int, default=12, help="batches of 784 vectors each bank streams")
     ap.add_argument("--train-images", type=int, default=40, help="demo images the scoring bank is fitted on")
     ap.add_argument("--test-images", type=int, default=8, help="demo test images scored per round")
-    ap.add_argument("--rounds", type=int, default=2, help="alternating predict rounds per search")
+    ap.add_argument("--rounds", type=int, default=4, help="alternating predict rounds per search (the best one counts)")
     ap.add_argument("--data", default="/tmp/ocb_bench", help="scratch folder for the demo images")
     ap.add_argument("--skip-scoring", action="store_true")
     args = ap.parse_args(argv)
