@@ -14,7 +14,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # One CPU search in this process and every child it starts (CLI runs, Ray workers): the auto
     # choice is otherwise measured per process and thread count, and on a loaded machine two
     # measurements may disagree. tests/test_cpu_search.py unsets it to test the measured choice.
-    # OCBANK_CPU_SEARCH=faiss runs the session on faiss's GEMM instead.
+    # OCBANK_CPU_SEARCH=faiss (or numpy) runs the session on that GEMM instead.
     os.environ.setdefault("OCBANK_CPU_SEARCH", "torch")
 
 
