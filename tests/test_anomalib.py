@@ -426,3 +426,20 @@ def test_ocbank_hyperparameters_are_config_fields_with_config_defaults(anomalib_
     model = OCBank(weights="none", radius=0.5, image_size=64, seed=4, sigma=1.0, visualizer=False)
     assert parameters_of(model.detector.config, ["weights", "radius", "image_size", "seed", "sigma"]) == {
         "weights": "none", "radius": 0.5, "image_size": 64, "seed": 4, "sigma": 1.0}
+
+
+def test_radius_auto_refuses_a_loader_it_cannot_sample_by_position(anomalib_api, tmp_path):
+    """The seeded radius sample is drawn by position: an iterable dataset is refused by name, not sampled some other way."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from ocbank.errors import ConfigError
+    from ocbank.integrations.anomalib import OCBank
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(())
+
+    model = OCBank(weights="none", image_size=IMAGE_SIZE, radius_images=RADIUS_IMAGES, visualizer=False)
+    with pytest.raises(ConfigError, match="radius='auto' draws its seeded sample.*got a training loader over Stream"):
+        _engine(tmp_path).fit(model=model, train_dataloaders=DataLoader(Stream(), batch_size=None))
+    assert not model.detector.is_fitted
