@@ -227,8 +227,7 @@ class Detector:
         with BankBuilder(self.config.replace(bank={"radius": "auto"}), len(inputs)) as builder:
             for _ in self._extract_into(inputs, builder.sample, builder):
                 pass
-            if builder.radius_stats is None:  # fewer readable images than the sample's size
-                return builder.finish().radius_stats
+            assert builder.radius_stats is not None  # the whole sample was fed, so the rule has run
             return builder.radius_stats
 
     def fit_steps(self, images: Any, start: int = 0) -> Iterator[FitStep]:
