@@ -224,6 +224,9 @@ class Detector:
     def radius_statistics(self, images: Any) -> RadiusStats:
         """The radius rule's percentiles (and interval) on the seeded radius sample of ``images``."""
         inputs = Inputs.of(as_samples(images))
+        if not len(inputs):
+            msg = "radius_statistics() got no images. Pass the training images."
+            raise DataError(msg)
         with BankBuilder(self.config.replace(bank={"radius": "auto"}), len(inputs)) as builder:
             for _ in self._extract_into(inputs, builder.sample, builder):
                 pass

@@ -18,6 +18,7 @@ from anomalib.models.components import AnomalibModule, MemoryBankMixin
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from ...config import (
     PARAMETERS,
@@ -38,6 +39,38 @@ from .torch_model import OCBankModel
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "ocbank"  # the Lightning checkpoint entry with the bank's metadata (JSON text)
+
+
+def _whole_epoch_dataset(loader: Any, limit_train_batches: float | int) -> Any:
+    """The map-style dataset behind ``loader`` when one epoch reads every image of it once: the radius
+    sample is drawn from the dataset by position, so it must be a sample of what the epoch trains on."""
+    dataset = getattr(loader, "dataset", None)
+    if not isinstance(loader, DataLoader) or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        msg = (
+            f"radius='auto' draws its seeded sample of training images by position, got a training loader over "
+            f"{type(dataset).__name__} that has no length or positions. Pass a map-style dataset or set radius to a number."
+        )
+        raise ConfigError(msg)
+    sampler, n = loader.sampler, len(dataset)
+    whole = isinstance(sampler, SequentialSampler) or (
+        isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == n
+    )
+    if not whole:
+        msg = (
+            f"radius='auto' samples the whole training dataset, got a loader whose sampler is {type(sampler).__name__}, "
+            "which may read only part of it. Use a plain or shuffled DataLoader, or set radius to a number."
+        )
+        raise ConfigError(msg)
+    cut = (loader.drop_last and n % (loader.batch_size or 1)) or (
+        limit_train_batches < 1.0 if isinstance(limit_train_batches, float) else limit_train_batches < len(loader)
+    )
+    if cut:
+        msg = (
+            f"radius='auto' samples the whole training dataset, got an epoch that reads only part of it "
+            f"(limit_train_batches={limit_train_batches!r}, drop_last={loader.drop_last}). Train on every image or set radius to a number."
+        )
+        raise ConfigError(msg)
+    return dataset
 
 
 class OCBank(MemoryBankMixin, AnomalibModule):
@@ -142,41 +175,30 @@ class OCBank(MemoryBankMixin, AnomalibModule):
         """A new bank starts with the seeded radius sample (ocbank's rule, :func:`~ocbank.model.builder.radius_sample`):
         those images are read from the training dataset and fed first, and the epoch's batches then skip them."""
         self._sample_paths = Counter()
-        dataset = self._training_dataset() if self.model.needs_radius_sample else None
+        loader = self.trainer.train_dataloader
+        dataset = _whole_epoch_dataset(loader, self.trainer.limit_train_batches) if self.model.needs_radius_sample else None
         sample = self.model.begin(len(dataset) if dataset is not None else 0)
         if sample:
-            self._feed_radius_sample(dataset, sample)
+            self._feed_radius_sample(loader, dataset, sample)
 
-    def _training_dataset(self) -> Any:
-        """The map-style dataset the training batches come from (the radius sample is drawn from it by position)."""
-        loader = self.trainer.train_dataloader
-        dataset = getattr(loader, "dataset", None)
-        if dataset is None and getattr(self.trainer, "datamodule", None) is not None:
-            dataset = getattr(self.trainer.datamodule, "train_data", None)
-        if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-            msg = (
-                f"radius='auto' draws its seeded sample of training images by position, got a training loader over "
-                f"{type(dataset).__name__} that has no length or positions. Pass a map-style dataset or set radius to a number."
-            )
-            raise ConfigError(msg)
-        return dataset
-
-    def _feed_radius_sample(self, dataset: Any, positions: list[int]) -> None:
-        """The radius sample's images, collated and pre-processed as training batches are, into the fit."""
-        step = getattr(self.trainer.train_dataloader, "batch_size", None) or len(positions)
-        collate = getattr(dataset, "collate_fn", None)
+    def _feed_radius_sample(self, loader: DataLoader, dataset: Any, positions: list[int]) -> None:
+        """The radius sample's images, batched as the loader batches them, moved and pre-processed as
+        Lightning moves and pre-processes training batches, into the fit."""
+        step = loader.batch_size or len(positions)
         for lo in range(0, len(positions), step):
-            items = [dataset[i] for i in positions[lo : lo + step]]
-            batch = collate(items) if collate is not None else items
+            batch = loader.collate_fn([dataset[i] for i in positions[lo : lo + step]])
             if not isinstance(batch, Batch) or batch.image_path is None:
                 msg = (
-                    f"radius='auto' needs anomalib batches that name their images (image_path), got {type(batch).__name__}. "
-                    "Use an anomalib dataset or set radius to a number."
+                    f"radius='auto' needs training batches that name their images (image_path), got a "
+                    f"{type(batch).__name__} from the loader's collate_fn. Use an anomalib dataset's collate_fn or set radius to a number."
                 )
                 raise ConfigError(msg)
+            batch = self.on_before_batch_transfer(batch, 0)
+            batch = self.transfer_batch_to_device(batch, self.device, 0)
+            batch = self.on_after_batch_transfer(batch, 0)
             if isinstance(self.pre_processor, PreProcessor):
                 self.pre_processor.on_train_batch_start(self.trainer, self, batch, 0)
-            self.model.add_images(batch.image.to(self.device))
+            self.model.add_images(batch.image)
             self._sample_paths.update(str(p) for p in batch.image_path)
 
     def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -203,7 +225,7 @@ class OCBank(MemoryBankMixin, AnomalibModule):
         return False
 
     def fit(self) -> None:
-        """MemoryBankMixin's hook: close the radius sample if still open and publish the bank."""
+        """MemoryBankMixin's hook, at the end of an epoch: close the fit (and a radius sample still open) and publish the bank."""
         left = sum(self._sample_paths.values())
         if left:
             log.warning("%d radius-sample image(s) were fed first but not met again in the epoch's batches", left)
@@ -212,14 +234,20 @@ class OCBank(MemoryBankMixin, AnomalibModule):
         self._is_fitted = torch.tensor([True], device=self.device)
 
     def on_validation_start(self) -> None:
-        # Lightning validates before on_train_epoch_end: publish what this epoch streamed first,
-        # also when it updated an already fitted bank (MemoryBankMixin would only fit once).
+        # A validation inside the epoch, or at its end (Lightning validates before on_train_epoch_end):
+        # score with what the epoch has fed so far; the fit itself closes at the epoch's end.
         if self.model.pending:
-            self.fit()
+            self.model.publish_so_far()
+            self._is_fitted = torch.tensor([self.model.fitted], device=self.device)
 
     def on_train_epoch_end(self) -> None:
-        if self.model.pending:
+        if self.model.fitting or self.model.pending:
             self.fit()
+
+    def on_exception(self, exception: BaseException) -> None:
+        del exception
+        self.model.abandon()  # the radius sample's spool goes with the failed epoch
+        self._sample_paths = Counter()
 
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Any:
         del args, kwargs

@@ -12,7 +12,7 @@ from torch import nn
 
 from ...engine.checkpoint import BankState
 from ...errors import NotFittedError
-from ...model.builder import BankBuilder
+from ...model.builder import BankBuilder, FittedBank
 from ...model.detector import Detector
 from ...model.features import FEATURE_DIM
 from ...model.module import AnomalyModel, MatmulNearest
@@ -74,8 +74,14 @@ class OCBankModel(nn.Module):
         """Start an epoch of ``n_images`` training images: a new bank, or, when there is one, stream
         on into it (ocbank's update). Returns the radius sample's positions among them, which are
         to be fed first (:meth:`add_images`); none with a numeric radius or a fitted bank."""
+        self.abandon()  # an epoch that ended in an exception leaves its builder (and spool) behind
         self._builder = self.detector.builder(n_images)
         return self._builder.sample
+
+    @property
+    def fitting(self) -> bool:
+        """Whether an epoch's fit is open (between :meth:`begin` and :meth:`finish`)."""
+        return self._builder is not None
 
     @torch.no_grad()
     def add_images(self, images: torch.Tensor) -> None:
@@ -86,6 +92,14 @@ class OCBankModel(nn.Module):
         self.pending = True
         self._builder.feed(self.scorer.patch_features(images))  # [B, h, w, 1536]
 
+    def publish_so_far(self) -> None:
+        """A validation inside the epoch: publish what the epoch has fed so far; the fit goes on."""
+        builder = self._builder
+        if builder is not None and builder.bank is not None:
+            self.detector.use_fitted(FittedBank(builder.bank, builder.radius_stats))
+        if self.detector.is_fitted:
+            self.publish()
+
     def finish(self) -> None:
         """End of an epoch: the radius rule on a sample still open (fewer images came than it was
         sized for), the bank to the detector, then publish."""
@@ -94,6 +108,12 @@ class OCBankModel(nn.Module):
             with builder:
                 self.detector.use_fitted(builder.finish())  # DataError when no image came
         self.publish()
+
+    def abandon(self) -> None:
+        """Drop an open fit (its radius-sample spool included); the detector keeps the bank it had."""
+        builder, self._builder = self._builder, None
+        if builder is not None:
+            builder.close()
 
     def publish(self) -> None:
         """Copy the live bank into the scorer and the buffers (what prediction, export and checkpoints use)."""
