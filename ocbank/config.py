@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -360,12 +360,16 @@ def config_from_parameters(**params: Any) -> Config:
     return Config(**{name: cls(**sections[name]) for name, cls in _SECTIONS.items()}, device=device, source="<parameters>")
 
 
-def parameters_of(config: Config, names: Any = PARAMETERS) -> dict[str, Any]:
+def parameters_of(config: Config, names: Iterable[str] = PARAMETERS) -> dict[str, Any]:
     """The keyword parameters ``names`` (of :data:`PARAMETERS`) that give ``config``'s values back."""
     out = {}
     for name in names:
         path = PARAMETERS[name]
-        out[name] = config.device if path == "device" else getattr(getattr(config, path.split(".")[0]), path.split(".")[1])
+        if path == "device":
+            out[name] = config.device
+        else:
+            section, key = path.split(".")
+            out[name] = getattr(getattr(config, section), key)
     return out
 
 

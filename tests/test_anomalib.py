@@ -426,3 +426,65 @@ def test_ocbank_hyperparameters_are_config_fields_with_config_defaults(anomalib_
     model = OCBank(weights="none", radius=0.5, image_size=64, seed=4, sigma=1.0, visualizer=False)
     assert parameters_of(model.detector.config, ["weights", "radius", "image_size", "seed", "sigma"]) == {
         "weights": "none", "radius": 0.5, "image_size": 64, "seed": 4, "sigma": 1.0}
+
+
+def test_radius_auto_refuses_a_loader_it_cannot_sample_by_position(anomalib_api, tmp_path):
+    """The seeded radius sample is drawn by position: an iterable dataset is refused by name, not sampled some other way."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from ocbank.errors import ConfigError
+    from ocbank.integrations.anomalib import OCBank
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(())
+
+    model = OCBank(weights="none", image_size=IMAGE_SIZE, radius_images=RADIUS_IMAGES, visualizer=False)
+    with pytest.raises(ConfigError, match="radius='auto' draws its seeded sample.*got a training loader over Stream"):
+        _engine(tmp_path).fit(model=model, train_dataloaders=DataLoader(Stream(), batch_size=None))
+    assert not model.detector.is_fitted
+
+
+@pytest.mark.slow
+def test_a_validation_inside_the_epoch_scores_so_far_and_the_fit_goes_on(fitted, tmp_path):
+    """val_check_interval=0.5 validates after the first of two batches: the bank seen so far is published,
+    the epoch then streams on, and every image (the radius sample included) enters once."""
+    from anomalib.engine import Engine
+    from torch.utils.data import DataLoader
+
+    from ocbank.integrations.anomalib import OCBank
+
+    model, dm, _, train_files = fitted
+    train = DataLoader(dm.train_data, batch_size=3, shuffle=False, collate_fn=dm.train_data.collate_fn)
+    again = OCBank(weights="none", image_size=IMAGE_SIZE, radius_images=RADIUS_IMAGES, visualizer=False)
+    engine = Engine(logger=False, default_root_dir=tmp_path, enable_progress_bar=False, accelerator="cpu", devices=1,
+                    val_check_interval=0.5)
+    engine.fit(model=again, train_dataloaders=train, val_dataloaders=dm.val_dataloader())
+    assert again.detector.bank.n_seen == model.detector.bank.n_seen == len(train_files) * (IMAGE_SIZE // 8) ** 2
+    assert len(again.detector.bank) == len(model.detector.bank) and int(again.model.n_seen) == again.detector.bank.n_seen
+
+
+@pytest.mark.slow
+def test_the_radius_sample_is_drawn_from_what_the_epoch_reads(fitted, tmp_path):
+    """A loader over a Subset works (its collate_fn batches the sample); an epoch cut short is refused by name."""
+    from anomalib.engine import Engine
+    from torch.utils.data import DataLoader, Subset
+
+    from ocbank.errors import ConfigError
+    from ocbank.integrations.anomalib import OCBank
+
+    model, dm, _, train_files = fitted
+    subset = DataLoader(Subset(dm.train_data, list(range(len(train_files)))), batch_size=3,
+                        collate_fn=dm.train_data.collate_fn)
+    over_subset = OCBank(weights="none", image_size=IMAGE_SIZE, radius_images=RADIUS_IMAGES, visualizer=False)
+    _engine(tmp_path / "subset").fit(model=over_subset, train_dataloaders=subset)
+    assert over_subset.detector.bank.radius_ == pytest.approx(model.detector.bank.radius_, rel=1e-5)
+    assert over_subset.detector.bank.n_seen == model.detector.bank.n_seen
+
+    train = DataLoader(dm.train_data, batch_size=3, collate_fn=dm.train_data.collate_fn)
+    cut = OCBank(weights="none", image_size=IMAGE_SIZE, radius_images=RADIUS_IMAGES, visualizer=False)
+    engine = Engine(logger=False, default_root_dir=tmp_path / "cut", enable_progress_bar=False, accelerator="cpu",
+                    devices=1, limit_train_batches=1)
+    with pytest.raises(ConfigError, match=r"reads only part of it \(limit_train_batches=1"):
+        engine.fit(model=cut, train_dataloaders=train)
+    assert not cut.detector.is_fitted

@@ -141,3 +141,19 @@ def test_detector_parameters_are_config_fields_with_config_defaults():
     assert Detector(**params).config == cfg
     with pytest.raises(ConfigError, match="unknown parameter"):
         config_from_parameters(radius_image=3)
+
+
+def test_a_batch_with_unreadable_images_may_not_cross_the_sample_end():
+    builder = BankBuilder(_config(radius_images=3), 6)
+    builder.feed(_images(1, seed=1))
+    with pytest.raises(InputError, match=r"crosses the radius sample's end \(2 image\(s\) of the sample left"):
+        builder.feed(_images(2, seed=2), n_unreadable=1)  # which of the three was unreadable decides the sample
+    builder.feed(_images(1, seed=3), n_unreadable=1)  # ends exactly at the sample's end: allowed
+    assert builder.phase == "bank" and builder.radius_stats.n_images == 2
+
+
+def test_radius_statistics_of_no_images_is_refused_by_name():
+    from ocbank import Detector
+
+    with pytest.raises(DataError, match=r"radius_statistics\(\) got no images"):
+        Detector(weights="none", image_size=64).radius_statistics([])

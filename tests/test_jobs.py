@@ -19,6 +19,7 @@ import yaml
 from ocbank import ClusterBank, config
 from ocbank.cli import main
 from ocbank.engine.cpu_search import resolve_cpu_search
+from ocbank.errors import DataError
 from ocbank.jobs import build as jobs
 
 from .conftest import assert_close_across_runs, tiny_config
@@ -316,3 +317,21 @@ def test_shards_refuse_a_memory_cap(tmp_path, cfg_file):
     cfg = config.load(cfg_file).replace(bank={"max_centroids": 50})
     with pytest.raises(config.ConfigError, match="max_centroids"):
         jobs.BuildPlan(cfg, str(tmp_path), shards=2)
+
+
+def test_evaluate_refuses_a_config_that_makes_or_scores_features_differently():
+    """evaluate scores with the bank's own feature and scoring settings: a config that differs in any of
+    them is refused by key, while loader settings (batch size, workers, the folder) may differ."""
+    import re
+
+    from ocbank.config import from_dict
+    from ocbank.jobs.evaluate import _check_compatible
+
+    built = from_dict({"scoring": {"mode": "local_mean"}}, require_root=False)
+    changes = {"scoring.window": 5, "scoring.grid_sigma": 2.0, "backbone.autocast": "fp16", "scoring.sigma": 2.0,
+               "scoring.mode": "nn", "backbone.pool": "avg3", "data.resize": 300}
+    for key, value in changes.items():
+        section, field = key.split(".")
+        with pytest.raises(DataError, match=re.escape(key)):
+            _check_compatible(built, built.replace(**{section: {field: value}}), Path("b.h5"))
+    _check_compatible(built, built.replace(data={"batch_size": 3, "num_workers": 1, "root": "elsewhere"}), Path("b.h5"))

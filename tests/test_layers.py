@@ -51,3 +51,26 @@ def test_engine_opens_no_files_but_its_format():
             continue
         text = path.read_text()
         assert "open(" not in text.replace("h5py.File", "") or path.name == "checkpoint.py", path
+
+
+def test_only_the_detector_sets_its_config_and_fitted_state():
+    """A Detector's config and fitted attributes (names ending in ``_``) change only through its own methods
+    (fit, use_fitted, restore, read_with, note_update ...): no other module assigns them or reaches into
+    its ``__dict__``."""
+    bad = []
+    for path in PACKAGE.rglob("*.py"):
+        if path == PACKAGE / "model" / "detector.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AugAssign | ast.AnnAssign) else []
+            for target in targets:
+                if not isinstance(target, ast.Attribute):
+                    continue
+                owner = ast.unparse(target.value)
+                if owner.split(".")[-1] in ("det", "detector") and (target.attr.endswith("_") or target.attr == "config"):
+                    bad.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {owner}.{target.attr}")
+            if isinstance(node, ast.Attribute) and node.attr == "__dict__":
+                owner = ast.unparse(node.value)
+                if owner.split(".")[-1] in ("det", "detector"):
+                    bad.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {owner}.__dict__")
+    assert not bad, bad

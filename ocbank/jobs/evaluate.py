@@ -214,7 +214,10 @@ def _check_compatible(built: Config, now: Config, bank_file: Path) -> None:
              ("backbone.pool", built.backbone.pool, now.backbone.pool),
              ("image size (data.crop or data.resize)", built.image_size, now.image_size),
              ("data.resize", built.data.resize, now.data.resize),
+             ("backbone.autocast", built.backbone.autocast, now.backbone.autocast),
              ("scoring.mode", built.scoring.mode, now.scoring.mode),
+             ("scoring.window", built.scoring.window, now.scoring.window),
+             ("scoring.grid_sigma", built.scoring.grid_sigma, now.scoring.grid_sigma),
              ("scoring.sigma (the pixel threshold's units)", built.scoring.sigma, now.scoring.sigma)]
     for key, then, here in pairs:
         if then != here:

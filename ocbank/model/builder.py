@@ -136,7 +136,8 @@ class BankBuilder:
     def feed(self, features: torch.Tensor | np.ndarray, n_unreadable: int = 0) -> None:
         """Stream one batch: ``features`` [B, h, w, 1536] or [B, P, 1536] for its B readable images,
         in feeding order, and ``n_unreadable`` images of the batch that could not be read (within
-        the radius sample they count toward its size, after the readable ones)."""
+        the radius sample they count toward its size; a batch with unreadable images must then not
+        cross the sample's end)."""
         per_image = torch.as_tensor(features)
         if per_image.ndim < 2 or per_image.shape[-1] != FEATURE_DIM:
             msg = f"features must be [B, ..., {FEATURE_DIM}] per image, got shape {tuple(per_image.shape)}. Pass the extractor's output."
@@ -145,6 +146,14 @@ class BankBuilder:
         self.images_fed += n + n_unreadable
         if self.phase == "radius":
             room = self.n_sample - self._sample_fed
+            if n_unreadable and n + n_unreadable > room:
+                # Which images of the batch were unreadable is not known here: one that crosses the
+                # sample's end could put the wrong images in the sample.
+                msg = (
+                    f"a batch with {n_unreadable} unreadable image(s) crosses the radius sample's end "
+                    f"({room} image(s) of the sample left, the batch has {n + n_unreadable}). Feed the sample in batches of its own."
+                )
+                raise InputError(msg)
             head = min(n, room)
             if head:
                 self._spool_rows(per_image[:head])

@@ -224,11 +224,13 @@ class Detector:
     def radius_statistics(self, images: Any) -> RadiusStats:
         """The radius rule's percentiles (and interval) on the seeded radius sample of ``images``."""
         inputs = Inputs.of(as_samples(images))
+        if not len(inputs):
+            msg = "radius_statistics() got no images. Pass the training images."
+            raise DataError(msg)
         with BankBuilder(self.config.replace(bank={"radius": "auto"}), len(inputs)) as builder:
             for _ in self._extract_into(inputs, builder.sample, builder):
                 pass
-            if builder.radius_stats is None:  # fewer readable images than the sample's size
-                return builder.finish().radius_stats
+            assert builder.radius_stats is not None  # the whole sample was fed, so the rule has run
             return builder.radius_stats
 
     def fit_steps(self, images: Any, start: int = 0) -> Iterator[FitStep]:
