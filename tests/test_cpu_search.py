@@ -242,7 +242,7 @@ def test_numpy_knn_ranks_like_brute_force_in_blocks_of_any_size(k):
     norms = (means.astype(np.float64) ** 2).sum(1)
     brute = ((queries.astype(np.float64)[:, None] - means[None]) ** 2).sum(2)
     want = np.argsort(brute, axis=1, kind="stable")[:, :k]
-    # 40 columns (8 column blocks, one query row each), 7 columns (k = 4: 4-column blocks), one whole block.
+    # Blocks of 40 columns (8 of them, one query row each), of 7 (43, one row each), and one whole block.
     for bound in (40 * 4, 7 * 4, 1 << 20):
         got = numpy_knn(queries, means, norms, k, block_bytes=bound)
         # The twins may be listed in either order for k > 1; for k = 1 the lowest id wins (as torch_knn's row minimum).
