@@ -353,3 +353,22 @@ def test_a_fitting_kernel_or_another_librarys_is_measured(fresh_cache, monkeypat
     _fake_blas(monkeypatch, architecture, folder)
     assert cpu_search.generic_faiss_blas() is None
     assert cpu_search.auto_cpu_search()["source"] == "measured"
+
+
+def test_compute_threads_bound_every_blas_as_well_as_torch():
+    """A replica's or a build's thread count must hold for numpy's BLAS too: the exact search may run on it."""
+    import threadpoolctl
+    import torch
+
+    from ocbank.engine.threads import set_compute_threads
+
+    blas_before = {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}
+    before = torch.get_num_threads()
+    try:
+        assert set_compute_threads(1) == before
+        infos = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+        assert infos and all(i["num_threads"] == 1 for i in infos)
+        assert torch.get_num_threads() == 1
+    finally:
+        set_compute_threads(before)
+        threadpoolctl.threadpool_limits(limits=max(blas_before.values(), default=before), user_api="blas")

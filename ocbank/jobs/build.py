@@ -33,6 +33,7 @@ from ..config import Config, check_class_name
 from ..data import Sample, SharedImage, calibration_images, class_names, escape_path, load_split, shared_images
 from ..engine import BankState, ClusterBank, resolve_device
 from ..engine.checkpoint import bank_file_path
+from ..engine.threads import set_compute_threads
 from ..errors import CheckpointError, ConfigError, DataError, DependencyError
 from ..jsonio import write_json
 from ..model.builder import FittedBank, training_order
@@ -125,18 +126,10 @@ class RayOptions:
 
 # ---------------------------------------------------------------------- identity
 def set_threads(threads: int | None) -> None:
-    """Pin torch's and faiss's CPU thread counts.
-
-    Convolutions and FAISS's BLAS sum in a thread-count-dependent order, so banks
-    are bit-identical across processes (local or Ray workers) only when these match.
-    """
+    """Pin the process's compute threads (:func:`~ocbank.engine.threads.set_compute_threads`), if given:
+    banks are bit-identical across processes (local or Ray workers) only when these match."""
     if threads:
-        import torch  # noqa: PLC0415
-
-        from ..engine._faiss import faiss  # noqa: PLC0415
-
-        torch.set_num_threads(threads)
-        faiss.omp_set_num_threads(threads)
+        set_compute_threads(threads)
 
 
 def config_key(cfg: Config) -> str:

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .._version import __version__
+from ..engine.threads import set_compute_threads
 from ..errors import OcbankError
 from . import oip
 from .admin import AdminRoutes
@@ -106,9 +107,7 @@ class Scorer:
     """Model replica: banks by ``product@sha256``, scored in dynamic batches."""
 
     def __init__(self, options: ServeOptions) -> None:
-        import torch  # noqa: PLC0415
-
-        torch.set_num_threads(options.replica_threads)  # this replica's share of the cores
+        set_compute_threads(options.replica_threads)  # this replica's share of the cores
         self.options = options
         self._sources: dict[str, Any] = {}  # bank bytes (ObjectRef) while a request for them waits
         self._waiting: Counter[str] = Counter()
@@ -226,9 +225,7 @@ class Api(AdminRoutes):
     """HTTP ingress: the API of docs/serving.md."""
 
     def __init__(self, scorer: DeploymentHandle, options: ServeOptions) -> None:
-        import torch  # noqa: PLC0415
-
-        torch.set_num_threads(1)  # decoding only; the cores are the model replicas'
+        set_compute_threads(1)  # decoding only; the cores are the model replicas'
         self.scorer = scorer
         self.options = options
         self.metrics = Metrics(options.max_batch)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import escape_path
+from ..engine.threads import set_compute_threads
 from ..errors import BuildLockError, OcbankError
 from ..jobs.lock import build_lock
 from ..jsonio import write_json
@@ -151,14 +152,11 @@ def learn(banks: str, product: str, max_new_centroids: float | None = None, thre
     (:func:`recover`), then learns what is pending. The bank file is replaced atomically by
     the update; the caller reloads it.
     """
-    import torch  # noqa: PLC0415
-
-    callers = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    callers = set_compute_threads(threads)
     try:
         return _learn(banks, product, max_new_centroids)
     finally:
-        torch.set_num_threads(callers)  # a process-wide setting: the caller's (a test's, a worker's) comes back
+        set_compute_threads(callers)  # a process-wide setting: the caller's (a test's, a worker's) comes back
 
 
 def _learn(banks: str, product: str, max_new_centroids: float | None) -> dict[str, Any]:
