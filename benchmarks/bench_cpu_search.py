@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ocbank.engine.store import CPU_SEARCH_BACKENDS
+from ocbank.engine.knn import CPU_SEARCH_BACKENDS
 
 from .common import BATCH, DIM, ClusteredStream, gemm_gflops, machine_info, write_result
 

@@ -181,7 +181,7 @@ class FlatSearch:
     """1-NN over a fixed [K, C] array with the same search for every method.
 
     CPU: ``faiss.knn``. CUDA: ``faiss.knn_gpu`` with the faiss GPU build, else the banks'
-    own torch search (:func:`ocbank.engine.store.torch_knn`, fp32), as a CUDA bank does.
+    own torch search (:func:`ocbank.engine.knn.torch_knn`, fp32), as a CUDA bank does.
     """
 
     def __init__(self, vectors: np.ndarray, device: str) -> None:
@@ -202,7 +202,7 @@ class FlatSearch:
     def __call__(self, queries: np.ndarray) -> np.ndarray:
         """[n, C] -> [n] plain L2 distances to the nearest vector."""
         if self.device.startswith("cuda"):
-            from ocbank.engine.store import torch_knn  # noqa: PLC0415
+            from ocbank.engine.knn import torch_knn  # noqa: PLC0415
 
             q = torch.from_numpy(queries).to(self.device)
             if self.res is not None:

@@ -27,7 +27,8 @@ import yaml
 
 from .engine.bank import SEARCH_INDEXES
 from .engine.bank import check_radius as check_radius_value
-from .engine.store import CPU_SEARCHES, SEARCH_PRECISIONS, SEARCHES, resolve_search
+from .engine.knn import CPU_SEARCHES, SEARCH_PRECISIONS, SEARCHES
+from .engine.store import resolve_search
 from .errors import ConfigError, InputError, warn_once
 
 FORMATS = ("mvtec", "realiad", "folder")

@@ -20,10 +20,11 @@ import pytest
 from ocbank import ClusterBank
 from ocbank.config import from_dict
 from ocbank.engine import cpu_search
-from ocbank.engine import store as engine_store
+from ocbank.engine import knn as engine_knn
 from ocbank.engine._faiss import faiss
 from ocbank.engine.kernel import NEAR_TIE_REL
-from ocbank.engine.store import CPU_SEARCH_BACKENDS, CpuStore, numpy_knn
+from ocbank.engine.knn import CPU_SEARCH_BACKENDS, numpy_knn
+from ocbank.engine.store import CpuStore
 from ocbank.errors import ConfigError, InputError
 from ocbank.model.radius import estimate_radius
 
@@ -128,8 +129,8 @@ def test_auto_measures_once_and_caches_the_choice(fresh_cache, monkeypatch):
 def _slow_down(monkeypatch, *searches: str) -> None:
     """Make the named searches' ranking 0.25 s slower: far above any noise of a loaded machine on the tiny shape."""
     for search in searches:
-        owner, name = {"faiss": (cpu_search.faiss, "knn"), "torch": (engine_store, "torch_knn"),
-                       "numpy": (engine_store, "numpy_knn")}[search]
+        owner, name = {"faiss": (cpu_search.faiss, "knn"), "torch": (engine_knn, "torch_knn"),
+                       "numpy": (engine_knn, "numpy_knn")}[search]
         real = getattr(owner, name)
 
         def slow(*args, _real=real, **kw):

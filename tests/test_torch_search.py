@@ -19,7 +19,8 @@ from ocbank.engine import store as store_mod
 from ocbank.engine._faiss import faiss
 from ocbank.engine.checkpoint import read_metadata
 from ocbank.engine.device import resolve_device
-from ocbank.engine.store import CpuStore, TorchStore, rerank_exact, resolve_search, torch_knn
+from ocbank.engine.knn import rerank_exact, torch_knn
+from ocbank.engine.store import CpuStore, TorchStore, resolve_search
 from ocbank.errors import ConfigError, DeviceError, InputError
 
 from .conftest import STREAMS, assert_close_across_runs, clustered, tiny_config

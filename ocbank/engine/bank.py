@@ -17,7 +17,8 @@ from ._rwlock import RWLock
 from .cpu_search import resolve_cpu_search
 from .device import resolve_device
 from .ivf import IvfSearch, use_ivf
-from .store import CPU_SEARCHES, NO_LIMIT, CpuStore, Store, TorchStore, resolve_search
+from .knn import CPU_SEARCHES
+from .store import NO_LIMIT, CpuStore, Store, TorchStore, resolve_search
 
 _DEVICES = ("cpu", "cuda", "auto")
 # "auto": exact flat search, or IVF (approximate) on CPU from ivf.IVF_MIN_CENTROIDS centroids on.

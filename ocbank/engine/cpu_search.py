@@ -12,7 +12,7 @@ OpenBLAS on AMD CPUs), so ``cpu_search="auto"`` measures once per machine:
   torch and numpy are still measured, not ranked by their kernels' names: MKL names no
   kernel, numpy may link any BLAS, and which of two fitting kernels is faster depends on the
   CPU (MKL on Intel against OpenBLAS on AMD), so only a timing can say;
-- :func:`measure` times :func:`~ocbank.engine.store.cpu_knn` (k = 1) ranked by
+- :func:`measure` times :func:`~ocbank.engine.knn.cpu_knn` (k = 1) ranked by
   ``faiss.knn``, by ``torch_knn`` and by ``numpy_knn``, interleaved, on one fixed shape. It
   prefers them in the order of :data:`PREFERENCE` (numpy, torch, faiss): a later one is taken
   only when it is at least :data:`MARGIN` faster than each earlier one, since within the margin
@@ -28,7 +28,7 @@ OpenBLAS on AMD CPUs), so ``cpu_search="auto"`` measures once per machine:
 - ``$OCBANK_CPU_SEARCH`` ("faiss" | "torch" | "numpy"), when set, is taken before all of these.
 
 Every choice returns the same distances for the same neighbours
-(:func:`~ocbank.engine.store.cpu_knn` recomputes them exactly), and a build re-decides its
+(:func:`~ocbank.engine.knn.cpu_knn` recomputes them exactly), and a build re-decides its
 near-ties from exact distances (engine/kernel.py), so the choice is about speed only.
 
 No BLAS core type is ever forced here: a forced kernel can compute wrong results on a CPU
@@ -53,7 +53,7 @@ import numpy as np
 from ..errors import InputError
 from ..jsonio import write_json
 from ._faiss import faiss
-from .store import CPU_SEARCH_BACKENDS, CPU_SEARCHES, cpu_knn
+from .knn import CPU_SEARCH_BACKENDS, CPU_SEARCHES, cpu_knn
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +291,6 @@ def exact_knn(queries: np.ndarray, base: np.ndarray, k: int, search: str = "auto
 
     Returns (squared L2 float32 [n, k'], ids int64 [n, k']), k' = min(k, m): ranked on the GEMM
     ``search`` names (``cpu_search``'s vocabulary; "auto" is the measured choice), with
-    :func:`~ocbank.engine.store.cpu_knn`'s exact distances, the same whichever GEMM ranked.
+    :func:`~ocbank.engine.knn.cpu_knn`'s exact distances, the same whichever GEMM ranked.
     """
     return cpu_knn(queries, base, k, resolve_cpu_search(search))
