@@ -14,8 +14,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # One CPU search in this process and every child it starts (CLI runs, Ray workers): the auto
     # choice is otherwise measured per process and thread count, and on a loaded machine two
     # measurements may disagree. tests/test_cpu_search.py unsets it to test the measured choice.
-    # OCBANK_CPU_SEARCH=faiss (or numpy) runs the session on that GEMM instead.
-    os.environ.setdefault("OCBANK_CPU_SEARCH", "torch")
+    # numpy is the search "auto" picked where it was measured (benchmarks/results/cpu_search_cpu.json);
+    # OCBANK_CPU_SEARCH=faiss (or torch) runs the session on that GEMM instead.
+    os.environ.setdefault("OCBANK_CPU_SEARCH", "numpy")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
