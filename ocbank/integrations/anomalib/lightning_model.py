@@ -187,19 +187,20 @@ class OCBank(MemoryBankMixin, AnomalibModule):
         step = loader.batch_size or len(positions)
         for lo in range(0, len(positions), step):
             batch = loader.collate_fn([dataset[i] for i in positions[lo : lo + step]])
-            if not isinstance(batch, Batch) or batch.image_path is None:
+            if not isinstance(batch, Batch):
                 msg = (
-                    f"radius='auto' needs training batches that name their images (image_path), got a "
+                    f"radius='auto' needs anomalib batches that name their images (image_path), got a "
                     f"{type(batch).__name__} from the loader's collate_fn. Use an anomalib dataset's collate_fn or set radius to a number."
                 )
                 raise ConfigError(msg)
+            paths = self._batch_paths(batch)  # before any work: a batch without names is refused here
             batch = self.on_before_batch_transfer(batch, 0)
             batch = self.transfer_batch_to_device(batch, self.device, 0)
             batch = self.on_after_batch_transfer(batch, 0)
             if isinstance(self.pre_processor, PreProcessor):
                 self.pre_processor.on_train_batch_start(self.trainer, self, batch, 0)
             self.model.add_images(batch.image)
-            self._sample_paths.update(str(p) for p in batch.image_path)
+            self._sample_paths.update(paths)
 
     def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> torch.Tensor:
         del args, kwargs
